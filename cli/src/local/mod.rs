@@ -1,0 +1,102 @@
+//! `crr local ...`: running the functions on this machine as real Lambda binaries.
+
+mod poller;
+mod runtime_api;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+
+use crate::AwsArgs;
+
+#[derive(Subcommand)]
+pub enum LocalCommand {
+    /// Run a function binary behind a Lambda Runtime API emulator on 127.0.0.1; with
+    /// --queue-url, also poll that SQS queue and invoke the function with its batches
+    /// (deleting the messages the function did not report as failed), as Lambda's SQS
+    /// event source mapping does.
+    #[command(after_help = "Example:\n  crr local run-function --name replicate --binary target/debug/crr-replicate \\\n    --queue-url http://127.0.0.1:45101/123456789012/crr-events --env CRR_TABLE=crr")]
+    RunFunction(RunFunctionArgs),
+}
+
+#[derive(clap::Args)]
+pub struct RunFunctionArgs {
+    /// Function name (reported to the function as AWS_LAMBDA_FUNCTION_NAME).
+    #[arg(long)]
+    pub name: String,
+    /// The function's executable.
+    #[arg(long)]
+    pub binary: PathBuf,
+    /// Port of the emulator (Runtime API and Invoke API); 0 picks a free one.
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// Seconds an invocation may run before it is failed and the process restarted.
+    #[arg(long, default_value_t = 30)]
+    pub timeout_secs: u64,
+    /// Extra environment for the function, KEY=VALUE (repeatable).
+    #[arg(long = "env")]
+    pub envs: Vec<String>,
+    /// SQS queue to feed the function from.
+    #[arg(long)]
+    pub queue_url: Option<String>,
+    /// SQS endpoint (defaults to the queue URL's scheme, host and port).
+    #[arg(long)]
+    pub sqs_endpoint_url: Option<String>,
+    /// Messages per invocation (SQS allows up to 10 per receive).
+    #[arg(long, default_value_t = 10)]
+    pub batch_size: i32,
+}
+
+pub async fn run(aws: &AwsArgs, cmd: LocalCommand) -> Result<()> {
+    match cmd {
+        LocalCommand::RunFunction(args) => run_function(aws, args).await,
+    }
+}
+
+fn parse_envs(envs: &[String]) -> Result<Vec<(String, String)>> {
+    envs.iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => bail!("--env '{kv}' is not KEY=VALUE"),
+        })
+        .collect()
+}
+
+async fn run_function(aws: &AwsArgs, args: RunFunctionArgs) -> Result<()> {
+    if !args.binary.is_file() {
+        bail!("--binary {}: no such file (build it with `cargo build --bins`)", args.binary.display());
+    }
+    let envs = parse_envs(&args.envs)?;
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let emulator = runtime_api::Emulator::start(&args.name, args.port, timeout)
+        .await
+        .context("starting the Runtime API emulator")?;
+    eprintln!("crr local: {} Runtime API and Invoke API on http://{}", args.name, emulator.addr());
+    let supervisor = tokio::spawn(runtime_api::supervise(emulator.clone(), args.binary.clone(), envs));
+    let poller = match &args.queue_url {
+        Some(url) => {
+            let sdk = aws.sdk_config().await;
+            Some(tokio::spawn(poller::run(
+                sdk,
+                emulator.clone(),
+                url.clone(),
+                args.sqs_endpoint_url.clone(),
+                args.batch_size,
+            )))
+        }
+        None => None,
+    };
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm.recv() => {}
+    }
+    if let Some(p) = poller {
+        p.abort();
+    }
+    emulator.shutdown();
+    let _ = tokio::time::timeout(Duration::from_secs(5), supervisor).await;
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! `crr`: the console of crr, serverless cross-region replication for S3 buckets.
+
+mod local;
+mod rule_cmd;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Serverless cross-region replication for S3 buckets.
+#[derive(Parser)]
+#[command(name = "crr", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    aws: AwsArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Connection settings, with the AWS CLI's names and environment variables.
+#[derive(clap::Args, Clone, Debug)]
+pub struct AwsArgs {
+    /// DynamoDB table holding rules and state.
+    #[arg(long, global = true, env = "CRR_TABLE", default_value = "crr")]
+    pub table: String,
+    /// Region of the crr deployment (its table); defaults to the AWS configuration.
+    #[arg(long, global = true, env = "AWS_REGION")]
+    pub region: Option<String>,
+    /// Named profile from the AWS configuration files.
+    #[arg(long, global = true, env = "AWS_PROFILE")]
+    pub profile: Option<String>,
+    /// Endpoint for DynamoDB (e.g. DynamoDB Local); S3 endpoints are set per rule.
+    #[arg(long, global = true, env = "AWS_ENDPOINT_URL_DYNAMODB")]
+    pub endpoint_url: Option<String>,
+}
+
+impl AwsArgs {
+    /// The SDK configuration these arguments describe.
+    pub async fn sdk_config(&self) -> aws_config::SdkConfig {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(region) = &self.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let Some(profile) = &self.profile {
+            loader = loader.profile_name(profile);
+        }
+        loader.load().await
+    }
+
+    /// The state store (DynamoDB table) these arguments point at.
+    pub async fn state(&self, sdk: &aws_config::SdkConfig) -> crr_shared::dynamo::DynamoStore {
+        let mut builder = aws_sdk_dynamodb::config::Builder::from(sdk);
+        if let Some(url) = &self.endpoint_url {
+            builder = builder.endpoint_url(url);
+        }
+        crr_shared::dynamo::DynamoStore::new(aws_sdk_dynamodb::Client::from_conf(builder.build()), &self.table)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, list, show and delete replication rules.
+    #[command(subcommand)]
+    Rule(rule_cmd::RuleCommand),
+    /// Create the state table if it does not exist (local stacks; deployments get it from infra/).
+    #[command(name = "init-table", after_help = "Example:\n  crr --endpoint-url http://127.0.0.1:45103 init-table")]
+    InitTable,
+    /// Local development: run a function binary behind a Lambda Runtime API emulator.
+    #[command(subcommand)]
+    Local(local::LocalCommand),
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CRR_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = run(cli).await;
+    if let Err(err) = result {
+        // One line: the error and its causes, joined.
+        let chain: Vec<String> = err.chain().map(|c| c.to_string()).collect();
+        eprintln!("crr: error: {}", chain.join(": "));
+        std::process::exit(2);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Rule(cmd) => rule_cmd::run(&cli.aws, cmd).await,
+        Command::InitTable => {
+            let sdk = cli.aws.sdk_config().await;
+            let state = cli.aws.state(&sdk).await;
+            state.ensure_table().await?;
+            println!("table {} is ready", state.table());
+            Ok(())
+        }
+        Command::Local(cmd) => local::run(&cli.aws, cmd).await,
+    }
+}

@@ -1,0 +1,206 @@
+//! `crr rule ...`: create, list, show and delete replication rules.
+
+use anyhow::Result;
+use clap::{Subcommand, ValueEnum};
+use crr_shared::rule::{BucketRef, CopyMode, Notify, OnConflict, Policy, Rule};
+use crr_shared::s3::S3Clients;
+use crr_shared::state::RuleStore;
+use crr_shared::{Error, rule_admin};
+
+use crate::AwsArgs;
+
+#[derive(Subcommand)]
+pub enum RuleCommand {
+    /// Create a rule: validate it, claim both buckets, turn on source notifications.
+    #[command(after_help = "Example:\n  crr rule create --id photos --source-bucket photos-us --source-region us-east-1 \\\n    --target-bucket photos-eu --target-region eu-west-1 --prefix img/ --policy write")]
+    Create(Box<CreateArgs>),
+    /// List all rules.
+    #[command(after_help = "Example:\n  crr rule list --json")]
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one rule.
+    #[command(after_help = "Example:\n  crr rule show photos")]
+    Show {
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a rule: turn off its notifications and release its buckets.
+    #[command(after_help = "Example:\n  crr rule delete photos")]
+    Delete { id: String },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PolicyArg {
+    Full,
+    Write,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnConflictArg {
+    Overwrite,
+    Skip,
+    Newer,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CopyModeArg {
+    Auto,
+    ServerSide,
+    Stream,
+}
+
+#[derive(clap::Args)]
+pub struct CreateArgs {
+    /// Rule id: letters, digits, '-' and '_'.
+    #[arg(long)]
+    id: String,
+    #[arg(long)]
+    source_bucket: String,
+    #[arg(long)]
+    source_region: String,
+    /// S3 endpoint of the source, when not AWS (S3-compatible or local servers).
+    #[arg(long)]
+    source_endpoint_url: Option<String>,
+    /// Path-style addressing for the source.
+    #[arg(long)]
+    source_path_style: bool,
+    #[arg(long)]
+    target_bucket: String,
+    #[arg(long)]
+    target_region: String,
+    #[arg(long)]
+    target_endpoint_url: Option<String>,
+    #[arg(long)]
+    target_path_style: bool,
+    /// Key prefix to replicate (repeat up to 5 times); none means all objects.
+    #[arg(long = "prefix")]
+    prefixes: Vec<String>,
+    /// `full` replicates deletes too; `write` only creates and overwrites.
+    #[arg(long, value_enum, default_value = "full")]
+    policy: PolicyArg,
+    /// Also migrate objects that existed before the rule.
+    #[arg(long)]
+    historical: bool,
+    /// What the historical migration does with same-named target objects.
+    #[arg(long, value_enum, default_value = "overwrite")]
+    on_conflict: OnConflictArg,
+    #[arg(long, value_enum, default_value = "auto")]
+    copy_mode: CopyModeArg,
+    /// Deliver source events straight to this SQS queue instead of through EventBridge.
+    #[arg(long)]
+    notify_queue_arn: Option<String>,
+    /// Print the created rule as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl CreateArgs {
+    fn into_rule(self) -> Rule {
+        Rule {
+            id: self.id,
+            source: BucketRef {
+                bucket: self.source_bucket,
+                region: self.source_region,
+                endpoint_url: self.source_endpoint_url,
+                path_style: self.source_path_style,
+            },
+            target: BucketRef {
+                bucket: self.target_bucket,
+                region: self.target_region,
+                endpoint_url: self.target_endpoint_url,
+                path_style: self.target_path_style,
+            },
+            prefixes: self.prefixes,
+            policy: match self.policy {
+                PolicyArg::Full => Policy::Full,
+                PolicyArg::Write => Policy::Write,
+            },
+            historical: self.historical,
+            on_conflict: match self.on_conflict {
+                OnConflictArg::Overwrite => OnConflict::Overwrite,
+                OnConflictArg::Skip => OnConflict::Skip,
+                OnConflictArg::Newer => OnConflict::Newer,
+            },
+            copy_mode: match self.copy_mode {
+                CopyModeArg::Auto => CopyMode::Auto,
+                CopyModeArg::ServerSide => CopyMode::ServerSide,
+                CopyModeArg::Stream => CopyMode::Stream,
+            },
+            notify: match self.notify_queue_arn {
+                Some(arn) => Notify::Queue { arn },
+                None => Notify::EventBridge,
+            },
+            paused: false,
+            created_at: String::new(),
+        }
+    }
+}
+
+fn describe(rule: &Rule) -> String {
+    let prefixes = if rule.prefixes.is_empty() {
+        "(all objects)".to_string()
+    } else {
+        rule.prefixes.join(", ")
+    };
+    format!(
+        "{id}: s3://{sb} ({sr}) -> s3://{tb} ({tr})\n  prefixes: {prefixes}\n  policy: {policy:?}, historical: {hist}, on_conflict: {oc:?}, copy_mode: {cm:?}{paused}",
+        id = rule.id,
+        sb = rule.source.bucket,
+        sr = rule.source.region,
+        tb = rule.target.bucket,
+        tr = rule.target.region,
+        policy = rule.policy,
+        hist = rule.historical,
+        oc = rule.on_conflict,
+        cm = rule.copy_mode,
+        paused = if rule.paused { ", PAUSED" } else { "" },
+    )
+}
+
+pub async fn run(aws: &AwsArgs, cmd: RuleCommand) -> Result<()> {
+    let sdk = aws.sdk_config().await;
+    let state = aws.state(&sdk).await;
+    match cmd {
+        RuleCommand::Create(args) => {
+            let json = args.json;
+            let s3 = S3Clients::new(sdk);
+            let rule = rule_admin::create_rule(&state, &s3, args.into_rule()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rule)?);
+            } else {
+                println!("created rule {}", describe(&rule));
+            }
+        }
+        RuleCommand::List { json } => {
+            let rules = state.list_rules().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rules)?);
+            } else if rules.is_empty() {
+                println!("no rules");
+            } else {
+                for rule in &rules {
+                    println!("{}", describe(rule));
+                }
+            }
+        }
+        RuleCommand::Show { id, json } => {
+            let rule = state.get_rule(&id).await?.ok_or(Error::RuleNotFound(id))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rule)?);
+            } else {
+                println!("{}", describe(&rule));
+            }
+        }
+        RuleCommand::Delete { id } => {
+            let s3 = S3Clients::new(sdk);
+            let rule = rule_admin::delete_rule(&state, &s3, &id).await?;
+            println!("deleted rule {}", rule.id);
+        }
+    }
+    Ok(())
+}

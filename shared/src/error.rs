@@ -1,0 +1,343 @@
+//! The one error type of the library, and the one place that decides what is retryable.
+
+use aws_sdk_dynamodb::error::SdkError;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+
+/// Boxed source error, kept so the SDK's own error is never flattened to a string.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in crr, by meaning rather than by backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A rule field is invalid; `field` names it the way the CLI flag and JSON do.
+    #[error("rule field `{field}`: {reason}")]
+    InvalidRule { field: String, reason: String },
+
+    /// A bucket is already part of another sync pair.
+    #[error("rule field `{field}`: bucket '{bucket}' is already in rule '{rule_id}' as {role}")]
+    BucketClaimed {
+        field: String,
+        bucket: String,
+        rule_id: String,
+        role: String,
+    },
+
+    /// A rule with this id exists already.
+    #[error("rule field `id`: rule '{0}' already exists")]
+    RuleExists(String),
+
+    /// No rule with this id.
+    #[error("rule '{0}' not found")]
+    RuleNotFound(String),
+
+    /// An incoming event could not be understood; never retried.
+    #[error("malformed event: {0}")]
+    MalformedEvent(String),
+
+    /// The caller lacks an IAM permission.
+    #[error("access denied: {operation} on {resource} needs permission {permission}")]
+    AccessDenied {
+        operation: &'static str,
+        resource: String,
+        permission: &'static str,
+    },
+
+    /// The bucket does not exist (or is not visible at that endpoint).
+    #[error("bucket '{bucket}' does not exist ({operation})")]
+    NoSuchBucket {
+        operation: &'static str,
+        bucket: String,
+    },
+
+    /// The object does not exist.
+    #[error("{resource} not found ({operation})")]
+    NotFound {
+        operation: &'static str,
+        resource: String,
+    },
+
+    /// A precondition (If-Match on the source ETag) failed: the object changed meanwhile.
+    #[error("{resource} changed while being copied ({operation} precondition failed)")]
+    Precondition {
+        operation: &'static str,
+        resource: String,
+    },
+
+    /// The replica's content does not match the source.
+    #[error("integrity check failed for {resource}: {detail}")]
+    Integrity { resource: String, detail: String },
+
+    /// A call that may succeed if repeated: throttling, 5xx, timeouts, dropped connections.
+    #[error("{operation} on {resource} failed (retryable): {source}")]
+    Transient {
+        operation: &'static str,
+        resource: String,
+        #[source]
+        source: BoxError,
+    },
+
+    /// Any other service failure that repeating will not fix.
+    #[error("{operation} on {resource} failed: {source}")]
+    Service {
+        operation: &'static str,
+        resource: String,
+        #[source]
+        source: BoxError,
+    },
+
+    /// Configuration is missing or wrong (environment, endpoints).
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// Result alias for the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether doing the same thing again later may succeed. The only place this is decided.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Transient { .. })
+    }
+
+    /// Short machine-readable kind, used as the Lambda `errorType` and in DLQ reasons.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidRule { .. } => "InvalidRule",
+            Error::BucketClaimed { .. } => "BucketClaimed",
+            Error::RuleExists(_) => "RuleExists",
+            Error::RuleNotFound(_) => "RuleNotFound",
+            Error::MalformedEvent(_) => "MalformedEvent",
+            Error::AccessDenied { .. } => "AccessDenied",
+            Error::NoSuchBucket { .. } => "NoSuchBucket",
+            Error::NotFound { .. } => "NotFound",
+            Error::Precondition { .. } => "Precondition",
+            Error::Integrity { .. } => "Integrity",
+            Error::Transient { .. } => "Retryable",
+            Error::Service { .. } => "Service",
+            Error::Config(_) => "Config",
+        }
+    }
+
+    pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidRule {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// How a failed AWS call is to be treated. Decided from the SDK's structured error
+/// (kind of failure, HTTP status, service error code), never from message text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    Retryable,
+    AccessDenied,
+    NoSuchBucket,
+    NotFound,
+    Precondition,
+    ConditionFailed,
+    Permanent,
+}
+
+/// Error codes that AWS services use for throttling and transient trouble.
+const RETRYABLE_CODES: &[&str] = &[
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "ProvisionedThroughputExceededException",
+    "RequestLimitExceeded",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "InternalError",
+    "InternalFailure",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "TransactionInProgressException",
+];
+
+/// Classifies any SDK error. Shared by S3 and DynamoDB calls (both use the same
+/// `SdkError` shape).
+pub fn classify<E, R>(err: &SdkError<E, R>) -> FailureClass
+where
+    E: ProvideErrorMetadata,
+    R: HttpStatus,
+{
+    match err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            FailureClass::Retryable
+        }
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status_code();
+            let code = service.err().code().unwrap_or("");
+            if RETRYABLE_CODES.contains(&code) || status >= 500 || status == 429 {
+                FailureClass::Retryable
+            } else if code == "NoSuchBucket" {
+                FailureClass::NoSuchBucket
+            } else if code == "ConditionalCheckFailedException"
+                || code == "TransactionCanceledException"
+            {
+                FailureClass::ConditionFailed
+            } else if status == 403 || code == "AccessDenied" || code == "AccessDeniedException" {
+                FailureClass::AccessDenied
+            } else if status == 404 || code == "NoSuchKey" || code == "NotFound" {
+                FailureClass::NotFound
+            } else if status == 412 || code == "PreconditionFailed" {
+                FailureClass::Precondition
+            } else {
+                FailureClass::Permanent
+            }
+        }
+        _ => FailureClass::Permanent,
+    }
+}
+
+/// The HTTP status of a raw response, whichever response type the SDK used.
+pub trait HttpStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HttpStatus for aws_smithy_runtime_api::http::Response {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+/// The IAM permission an S3 operation needs, named in AccessDenied messages.
+pub fn s3_permission(operation: &str) -> &'static str {
+    match operation {
+        "GetObject" | "HeadObject" => "s3:GetObject",
+        "GetObjectTagging" => "s3:GetObjectTagging",
+        "PutObjectTagging" => "s3:PutObjectTagging",
+        "PutObject" | "CreateMultipartUpload" | "UploadPart" | "CompleteMultipartUpload" => {
+            "s3:PutObject"
+        }
+        "CopyObject" | "UploadPartCopy" => "s3:GetObject (source) and s3:PutObject (target)",
+        "AbortMultipartUpload" => "s3:AbortMultipartUpload",
+        "DeleteObject" => "s3:DeleteObject",
+        "ListObjectsV2" | "HeadBucket" => "s3:ListBucket",
+        "GetBucketNotificationConfiguration" => "s3:GetBucketNotification",
+        "PutBucketNotificationConfiguration" => "s3:PutBucketNotification",
+        _ => "s3:*",
+    }
+}
+
+/// The IAM permission a DynamoDB operation needs.
+pub fn dynamodb_permission(operation: &str) -> &'static str {
+    match operation {
+        "GetItem" => "dynamodb:GetItem",
+        "PutItem" => "dynamodb:PutItem",
+        "UpdateItem" => "dynamodb:UpdateItem",
+        "DeleteItem" => "dynamodb:DeleteItem",
+        "Query" => "dynamodb:Query",
+        "Scan" => "dynamodb:Scan",
+        "TransactWriteItems" => "dynamodb:PutItem/DeleteItem/ConditionCheckItem (transaction)",
+        "CreateTable" => "dynamodb:CreateTable",
+        "DescribeTable" => "dynamodb:DescribeTable",
+        _ => "dynamodb:*",
+    }
+}
+
+/// Turns an SDK error into ours, keeping the source. `resource` names bucket/key or table.
+pub fn from_sdk<E, R>(
+    operation: &'static str,
+    resource: String,
+    permission: &'static str,
+    err: SdkError<E, R>,
+) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: HttpStatus + std::fmt::Debug + Send + Sync + 'static,
+{
+    match classify(&err) {
+        FailureClass::Retryable => Error::Transient {
+            operation,
+            resource,
+            source: Box::new(err),
+        },
+        FailureClass::AccessDenied => Error::AccessDenied {
+            operation,
+            resource,
+            permission,
+        },
+        FailureClass::NoSuchBucket => Error::NoSuchBucket {
+            operation,
+            bucket: resource
+                .trim_start_matches("s3://")
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        },
+        FailureClass::NotFound => Error::NotFound {
+            operation,
+            resource,
+        },
+        FailureClass::Precondition => Error::Precondition {
+            operation,
+            resource,
+        },
+        FailureClass::ConditionFailed | FailureClass::Permanent => Error::Service {
+            operation,
+            resource,
+            source: Box::new(err),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_s3::operation::get_object::GetObjectError;
+    use aws_smithy_runtime_api::http::{Response, StatusCode};
+    use aws_smithy_types::body::SdkBody;
+    use aws_smithy_types::error::ErrorMetadata;
+
+    fn service_error(status: u16, code: &str) -> SdkError<GetObjectError, Response> {
+        let meta = ErrorMetadata::builder().code(code).build();
+        let raw = Response::new(StatusCode::try_from(status).unwrap(), SdkBody::empty());
+        SdkError::service_error(GetObjectError::generic(meta), raw)
+    }
+
+    #[test]
+    fn throttling_and_server_errors_are_retryable() {
+        assert_eq!(classify(&service_error(503, "SlowDown")), FailureClass::Retryable);
+        assert_eq!(classify(&service_error(500, "InternalError")), FailureClass::Retryable);
+        assert_eq!(classify(&service_error(400, "RequestTimeout")), FailureClass::Retryable);
+        assert_eq!(classify(&service_error(429, "")), FailureClass::Retryable);
+    }
+
+    #[test]
+    fn permission_and_missing_things_are_permanent() {
+        assert_eq!(classify(&service_error(403, "AccessDenied")), FailureClass::AccessDenied);
+        assert_eq!(classify(&service_error(404, "NoSuchBucket")), FailureClass::NoSuchBucket);
+        assert_eq!(classify(&service_error(404, "NoSuchKey")), FailureClass::NotFound);
+        assert_eq!(classify(&service_error(412, "PreconditionFailed")), FailureClass::Precondition);
+        assert_eq!(classify(&service_error(400, "InvalidArgument")), FailureClass::Permanent);
+    }
+
+    #[test]
+    fn access_denied_names_the_permission() {
+        let err = from_sdk(
+            "PutObject",
+            "s3://target/a.txt".into(),
+            s3_permission("PutObject"),
+            service_error(403, "AccessDenied"),
+        );
+        assert!(!err.is_retryable());
+        assert_eq!(
+            err.to_string(),
+            "access denied: PutObject on s3://target/a.txt needs permission s3:PutObject"
+        );
+        let err = from_sdk(
+            "GetObject",
+            "s3://gone/a.txt".into(),
+            s3_permission("GetObject"),
+            service_error(404, "NoSuchBucket"),
+        );
+        assert_eq!(err.to_string(), "bucket 'gone' does not exist (GetObject)");
+    }
+}

@@ -1,0 +1,25 @@
+//! crr-shared: the core of crr, serverless cross-region replication for S3 buckets.
+//!
+//! One module per concept: [`rule`] (model and validation), [`event`] (incoming event
+//! shapes), [`filter`] (the copy/delete/skip decision), [`copy`] (the copy engine),
+//! [`replicate`] (the real-time handler), [`rule_admin`] (creating and removing rules),
+//! [`notification`] (source bucket notifications). AWS sits behind two traits,
+//! [`object_store::ObjectStore`] and [`state::RuleStore`], implemented in [`s3`] and
+//! [`dynamo`] for AWS and in [`memory`] for tests.
+
+pub mod config;
+pub mod copy;
+pub mod dynamo;
+pub mod error;
+pub mod event;
+pub mod filter;
+pub mod memory;
+pub mod notification;
+pub mod object_store;
+pub mod replicate;
+pub mod rule;
+pub mod rule_admin;
+pub mod s3;
+pub mod state;
+
+pub use error::{Error, Result};

@@ -1,0 +1,268 @@
+//! In-memory implementations of the store traits, for unit tests and scenario tests of the
+//! core logic. They follow S3's and DynamoDB's observable rules (MD5 ETags, If-Match,
+//! conditional claims) closely enough for the logic above them to be tested.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::Utc;
+use md5::{Digest, Md5};
+
+use crate::error::{Error, Result};
+use crate::object_store::{ObjectInfo, ObjectStore, UploadedPart, WriteAttrs};
+use crate::rule::Rule;
+use crate::state::{Claim, RuleStore, claims_of};
+
+#[derive(Debug, Clone)]
+struct StoredObject {
+    data: Bytes,
+    info: ObjectInfo,
+}
+
+#[derive(Default)]
+struct World {
+    buckets: HashMap<String, BTreeMap<String, StoredObject>>,
+    uploads: HashMap<String, (WriteAttrs, BTreeMap<i32, Bytes>)>,
+    next_upload: u64,
+}
+
+/// A set of in-memory buckets that can copy between each other server-side.
+#[derive(Clone, Default)]
+pub struct MemoryWorld {
+    inner: Arc<Mutex<World>>,
+}
+
+impl MemoryWorld {
+    /// A store for `bucket` (created empty on first use).
+    pub fn store(&self, bucket: &str) -> MemoryObjectStore {
+        self.lock().buckets.entry(bucket.to_string()).or_default();
+        MemoryObjectStore {
+            world: self.clone(),
+            bucket: bucket.to_string(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, World> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One in-memory bucket.
+#[derive(Clone)]
+pub struct MemoryObjectStore {
+    world: MemoryWorld,
+    bucket: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl MemoryObjectStore {
+    /// The world this bucket lives in.
+    pub fn world(&self) -> MemoryWorld {
+        self.world.clone()
+    }
+
+    /// The stored bytes of `key`, if any.
+    pub fn bytes(&self, key: &str) -> Option<Bytes> {
+        self.world.lock().buckets.get(&self.bucket)?.get(key).map(|o| o.data.clone())
+    }
+
+    /// Keys in the bucket, in order.
+    pub fn keys(&self) -> Vec<String> {
+        self.world
+            .lock()
+            .buckets
+            .get(&self.bucket)
+            .map(|b| b.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn resource(&self, key: &str) -> String {
+        format!("s3://{}/{}", self.bucket, key)
+    }
+
+    fn store_object(&self, key: &str, data: Bytes, etag: String, attrs: &WriteAttrs) {
+        let info = ObjectInfo {
+            key: key.to_string(),
+            size: data.len() as u64,
+            etag,
+            last_modified: Some(Utc::now()),
+            version_id: None,
+            headers: attrs.headers.clone(),
+            metadata: attrs.metadata.clone(),
+        };
+        self.world
+            .lock()
+            .buckets
+            .entry(self.bucket.clone())
+            .or_default()
+            .insert(key.to_string(), StoredObject { data, info });
+    }
+}
+
+#[async_trait]
+impl ObjectStore for MemoryObjectStore {
+    fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        let world = self.world.lock();
+        let bucket = world.buckets.get(&self.bucket).ok_or_else(|| Error::NoSuchBucket {
+            operation: "HeadObject",
+            bucket: self.bucket.clone(),
+        })?;
+        Ok(bucket.get(key).map(|o| o.info.clone()))
+    }
+
+    async fn get(&self, key: &str, range: Option<(u64, u64)>, if_match: &str) -> Result<Bytes> {
+        let world = self.world.lock();
+        let obj = world
+            .buckets
+            .get(&self.bucket)
+            .and_then(|b| b.get(key))
+            .ok_or_else(|| Error::NotFound {
+                operation: "GetObject",
+                resource: self.resource(key),
+            })?;
+        if obj.info.etag != if_match {
+            return Err(Error::Precondition {
+                operation: "GetObject",
+                resource: self.resource(key),
+            });
+        }
+        Ok(match range {
+            Some((start, end)) => obj.data.slice(start as usize..end as usize),
+            None => obj.data.clone(),
+        })
+    }
+
+    async fn put(&self, key: &str, body: Bytes, attrs: &WriteAttrs) -> Result<String> {
+        let etag = hex(&Md5::digest(&body));
+        self.store_object(key, body, etag.clone(), attrs);
+        Ok(etag)
+    }
+
+    async fn create_multipart(&self, _key: &str, attrs: &WriteAttrs) -> Result<String> {
+        let mut world = self.world.lock();
+        world.next_upload += 1;
+        let id = format!("upload-{}", world.next_upload);
+        world.uploads.insert(id.clone(), (attrs.clone(), BTreeMap::new()));
+        Ok(id)
+    }
+
+    async fn upload_part(&self, key: &str, upload_id: &str, part_number: i32, body: Bytes) -> Result<String> {
+        let etag = hex(&Md5::digest(&body));
+        let mut world = self.world.lock();
+        let upload = world.uploads.get_mut(upload_id).ok_or_else(|| Error::NotFound {
+            operation: "UploadPart",
+            resource: self.resource(key),
+        })?;
+        upload.1.insert(part_number, body);
+        Ok(etag)
+    }
+
+    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[UploadedPart]) -> Result<String> {
+        let (attrs, stored) = self.world.lock().uploads.remove(upload_id).ok_or_else(|| Error::NotFound {
+            operation: "CompleteMultipartUpload",
+            resource: self.resource(key),
+        })?;
+        let mut data = Vec::new();
+        let mut digests = Md5::new();
+        for part in parts {
+            let body = stored.get(&part.part_number).ok_or_else(|| Error::Integrity {
+                resource: self.resource(key),
+                detail: format!("part {} was never uploaded", part.part_number),
+            })?;
+            digests.update(Md5::digest(body));
+            data.extend_from_slice(body);
+        }
+        let etag = format!("{}-{}", hex(&digests.finalize()), parts.len());
+        self.store_object(key, Bytes::from(data), etag.clone(), &attrs);
+        Ok(etag)
+    }
+
+    async fn abort_multipart(&self, _key: &str, upload_id: &str) -> Result<()> {
+        self.world.lock().uploads.remove(upload_id);
+        Ok(())
+    }
+
+    async fn copy_from(&self, source_bucket: &str, key: &str, if_match: &str, attrs: &WriteAttrs) -> Result<String> {
+        let source = self.world.store(source_bucket);
+        let data = source.get(key, None, if_match).await?;
+        let etag = if_match.to_string();
+        self.store_object(key, data, etag.clone(), attrs);
+        Ok(etag)
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        if let Some(b) = self.world.lock().buckets.get_mut(&self.bucket) {
+            b.remove(key);
+        }
+        Ok(())
+    }
+
+    async fn check_readable(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn check_writable(&self, _probe_key: &str) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Rules and bucket claims in memory, with the same all-or-nothing claim semantics as the
+/// DynamoDB transaction.
+#[derive(Clone, Default)]
+pub struct MemoryRuleStore {
+    inner: Arc<Mutex<(BTreeMap<String, Rule>, HashMap<String, Claim>)>>,
+}
+
+#[async_trait]
+impl RuleStore for MemoryRuleStore {
+    async fn create_rule(&self, rule: &Rule) -> Result<()> {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (rules, claims) = &mut *guard;
+        if rules.contains_key(&rule.id) {
+            return Err(Error::RuleExists(rule.id.clone()));
+        }
+        let wanted = claims_of(rule);
+        for want in &wanted {
+            if let Some(held) = claims.get(&want.bucket) {
+                return Err(held.conflict_error(want));
+            }
+        }
+        for want in wanted {
+            claims.insert(want.bucket.clone(), want);
+        }
+        rules.insert(rule.id.clone(), rule.clone());
+        Ok(())
+    }
+
+    async fn get_rule(&self, id: &str) -> Result<Option<Rule>> {
+        Ok(self.inner.lock().unwrap_or_else(|p| p.into_inner()).0.get(id).cloned())
+    }
+
+    async fn list_rules(&self) -> Result<Vec<Rule>> {
+        Ok(self.inner.lock().unwrap_or_else(|p| p.into_inner()).0.values().cloned().collect())
+    }
+
+    async fn delete_rule(&self, rule: &Rule) -> Result<()> {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (rules, claims) = &mut *guard;
+        rules.remove(&rule.id);
+        for c in claims_of(rule) {
+            claims.remove(&c.bucket);
+        }
+        Ok(())
+    }
+
+    async fn rule_for_source(&self, bucket: &str) -> Result<Option<Rule>> {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(guard.0.values().find(|r| r.source.bucket == bucket).cloned())
+    }
+}

@@ -1,0 +1,92 @@
+//! `ObjectStore`: the narrow view of a bucket that replication needs. The AWS
+//! implementation lives in `s3.rs`; the in-memory one in `memory.rs` serves unit tests.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+
+use crate::error::Result;
+
+/// Content headers S3 stores with an object and returns on GET/HEAD.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContentHeaders {
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    pub content_disposition: Option<String>,
+    pub content_language: Option<String>,
+    pub cache_control: Option<String>,
+    /// `Expires`, as the HTTP date string S3 returned.
+    pub expires: Option<String>,
+}
+
+/// What HEAD tells about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    /// ETag without quotes.
+    pub etag: String,
+    pub last_modified: Option<DateTime<Utc>>,
+    pub version_id: Option<String>,
+    pub headers: ContentHeaders,
+    /// User metadata (`x-amz-meta-*`), names lower-case.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// What is written with a replica.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteAttrs {
+    pub headers: ContentHeaders,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// One finished part of a multipart upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadedPart {
+    pub part_number: i32,
+    pub etag: String,
+}
+
+/// A bucket, seen through the operations replication uses.
+#[async_trait]
+pub trait ObjectStore: Send + Sync {
+    /// The bucket this store reads and writes.
+    fn bucket(&self) -> &str;
+
+    /// Metadata of the current object, `None` if there is none.
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>>;
+
+    /// Bytes `range` (inclusive start, exclusive end; `None` for the whole object) of the
+    /// object whose ETag is `if_match`; a changed object is an `Error::Precondition`.
+    async fn get(&self, key: &str, range: Option<(u64, u64)>, if_match: &str) -> Result<Bytes>;
+
+    /// Writes a whole object in one request; returns its ETag.
+    async fn put(&self, key: &str, body: Bytes, attrs: &WriteAttrs) -> Result<String>;
+
+    /// Starts a multipart upload; returns its upload id.
+    async fn create_multipart(&self, key: &str, attrs: &WriteAttrs) -> Result<String>;
+
+    /// Uploads one part; returns its ETag.
+    async fn upload_part(&self, key: &str, upload_id: &str, part_number: i32, body: Bytes) -> Result<String>;
+
+    /// Completes a multipart upload; returns the object's ETag.
+    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[UploadedPart]) -> Result<String>;
+
+    /// Abandons a multipart upload so no parts are left behind.
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()>;
+
+    /// Server-side copy of `source_bucket/key` (only if its ETag is still `if_match`) into
+    /// this bucket under the same key, with `attrs` replacing the metadata; returns the ETag.
+    async fn copy_from(&self, source_bucket: &str, key: &str, if_match: &str, attrs: &WriteAttrs) -> Result<String>;
+
+    /// Deletes the object; deleting a missing object is not an error.
+    async fn delete(&self, key: &str) -> Result<()>;
+
+    /// Proves the bucket exists and can be listed and read.
+    async fn check_readable(&self) -> Result<()>;
+
+    /// Proves objects can be written (and removed) under `probe_key`.
+    async fn check_writable(&self, probe_key: &str) -> Result<()>;
+}

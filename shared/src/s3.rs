@@ -1,0 +1,327 @@
+//! The AWS edge for objects: `ObjectStore` over `aws_sdk_s3`, and client construction for
+//! a rule's bucket (region, custom endpoint, path-style).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use aws_config::SdkConfig;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::error::SdkError;
+use aws_sdk_s3::operation::get_object::GetObjectError;
+use aws_sdk_s3::operation::head_object::HeadObjectError;
+use aws_sdk_s3::primitives::{ByteStream, DateTime as SmithyDateTime, DateTimeFormat};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, MetadataDirective};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+
+use crate::error::{Error, Result, from_sdk, s3_permission};
+use crate::object_store::{ContentHeaders, ObjectInfo, ObjectStore, UploadedPart, WriteAttrs};
+use crate::rule::BucketRef;
+
+/// Characters left as they are in a `x-amz-copy-source` key: unreserved ones and '/'.
+const COPY_SOURCE_KEEP: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b'/');
+
+/// Builds an S3 client for one side of a rule: its region, and its endpoint and
+/// addressing style when it is not AWS. Without an endpoint the standard
+/// `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` settings of `base` still apply.
+pub fn client_for(base: &SdkConfig, bucket: &BucketRef) -> Client {
+    let mut builder = aws_sdk_s3::config::Builder::from(base)
+        .region(aws_sdk_s3::config::Region::new(bucket.region.clone()))
+        // Checksums only where S3 requires them: S3-compatible servers differ in their
+        // support for the newer default trailers, and integrity is verified by ETag.
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+    if let Some(url) = &bucket.endpoint_url {
+        builder = builder.endpoint_url(url);
+    }
+    if bucket.path_style {
+        builder = builder.force_path_style(true);
+    }
+    Client::from_conf(builder.build())
+}
+
+/// Caches one client per (region, endpoint, style): SDK clients hold connection pools and
+/// are meant to be built once per process.
+#[derive(Clone)]
+pub struct S3Clients {
+    base: SdkConfig,
+    cache: Arc<Mutex<HashMap<(String, Option<String>, bool), Client>>>,
+}
+
+impl S3Clients {
+    pub fn new(base: SdkConfig) -> Self {
+        Self {
+            base,
+            cache: Arc::default(),
+        }
+    }
+
+    /// The client for `bucket`'s region and endpoint.
+    pub fn client(&self, bucket: &BucketRef) -> Client {
+        let key = (bucket.region.clone(), bucket.endpoint_url.clone(), bucket.path_style);
+        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        cache
+            .entry(key)
+            .or_insert_with(|| client_for(&self.base, bucket))
+            .clone()
+    }
+
+    /// An `ObjectStore` for `bucket`.
+    pub fn store(&self, bucket: &BucketRef) -> S3Store {
+        S3Store::new(self.client(bucket), bucket.bucket.clone())
+    }
+}
+
+/// `ObjectStore` over one S3 bucket.
+#[derive(Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+}
+
+impl S3Store {
+    pub fn new(client: Client, bucket: String) -> Self {
+        Self { client, bucket }
+    }
+
+    fn resource(&self, key: &str) -> String {
+        format!("s3://{}/{}", self.bucket, key)
+    }
+
+    fn err<E, R>(&self, operation: &'static str, key: &str, err: SdkError<E, R>) -> Error
+    where
+        E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: crate::error::HttpStatus + std::fmt::Debug + Send + Sync + 'static,
+    {
+        from_sdk(operation, self.resource(key), s3_permission(operation), err)
+    }
+}
+
+fn unquote(etag: &str) -> String {
+    etag.trim_matches('"').to_string()
+}
+
+fn to_chrono(t: &SmithyDateTime) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t.secs(), t.subsec_nanos())
+}
+
+fn expires_of(value: Option<&String>) -> Option<SmithyDateTime> {
+    value.and_then(|s| SmithyDateTime::from_str(s, DateTimeFormat::HttpDate).ok())
+}
+
+fn metadata_map(attrs: &WriteAttrs) -> Option<HashMap<String, String>> {
+    Some(attrs.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// Applies content headers and metadata to any of the S3 write builders, which share the
+/// same setter names but no trait.
+macro_rules! with_attrs {
+    ($builder:expr, $attrs:expr) => {{
+        let h = &$attrs.headers;
+        $builder
+            .set_content_type(h.content_type.clone())
+            .set_content_encoding(h.content_encoding.clone())
+            .set_content_disposition(h.content_disposition.clone())
+            .set_content_language(h.content_language.clone())
+            .set_cache_control(h.cache_control.clone())
+            .set_expires(expires_of(h.expires.as_ref()))
+            .set_metadata(metadata_map($attrs))
+    }};
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        let out = match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            Ok(out) => out,
+            Err(SdkError::ServiceError(e)) if matches!(e.err(), HeadObjectError::NotFound(_)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(self.err("HeadObject", key, e)),
+        };
+        Ok(Some(ObjectInfo {
+            key: key.to_string(),
+            size: u64::try_from(out.content_length().unwrap_or(0)).unwrap_or(0),
+            etag: out.e_tag().map(unquote).unwrap_or_default(),
+            last_modified: out.last_modified().and_then(to_chrono),
+            version_id: out.version_id().map(str::to_string),
+            headers: ContentHeaders {
+                content_type: out.content_type().map(str::to_string),
+                content_encoding: out.content_encoding().map(str::to_string),
+                content_disposition: out.content_disposition().map(str::to_string),
+                content_language: out.content_language().map(str::to_string),
+                cache_control: out.cache_control().map(str::to_string),
+                expires: out.expires_string().map(str::to_string),
+            },
+            metadata: out
+                .metadata()
+                .map(|m| m.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect())
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn get(&self, key: &str, range: Option<(u64, u64)>, if_match: &str) -> Result<Bytes> {
+        let mut req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .if_match(format!("\"{if_match}\""));
+        if let Some((start, end)) = range {
+            req = req.range(format!("bytes={}-{}", start, end.saturating_sub(1)));
+        }
+        let out = match req.send().await {
+            Ok(out) => out,
+            Err(SdkError::ServiceError(e)) if matches!(e.err(), GetObjectError::NoSuchKey(_)) => {
+                return Err(Error::NotFound {
+                    operation: "GetObject",
+                    resource: self.resource(key),
+                });
+            }
+            Err(e) => return Err(self.err("GetObject", key, e)),
+        };
+        let body = out.body.collect().await.map_err(|e| Error::Transient {
+            operation: "GetObject",
+            resource: self.resource(key),
+            source: Box::new(e),
+        })?;
+        Ok(body.into_bytes())
+    }
+
+    async fn put(&self, key: &str, body: Bytes, attrs: &WriteAttrs) -> Result<String> {
+        let req = self.client.put_object().bucket(&self.bucket).key(key);
+        let out = with_attrs!(req, attrs)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| self.err("PutObject", key, e))?;
+        Ok(out.e_tag().map(unquote).unwrap_or_default())
+    }
+
+    async fn create_multipart(&self, key: &str, attrs: &WriteAttrs) -> Result<String> {
+        let req = self.client.create_multipart_upload().bucket(&self.bucket).key(key);
+        let out = with_attrs!(req, attrs)
+            .send()
+            .await
+            .map_err(|e| self.err("CreateMultipartUpload", key, e))?;
+        out.upload_id().map(str::to_string).ok_or_else(|| Error::Integrity {
+            resource: self.resource(key),
+            detail: "CreateMultipartUpload returned no upload id".into(),
+        })
+    }
+
+    async fn upload_part(&self, key: &str, upload_id: &str, part_number: i32, body: Bytes) -> Result<String> {
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(part_number)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| self.err("UploadPart", key, e))?;
+        Ok(out.e_tag().map(unquote).unwrap_or_default())
+    }
+
+    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[UploadedPart]) -> Result<String> {
+        let completed = CompletedMultipartUpload::builder()
+            .set_parts(Some(
+                parts
+                    .iter()
+                    .map(|p| {
+                        CompletedPart::builder()
+                            .part_number(p.part_number)
+                            .e_tag(format!("\"{}\"", p.etag))
+                            .build()
+                    })
+                    .collect(),
+            ))
+            .build();
+        let out = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(completed)
+            .send()
+            .await
+            .map_err(|e| self.err("CompleteMultipartUpload", key, e))?;
+        Ok(out.e_tag().map(unquote).unwrap_or_default())
+    }
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()> {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map_err(|e| self.err("AbortMultipartUpload", key, e))?;
+        Ok(())
+    }
+
+    async fn copy_from(&self, source_bucket: &str, key: &str, if_match: &str, attrs: &WriteAttrs) -> Result<String> {
+        let source = format!("{}/{}", source_bucket, utf8_percent_encode(key, COPY_SOURCE_KEEP));
+        let req = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .copy_source(source)
+            .copy_source_if_match(format!("\"{if_match}\""))
+            .metadata_directive(MetadataDirective::Replace);
+        let out = with_attrs!(req, attrs)
+            .send()
+            .await
+            .map_err(|e| self.err("CopyObject", key, e))?;
+        Ok(out
+            .copy_object_result()
+            .and_then(|r| r.e_tag())
+            .map(unquote)
+            .unwrap_or_default())
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| self.err("DeleteObject", key, e))?;
+        Ok(())
+    }
+
+    async fn check_readable(&self) -> Result<()> {
+        self.client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .max_keys(1)
+            .send()
+            .await
+            .map_err(|e| self.err("ListObjectsV2", "", e))?;
+        Ok(())
+    }
+
+    async fn check_writable(&self, probe_key: &str) -> Result<()> {
+        self.put(probe_key, Bytes::from_static(b"crr write probe"), &WriteAttrs::default())
+            .await?;
+        self.delete(probe_key).await
+    }
+}
