@@ -69,19 +69,21 @@ pub enum Error {
     Integrity { resource: String, detail: String },
 
     /// A call that may succeed if repeated: throttling, 5xx, timeouts, dropped connections.
-    #[error("{operation} on {resource} failed (retryable): {source}")]
+    #[error("{operation} on {resource} failed (retryable): {detail}")]
     Transient {
         operation: &'static str,
         resource: String,
+        detail: String,
         #[source]
         source: BoxError,
     },
 
     /// Any other service failure that repeating will not fix.
-    #[error("{operation} on {resource} failed: {source}")]
+    #[error("{operation} on {resource} failed: {detail}")]
     Service {
         operation: &'static str,
         resource: String,
+        detail: String,
         #[source]
         source: BoxError,
     },
@@ -256,6 +258,7 @@ where
         FailureClass::Retryable => Error::Transient {
             operation,
             resource,
+            detail: detail_of(&err),
             source: Box::new(err),
         },
         FailureClass::AccessDenied => Error::AccessDenied {
@@ -283,8 +286,24 @@ where
         FailureClass::ConditionFailed | FailureClass::Permanent => Error::Service {
             operation,
             resource,
+            detail: detail_of(&err),
             source: Box::new(err),
         },
+    }
+}
+
+/// One line saying what the service answered: its error code and message when it sent
+/// them, else the SDK's own chain of causes.
+fn detail_of<E, R>(err: &SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let meta = err.as_service_error().map(|e| (e.code(), e.message()));
+    match meta {
+        Some((Some(code), Some(message))) => format!("{code}: {message}"),
+        Some((Some(code), None)) => code.to_string(),
+        _ => aws_smithy_types::error::display::DisplayErrorContext(err).to_string(),
     }
 }
 

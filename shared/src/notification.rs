@@ -68,18 +68,30 @@ fn rebuild(
 /// Reads the bucket's notification configuration.
 pub async fn read(client: &Client, bucket: &str) -> Result<NotificationConfiguration> {
     let op = "GetBucketNotificationConfiguration";
-    let out = client
-        .get_bucket_notification_configuration()
-        .bucket(bucket)
-        .send()
-        .await
-        .map_err(|e| from_sdk(op, format!("s3://{bucket}"), s3_permission(op), e))?;
+    let out = match client.get_bucket_notification_configuration().bucket(bucket).send().await {
+        Ok(out) => out,
+        Err(e) if is_moto_empty_configuration(&e) => return Ok(NotificationConfiguration::builder().build()),
+        Err(e) => return Err(from_sdk(op, format!("s3://{bucket}"), s3_permission(op), e)),
+    };
     Ok(NotificationConfiguration::builder()
         .set_topic_configurations(Some(out.topic_configurations().to_vec()))
         .set_queue_configurations(Some(out.queue_configurations().to_vec()))
         .set_lambda_function_configurations(Some(out.lambda_function_configurations().to_vec()))
         .set_event_bridge_configuration(out.event_bridge_configuration().cloned())
         .build())
+}
+
+/// moto answers an empty notification configuration with a successful response whose
+/// root element is `GetBucketNotificationResponse` (S3 sends `NotificationConfiguration`),
+/// which the SDK cannot parse. Only that exact answer is taken as "empty".
+fn is_moto_empty_configuration<E>(err: &aws_sdk_s3::error::SdkError<E, aws_smithy_runtime_api::http::Response>) -> bool {
+    err.raw_response().is_some_and(|raw| {
+        raw.status().is_success()
+            && raw
+                .body()
+                .bytes()
+                .is_some_and(|b| String::from_utf8_lossy(b).contains("<GetBucketNotificationResponse"))
+    })
 }
 
 /// Writes the bucket's notification configuration.

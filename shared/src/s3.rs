@@ -195,6 +195,7 @@ impl ObjectStore for S3Store {
         let body = out.body.collect().await.map_err(|e| Error::Transient {
             operation: "GetObject",
             resource: self.resource(key),
+            detail: format!("reading the body: {e}"),
             source: Box::new(e),
         })?;
         Ok(body.into_bytes())

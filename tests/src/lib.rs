@@ -1,1 +1,300 @@
+//! Harness for integration and end-to-end tests: they talk to the real local services
+//! that `scripts/local-stack up` starts (moto per region, DynamoDB Local, s3s-fs), through
+//! the real SDK clients, and run the functions as real Lambda binaries.
 
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_s3::config::Credentials;
+use aws_sdk_sqs::types::QueueAttributeName;
+use crr_shared::dynamo::DynamoStore;
+use crr_shared::rule::{BucketRef, CopyMode, Notify, OnConflict, Policy, Rule};
+
+/// One S3 server of the stack, standing for one region.
+#[derive(Clone, Debug)]
+pub struct S3Server {
+    pub endpoint: String,
+    pub region: String,
+}
+
+impl S3Server {
+    /// A `BucketRef` for `bucket` on this server.
+    pub fn bucket(&self, bucket: &str) -> BucketRef {
+        BucketRef {
+            bucket: bucket.to_string(),
+            region: self.region.clone(),
+            endpoint_url: Some(self.endpoint.clone()),
+            path_style: true,
+        }
+    }
+}
+
+/// The running local stack, as `scripts/local-stack env` describes it.
+#[derive(Clone, Debug)]
+pub struct Stack {
+    /// moto, region A (us-east-1): S3, SQS, EventBridge.
+    pub a: S3Server,
+    /// moto, region B (eu-west-1).
+    pub b: S3Server,
+    /// s3s-fs, a second S3 implementation (standing for region B as well).
+    pub s3s: S3Server,
+    pub dynamodb: String,
+}
+
+fn env(name: &str) -> Result<String> {
+    std::env::var(name).with_context(|| {
+        format!("{name} is not set: start the local stack (scripts/local-stack up) and source `scripts/local-stack env`, or run scripts/test")
+    })
+}
+
+impl Stack {
+    /// Reads the stack's endpoints from the environment.
+    pub fn from_env() -> Result<Self> {
+        Ok(Self {
+            a: S3Server {
+                endpoint: env("CRR_S3_A_ENDPOINT")?,
+                region: env("CRR_S3_A_REGION")?,
+            },
+            b: S3Server {
+                endpoint: env("CRR_S3_B_ENDPOINT")?,
+                region: env("CRR_S3_B_REGION")?,
+            },
+            s3s: S3Server {
+                endpoint: env("CRR_S3S_ENDPOINT")?,
+                region: env("CRR_S3_B_REGION")?,
+            },
+            dynamodb: env("CRR_DYNAMODB_ENDPOINT")?,
+        })
+    }
+
+    /// SDK configuration with the stack's dummy credentials.
+    pub fn sdk(&self, region: &str) -> SdkConfig {
+        SdkConfig::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(region.to_string()))
+            .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(
+                Credentials::new("testing", "testing", None, None, "crr-tests"),
+            ))
+            .build()
+    }
+
+    /// The S3 client crr itself would build for `server`.
+    pub fn s3(&self, server: &S3Server) -> aws_sdk_s3::Client {
+        crr_shared::s3::client_for(&self.sdk(&server.region), &server.bucket("unused"))
+    }
+
+    /// Clients for crr's own code, as the CLI and functions build them.
+    pub fn s3_clients(&self) -> crr_shared::s3::S3Clients {
+        crr_shared::s3::S3Clients::new(self.sdk(&self.a.region))
+    }
+
+    /// SQS client of `server` (moto only).
+    pub fn sqs(&self, server: &S3Server) -> aws_sdk_sqs::Client {
+        let conf = aws_sdk_sqs::config::Builder::from(&self.sdk(&server.region))
+            .endpoint_url(&server.endpoint)
+            .build();
+        aws_sdk_sqs::Client::from_conf(conf)
+    }
+
+    /// A fresh state table of its own for one test.
+    pub async fn state(&self, table: &str) -> Result<DynamoStore> {
+        let conf = aws_sdk_dynamodb::config::Builder::from(&self.sdk(&self.a.region))
+            .endpoint_url(&self.dynamodb)
+            .build();
+        let store = DynamoStore::new(aws_sdk_dynamodb::Client::from_conf(conf), table);
+        store.ensure_table().await?;
+        Ok(store)
+    }
+
+    /// Creates a bucket on `server`.
+    pub async fn create_bucket(&self, server: &S3Server, bucket: &str) -> Result<()> {
+        let s3 = self.s3(server);
+        let mut req = s3.create_bucket().bucket(bucket);
+        if server.region != "us-east-1" {
+            req = req.create_bucket_configuration(
+                aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                    .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(server.region.as_str()))
+                    .build(),
+            );
+        }
+        req.send().await.with_context(|| format!("creating bucket {bucket} on {}", server.endpoint))?;
+        Ok(())
+    }
+
+    /// Creates an SQS queue on `server`; returns (url, arn).
+    pub async fn create_queue(&self, server: &S3Server, name: &str, visibility_secs: u32) -> Result<(String, String)> {
+        let sqs = self.sqs(server);
+        let out = sqs
+            .create_queue()
+            .queue_name(name)
+            .attributes(QueueAttributeName::VisibilityTimeout, visibility_secs.to_string())
+            .send()
+            .await
+            .context("creating queue")?;
+        let url = out.queue_url().context("queue without url")?.to_string();
+        let attrs = sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await?;
+        let arn = attrs
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::QueueArn))
+            .context("queue without arn")?
+            .clone();
+        Ok((url, arn))
+    }
+
+    /// Waits until the queue holds no message, visible or in flight, for a moment.
+    pub async fn wait_queue_drained(&self, server: &S3Server, url: &str, timeout: Duration) -> Result<()> {
+        let sqs = self.sqs(server);
+        let start = Instant::now();
+        let mut quiet_since: Option<Instant> = None;
+        loop {
+            let out = sqs
+                .get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+                .send()
+                .await?;
+            let count = |name: QueueAttributeName| -> u64 {
+                out.attributes()
+                    .and_then(|a| a.get(&name))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(u64::MAX)
+            };
+            let busy = count(QueueAttributeName::ApproximateNumberOfMessages)
+                + count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible).min(u64::MAX / 2);
+            if busy == 0 {
+                let since = *quiet_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(1500) {
+                    return Ok(());
+                }
+            } else {
+                quiet_since = None;
+            }
+            if start.elapsed() > timeout {
+                bail!("queue {url} still has {busy} messages after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A rule between two buckets on the stack, with the defaults tests start from.
+pub fn rule(id: &str, source: BucketRef, target: BucketRef) -> Rule {
+    Rule {
+        id: id.to_string(),
+        source,
+        target,
+        prefixes: vec![],
+        policy: Policy::Full,
+        historical: false,
+        on_conflict: OnConflict::Overwrite,
+        copy_mode: CopyMode::Auto,
+        notify: Notify::EventBridge,
+        paused: false,
+        created_at: String::new(),
+    }
+}
+
+/// A name no other test run uses: lower case, valid as bucket, queue, table and rule id.
+pub fn unique(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}-{}", &id[..12])
+}
+
+/// Directory holding the workspace's binaries (`crr`, `crr-replicate`, ...).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("CRR_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // Test executables live in <target>/<profile>/deps; the binaries one level up.
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent()?.parent().map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("target/debug"))
+}
+
+/// Path of a workspace binary, checked to exist.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let path = bin_dir().join(name);
+    if !path.is_file() {
+        bail!("{} is missing: build the binaries first (cargo build --bins)", path.display());
+    }
+    Ok(path)
+}
+
+/// A function binary running behind `crr local run-function`, killed on drop.
+pub struct RunningFunction {
+    child: Child,
+}
+
+impl RunningFunction {
+    /// Starts `function` (e.g. `crr-replicate`) fed by the SQS queue at `queue_url`.
+    pub fn start(stack: &Stack, function: &str, queue_url: &str, table: &str) -> Result<Self> {
+        let child = Command::new(bin("crr")?)
+            .args(["local", "run-function", "--name", function, "--timeout-secs", "20"])
+            .arg("--binary")
+            .arg(bin(function)?)
+            .args(["--queue-url", queue_url])
+            .args(["--env", &format!("CRR_TABLE={table}")])
+            .args(["--env", "AWS_LAMBDA_LOG_FORMAT=json"])
+            .env("AWS_REGION", &stack.a.region)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_ENDPOINT_URL_DYNAMODB", &stack.dynamodb)
+            .env("CRR_TABLE", table)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting crr local run-function")?;
+        Ok(Self { child })
+    }
+}
+
+impl Drop for RunningFunction {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The object's bytes and user metadata, or `None` if it does not exist.
+pub async fn read_object(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<(Vec<u8>, std::collections::HashMap<String, String>)>> {
+    match s3.get_object().bucket(bucket).key(key).send().await {
+        Ok(out) => {
+            let meta = out.metadata().cloned().unwrap_or_default();
+            let body = out.body.collect().await?.into_bytes().to_vec();
+            Ok(Some((body, meta)))
+        }
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
