@@ -29,7 +29,10 @@ struct Pipeline {
 
 /// Source bucket on moto A with notifications to a fresh queue, a target bucket on
 /// `target_server`, a rule made by `configure`, and the replicate function running.
-async fn pipeline(target_server: fn(&Stack) -> S3Server, configure: impl FnOnce(&mut Rule)) -> Result<Pipeline> {
+async fn pipeline(
+    target_server: fn(&Stack) -> S3Server,
+    configure: impl FnOnce(&mut Rule),
+) -> Result<Pipeline> {
     let stack = Stack::from_env()?;
     let table = unique("e2e");
     let state = stack.state(&table).await?;
@@ -38,12 +41,23 @@ async fn pipeline(target_server: fn(&Stack) -> S3Server, configure: impl FnOnce(
     stack.create_bucket(&stack.a, &source).await?;
     stack.create_bucket(&target_server, &target).await?;
     let (queue_url, queue_arn) = stack.create_queue(&stack.a, &unique("events"), 5).await?;
-    let mut r = rule(&unique("rule"), stack.a.bucket(&source), target_server.bucket(&target));
+    let mut r = rule(
+        &unique("rule"),
+        stack.a.bucket(&source),
+        target_server.bucket(&target),
+    );
     r.notify = Notify::Queue { arn: queue_arn };
     configure(&mut r);
     create_rule(&state, &stack.s3_clients(), r).await?;
     let function = RunningFunction::start(&stack, "crr-replicate", &queue_url, &table)?;
-    Ok(Pipeline { stack, source, target, target_server, queue_url, _function: function })
+    Ok(Pipeline {
+        stack,
+        source,
+        target,
+        target_server,
+        queue_url,
+        _function: function,
+    })
 }
 
 impl Pipeline {
@@ -64,7 +78,13 @@ impl Pipeline {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        self.stack.s3(&self.stack.a).delete_object().bucket(&self.source).key(key).send().await?;
+        self.stack
+            .s3(&self.stack.a)
+            .delete_object()
+            .bucket(&self.source)
+            .key(key)
+            .send()
+            .await?;
         Ok(())
     }
 
@@ -74,22 +94,32 @@ impl Pipeline {
 
     async fn wait_replica(&self, key: &str, body: &[u8]) -> Result<HashMap<String, String>> {
         eventually(WAIT, &format!("replica of '{key}'"), || async {
-            Ok(self.replica(key).await?.filter(|(b, _)| b == body).map(|(_, m)| m))
+            Ok(self
+                .replica(key)
+                .await?
+                .filter(|(b, _)| b == body)
+                .map(|(_, m)| m))
         })
         .await
     }
 
     async fn settle(&self) -> Result<()> {
-        self.stack.wait_queue_drained(&self.stack.a, &self.queue_url, WAIT).await
+        self.stack
+            .wait_queue_drained(&self.stack.a, &self.queue_url, WAIT)
+            .await
     }
 }
 
 #[tokio::test]
-async fn put_replicates_to_the_other_region_with_bytes_and_metadata_under_write_policy() -> Result<()> {
-    let p = pipeline(|s| s.b.clone(), |r| {
-        r.policy = Policy::Write;
-        r.prefixes = vec!["docs/".into(), "café/".into()];
-    })
+async fn put_replicates_to_the_other_region_with_bytes_and_metadata_under_write_policy()
+-> Result<()> {
+    let p = pipeline(
+        |s| s.b.clone(),
+        |r| {
+            r.policy = Policy::Write;
+            r.prefixes = vec!["docs/".into(), "café/".into()];
+        },
+    )
     .await?;
 
     let keys: [(&str, &[u8]); 5] = [
@@ -100,29 +130,59 @@ async fn put_replicates_to_the_other_region_with_bytes_and_metadata_under_write_
         ("docs/nested/dir/file.bin", &[0u8, 1, 2, 255, 254]),
     ];
     for (key, body) in keys {
-        p.put(key, body, &[("owner", "alice"), ("project", "crr")]).await?;
+        p.put(key, body, &[("owner", "alice"), ("project", "crr")])
+            .await?;
     }
-    p.put("other/outside-prefix.txt", b"not replicated", &[]).await?;
+    p.put("other/outside-prefix.txt", b"not replicated", &[])
+        .await?;
 
     for (key, body) in keys {
         let meta = p.wait_replica(key, body).await?;
-        assert_eq!(meta.get("owner").map(String::as_str), Some("alice"), "{key}: {meta:?}");
-        assert_eq!(meta.get("project").map(String::as_str), Some("crr"), "{key}: {meta:?}");
-        assert_eq!(meta.get("crr-source-bucket"), Some(&p.source), "{key}: replica marker");
+        assert_eq!(
+            meta.get("owner").map(String::as_str),
+            Some("alice"),
+            "{key}: {meta:?}"
+        );
+        assert_eq!(
+            meta.get("project").map(String::as_str),
+            Some("crr"),
+            "{key}: {meta:?}"
+        );
+        assert_eq!(
+            meta.get("crr-source-bucket"),
+            Some(&p.source),
+            "{key}: replica marker"
+        );
     }
-    let head = p.stack.s3(&p.target_server).head_object().bucket(&p.target).key("docs/hello world.txt").send().await?;
+    let head = p
+        .stack
+        .s3(&p.target_server)
+        .head_object()
+        .bucket(&p.target)
+        .key("docs/hello world.txt")
+        .send()
+        .await?;
     assert_eq!(head.content_type(), Some("text/plain; charset=utf-8"));
 
     // An overwrite reaches the target too.
-    p.put("docs/hello world.txt", b"hello again", &[("owner", "bob")]).await?;
-    let meta = p.wait_replica("docs/hello world.txt", b"hello again").await?;
+    p.put("docs/hello world.txt", b"hello again", &[("owner", "bob")])
+        .await?;
+    let meta = p
+        .wait_replica("docs/hello world.txt", b"hello again")
+        .await?;
     assert_eq!(meta.get("owner").map(String::as_str), Some("bob"));
 
     // Under `write`, a delete is not replicated.
     p.delete("docs/hello world.txt").await?;
     p.settle().await?;
-    assert!(p.replica("other/outside-prefix.txt").await?.is_none(), "object outside the prefixes was replicated");
-    assert_eq!(p.replica("docs/hello world.txt").await?.map(|(b, _)| b), Some(b"hello again".to_vec()));
+    assert!(
+        p.replica("other/outside-prefix.txt").await?.is_none(),
+        "object outside the prefixes was replicated"
+    );
+    assert_eq!(
+        p.replica("docs/hello world.txt").await?.map(|(b, _)| b),
+        Some(b"hello again".to_vec())
+    );
     Ok(())
 }
 
@@ -149,10 +209,17 @@ async fn replicates_into_s3s_fs_which_checks_signatures() -> Result<()> {
     // correctly signed (moto would accept anything). s3s-fs has no tagging or versioning.
     let p = pipeline(|s| s.s3s.clone(), |r| r.prefixes = vec!["in/".into()]).await?;
     let big: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 253) as u8).collect();
-    p.put("in/key with spaces+plus.txt", b"to s3s", &[("owner", "carol")]).await?;
+    p.put(
+        "in/key with spaces+plus.txt",
+        b"to s3s",
+        &[("owner", "carol")],
+    )
+    .await?;
     p.put("in/big.bin", &big, &[]).await?;
     p.put("out/not.txt", b"x", &[]).await?;
-    let meta = p.wait_replica("in/key with spaces+plus.txt", b"to s3s").await?;
+    let meta = p
+        .wait_replica("in/key with spaces+plus.txt", b"to s3s")
+        .await?;
     assert_eq!(meta.get("owner").map(String::as_str), Some("carol"));
     p.wait_replica("in/big.bin", &big).await?;
     p.settle().await?;

@@ -52,7 +52,10 @@ impl AwsArgs {
         if let Some(url) = &self.endpoint_url {
             builder = builder.endpoint_url(url);
         }
-        crr_shared::dynamo::DynamoStore::new(aws_sdk_dynamodb::Client::from_conf(builder.build()), &self.table)
+        crr_shared::dynamo::DynamoStore::new(
+            aws_sdk_dynamodb::Client::from_conf(builder.build()),
+            &self.table,
+        )
     }
 }
 
@@ -62,7 +65,10 @@ enum Command {
     #[command(subcommand)]
     Rule(rule_cmd::RuleCommand),
     /// Create the state table if it does not exist (local stacks; deployments get it from infra/).
-    #[command(name = "init-table", after_help = "Example:\n  crr --endpoint-url http://127.0.0.1:45103 init-table")]
+    #[command(
+        name = "init-table",
+        after_help = "Example:\n  crr --endpoint-url http://127.0.0.1:45103 init-table"
+    )]
     InitTable,
     /// Local development: run a function binary behind a Lambda Runtime API emulator.
     #[command(subcommand)]
@@ -73,7 +79,8 @@ enum Command {
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CRR_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("CRR_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -12,7 +12,9 @@ use crate::AwsArgs;
 #[derive(Subcommand)]
 pub enum RuleCommand {
     /// Create a rule: validate it, claim both buckets, turn on source notifications.
-    #[command(after_help = "Example:\n  crr rule create --id photos --source-bucket photos-us --source-region us-east-1 \\\n    --target-bucket photos-eu --target-region eu-west-1 --prefix img/ --policy write")]
+    #[command(
+        after_help = "Example:\n  crr rule create --id photos --source-bucket photos-us --source-region us-east-1 \\\n    --target-bucket photos-eu --target-region eu-west-1 --prefix img/ --policy write"
+    )]
     Create(Box<CreateArgs>),
     /// List all rules.
     #[command(after_help = "Example:\n  crr rule list --json")]

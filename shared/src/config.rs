@@ -35,16 +35,19 @@ impl FunctionConfig {
 pub fn required(name: &str) -> Result<String> {
     match std::env::var(name) {
         Ok(v) if !v.is_empty() => Ok(v),
-        _ => Err(Error::Config(format!("environment variable {name} is not set"))),
+        _ => Err(Error::Config(format!(
+            "environment variable {name} is not set"
+        ))),
     }
 }
 
 fn optional_number(name: &str) -> Result<Option<u64>> {
     match std::env::var(name) {
-        Ok(v) if !v.is_empty() => v
-            .parse::<u64>()
-            .map(Some)
-            .map_err(|_| Error::Config(format!("environment variable {name}='{v}' is not a whole number"))),
+        Ok(v) if !v.is_empty() => v.parse::<u64>().map(Some).map_err(|_| {
+            Error::Config(format!(
+                "environment variable {name}='{v}' is not a whole number"
+            ))
+        }),
         _ => Ok(None),
     }
 }

@@ -103,7 +103,8 @@ pub fn replica_attrs(source_bucket: &str, info: &ObjectInfo) -> WriteAttrs {
 
 /// True when `info` describes an object crr itself wrote as a replica.
 pub fn is_replica(info: &ObjectInfo) -> bool {
-    info.metadata.contains_key(marker::SOURCE_BUCKET) && info.metadata.contains_key(marker::SOURCE_ETAG)
+    info.metadata.contains_key(marker::SOURCE_BUCKET)
+        && info.metadata.contains_key(marker::SOURCE_ETAG)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -157,7 +158,9 @@ impl CopyEngine {
         info: &ObjectInfo,
         attrs: &WriteAttrs,
     ) -> Result<CopyOutcome> {
-        let etag = target.copy_from(source.bucket(), &info.key, &info.etag, attrs).await?;
+        let etag = target
+            .copy_from(source.bucket(), &info.key, &info.etag, attrs)
+            .await?;
         // A server-side copy of a single-part object keeps its MD5 ETag; a multipart
         // source gets a fresh single-part ETag, which says nothing about the content.
         if !info.etag.contains('-') && etag != info.etag {
@@ -206,7 +209,10 @@ impl CopyEngine {
         info: &ObjectInfo,
         attrs: &WriteAttrs,
     ) -> Result<CopyOutcome> {
-        let part_size = self.part_size.max(info.size.div_ceil(MAX_PARTS)).max(5 * 1024 * 1024);
+        let part_size = self
+            .part_size
+            .max(info.size.div_ceil(MAX_PARTS))
+            .max(5 * 1024 * 1024);
         let upload_id = target.create_multipart(&info.key, attrs).await?;
         let result = self
             .upload_parts(source, target, info, &upload_id, part_size)
@@ -221,7 +227,9 @@ impl CopyEngine {
                 return Err(e);
             }
         };
-        let etag = target.complete_multipart(&info.key, &upload_id, &parts).await?;
+        let etag = target
+            .complete_multipart(&info.key, &upload_id, &parts)
+            .await?;
         let expected = multipart_etag(&digests);
         if etag != expected {
             return Err(integrity(target, &info.key, &expected, &etag));
@@ -246,7 +254,9 @@ impl CopyEngine {
             .map(|i| async move {
                 let start = i * part_size;
                 let end = (start + part_size).min(info.size);
-                let body: Bytes = source.get(&info.key, Some((start, end)), &info.etag).await?;
+                let body: Bytes = source
+                    .get(&info.key, Some((start, end)), &info.etag)
+                    .await?;
                 if body.len() as u64 != end - start {
                     return Err(Error::Integrity {
                         resource: format!("s3://{}/{}", source.bucket(), info.key),
@@ -258,7 +268,9 @@ impl CopyEngine {
                     resource: format!("s3://{}/{}", target.bucket(), info.key),
                     detail: "too many parts".into(),
                 })?;
-                let etag = target.upload_part(&info.key, upload_id, part_number, body).await?;
+                let etag = target
+                    .upload_part(&info.key, upload_id, part_number, body)
+                    .await?;
                 if etag != hex(&digest) {
                     return Err(integrity(target, &info.key, &hex(&digest), &etag));
                 }
@@ -290,7 +302,9 @@ mod tests {
         let mut attrs = WriteAttrs::default();
         attrs.metadata.insert("owner".into(), "alice".into());
         attrs.headers.content_type = Some("text/plain".into());
-        src.put("dir/a b.txt", Bytes::from(data), &attrs).await.unwrap();
+        src.put("dir/a b.txt", Bytes::from(data), &attrs)
+            .await
+            .unwrap();
         let info = src.head("dir/a b.txt").await.unwrap().unwrap();
         (src, info)
     }
@@ -323,7 +337,10 @@ mod tests {
             part_size: 5 * 1024 * 1024,
             parts_in_flight: 2,
         };
-        let out = engine.copy(&src, &dst, &info, ResolvedCopyMode::Stream).await.unwrap();
+        let out = engine
+            .copy(&src, &dst, &info, ResolvedCopyMode::Stream)
+            .await
+            .unwrap();
         assert_eq!(out.method, CopyMethod::StreamMultipart);
         assert!(out.etag.ends_with("-3"), "{}", out.etag);
         assert_eq!(dst.bytes("dir/a b.txt"), src.bytes("dir/a b.txt"));

@@ -54,12 +54,15 @@ fn claim_key(bucket: &str) -> Item {
 }
 
 fn string_attr<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
-    item.get(name).and_then(|v| v.as_s().ok()).map(String::as_str)
+    item.get(name)
+        .and_then(|v| v.as_s().ok())
+        .map(String::as_str)
 }
 
 /// The one place rules are mapped to and from DynamoDB items.
 fn rule_item(rule: &Rule) -> Result<Item> {
-    let json = serde_json::to_string(rule).map_err(|e| Error::Config(format!("rule {} does not serialize: {e}", rule.id)))?;
+    let json = serde_json::to_string(rule)
+        .map_err(|e| Error::Config(format!("rule {} does not serialize: {e}", rule.id)))?;
     let mut item = rule_key(&rule.id);
     item.insert("rule".into(), s(json));
     item.insert("source".into(), s(rule.source.bucket.clone()));
@@ -68,8 +71,10 @@ fn rule_item(rule: &Rule) -> Result<Item> {
 }
 
 fn rule_from_item(item: &Item) -> Result<Rule> {
-    let json = string_attr(item, "rule").ok_or_else(|| Error::Config("rule item without `rule` attribute".into()))?;
-    serde_json::from_str(json).map_err(|e| Error::Config(format!("stored rule does not parse: {e}")))
+    let json = string_attr(item, "rule")
+        .ok_or_else(|| Error::Config("rule item without `rule` attribute".into()))?;
+    serde_json::from_str(json)
+        .map_err(|e| Error::Config(format!("stored rule does not parse: {e}")))
 }
 
 fn claim_item(claim: &Claim) -> Item {
@@ -102,10 +107,19 @@ impl DynamoStore {
 
     fn err<E, R>(&self, operation: &'static str, err: SdkError<E, R>) -> Error
     where
-        E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        E: aws_smithy_types::error::metadata::ProvideErrorMetadata
+            + std::error::Error
+            + Send
+            + Sync
+            + 'static,
         R: crate::error::HttpStatus + std::fmt::Debug + Send + Sync + 'static,
     {
-        from_sdk(operation, format!("table {}", self.table), dynamodb_permission(operation), err)
+        from_sdk(
+            operation,
+            format!("table {}", self.table),
+            dynamodb_permission(operation),
+            err,
+        )
     }
 
     /// Creates the table if it does not exist and waits until it is active. Deployed
@@ -124,7 +138,8 @@ impl DynamoStore {
             .await;
         match created {
             Ok(_) => {}
-            Err(SdkError::ServiceError(e)) if matches!(e.err(), CreateTableError::ResourceInUseException(_)) => {}
+            Err(SdkError::ServiceError(e))
+                if matches!(e.err(), CreateTableError::ResourceInUseException(_)) => {}
             Err(e) => return Err(self.err("CreateTable", e)),
         }
         for _ in 0..100 {
@@ -189,8 +204,13 @@ impl DynamoStore {
     }
 
     /// Explains a cancelled create: which item's condition failed, and who holds it.
-    async fn explain_cancellation(&self, rule: &Rule, codes: &[Option<String>]) -> Result<Option<Error>> {
-        let failed = |i: usize| codes.get(i).and_then(|c| c.as_deref()) == Some("ConditionalCheckFailed");
+    async fn explain_cancellation(
+        &self,
+        rule: &Rule,
+        codes: &[Option<String>],
+    ) -> Result<Option<Error>> {
+        let failed =
+            |i: usize| codes.get(i).and_then(|c| c.as_deref()) == Some("ConditionalCheckFailed");
         if failed(0) {
             return Ok(Some(Error::RuleExists(rule.id.clone())));
         }
@@ -257,7 +277,9 @@ impl RuleStore for DynamoStore {
                 if let Some(explained) = self.explain_cancellation(rule, &codes).await? {
                     return Err(explained);
                 }
-                let conflict = codes.iter().any(|c| c.as_deref() == Some("TransactionConflict"));
+                let conflict = codes
+                    .iter()
+                    .any(|c| c.as_deref() == Some("TransactionConflict"));
                 if conflict && attempt < 8 {
                     tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
                     continue;

@@ -323,19 +323,43 @@ mod tests {
 
     #[test]
     fn throttling_and_server_errors_are_retryable() {
-        assert_eq!(classify(&service_error(503, "SlowDown")), FailureClass::Retryable);
-        assert_eq!(classify(&service_error(500, "InternalError")), FailureClass::Retryable);
-        assert_eq!(classify(&service_error(400, "RequestTimeout")), FailureClass::Retryable);
+        assert_eq!(
+            classify(&service_error(503, "SlowDown")),
+            FailureClass::Retryable
+        );
+        assert_eq!(
+            classify(&service_error(500, "InternalError")),
+            FailureClass::Retryable
+        );
+        assert_eq!(
+            classify(&service_error(400, "RequestTimeout")),
+            FailureClass::Retryable
+        );
         assert_eq!(classify(&service_error(429, "")), FailureClass::Retryable);
     }
 
     #[test]
     fn permission_and_missing_things_are_permanent() {
-        assert_eq!(classify(&service_error(403, "AccessDenied")), FailureClass::AccessDenied);
-        assert_eq!(classify(&service_error(404, "NoSuchBucket")), FailureClass::NoSuchBucket);
-        assert_eq!(classify(&service_error(404, "NoSuchKey")), FailureClass::NotFound);
-        assert_eq!(classify(&service_error(412, "PreconditionFailed")), FailureClass::Precondition);
-        assert_eq!(classify(&service_error(400, "InvalidArgument")), FailureClass::Permanent);
+        assert_eq!(
+            classify(&service_error(403, "AccessDenied")),
+            FailureClass::AccessDenied
+        );
+        assert_eq!(
+            classify(&service_error(404, "NoSuchBucket")),
+            FailureClass::NoSuchBucket
+        );
+        assert_eq!(
+            classify(&service_error(404, "NoSuchKey")),
+            FailureClass::NotFound
+        );
+        assert_eq!(
+            classify(&service_error(412, "PreconditionFailed")),
+            FailureClass::Precondition
+        );
+        assert_eq!(
+            classify(&service_error(400, "InvalidArgument")),
+            FailureClass::Permanent
+        );
     }
 
     #[test]

@@ -113,9 +113,14 @@ fn parse_body_value(value: &Value) -> Result<Vec<Incoming>> {
         return parse_eventbridge(value).map(|e| vec![e]);
     }
     match value.get("Records").and_then(Value::as_array) {
-        Some(records) => records.iter().enumerate().map(|(i, r)| parse_s3_record(i, r)).collect(),
+        Some(records) => records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| parse_s3_record(i, r))
+            .collect(),
         None => Err(Error::MalformedEvent(
-            "neither an S3 notification (Records), an S3 test event nor an EventBridge event".into(),
+            "neither an S3 notification (Records), an S3 test event nor an EventBridge event"
+                .into(),
         )),
     }
 }
@@ -277,7 +282,9 @@ fn non_empty(s: Option<String>) -> Option<String> {
 }
 
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 #[cfg(test)]
@@ -307,7 +314,10 @@ mod tests {
     #[test]
     fn keys_are_form_decoded() {
         assert_eq!(decode_key("a+b%2Bc%25d").unwrap(), "a b+c%d");
-        assert_eq!(decode_key("dir%2Fsub%2F%E6%97%A5.txt").unwrap(), "dir/sub/日.txt");
+        assert_eq!(
+            decode_key("dir%2Fsub%2F%E6%97%A5.txt").unwrap(),
+            "dir/sub/日.txt"
+        );
         assert!(decode_key("%FF%FE").unwrap_err().contains("UTF-8"));
         assert!(decode_key("").is_err());
     }
@@ -327,14 +337,20 @@ mod tests {
         assert_eq!(created.kind, EventKind::Created);
         assert_eq!(created.sequencer.as_deref(), Some("0055AED6DCD90281E5"));
         assert!(created.event_time.is_some());
-        assert_eq!(change(&items[1]).kind, EventKind::Removed { delete_marker: true });
+        assert_eq!(
+            change(&items[1]).kind,
+            EventKind::Removed {
+                delete_marker: true
+            }
+        );
         assert!(matches!(items[2], Incoming::Ignored { .. }));
     }
 
     #[test]
     fn sqs_batch_with_a_poison_message() {
         let good = json!({"Records": [s3_record("ObjectCreated:Put", "k", None)]}).to_string();
-        let test_event = json!({"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "src"}).to_string();
+        let test_event =
+            json!({"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "src"}).to_string();
         let payload = json!({"Records": [
             {"messageId": "m1", "body": good, "eventSource": "aws:sqs"},
             {"messageId": "m2", "body": "{not json", "eventSource": "aws:sqs"},
@@ -345,8 +361,15 @@ mod tests {
         };
         assert_eq!(change(&items[0].events.as_ref().unwrap()[0]).key, "k");
         let err = items[1].events.as_ref().unwrap_err();
-        assert!(err.to_string().starts_with("malformed event: body is not JSON"), "{err}");
-        assert_eq!(items[2].events.as_ref().unwrap(), &vec![Incoming::TestEvent]);
+        assert!(
+            err.to_string()
+                .starts_with("malformed event: body is not JSON"),
+            "{err}"
+        );
+        assert_eq!(
+            items[2].events.as_ref().unwrap(),
+            &vec![Incoming::TestEvent]
+        );
     }
 
     #[test]
@@ -363,18 +386,32 @@ mod tests {
         };
         let e = change(&items[0]);
         assert_eq!(e.key, "a+b:c");
-        assert_eq!(e.kind, EventKind::Removed { delete_marker: true });
+        assert_eq!(
+            e.kind,
+            EventKind::Removed {
+                delete_marker: true
+            }
+        );
     }
 
     #[test]
     fn malformed_events_say_what_is_wrong() {
         let err = parse_message_body(r#"{"Records": [{"eventVersion": "2.1"}]}"#).unwrap_err();
-        assert!(err.to_string().contains("S3 record 0: missing field"), "{err}");
+        assert!(
+            err.to_string().contains("S3 record 0: missing field"),
+            "{err}"
+        );
         let err = parse_message_body(r#"{"Records": [{"eventVersion": "1.0", "eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": "k"}}}]}"#).unwrap_err();
-        assert!(err.to_string().contains("unsupported eventVersion '1.0'"), "{err}");
+        assert!(
+            err.to_string().contains("unsupported eventVersion '1.0'"),
+            "{err}"
+        );
         let err = parse_message_body("[1,2]").unwrap_err();
         assert!(err.to_string().contains("not a JSON object"), "{err}");
         let err = parse_message_body(r#"{"hello": 1}"#).unwrap_err();
-        assert!(err.to_string().contains("neither an S3 notification"), "{err}");
+        assert!(
+            err.to_string().contains("neither an S3 notification"),
+            "{err}"
+        );
     }
 }

@@ -68,8 +68,13 @@ mod tests {
     fn full_policy_copies_and_deletes_inside_prefixes() {
         let mut r = rule("r1", "src-bucket", "dst-bucket");
         r.prefixes = vec!["docs/".into()];
-        assert_eq!(decide(&r, &event("docs/a", EventKind::Created)), Action::Copy);
-        let removed = EventKind::Removed { delete_marker: true };
+        assert_eq!(
+            decide(&r, &event("docs/a", EventKind::Created)),
+            Action::Copy
+        );
+        let removed = EventKind::Removed {
+            delete_marker: true,
+        };
         assert_eq!(decide(&r, &event("docs/a", removed)), Action::Delete);
         assert_eq!(
             decide(&r, &event("img/a", EventKind::Created)),
@@ -82,7 +87,9 @@ mod tests {
         let mut r = rule("r1", "src-bucket", "dst-bucket");
         r.policy = Policy::Write;
         assert_eq!(decide(&r, &event("a", EventKind::Created)), Action::Copy);
-        let removed = EventKind::Removed { delete_marker: false };
+        let removed = EventKind::Removed {
+            delete_marker: false,
+        };
         assert_eq!(
             decide(&r, &event("a", removed)),
             Action::Skip(SkipReason::SuppressedDelete)

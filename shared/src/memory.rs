@@ -68,7 +68,12 @@ impl MemoryObjectStore {
 
     /// The stored bytes of `key`, if any.
     pub fn bytes(&self, key: &str) -> Option<Bytes> {
-        self.world.lock().buckets.get(&self.bucket)?.get(key).map(|o| o.data.clone())
+        self.world
+            .lock()
+            .buckets
+            .get(&self.bucket)?
+            .get(key)
+            .map(|o| o.data.clone())
     }
 
     /// Keys in the bucket, in order.
@@ -112,10 +117,13 @@ impl ObjectStore for MemoryObjectStore {
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
         let world = self.world.lock();
-        let bucket = world.buckets.get(&self.bucket).ok_or_else(|| Error::NoSuchBucket {
-            operation: "HeadObject",
-            bucket: self.bucket.clone(),
-        })?;
+        let bucket = world
+            .buckets
+            .get(&self.bucket)
+            .ok_or_else(|| Error::NoSuchBucket {
+                operation: "HeadObject",
+                bucket: self.bucket.clone(),
+            })?;
         Ok(bucket.get(key).map(|o| o.info.clone()))
     }
 
@@ -151,33 +159,56 @@ impl ObjectStore for MemoryObjectStore {
         let mut world = self.world.lock();
         world.next_upload += 1;
         let id = format!("upload-{}", world.next_upload);
-        world.uploads.insert(id.clone(), (attrs.clone(), BTreeMap::new()));
+        world
+            .uploads
+            .insert(id.clone(), (attrs.clone(), BTreeMap::new()));
         Ok(id)
     }
 
-    async fn upload_part(&self, key: &str, upload_id: &str, part_number: i32, body: Bytes) -> Result<String> {
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: Bytes,
+    ) -> Result<String> {
         let etag = hex(&Md5::digest(&body));
         let mut world = self.world.lock();
-        let upload = world.uploads.get_mut(upload_id).ok_or_else(|| Error::NotFound {
-            operation: "UploadPart",
-            resource: self.resource(key),
-        })?;
+        let upload = world
+            .uploads
+            .get_mut(upload_id)
+            .ok_or_else(|| Error::NotFound {
+                operation: "UploadPart",
+                resource: self.resource(key),
+            })?;
         upload.1.insert(part_number, body);
         Ok(etag)
     }
 
-    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[UploadedPart]) -> Result<String> {
-        let (attrs, stored) = self.world.lock().uploads.remove(upload_id).ok_or_else(|| Error::NotFound {
-            operation: "CompleteMultipartUpload",
-            resource: self.resource(key),
-        })?;
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[UploadedPart],
+    ) -> Result<String> {
+        let (attrs, stored) =
+            self.world
+                .lock()
+                .uploads
+                .remove(upload_id)
+                .ok_or_else(|| Error::NotFound {
+                    operation: "CompleteMultipartUpload",
+                    resource: self.resource(key),
+                })?;
         let mut data = Vec::new();
         let mut digests = Md5::new();
         for part in parts {
-            let body = stored.get(&part.part_number).ok_or_else(|| Error::Integrity {
-                resource: self.resource(key),
-                detail: format!("part {} was never uploaded", part.part_number),
-            })?;
+            let body = stored
+                .get(&part.part_number)
+                .ok_or_else(|| Error::Integrity {
+                    resource: self.resource(key),
+                    detail: format!("part {} was never uploaded", part.part_number),
+                })?;
             digests.update(Md5::digest(body));
             data.extend_from_slice(body);
         }
@@ -191,7 +222,13 @@ impl ObjectStore for MemoryObjectStore {
         Ok(())
     }
 
-    async fn copy_from(&self, source_bucket: &str, key: &str, if_match: &str, attrs: &WriteAttrs) -> Result<String> {
+    async fn copy_from(
+        &self,
+        source_bucket: &str,
+        key: &str,
+        if_match: &str,
+        attrs: &WriteAttrs,
+    ) -> Result<String> {
         let source = self.world.store(source_bucket);
         let data = source.get(key, None, if_match).await?;
         let etag = if_match.to_string();
@@ -219,8 +256,10 @@ impl ObjectStore for MemoryObjectStore {
 /// DynamoDB transaction.
 #[derive(Clone, Default)]
 pub struct MemoryRuleStore {
-    inner: Arc<Mutex<(BTreeMap<String, Rule>, HashMap<String, Claim>)>>,
+    inner: Arc<Mutex<RulesAndClaims>>,
 }
+
+type RulesAndClaims = (BTreeMap<String, Rule>, HashMap<String, Claim>);
 
 #[async_trait]
 impl RuleStore for MemoryRuleStore {
@@ -244,11 +283,24 @@ impl RuleStore for MemoryRuleStore {
     }
 
     async fn get_rule(&self, id: &str) -> Result<Option<Rule>> {
-        Ok(self.inner.lock().unwrap_or_else(|p| p.into_inner()).0.get(id).cloned())
+        Ok(self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .get(id)
+            .cloned())
     }
 
     async fn list_rules(&self) -> Result<Vec<Rule>> {
-        Ok(self.inner.lock().unwrap_or_else(|p| p.into_inner()).0.values().cloned().collect())
+        Ok(self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .values()
+            .cloned()
+            .collect())
     }
 
     async fn delete_rule(&self, rule: &Rule) -> Result<()> {
@@ -263,6 +315,10 @@ impl RuleStore for MemoryRuleStore {
 
     async fn rule_for_source(&self, bucket: &str) -> Result<Option<Rule>> {
         let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(guard.0.values().find(|r| r.source.bucket == bucket).cloned())
+        Ok(guard
+            .0
+            .values()
+            .find(|r| r.source.bucket == bucket)
+            .cloned())
     }
 }

@@ -2,7 +2,9 @@
 //! removed, merged with whatever configuration the bucket already has, never clobbering it.
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::types::{Event, EventBridgeConfiguration, NotificationConfiguration, QueueConfiguration};
+use aws_sdk_s3::types::{
+    Event, EventBridgeConfiguration, NotificationConfiguration, QueueConfiguration,
+};
 
 use crate::error::{Error, Result, from_sdk, s3_permission};
 use crate::rule::{Notify, Rule};
@@ -14,7 +16,10 @@ pub fn configuration_id(rule_id: &str) -> String {
 
 /// The configuration with the rule's delivery added. Other configurations stay as
 /// they were; a previous one of this rule is replaced.
-pub fn with_rule(current: &NotificationConfiguration, rule: &Rule) -> Result<NotificationConfiguration> {
+pub fn with_rule(
+    current: &NotificationConfiguration,
+    rule: &Rule,
+) -> Result<NotificationConfiguration> {
     let id = configuration_id(&rule.id);
     let mut queues: Vec<QueueConfiguration> = current
         .queue_configurations()
@@ -41,7 +46,10 @@ pub fn with_rule(current: &NotificationConfiguration, rule: &Rule) -> Result<Not
 
 /// The configuration with the rule's queue delivery removed. EventBridge delivery is left
 /// on: other consumers may rely on it, and without a rule its events are acknowledged.
-pub fn without_rule(current: &NotificationConfiguration, rule_id: &str) -> NotificationConfiguration {
+pub fn without_rule(
+    current: &NotificationConfiguration,
+    rule_id: &str,
+) -> NotificationConfiguration {
     let id = configuration_id(rule_id);
     let queues = current
         .queue_configurations()
@@ -49,7 +57,11 @@ pub fn without_rule(current: &NotificationConfiguration, rule_id: &str) -> Notif
         .filter(|q| q.id() != Some(id.as_str()))
         .cloned()
         .collect();
-    rebuild(current, queues, current.event_bridge_configuration().cloned())
+    rebuild(
+        current,
+        queues,
+        current.event_bridge_configuration().cloned(),
+    )
 }
 
 fn rebuild(
@@ -68,9 +80,16 @@ fn rebuild(
 /// Reads the bucket's notification configuration.
 pub async fn read(client: &Client, bucket: &str) -> Result<NotificationConfiguration> {
     let op = "GetBucketNotificationConfiguration";
-    let out = match client.get_bucket_notification_configuration().bucket(bucket).send().await {
+    let out = match client
+        .get_bucket_notification_configuration()
+        .bucket(bucket)
+        .send()
+        .await
+    {
         Ok(out) => out,
-        Err(e) if is_moto_empty_configuration(&e) => return Ok(NotificationConfiguration::builder().build()),
+        Err(e) if is_moto_empty_configuration(&e) => {
+            return Ok(NotificationConfiguration::builder().build());
+        }
         Err(e) => return Err(from_sdk(op, format!("s3://{bucket}"), s3_permission(op), e)),
     };
     Ok(NotificationConfiguration::builder()
@@ -84,13 +103,14 @@ pub async fn read(client: &Client, bucket: &str) -> Result<NotificationConfigura
 /// moto answers an empty notification configuration with a successful response whose
 /// root element is `GetBucketNotificationResponse` (S3 sends `NotificationConfiguration`),
 /// which the SDK cannot parse. Only that exact answer is taken as "empty".
-fn is_moto_empty_configuration<E>(err: &aws_sdk_s3::error::SdkError<E, aws_smithy_runtime_api::http::Response>) -> bool {
+fn is_moto_empty_configuration<E>(
+    err: &aws_sdk_s3::error::SdkError<E, aws_smithy_runtime_api::http::Response>,
+) -> bool {
     err.raw_response().is_some_and(|raw| {
         raw.status().is_success()
-            && raw
-                .body()
-                .bytes()
-                .is_some_and(|b| String::from_utf8_lossy(b).contains("<GetBucketNotificationResponse"))
+            && raw.body().bytes().is_some_and(|b| {
+                String::from_utf8_lossy(b).contains("<GetBucketNotificationResponse")
+            })
     })
 }
 
@@ -141,14 +161,30 @@ mod tests {
         let before = existing();
         let added = with_rule(&before, &r).unwrap();
         assert_eq!(added.topic_configurations(), before.topic_configurations());
-        let ids: Vec<_> = added.queue_configurations().iter().filter_map(|q| q.id()).collect();
+        let ids: Vec<_> = added
+            .queue_configurations()
+            .iter()
+            .filter_map(|q| q.id())
+            .collect();
         assert_eq!(ids, vec!["thumbnails", "crr-r1"]);
         // Adding twice does not duplicate.
-        assert_eq!(with_rule(&added, &r).unwrap().queue_configurations().len(), 2);
+        assert_eq!(
+            with_rule(&added, &r).unwrap().queue_configurations().len(),
+            2
+        );
         let removed = without_rule(&added, "r1");
-        assert_eq!(removed.queue_configurations(), before.queue_configurations());
-        assert_eq!(removed.topic_configurations(), before.topic_configurations());
-        assert_eq!(removed.lambda_function_configurations(), before.lambda_function_configurations());
+        assert_eq!(
+            removed.queue_configurations(),
+            before.queue_configurations()
+        );
+        assert_eq!(
+            removed.topic_configurations(),
+            before.topic_configurations()
+        );
+        assert_eq!(
+            removed.lambda_function_configurations(),
+            before.lambda_function_configurations()
+        );
     }
 
     #[test]

@@ -69,17 +69,34 @@ pub trait ObjectStore: Send + Sync {
     async fn create_multipart(&self, key: &str, attrs: &WriteAttrs) -> Result<String>;
 
     /// Uploads one part; returns its ETag.
-    async fn upload_part(&self, key: &str, upload_id: &str, part_number: i32, body: Bytes) -> Result<String>;
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: Bytes,
+    ) -> Result<String>;
 
     /// Completes a multipart upload; returns the object's ETag.
-    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[UploadedPart]) -> Result<String>;
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[UploadedPart],
+    ) -> Result<String>;
 
     /// Abandons a multipart upload so no parts are left behind.
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()>;
 
     /// Server-side copy of `source_bucket/key` (only if its ETag is still `if_match`) into
     /// this bucket under the same key, with `attrs` replacing the metadata; returns the ETag.
-    async fn copy_from(&self, source_bucket: &str, key: &str, if_match: &str, attrs: &WriteAttrs) -> Result<String>;
+    async fn copy_from(
+        &self,
+        source_bucket: &str,
+        key: &str,
+        if_match: &str,
+        attrs: &WriteAttrs,
+    ) -> Result<String>;
 
     /// Deletes the object; deleting a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<()>;

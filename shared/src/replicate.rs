@@ -49,7 +49,11 @@ pub struct Replicator {
 }
 
 impl Replicator {
-    pub fn new(rules: Arc<dyn RuleStore>, stores: Arc<dyn StoreProvider>, engine: CopyEngine) -> Self {
+    pub fn new(
+        rules: Arc<dyn RuleStore>,
+        stores: Arc<dyn StoreProvider>,
+        engine: CopyEngine,
+    ) -> Self {
         Self {
             rules,
             stores,
@@ -156,7 +160,12 @@ impl Replicator {
         let target = self.stores.store(&rule.target);
         let done = self
             .engine
-            .copy(source.as_ref(), target.as_ref(), &info, rule.resolved_copy_mode())
+            .copy(
+                source.as_ref(),
+                target.as_ref(),
+                &info,
+                rule.resolved_copy_mode(),
+            )
             .await?;
         Ok(Outcome::Replicated { bytes: done.bytes })
     }
@@ -229,7 +238,10 @@ mod tests {
             "messageId": id, "body": body, "eventSource": "aws:sqs"})).collect::<Vec<_>>()})
     }
 
-    async fn setup(policy: Policy, prefixes: &[&str]) -> (Replicator, MemoryObjectStore, MemoryObjectStore) {
+    async fn setup(
+        policy: Policy,
+        prefixes: &[&str],
+    ) -> (Replicator, MemoryObjectStore, MemoryObjectStore) {
         let world = MemoryWorld::default();
         let (src, dst) = (world.store("src-bucket"), world.store("dst-bucket"));
         let rules = MemoryRuleStore::default();
@@ -238,18 +250,33 @@ mod tests {
         r.prefixes = prefixes.iter().map(|p| p.to_string()).collect();
         r.copy_mode = crate::rule::CopyMode::Stream;
         rules.create_rule(&r).await.unwrap();
-        let rep = Replicator::new(Arc::new(rules), Arc::new(World(world)), CopyEngine::default());
+        let rep = Replicator::new(
+            Arc::new(rules),
+            Arc::new(World(world)),
+            CopyEngine::default(),
+        );
         (rep, src, dst)
     }
 
     #[tokio::test]
     async fn given_a_write_rule_puts_replicate_and_deletes_are_suppressed() {
         let (rep, src, dst) = setup(Policy::Write, &["docs/"]).await;
-        src.put("docs/a b+c.txt", Bytes::from_static(b"hello"), &WriteAttrs::default()).await.unwrap();
-        src.put("other/x", Bytes::from_static(b"x"), &WriteAttrs::default()).await.unwrap();
+        src.put(
+            "docs/a b+c.txt",
+            Bytes::from_static(b"hello"),
+            &WriteAttrs::default(),
+        )
+        .await
+        .unwrap();
+        src.put("other/x", Bytes::from_static(b"x"), &WriteAttrs::default())
+            .await
+            .unwrap();
         let resp = rep
             .handle(&sqs(&[
-                ("m1", notification("ObjectCreated:Put", "docs%2Fa+b%2Bc.txt")),
+                (
+                    "m1",
+                    notification("ObjectCreated:Put", "docs%2Fa+b%2Bc.txt"),
+                ),
                 ("m2", notification("ObjectCreated:Put", "other%2Fx")),
             ]))
             .await
@@ -258,56 +285,91 @@ mod tests {
         assert_eq!(dst.keys(), vec!["docs/a b+c.txt".to_string()]);
 
         src.delete("docs/a b+c.txt").await.unwrap();
-        rep.handle(&sqs(&[("m3", notification("ObjectRemoved:Delete", "docs%2Fa+b%2Bc.txt"))]))
-            .await
-            .unwrap();
-        assert_eq!(dst.bytes("docs/a b+c.txt").unwrap(), Bytes::from_static(b"hello"));
+        rep.handle(&sqs(&[(
+            "m3",
+            notification("ObjectRemoved:Delete", "docs%2Fa+b%2Bc.txt"),
+        )]))
+        .await
+        .unwrap();
+        assert_eq!(
+            dst.bytes("docs/a b+c.txt").unwrap(),
+            Bytes::from_static(b"hello")
+        );
     }
 
     #[tokio::test]
     async fn given_a_full_rule_deletes_reach_the_target_unless_recreated() {
         let (rep, src, dst) = setup(Policy::Full, &[]).await;
-        src.put("k", Bytes::from_static(b"v1"), &WriteAttrs::default()).await.unwrap();
-        rep.handle(&sqs(&[("m1", notification("ObjectCreated:Put", "k"))])).await.unwrap();
+        src.put("k", Bytes::from_static(b"v1"), &WriteAttrs::default())
+            .await
+            .unwrap();
+        rep.handle(&sqs(&[("m1", notification("ObjectCreated:Put", "k"))]))
+            .await
+            .unwrap();
         assert!(dst.bytes("k").is_some());
         // Delete event arrives after the key was created again: the replica stays.
-        rep.handle(&sqs(&[("m2", notification("ObjectRemoved:Delete", "k"))])).await.unwrap();
+        rep.handle(&sqs(&[("m2", notification("ObjectRemoved:Delete", "k"))]))
+            .await
+            .unwrap();
         assert!(dst.bytes("k").is_some());
         src.delete("k").await.unwrap();
-        rep.handle(&sqs(&[("m3", notification("ObjectRemoved:Delete", "k"))])).await.unwrap();
+        rep.handle(&sqs(&[("m3", notification("ObjectRemoved:Delete", "k"))]))
+            .await
+            .unwrap();
         assert!(dst.bytes("k").is_none());
     }
 
     #[tokio::test]
     async fn a_poison_message_fails_alone() {
         let (rep, src, dst) = setup(Policy::Full, &[]).await;
-        src.put("good", Bytes::from_static(b"g"), &WriteAttrs::default()).await.unwrap();
+        src.put("good", Bytes::from_static(b"g"), &WriteAttrs::default())
+            .await
+            .unwrap();
         let resp = rep
             .handle(&sqs(&[
                 ("m1", "{truncated".to_string()),
                 ("m2", notification("ObjectCreated:Put", "good")),
-                ("m3", json!({"Service": "Amazon S3", "Event": "s3:TestEvent"}).to_string()),
+                (
+                    "m3",
+                    json!({"Service": "Amazon S3", "Event": "s3:TestEvent"}).to_string(),
+                ),
             ]))
             .await
             .unwrap();
-        assert_eq!(resp, json!({"batchItemFailures": [{"itemIdentifier": "m1"}]}));
+        assert_eq!(
+            resp,
+            json!({"batchItemFailures": [{"itemIdentifier": "m1"}]})
+        );
         assert!(dst.bytes("good").is_some());
     }
 
     #[tokio::test]
     async fn late_events_copy_the_current_content_and_replicas_are_not_replicated() {
         let (rep, src, dst) = setup(Policy::Full, &[]).await;
-        src.put("k", Bytes::from_static(b"new"), &WriteAttrs::default()).await.unwrap();
+        src.put("k", Bytes::from_static(b"new"), &WriteAttrs::default())
+            .await
+            .unwrap();
         // Two events for one key, the older one last: the target ends with the newest.
-        rep.handle(&sqs(&[("m1", notification("ObjectCreated:Put", "k"))])).await.unwrap();
-        rep.handle(&sqs(&[("m2", notification("ObjectCreated:Put", "k"))])).await.unwrap();
+        rep.handle(&sqs(&[("m1", notification("ObjectCreated:Put", "k"))]))
+            .await
+            .unwrap();
+        rep.handle(&sqs(&[("m2", notification("ObjectCreated:Put", "k"))]))
+            .await
+            .unwrap();
         assert_eq!(dst.bytes("k").unwrap(), Bytes::from_static(b"new"));
         // An object that is itself a replica is not copied again.
         let replica = dst.head("k").await.unwrap().unwrap();
         let attrs = crate::copy::replica_attrs("elsewhere", &replica);
-        src.put("r", Bytes::from_static(b"x"), &attrs).await.unwrap();
+        src.put("r", Bytes::from_static(b"x"), &attrs)
+            .await
+            .unwrap();
         let ev = crate::event::parse_message_body(&notification("ObjectCreated:Put", "r")).unwrap();
-        let Incoming::Change(ev) = &ev[0] else { panic!() };
-        assert_eq!(rep.apply(ev).await.unwrap(), Outcome::Skipped("replica_loop"));
+        let Incoming::Change(ev) = &ev[0] else {
+            panic!()
+        };
+        assert_eq!(
+            rep.apply(ev).await.unwrap(),
+            Outcome::Skipped("replica_loop")
+        );
     }
 }

@@ -143,14 +143,22 @@ impl Rule {
                 ),
             ));
         }
-        if self.source.bucket == self.target.bucket && self.source.endpoint_url == self.target.endpoint_url {
-            return Err(Error::invalid("target.bucket", "must differ from the source bucket"));
+        if self.source.bucket == self.target.bucket
+            && self.source.endpoint_url == self.target.endpoint_url
+        {
+            return Err(Error::invalid(
+                "target.bucket",
+                "must differ from the source bucket",
+            ));
         }
         validate_prefixes(&self.prefixes)?;
         if let Notify::Queue { arn } = &self.notify
             && !(arn.starts_with("arn:") && arn.contains(":sqs:"))
         {
-            return Err(Error::invalid("notify.arn", format!("'{arn}' is not an SQS queue ARN")));
+            return Err(Error::invalid(
+                "notify.arn",
+                format!("'{arn}' is not an SQS queue ARN"),
+            ));
         }
         if self.copy_mode == CopyMode::ServerSide && !self.server_side_possible() {
             return Err(Error::invalid(
@@ -184,7 +192,9 @@ impl Rule {
 }
 
 fn validate_id(id: &str) -> Result<()> {
-    let ok_chars = id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    let ok_chars = id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if id.is_empty() || id.len() > 64 || !ok_chars {
         return Err(Error::invalid(
             "id",
@@ -233,9 +243,12 @@ fn validate_region(field: &str, region: &str) -> Result<()> {
 
 fn validate_endpoint(field: &str, endpoint: Option<&str>) -> Result<()> {
     match endpoint {
-        Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => Err(
-            Error::invalid(field, format!("'{url}' must start with http:// or https://")),
-        ),
+        Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+            Err(Error::invalid(
+                field,
+                format!("'{url}' must start with http:// or https://"),
+            ))
+        }
         _ => Ok(()),
     }
 }
@@ -244,14 +257,20 @@ fn validate_prefixes(prefixes: &[String]) -> Result<()> {
     if prefixes.len() > MAX_PREFIXES {
         return Err(Error::invalid(
             "prefixes",
-            format!("at most {MAX_PREFIXES} prefixes are allowed, got {}", prefixes.len()),
+            format!(
+                "at most {MAX_PREFIXES} prefixes are allowed, got {}",
+                prefixes.len()
+            ),
         ));
     }
     for (i, p) in prefixes.iter().enumerate() {
         if p.is_empty() {
             return Err(Error::invalid(
                 "prefixes",
-                format!("prefix {} is empty; omit prefixes to replicate all objects", i + 1),
+                format!(
+                    "prefix {} is empty; omit prefixes to replicate all objects",
+                    i + 1
+                ),
             ));
         }
         if p.len() > 1024 {
@@ -261,7 +280,10 @@ fn validate_prefixes(prefixes: &[String]) -> Result<()> {
             ));
         }
         if prefixes[..i].contains(p) {
-            return Err(Error::invalid("prefixes", format!("prefix '{p}' is listed twice")));
+            return Err(Error::invalid(
+                "prefixes",
+                format!("prefix '{p}' is listed twice"),
+            ));
         }
     }
     Ok(())
@@ -314,7 +336,11 @@ pub(crate) mod tests {
         let mut r = rule("r1", "src-bucket", "dst-bucket");
         r.target.region = "us-east-1".into();
         let err = r.validate().unwrap_err();
-        assert!(err.to_string().contains("must differ from the source region"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("must differ from the source region"),
+            "{err}"
+        );
         assert_eq!(field_of(err), "target.region");
     }
 
@@ -326,9 +352,19 @@ pub(crate) mod tests {
         r.prefixes = (0..5).map(|i| format!("p{i}/")).collect();
         r.validate().unwrap();
         r.prefixes = vec!["a/".into(), String::new()];
-        assert!(r.validate().unwrap_err().to_string().contains("prefix 2 is empty"));
+        assert!(
+            r.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("prefix 2 is empty")
+        );
         r.prefixes = vec!["a/".into(), "b/".into(), "a/".into()];
-        assert!(r.validate().unwrap_err().to_string().contains("'a/' is listed twice"));
+        assert!(
+            r.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("'a/' is listed twice")
+        );
     }
 
     #[test]

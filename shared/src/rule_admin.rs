@@ -35,7 +35,12 @@ pub async fn create_rule(rules: &dyn RuleStore, s3: &S3Clients, mut rule: Rule) 
     let client = s3.client(&rule.source);
     let notified = async {
         let current = notification::read(&client, &rule.source.bucket).await?;
-        notification::write(&client, &rule.source.bucket, notification::with_rule(&current, &rule)?).await
+        notification::write(
+            &client,
+            &rule.source.bucket,
+            notification::with_rule(&current, &rule)?,
+        )
+        .await
     }
     .await;
     if let Err(e) = notified {
@@ -60,7 +65,12 @@ pub async fn delete_rule(rules: &dyn RuleStore, s3: &S3Clients, id: &str) -> Res
     let client = s3.client(&rule.source);
     let unnotified = async {
         let current = notification::read(&client, &rule.source.bucket).await?;
-        notification::write(&client, &rule.source.bucket, notification::without_rule(&current, &rule.id)).await
+        notification::write(
+            &client,
+            &rule.source.bucket,
+            notification::without_rule(&current, &rule.id),
+        )
+        .await
     }
     .await;
     match unnotified {

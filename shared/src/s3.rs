@@ -53,8 +53,11 @@ pub fn client_for(base: &SdkConfig, bucket: &BucketRef) -> Client {
 #[derive(Clone)]
 pub struct S3Clients {
     base: SdkConfig,
-    cache: Arc<Mutex<HashMap<(String, Option<String>, bool), Client>>>,
+    cache: Arc<Mutex<HashMap<ClientKey, Client>>>,
 }
+
+/// Region, endpoint and path-style flag: what distinguishes two S3 clients.
+type ClientKey = (String, Option<String>, bool);
 
 impl S3Clients {
     pub fn new(base: SdkConfig) -> Self {
@@ -66,8 +69,15 @@ impl S3Clients {
 
     /// The client for `bucket`'s region and endpoint.
     pub fn client(&self, bucket: &BucketRef) -> Client {
-        let key = (bucket.region.clone(), bucket.endpoint_url.clone(), bucket.path_style);
-        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let key = (
+            bucket.region.clone(),
+            bucket.endpoint_url.clone(),
+            bucket.path_style,
+        );
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         cache
             .entry(key)
             .or_insert_with(|| client_for(&self.base, bucket))
@@ -98,7 +108,11 @@ impl S3Store {
 
     fn err<E, R>(&self, operation: &'static str, key: &str, err: SdkError<E, R>) -> Error
     where
-        E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        E: aws_smithy_types::error::metadata::ProvideErrorMetadata
+            + std::error::Error
+            + Send
+            + Sync
+            + 'static,
         R: crate::error::HttpStatus + std::fmt::Debug + Send + Sync + 'static,
     {
         from_sdk(operation, self.resource(key), s3_permission(operation), err)
@@ -118,7 +132,13 @@ fn expires_of(value: Option<&String>) -> Option<SmithyDateTime> {
 }
 
 fn metadata_map(attrs: &WriteAttrs) -> Option<HashMap<String, String>> {
-    Some(attrs.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    Some(
+        attrs
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )
 }
 
 /// Applies content headers and metadata to any of the S3 write builders, which share the
@@ -144,7 +164,14 @@ impl ObjectStore for S3Store {
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
-        let out = match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+        let out = match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
             Ok(out) => out,
             Err(SdkError::ServiceError(e)) if matches!(e.err(), HeadObjectError::NotFound(_)) => {
                 return Ok(None);
@@ -167,7 +194,11 @@ impl ObjectStore for S3Store {
             },
             metadata: out
                 .metadata()
-                .map(|m| m.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect())
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                        .collect()
+                })
                 .unwrap_or_default(),
         }))
     }
@@ -212,18 +243,30 @@ impl ObjectStore for S3Store {
     }
 
     async fn create_multipart(&self, key: &str, attrs: &WriteAttrs) -> Result<String> {
-        let req = self.client.create_multipart_upload().bucket(&self.bucket).key(key);
+        let req = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key);
         let out = with_attrs!(req, attrs)
             .send()
             .await
             .map_err(|e| self.err("CreateMultipartUpload", key, e))?;
-        out.upload_id().map(str::to_string).ok_or_else(|| Error::Integrity {
-            resource: self.resource(key),
-            detail: "CreateMultipartUpload returned no upload id".into(),
-        })
+        out.upload_id()
+            .map(str::to_string)
+            .ok_or_else(|| Error::Integrity {
+                resource: self.resource(key),
+                detail: "CreateMultipartUpload returned no upload id".into(),
+            })
     }
 
-    async fn upload_part(&self, key: &str, upload_id: &str, part_number: i32, body: Bytes) -> Result<String> {
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: Bytes,
+    ) -> Result<String> {
         let out = self
             .client
             .upload_part()
@@ -238,7 +281,12 @@ impl ObjectStore for S3Store {
         Ok(out.e_tag().map(unquote).unwrap_or_default())
     }
 
-    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[UploadedPart]) -> Result<String> {
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[UploadedPart],
+    ) -> Result<String> {
         let completed = CompletedMultipartUpload::builder()
             .set_parts(Some(
                 parts
@@ -277,8 +325,18 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 
-    async fn copy_from(&self, source_bucket: &str, key: &str, if_match: &str, attrs: &WriteAttrs) -> Result<String> {
-        let source = format!("{}/{}", source_bucket, utf8_percent_encode(key, COPY_SOURCE_KEEP));
+    async fn copy_from(
+        &self,
+        source_bucket: &str,
+        key: &str,
+        if_match: &str,
+        attrs: &WriteAttrs,
+    ) -> Result<String> {
+        let source = format!(
+            "{}/{}",
+            source_bucket,
+            utf8_percent_encode(key, COPY_SOURCE_KEEP)
+        );
         let req = self
             .client
             .copy_object()
@@ -321,8 +379,12 @@ impl ObjectStore for S3Store {
     }
 
     async fn check_writable(&self, probe_key: &str) -> Result<()> {
-        self.put(probe_key, Bytes::from_static(b"crr write probe"), &WriteAttrs::default())
-            .await?;
+        self.put(
+            probe_key,
+            Bytes::from_static(b"crr write probe"),
+            &WriteAttrs::default(),
+        )
+        .await?;
         self.delete(probe_key).await
     }
 }

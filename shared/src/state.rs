@@ -97,20 +97,42 @@ mod tests {
     #[tokio::test]
     async fn a_bucket_is_in_at_most_one_pair() {
         let store = MemoryRuleStore::default();
-        store.create_rule(&rule("ab", "bucket-a", "bucket-b")).await.unwrap();
-        let err = store.create_rule(&rule("ac", "bucket-a", "bucket-c")).await.unwrap_err();
+        store
+            .create_rule(&rule("ab", "bucket-a", "bucket-b"))
+            .await
+            .unwrap();
+        let err = store
+            .create_rule(&rule("ac", "bucket-a", "bucket-c"))
+            .await
+            .unwrap_err();
         assert_eq!(
             err.to_string(),
             "rule field `source.bucket`: bucket 'bucket-a' is already in rule 'ab' as source"
         );
-        let err = store.create_rule(&rule("cb", "bucket-c", "bucket-b")).await.unwrap_err();
-        assert!(err.to_string().contains("`target.bucket`: bucket 'bucket-b'"), "{err}");
-        let err = store.create_rule(&rule("ba", "bucket-b", "bucket-a")).await.unwrap_err();
+        let err = store
+            .create_rule(&rule("cb", "bucket-c", "bucket-b"))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`target.bucket`: bucket 'bucket-b'"),
+            "{err}"
+        );
+        let err = store
+            .create_rule(&rule("ba", "bucket-b", "bucket-a"))
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("as target"), "{err}");
         // Nothing of the refused rules was kept: bucket-c is still free.
-        store.create_rule(&rule("cd", "bucket-c", "bucket-d")).await.unwrap();
+        store
+            .create_rule(&rule("cd", "bucket-c", "bucket-d"))
+            .await
+            .unwrap();
         let ab = store.get_rule("ab").await.unwrap().unwrap();
         store.delete_rule(&ab).await.unwrap();
-        store.create_rule(&rule("ae", "bucket-a", "bucket-e")).await.unwrap();
+        store
+            .create_rule(&rule("ae", "bucket-a", "bucket-e"))
+            .await
+            .unwrap();
     }
 }

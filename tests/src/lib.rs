@@ -116,21 +116,33 @@ impl Stack {
         if server.region != "us-east-1" {
             req = req.create_bucket_configuration(
                 aws_sdk_s3::types::CreateBucketConfiguration::builder()
-                    .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(server.region.as_str()))
+                    .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(
+                        server.region.as_str(),
+                    ))
                     .build(),
             );
         }
-        req.send().await.with_context(|| format!("creating bucket {bucket} on {}", server.endpoint))?;
+        req.send()
+            .await
+            .with_context(|| format!("creating bucket {bucket} on {}", server.endpoint))?;
         Ok(())
     }
 
     /// Creates an SQS queue on `server`; returns (url, arn).
-    pub async fn create_queue(&self, server: &S3Server, name: &str, visibility_secs: u32) -> Result<(String, String)> {
+    pub async fn create_queue(
+        &self,
+        server: &S3Server,
+        name: &str,
+        visibility_secs: u32,
+    ) -> Result<(String, String)> {
         let sqs = self.sqs(server);
         let out = sqs
             .create_queue()
             .queue_name(name)
-            .attributes(QueueAttributeName::VisibilityTimeout, visibility_secs.to_string())
+            .attributes(
+                QueueAttributeName::VisibilityTimeout,
+                visibility_secs.to_string(),
+            )
             .send()
             .await
             .context("creating queue")?;
@@ -150,7 +162,12 @@ impl Stack {
     }
 
     /// Waits until the queue holds no message, visible or in flight, for a moment.
-    pub async fn wait_queue_drained(&self, server: &S3Server, url: &str, timeout: Duration) -> Result<()> {
+    pub async fn wait_queue_drained(
+        &self,
+        server: &S3Server,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<()> {
         let sqs = self.sqs(server);
         let start = Instant::now();
         let mut quiet_since: Option<Instant> = None;
@@ -169,7 +186,8 @@ impl Stack {
                     .unwrap_or(u64::MAX)
             };
             let busy = count(QueueAttributeName::ApproximateNumberOfMessages)
-                + count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible).min(u64::MAX / 2);
+                + count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+                    .min(u64::MAX / 2);
             if busy == 0 {
                 let since = *quiet_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > Duration::from_millis(1500) {
@@ -225,7 +243,10 @@ pub fn bin_dir() -> PathBuf {
 pub fn bin(name: &str) -> Result<PathBuf> {
     let path = bin_dir().join(name);
     if !path.is_file() {
-        bail!("{} is missing: build the binaries first (cargo build --bins)", path.display());
+        bail!(
+            "{} is missing: build the binaries first (cargo build --bins)",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -239,7 +260,14 @@ impl RunningFunction {
     /// Starts `function` (e.g. `crr-replicate`) fed by the SQS queue at `queue_url`.
     pub fn start(stack: &Stack, function: &str, queue_url: &str, table: &str) -> Result<Self> {
         let child = Command::new(bin("crr")?)
-            .args(["local", "run-function", "--name", function, "--timeout-secs", "20"])
+            .args([
+                "local",
+                "run-function",
+                "--name",
+                function,
+                "--timeout-secs",
+                "20",
+            ])
             .arg("--binary")
             .arg(bin(function)?)
             .args(["--queue-url", queue_url])

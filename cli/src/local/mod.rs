@@ -1,5 +1,6 @@
 //! `crr local ...`: running the functions on this machine as real Lambda binaries.
 
+mod demo;
 mod poller;
 mod runtime_api;
 
@@ -17,8 +18,14 @@ pub enum LocalCommand {
     /// --queue-url, also poll that SQS queue and invoke the function with its batches
     /// (deleting the messages the function did not report as failed), as Lambda's SQS
     /// event source mapping does.
-    #[command(after_help = "Example:\n  crr local run-function --name replicate --binary target/debug/crr-replicate \\\n    --queue-url http://127.0.0.1:45101/123456789012/crr-events --env CRR_TABLE=crr")]
+    #[command(
+        after_help = "Example:\n  crr local run-function --name replicate --binary target/debug/crr-replicate \\\n    --queue-url http://127.0.0.1:45101/123456789012/crr-events --env CRR_TABLE=crr"
+    )]
     RunFunction(RunFunctionArgs),
+    /// Replicate between two buckets in two regions of the local stack and show the result
+    /// (needs `scripts/local-stack up`; scripts/demo does everything).
+    #[command(after_help = "Example:\n  eval \"$(scripts/local-stack env)\"; crr local demo")]
+    Demo,
 }
 
 #[derive(clap::Args)]
@@ -52,6 +59,7 @@ pub struct RunFunctionArgs {
 pub async fn run(aws: &AwsArgs, cmd: LocalCommand) -> Result<()> {
     match cmd {
         LocalCommand::RunFunction(args) => run_function(aws, args).await,
+        LocalCommand::Demo => demo::run(aws).await,
     }
 }
 
@@ -66,15 +74,26 @@ fn parse_envs(envs: &[String]) -> Result<Vec<(String, String)>> {
 
 async fn run_function(aws: &AwsArgs, args: RunFunctionArgs) -> Result<()> {
     if !args.binary.is_file() {
-        bail!("--binary {}: no such file (build it with `cargo build --bins`)", args.binary.display());
+        bail!(
+            "--binary {}: no such file (build it with `cargo build --bins`)",
+            args.binary.display()
+        );
     }
     let envs = parse_envs(&args.envs)?;
     let timeout = Duration::from_secs(args.timeout_secs);
     let emulator = runtime_api::Emulator::start(&args.name, args.port, timeout)
         .await
         .context("starting the Runtime API emulator")?;
-    eprintln!("crr local: {} Runtime API and Invoke API on http://{}", args.name, emulator.addr());
-    let supervisor = tokio::spawn(runtime_api::supervise(emulator.clone(), args.binary.clone(), envs));
+    eprintln!(
+        "crr local: {} Runtime API and Invoke API on http://{}",
+        args.name,
+        emulator.addr()
+    );
+    let supervisor = tokio::spawn(runtime_api::supervise(
+        emulator.clone(),
+        args.binary.clone(),
+        envs,
+    ));
     let poller = match &args.queue_url {
         Some(url) => {
             let sdk = aws.sdk_config().await;

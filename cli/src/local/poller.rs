@@ -6,7 +6,9 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
+};
 use axum::body::Bytes;
 use serde_json::{Value, json};
 
@@ -38,7 +40,10 @@ pub async fn run(
         .send()
         .await
         .ok()
-        .and_then(|o| o.attributes().and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned()))
+        .and_then(|o| {
+            o.attributes()
+                .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        })
         .unwrap_or_default();
     loop {
         let received = sqs
@@ -65,10 +70,17 @@ pub async fn run(
             .iter()
             .map(|m| {
                 let id = m.message_id().unwrap_or_default().to_string();
-                handles.insert(id.clone(), m.receipt_handle().unwrap_or_default().to_string());
+                handles.insert(
+                    id.clone(),
+                    m.receipt_handle().unwrap_or_default().to_string(),
+                );
                 let attributes: HashMap<String, String> = m
                     .attributes()
-                    .map(|a| a.iter().map(|(k, v)| (k.as_str().to_string(), v.clone())).collect())
+                    .map(|a| {
+                        a.iter()
+                            .map(|(k, v)| (k.as_str().to_string(), v.clone()))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 json!({
                     "messageId": id,
@@ -88,13 +100,20 @@ pub async fn run(
             InvokeResult::Ok(body) => match serde_json::from_slice::<Value>(&body) {
                 Ok(v) => v["batchItemFailures"]
                     .as_array()
-                    .map(|a| a.iter().filter_map(|f| f["itemIdentifier"].as_str().map(str::to_string)).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|f| f["itemIdentifier"].as_str().map(str::to_string))
+                            .collect()
+                    })
                     .unwrap_or_default(),
                 // An unreadable answer fails the whole batch, as Lambda treats it.
                 Err(_) => handles.keys().cloned().collect(),
             },
             InvokeResult::Error(body) => {
-                eprintln!("crr local: invocation failed: {}", String::from_utf8_lossy(&body));
+                eprintln!(
+                    "crr local: invocation failed: {}",
+                    String::from_utf8_lossy(&body)
+                );
                 handles.keys().cloned().collect()
             }
         };

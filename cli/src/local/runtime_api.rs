@@ -54,7 +54,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Emulator {
@@ -75,7 +78,10 @@ impl Emulator {
         }));
         let app = Router::new()
             .route("/2018-06-01/runtime/invocation/next", get(next))
-            .route("/2018-06-01/runtime/invocation/{id}/response", post(response))
+            .route(
+                "/2018-06-01/runtime/invocation/{id}/response",
+                post(response),
+            )
             .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
             .route("/2018-06-01/runtime/init/error", post(init_error))
             .route("/2015-03-31/functions/{name}/invocations", post(invoke_api))
@@ -93,7 +99,9 @@ impl Emulator {
     }
 
     pub fn shutdown(&self) {
-        self.0.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.0.stop.notify_waiters();
         self.0.restart.notify_waiters();
     }
@@ -140,9 +148,16 @@ impl Emulator {
 
     /// Fails every invocation the (dead) process had taken.
     fn fail_all_taken(&self) {
-        let queued: Vec<String> = lock(&self.0.queue).iter().map(|p| p.request_id.clone()).collect();
+        let queued: Vec<String> = lock(&self.0.queue)
+            .iter()
+            .map(|p| p.request_id.clone())
+            .collect();
         let mut waiting = lock(&self.0.waiting);
-        let taken: Vec<String> = waiting.keys().filter(|id| !queued.contains(id)).cloned().collect();
+        let taken: Vec<String> = waiting
+            .keys()
+            .filter(|id| !queued.contains(id))
+            .cloned()
+            .collect();
         for id in taken {
             if let Some(tx) = waiting.remove(&id) {
                 let _ = tx.send(InvokeResult::Error(Bytes::from_static(
@@ -158,12 +173,18 @@ async fn next(State(emu): State<Emulator>) -> Response {
         let pending = lock(&emu.0.queue).pop_front();
         if let Some(p) = pending {
             let mut headers = HeaderMap::new();
-            let arn = format!("arn:aws:lambda:us-east-1:123456789012:function:{}", emu.0.name);
+            let arn = format!(
+                "arn:aws:lambda:us-east-1:123456789012:function:{}",
+                emu.0.name
+            );
             let values = [
                 ("lambda-runtime-aws-request-id", p.request_id.clone()),
                 ("lambda-runtime-deadline-ms", p.deadline_ms.to_string()),
                 ("lambda-runtime-invoked-function-arn", arn),
-                ("lambda-runtime-trace-id", format!("Root=1-{}", p.request_id)),
+                (
+                    "lambda-runtime-trace-id",
+                    format!("Root=1-{}", p.request_id),
+                ),
             ];
             for (k, v) in values {
                 if let Ok(v) = HeaderValue::from_str(&v) {
@@ -186,11 +207,18 @@ async fn error(State(emu): State<Emulator>, Path(id): Path<String>, body: Bytes)
 }
 
 async fn init_error(body: Bytes) -> StatusCode {
-    eprintln!("crr local: function init error: {}", String::from_utf8_lossy(&body));
+    eprintln!(
+        "crr local: function init error: {}",
+        String::from_utf8_lossy(&body)
+    );
     StatusCode::ACCEPTED
 }
 
-async fn invoke_api(State(emu): State<Emulator>, Path(_name): Path<String>, body: Bytes) -> Response {
+async fn invoke_api(
+    State(emu): State<Emulator>,
+    Path(_name): Path<String>,
+    body: Bytes,
+) -> Response {
     match emu.invoke(body).await {
         InvokeResult::Ok(b) => (StatusCode::OK, b).into_response(),
         InvokeResult::Error(b) => {
