@@ -93,6 +93,12 @@ pub struct CreateArgs {
     on_conflict: OnConflictArg,
     #[arg(long, value_enum, default_value = "auto")]
     copy_mode: CopyModeArg,
+    /// Storage class of the replicas (default: the source object's).
+    #[arg(long)]
+    storage_class: Option<String>,
+    /// KMS key id or ARN in the target region, for replicas of SSE-KMS objects.
+    #[arg(long)]
+    target_kms_key_id: Option<String>,
     /// Deliver source events straight to this SQS queue instead of through EventBridge.
     #[arg(long)]
     notify_queue_arn: Option<String>,
@@ -137,6 +143,8 @@ impl CreateArgs {
                 Some(arn) => Notify::Queue { arn },
                 None => Notify::EventBridge,
             },
+            storage_class: self.storage_class,
+            target_kms_key_id: self.target_kms_key_id,
             paused: false,
             created_at: String::new(),
         }

@@ -2,6 +2,7 @@
 
 use crate::copy::CopyEngine;
 use crate::error::{Error, Result};
+use crate::replicate::ReplicatorSettings;
 
 /// Settings every function needs.
 #[derive(Debug, Clone)]
@@ -11,6 +12,22 @@ pub struct FunctionConfig {
     /// Copy engine tuning (`CRR_MULTIPART_THRESHOLD_MB`, `CRR_PART_SIZE_MB`,
     /// `CRR_PARTS_IN_FLIGHT`).
     pub engine: CopyEngine,
+    /// Dead-letter queue URL (`CRR_DLQ_URL`); without it, failures go back to SQS only.
+    pub dlq_url: Option<String>,
+    /// Receives before a failing message is dead-lettered with its reason
+    /// (`CRR_MAX_RECEIVES`, default 4; keep it below the queue's maxReceiveCount).
+    pub max_receives: u32,
+}
+
+impl FunctionConfig {
+    /// Settings of the replicate function.
+    pub fn replicator(&self) -> ReplicatorSettings {
+        ReplicatorSettings {
+            engine: self.engine.clone(),
+            max_receives: self.max_receives,
+            ..ReplicatorSettings::default()
+        }
+    }
 }
 
 impl FunctionConfig {
@@ -27,6 +44,10 @@ impl FunctionConfig {
                     .map(|n| n as usize)
                     .unwrap_or(defaults.parts_in_flight),
             },
+            dlq_url: std::env::var("CRR_DLQ_URL").ok().filter(|v| !v.is_empty()),
+            max_receives: optional_number("CRR_MAX_RECEIVES")?
+                .map(|n| n.clamp(1, 1000) as u32)
+                .unwrap_or(4),
         })
     }
 }

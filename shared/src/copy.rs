@@ -9,8 +9,8 @@ use md5::{Digest, Md5};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::error::{Error, Result};
-use crate::object_store::{ObjectInfo, ObjectStore, UploadedPart, WriteAttrs};
-use crate::rule::ResolvedCopyMode;
+use crate::object_store::{Encryption, ObjectInfo, ObjectStore, UploadedPart, WriteAttrs};
+use crate::rule::{ResolvedCopyMode, Rule};
 
 /// User-metadata names of the replica marker. They name where a replica came from, so
 /// that an event about a replica is never replicated again, and keep what S3 cannot set
@@ -37,6 +37,8 @@ pub mod marker {
 pub const MAX_SINGLE_REQUEST: u64 = 5 * 1024 * 1024 * 1024;
 /// S3's limit on parts per multipart upload.
 const MAX_PARTS: u64 = 10_000;
+/// S3's smallest part (all but the last).
+const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 
 /// Tuning of the copy engine.
 #[derive(Debug, Clone)]
@@ -71,12 +73,19 @@ pub struct CopyOutcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyMethod {
     ServerSide,
+    ServerSideMultipart,
     StreamSingle,
     StreamMultipart,
 }
 
-/// Metadata and headers to write on a replica of `info` from `source_bucket`.
-pub fn replica_attrs(source_bucket: &str, info: &ObjectInfo) -> WriteAttrs {
+/// Metadata, headers, tags, storage class and encryption to write on a replica of `info`
+/// from `source_bucket`, under `rule`'s overrides.
+pub fn replica_attrs(
+    rule: Option<&Rule>,
+    source_bucket: &str,
+    info: &ObjectInfo,
+    tags: Vec<(String, String)>,
+) -> WriteAttrs {
     let mut metadata: BTreeMap<String, String> = info
         .metadata
         .iter()
@@ -95,9 +104,22 @@ pub fn replica_attrs(source_bucket: &str, info: &ObjectInfo) -> WriteAttrs {
     if let Some(t) = info.last_modified {
         metadata.insert(marker::SOURCE_LAST_MODIFIED.into(), t.to_rfc3339());
     }
+    let target_key = rule.and_then(|r| r.target_kms_key_id.clone());
+    // A KMS key lives in one region: SSE-KMS replicas use the rule's target-region key, or
+    // the target region's `aws/s3` key when the rule names none.
+    let encryption = match (&info.encryption, target_key) {
+        (_, Some(key)) => Some(Encryption::Kms { key_id: Some(key) }),
+        (Some(Encryption::Kms { .. }), None) => Some(Encryption::Kms { key_id: None }),
+        (other, None) => other.clone(),
+    };
     WriteAttrs {
         headers: info.headers.clone(),
         metadata,
+        tags,
+        storage_class: rule
+            .and_then(|r| r.storage_class.clone())
+            .or_else(|| info.storage_class.clone()),
+        encryption,
     }
 }
 
@@ -125,30 +147,90 @@ fn multipart_etag(part_md5s: &[[u8; 16]]) -> String {
     format!("{}-{}", hex(&all.finalize()), part_md5s.len())
 }
 
+fn parse_md5(etag: &str) -> Option<[u8; 16]> {
+    if etag.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, chunk) in etag.as_bytes().chunks(2).enumerate() {
+        let pair = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Parts of a multipart copy: their size, and whether they reproduce the source's own
+/// part layout (then the replica's ETag must equal the source's).
+struct PartLayout {
+    part_size: u64,
+    matches_source: bool,
+}
+
 impl CopyEngine {
-    /// Copies the object `info` (as HEAD saw it in `source`) to the same key in `target`.
+    /// Copies `info` (as HEAD saw it in `source`) to the same key in `target` as `rule`
+    /// says: its copy mode, storage class and KMS key; tags included.
+    pub async fn copy_for_rule(
+        &self,
+        rule: &Rule,
+        source: &dyn ObjectStore,
+        target: &dyn ObjectStore,
+        info: &ObjectInfo,
+    ) -> Result<CopyOutcome> {
+        let tags = source.tags(&info.key).await?;
+        let attrs = replica_attrs(Some(rule), source.bucket(), info, tags);
+        self.copy(source, target, info, &attrs, rule.resolved_copy_mode())
+            .await
+    }
+
+    /// Copies the object `info` to the same key in `target`, writing `attrs`.
     pub async fn copy(
         &self,
         source: &dyn ObjectStore,
         target: &dyn ObjectStore,
         info: &ObjectInfo,
+        attrs: &WriteAttrs,
         mode: ResolvedCopyMode,
     ) -> Result<CopyOutcome> {
-        let attrs = replica_attrs(source.bucket(), info);
-        match mode {
-            ResolvedCopyMode::ServerSide if info.size <= MAX_SINGLE_REQUEST => {
-                self.server_side(source, target, info, &attrs).await
+        let single = info.size <= self.multipart_threshold && info.size <= MAX_SINGLE_REQUEST;
+        match (mode, single) {
+            (ResolvedCopyMode::ServerSide, true) => {
+                self.server_side(source, target, info, attrs).await
             }
-            // Multipart server-side copy (UploadPartCopy) is not built yet: larger
-            // objects travel through this function, in bounded memory.
-            ResolvedCopyMode::ServerSide | ResolvedCopyMode::Stream => {
-                if info.size <= self.multipart_threshold && info.size <= MAX_SINGLE_REQUEST {
-                    self.stream_single(source, target, info, &attrs).await
-                } else {
-                    self.stream_multipart(source, target, info, &attrs).await
-                }
+            (ResolvedCopyMode::Stream, true) => {
+                self.stream_single(source, target, info, attrs).await
+            }
+            (mode, false) => {
+                let layout = self.layout(source, info).await?;
+                self.multipart(source, target, info, attrs, mode, layout)
+                    .await
             }
         }
+    }
+
+    /// Reproduces the source's part size when the provider tells it and it explains the
+    /// source's part count; else the engine's own part size (grown to fit 10,000 parts).
+    async fn layout(&self, source: &dyn ObjectStore, info: &ObjectInfo) -> Result<PartLayout> {
+        let own = PartLayout {
+            part_size: self
+                .part_size
+                .max(info.size.div_ceil(MAX_PARTS))
+                .max(MIN_PART_SIZE),
+            matches_source: false,
+        };
+        let Some(parts) = info
+            .etag
+            .split_once('-')
+            .and_then(|(_, n)| n.parse::<u64>().ok())
+        else {
+            return Ok(own);
+        };
+        Ok(match source.first_part_size(&info.key).await? {
+            Some(size) if size > 0 && info.size.div_ceil(size) == parts => PartLayout {
+                part_size: size,
+                matches_source: true,
+            },
+            _ => own,
+        })
     }
 
     async fn server_side(
@@ -163,7 +245,11 @@ impl CopyEngine {
             .await?;
         // A server-side copy of a single-part object keeps its MD5 ETag; a multipart
         // source gets a fresh single-part ETag, which says nothing about the content.
-        if !info.etag.contains('-') && etag != info.etag {
+        if !info.etag.contains('-')
+            && source_etag_is_md5(info)
+            && attrs.etag_is_md5()
+            && etag != info.etag
+        {
             return Err(integrity(target, &info.key, &info.etag, &etag));
         }
         Ok(CopyOutcome {
@@ -188,11 +274,11 @@ impl CopyEngine {
             });
         }
         let md5 = md5_hex(&body);
-        if !info.etag.contains('-') && md5 != info.etag {
+        if !info.etag.contains('-') && source_etag_is_md5(info) && md5 != info.etag {
             return Err(integrity(source, &info.key, &info.etag, &md5));
         }
         let etag = target.put(&info.key, body, attrs).await?;
-        if etag != md5 {
+        if attrs.etag_is_md5() && etag != md5 {
             return Err(integrity(target, &info.key, &md5, &etag));
         }
         Ok(CopyOutcome {
@@ -202,20 +288,18 @@ impl CopyEngine {
         })
     }
 
-    async fn stream_multipart(
+    async fn multipart(
         &self,
         source: &dyn ObjectStore,
         target: &dyn ObjectStore,
         info: &ObjectInfo,
         attrs: &WriteAttrs,
+        mode: ResolvedCopyMode,
+        layout: PartLayout,
     ) -> Result<CopyOutcome> {
-        let part_size = self
-            .part_size
-            .max(info.size.div_ceil(MAX_PARTS))
-            .max(5 * 1024 * 1024);
         let upload_id = target.create_multipart(&info.key, attrs).await?;
         let result = self
-            .upload_parts(source, target, info, &upload_id, part_size)
+            .upload_parts(source, target, info, &upload_id, layout.part_size, mode)
             .await;
         let (parts, digests) = match result {
             Ok(done) => done,
@@ -230,17 +314,30 @@ impl CopyEngine {
         let etag = target
             .complete_multipart(&info.key, &upload_id, &parts)
             .await?;
-        let expected = multipart_etag(&digests);
-        if etag != expected {
-            return Err(integrity(target, &info.key, &expected, &etag));
+        if attrs.etag_is_md5() {
+            // Part-wise verification: the ETag S3 computed from the parts it stored must
+            // be the one computed from the parts we sent (stream) or S3 reported (copy),
+            // and, when the source's part layout was reproduced, the source's own ETag.
+            let expected = multipart_etag(&digests);
+            if etag != expected {
+                return Err(integrity(target, &info.key, &expected, &etag));
+            }
+            if layout.matches_source && source_etag_is_md5(info) && etag != info.etag {
+                return Err(integrity(target, &info.key, &info.etag, &etag));
+            }
         }
         Ok(CopyOutcome {
             bytes: info.size,
             etag,
-            method: CopyMethod::StreamMultipart,
+            method: match mode {
+                ResolvedCopyMode::ServerSide => CopyMethod::ServerSideMultipart,
+                ResolvedCopyMode::Stream => CopyMethod::StreamMultipart,
+            },
         })
     }
 
+    /// Transfers every part, at most `parts_in_flight` at once, so stream-mode memory is
+    /// bounded by `parts_in_flight x part_size` whatever the object's size.
     async fn upload_parts(
         &self,
         source: &dyn ObjectStore,
@@ -248,33 +345,63 @@ impl CopyEngine {
         info: &ObjectInfo,
         upload_id: &str,
         part_size: u64,
+        mode: ResolvedCopyMode,
     ) -> Result<(Vec<UploadedPart>, Vec<[u8; 16]>)> {
-        let count = info.size.div_ceil(part_size);
+        let count = info.size.div_ceil(part_size).max(1);
+        let resource = format!("s3://{}/{}", target.bucket(), info.key);
         let mut done: Vec<(UploadedPart, [u8; 16])> = futures::stream::iter(0..count)
-            .map(|i| async move {
-                let start = i * part_size;
-                let end = (start + part_size).min(info.size);
-                let body: Bytes = source
-                    .get(&info.key, Some((start, end)), &info.etag)
-                    .await?;
-                if body.len() as u64 != end - start {
-                    return Err(Error::Integrity {
-                        resource: format!("s3://{}/{}", source.bucket(), info.key),
-                        detail: format!("range {start}-{end} returned {} bytes", body.len()),
-                    });
+            .map(|i| {
+                let resource = resource.clone();
+                async move {
+                    let start = i * part_size;
+                    let end = (start + part_size).min(info.size);
+                    let part_number = i32::try_from(i + 1).map_err(|_| Error::Integrity {
+                        resource: resource.clone(),
+                        detail: "too many parts".into(),
+                    })?;
+                    let (etag, digest) = match mode {
+                        ResolvedCopyMode::ServerSide => {
+                            let etag = target
+                                .upload_part_copy(
+                                    &info.key,
+                                    upload_id,
+                                    part_number,
+                                    source.bucket(),
+                                    (start, end),
+                                    &info.etag,
+                                )
+                                .await?;
+                            let digest = parse_md5(&etag).ok_or_else(|| Error::Integrity {
+                                resource: resource.clone(),
+                                detail: format!("part {part_number} has ETag '{etag}', not an MD5"),
+                            })?;
+                            (etag, digest)
+                        }
+                        ResolvedCopyMode::Stream => {
+                            let body: Bytes = source
+                                .get(&info.key, Some((start, end)), &info.etag)
+                                .await?;
+                            if body.len() as u64 != end - start {
+                                return Err(Error::Integrity {
+                                    resource: format!("s3://{}/{}", source.bucket(), info.key),
+                                    detail: format!(
+                                        "range {start}-{end} returned {} bytes",
+                                        body.len()
+                                    ),
+                                });
+                            }
+                            let digest: [u8; 16] = Md5::digest(&body).into();
+                            let etag = target
+                                .upload_part(&info.key, upload_id, part_number, body)
+                                .await?;
+                            if etag != hex(&digest) {
+                                return Err(integrity(target, &info.key, &hex(&digest), &etag));
+                            }
+                            (etag, digest)
+                        }
+                    };
+                    Ok((UploadedPart { part_number, etag }, digest))
                 }
-                let digest: [u8; 16] = Md5::digest(&body).into();
-                let part_number = i32::try_from(i + 1).map_err(|_| Error::Integrity {
-                    resource: format!("s3://{}/{}", target.bucket(), info.key),
-                    detail: "too many parts".into(),
-                })?;
-                let etag = target
-                    .upload_part(&info.key, upload_id, part_number, body)
-                    .await?;
-                if etag != hex(&digest) {
-                    return Err(integrity(target, &info.key, &hex(&digest), &etag));
-                }
-                Ok((UploadedPart { part_number, etag }, digest))
             })
             .buffer_unordered(self.parts_in_flight.max(1))
             .try_collect()
@@ -282,6 +409,11 @@ impl CopyEngine {
         done.sort_by_key(|(p, _)| p.part_number);
         Ok(done.into_iter().unzip())
     }
+}
+
+/// SSE-KMS objects have ETags that are not MD5s of their content.
+fn source_etag_is_md5(info: &ObjectInfo) -> bool {
+    !matches!(info.encryption, Some(Encryption::Kms { .. }))
 }
 
 fn integrity(store: &dyn ObjectStore, key: &str, expected: &str, got: &str) -> Error {
@@ -295,6 +427,18 @@ fn integrity(store: &dyn ObjectStore, key: &str, expected: &str, got: &str) -> E
 mod tests {
     use super::*;
     use crate::memory::{MemoryObjectStore, MemoryWorld};
+
+    async fn copy(
+        engine: &CopyEngine,
+        src: &MemoryObjectStore,
+        dst: &MemoryObjectStore,
+        info: &ObjectInfo,
+        mode: ResolvedCopyMode,
+    ) -> Result<CopyOutcome> {
+        let tags = src.tags(&info.key).await?;
+        let attrs = replica_attrs(None, src.bucket(), info, tags);
+        engine.copy(src, dst, info, &attrs, mode).await
+    }
 
     async fn seeded(size: usize) -> (MemoryObjectStore, ObjectInfo) {
         let src = MemoryWorld::default().store("src");
@@ -313,10 +457,15 @@ mod tests {
     async fn single_part_stream_copy_keeps_bytes_headers_and_metadata() {
         let (src, info) = seeded(1000).await;
         let dst = src.world().store("dst");
-        let out = CopyEngine::default()
-            .copy(&src, &dst, &info, ResolvedCopyMode::Stream)
-            .await
-            .unwrap();
+        let out = copy(
+            &CopyEngine::default(),
+            &src,
+            &dst,
+            &info,
+            ResolvedCopyMode::Stream,
+        )
+        .await
+        .unwrap();
         assert_eq!(out.method, CopyMethod::StreamSingle);
         let replica = dst.head("dir/a b.txt").await.unwrap().unwrap();
         assert_eq!(replica.etag, info.etag);
@@ -337,8 +486,7 @@ mod tests {
             part_size: 5 * 1024 * 1024,
             parts_in_flight: 2,
         };
-        let out = engine
-            .copy(&src, &dst, &info, ResolvedCopyMode::Stream)
+        let out = copy(&engine, &src, &dst, &info, ResolvedCopyMode::Stream)
             .await
             .unwrap();
         assert_eq!(out.method, CopyMethod::StreamMultipart);
@@ -351,10 +499,15 @@ mod tests {
         let (src, mut info) = seeded(10).await;
         info.etag = "0123456789abcdef0123456789abcdef".into();
         let dst = src.world().store("dst");
-        let err = CopyEngine::default()
-            .copy(&src, &dst, &info, ResolvedCopyMode::Stream)
-            .await
-            .unwrap_err();
+        let err = copy(
+            &CopyEngine::default(),
+            &src,
+            &dst,
+            &info,
+            ResolvedCopyMode::Stream,
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, Error::Precondition { .. }), "{err}");
         assert!(dst.head("dir/a b.txt").await.unwrap().is_none());
     }
@@ -363,11 +516,104 @@ mod tests {
     async fn server_side_copy_and_zero_byte_objects() {
         let (src, info) = seeded(0).await;
         let dst = src.world().store("dst");
-        let out = CopyEngine::default()
-            .copy(&src, &dst, &info, ResolvedCopyMode::ServerSide)
-            .await
-            .unwrap();
+        let out = copy(
+            &CopyEngine::default(),
+            &src,
+            &dst,
+            &info,
+            ResolvedCopyMode::ServerSide,
+        )
+        .await
+        .unwrap();
         assert_eq!(out.method, CopyMethod::ServerSide);
         assert_eq!(dst.bytes("dir/a b.txt").unwrap().len(), 0);
+    }
+
+    fn small_parts() -> CopyEngine {
+        CopyEngine {
+            multipart_threshold: 5 * 1024 * 1024,
+            part_size: 5 * 1024 * 1024,
+            parts_in_flight: 3,
+        }
+    }
+
+    #[tokio::test]
+    async fn server_side_multipart_copies_parts_with_upload_part_copy() {
+        let (src, info) = seeded(11 * 1024 * 1024).await;
+        let dst = src.world().store("dst");
+        let out = copy(
+            &small_parts(),
+            &src,
+            &dst,
+            &info,
+            ResolvedCopyMode::ServerSide,
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.method, CopyMethod::ServerSideMultipart);
+        assert!(out.etag.ends_with("-3"), "{}", out.etag);
+        assert_eq!(dst.bytes("dir/a b.txt"), src.bytes("dir/a b.txt"));
+    }
+
+    #[tokio::test]
+    async fn a_multipart_source_is_copied_with_its_own_part_layout_and_etag() {
+        // The source was uploaded in 6 MiB parts; the engine's own size is 5 MiB.
+        let world = MemoryWorld::default();
+        let src = world.store("src");
+        let data: Vec<u8> = (0..13 * 1024 * 1024).map(|i| (i % 241) as u8).collect();
+        let upload = src
+            .create_multipart("big", &WriteAttrs::default())
+            .await
+            .unwrap();
+        let mut parts = Vec::new();
+        for (i, chunk) in data.chunks(6 * 1024 * 1024).enumerate() {
+            let n = i as i32 + 1;
+            let etag = src
+                .upload_part("big", &upload, n, Bytes::copy_from_slice(chunk))
+                .await
+                .unwrap();
+            parts.push(UploadedPart {
+                part_number: n,
+                etag,
+            });
+        }
+        src.complete_multipart("big", &upload, &parts)
+            .await
+            .unwrap();
+        let info = src.head("big").await.unwrap().unwrap();
+        let dst = world.store("dst");
+        for mode in [ResolvedCopyMode::Stream, ResolvedCopyMode::ServerSide] {
+            let out = copy(&small_parts(), &src, &dst, &info, mode).await.unwrap();
+            assert_eq!(out.etag, info.etag, "{mode:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn tags_storage_class_and_kms_follow_the_rule() {
+        let (src, mut info) = seeded(100).await;
+        info.encryption = Some(Encryption::Kms {
+            key_id: Some("arn:aws:kms:us-east-1:1:key/src".into()),
+        });
+        let mut rule = crate::rule::tests::rule("r1", "src", "dst");
+        rule.storage_class = Some("STANDARD_IA".into());
+        let attrs = replica_attrs(
+            Some(&rule),
+            "src",
+            &info,
+            vec![("team".into(), "data".into())],
+        );
+        assert_eq!(attrs.storage_class.as_deref(), Some("STANDARD_IA"));
+        // The source key is in another region: the target region's default key is used.
+        assert_eq!(attrs.encryption, Some(Encryption::Kms { key_id: None }));
+        rule.target_kms_key_id = Some("arn:aws:kms:eu-west-1:1:key/dst".into());
+        let attrs = replica_attrs(Some(&rule), "src", &info, vec![]);
+        assert_eq!(
+            attrs.encryption,
+            Some(Encryption::Kms {
+                key_id: rule.target_kms_key_id.clone()
+            })
+        );
+        assert!(!attrs.etag_is_md5());
+        let _ = src;
     }
 }

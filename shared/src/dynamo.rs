@@ -6,6 +6,9 @@
 //! |---------------|------------------|---------------|------------------------------------|
 //! | rule          | `RULES`          | `RULE#<id>`   | `rule` (JSON), `source`, `target`  |
 //! | bucket claim  | `CLAIM#<bucket>` | `CLAIM`       | `rule_id`, `role`                  |
+//! | ledger entry  | `KEY#<rule>#<key>` | `LEDGER`    | `seq`, `etag`, `version`, TTL      |
+//! | counters      | `STATS#<rule>`   | `REALTIME`    | one number per counter             |
+//! | suppressed    | `SUPPRESSED#<rule>` | `<recorded_at>#<key>` | `key`, `event_time`, ... |
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,14 +18,19 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::create_table::CreateTableError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, Delete, KeySchemaElement, KeyType, Put,
     ScalarAttributeType, TableStatus, TimeToLiveSpecification, TransactWriteItem,
 };
+use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result, dynamodb_permission, from_sdk};
+use crate::ledger::{LEDGER_TTL_DAYS, LedgerEntry};
 use crate::rule::Rule;
-use crate::state::{Claim, Role, RuleStore, claims_of};
+use crate::state::{
+    Claim, LedgerStore, RealtimeCounters, Role, RuleStore, StatsStore, SuppressedDelete, claims_of,
+};
 
 /// Name of the TTL attribute (epoch seconds).
 pub const TTL_ATTRIBUTE: &str = "expires_at";
@@ -41,16 +49,47 @@ fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
 
-fn key(pk: impl Into<String>, sk: impl Into<String>) -> Item {
+fn key_item(pk: impl Into<String>, sk: impl Into<String>) -> Item {
     HashMap::from([("pk".to_string(), s(pk)), ("sk".to_string(), s(sk))])
 }
 
 fn rule_key(id: &str) -> Item {
-    key(RULES_PK, format!("RULE#{id}"))
+    key_item(RULES_PK, format!("RULE#{id}"))
 }
 
 fn claim_key(bucket: &str) -> Item {
-    key(format!("CLAIM#{bucket}"), "CLAIM")
+    key_item(format!("CLAIM#{bucket}"), "CLAIM")
+}
+
+fn ledger_key(rule_id: &str, key: &str) -> Item {
+    key_item(format!("KEY#{rule_id}#{key}"), "LEDGER")
+}
+
+fn stats_key(rule_id: &str) -> Item {
+    key_item(format!("STATS#{rule_id}"), "REALTIME")
+}
+
+fn n(v: u64) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn number_attr(item: &Item, name: &str) -> u64 {
+    item.get(name)
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn time_attr(item: &Item, name: &str) -> Option<DateTime<Utc>> {
+    string_attr(item, name)
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+fn ttl_in_days(days: i64) -> AttributeValue {
+    n((Utc::now() + chrono::Duration::days(days))
+        .timestamp()
+        .max(0) as u64)
 }
 
 fn string_attr<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
@@ -345,6 +384,218 @@ impl RuleStore for DynamoStore {
         match self.claim_holder(bucket).await? {
             Some(claim) if claim.role == Role::Source => self.get_rule(&claim.rule_id).await,
             _ => Ok(None),
+        }
+    }
+}
+
+#[async_trait]
+impl LedgerStore for DynamoStore {
+    async fn read_ledger(&self, rule_id: &str, key: &str) -> Result<Option<LedgerEntry>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(ledger_key(rule_id, key)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| self.err("GetItem", e))?;
+        Ok(out.item().map(|item| LedgerEntry {
+            sequencer: string_attr(item, "seq").unwrap_or_default().to_string(),
+            etag: string_attr(item, "etag").unwrap_or_default().to_string(),
+            version: number_attr(item, "version"),
+        }))
+    }
+
+    async fn commit_ledger(
+        &self,
+        rule_id: &str,
+        key: &str,
+        expected: Option<u64>,
+        sequencer: &str,
+        etag: &str,
+    ) -> Result<bool> {
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(ledger_key(rule_id, key)))
+            .update_expression("SET seq = :seq, etag = :etag, version = :next, applied_at = :now, expires_at = :ttl")
+            .expression_attribute_values(":seq", s(sequencer))
+            .expression_attribute_values(":etag", s(etag))
+            .expression_attribute_values(":next", n(expected.unwrap_or(0) + 1))
+            .expression_attribute_values(":now", s(Utc::now().to_rfc3339()))
+            .expression_attribute_values(":ttl", ttl_in_days(LEDGER_TTL_DAYS));
+        req = match expected {
+            None => req.condition_expression("attribute_not_exists(pk)"),
+            Some(v) => req
+                .condition_expression("version = :expected")
+                .expression_attribute_values(":expected", n(v)),
+        };
+        match req.send().await {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(e))
+                if matches!(e.err(), UpdateItemError::ConditionalCheckFailedException(_)) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.err("UpdateItem", e)),
+        }
+    }
+}
+
+/// Names of the counter attributes, paired with their values in `c`.
+fn counter_fields(c: &RealtimeCounters) -> [(&'static str, u64); 7] {
+    [
+        ("replicated_objects", c.replicated_objects),
+        ("replicated_bytes", c.replicated_bytes),
+        ("deletes", c.deletes),
+        ("suppressed_deletes", c.suppressed_deletes),
+        ("skipped_stale", c.skipped_stale),
+        ("skipped_other", c.skipped_other),
+        ("failed", c.failed),
+    ]
+}
+
+#[async_trait]
+impl StatsStore for DynamoStore {
+    async fn add_counters(&self, rule_id: &str, delta: &RealtimeCounters) -> Result<()> {
+        let adds: Vec<_> = counter_fields(delta)
+            .into_iter()
+            .filter(|(_, v)| *v > 0)
+            .collect();
+        let mut expr = String::new();
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(stats_key(rule_id)));
+        for (name, value) in &adds {
+            expr.push_str(if expr.is_empty() { "ADD " } else { ", " });
+            expr.push_str(&format!("{name} :{name}"));
+            req = req.expression_attribute_values(format!(":{name}"), n(*value));
+        }
+        if !expr.is_empty() {
+            req.clone()
+                .update_expression(&expr)
+                .send()
+                .await
+                .map_err(|e| self.err("UpdateItem", e))?;
+        }
+        // The newest event time only ever moves forward: a separate conditional SET, so an
+        // older batch finishing last does not move it back (nor lose its counts above).
+        if let Some(t) = delta.newest_event_at {
+            let set = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(stats_key(rule_id)))
+                .update_expression("SET newest_event_at = :t")
+                .condition_expression(
+                    "attribute_not_exists(newest_event_at) OR newest_event_at < :t",
+                )
+                .expression_attribute_values(
+                    ":t",
+                    s(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+                )
+                .send()
+                .await;
+            match set {
+                Ok(_) => {}
+                Err(SdkError::ServiceError(e))
+                    if matches!(e.err(), UpdateItemError::ConditionalCheckFailedException(_)) => {}
+                Err(e) => return Err(self.err("UpdateItem", e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn counters(&self, rule_id: &str) -> Result<RealtimeCounters> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(stats_key(rule_id)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| self.err("GetItem", e))?;
+        let Some(item) = out.item() else {
+            return Ok(RealtimeCounters::default());
+        };
+        Ok(RealtimeCounters {
+            replicated_objects: number_attr(item, "replicated_objects"),
+            replicated_bytes: number_attr(item, "replicated_bytes"),
+            deletes: number_attr(item, "deletes"),
+            suppressed_deletes: number_attr(item, "suppressed_deletes"),
+            skipped_stale: number_attr(item, "skipped_stale"),
+            skipped_other: number_attr(item, "skipped_other"),
+            failed: number_attr(item, "failed"),
+            newest_event_at: time_attr(item, "newest_event_at"),
+        })
+    }
+
+    async fn record_suppressed(&self, rule_id: &str, delete: &SuppressedDelete) -> Result<()> {
+        let recorded = delete
+            .recorded_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let mut item = key_item(
+            format!("SUPPRESSED#{rule_id}"),
+            format!("{recorded}#{}", delete.key),
+        );
+        item.insert("key".into(), s(delete.key.clone()));
+        item.insert("recorded_at".into(), s(recorded));
+        item.insert(
+            "delete_marker".into(),
+            AttributeValue::Bool(delete.delete_marker),
+        );
+        if let Some(t) = delete.event_time {
+            item.insert("event_time".into(), s(t.to_rfc3339()));
+        }
+        if let Some(seq) = &delete.sequencer {
+            item.insert("sequencer".into(), s(seq.clone()));
+        }
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| self.err("PutItem", e))?;
+        Ok(())
+    }
+
+    async fn suppressed(&self, rule_id: &str) -> Result<Vec<SuppressedDelete>> {
+        let mut found = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk")
+                .expression_attribute_values(":pk", s(format!("SUPPRESSED#{rule_id}")))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| self.err("Query", e))?;
+            for item in out.items() {
+                found.push(SuppressedDelete {
+                    key: string_attr(item, "key").unwrap_or_default().to_string(),
+                    event_time: time_attr(item, "event_time"),
+                    sequencer: string_attr(item, "sequencer").map(str::to_string),
+                    delete_marker: item
+                        .get("delete_marker")
+                        .and_then(|v| v.as_bool().ok())
+                        .copied()
+                        .unwrap_or(false),
+                    recorded_at: time_attr(item, "recorded_at").unwrap_or_default(),
+                });
+            }
+            match out.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => return Ok(found),
+            }
         }
     }
 }

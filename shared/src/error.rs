@@ -31,6 +31,10 @@ pub enum Error {
     #[error("rule '{0}' not found")]
     RuleNotFound(String),
 
+    /// The rule is paused: its events wait (in the queue, then the DLQ) until it resumes.
+    #[error("rule '{0}' is paused; its events wait for `crr rule resume` (then `crr redrive`)")]
+    RulePaused(String),
+
     /// An incoming event could not be understood; never retried.
     #[error("malformed event: {0}")]
     MalformedEvent(String),
@@ -99,7 +103,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Whether doing the same thing again later may succeed. The only place this is decided.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Transient { .. })
+        matches!(self, Error::Transient { .. } | Error::RulePaused(_))
     }
 
     /// Short machine-readable kind, used as the Lambda `errorType` and in DLQ reasons.
@@ -109,6 +113,7 @@ impl Error {
             Error::BucketClaimed { .. } => "BucketClaimed",
             Error::RuleExists(_) => "RuleExists",
             Error::RuleNotFound(_) => "RuleNotFound",
+            Error::RulePaused(_) => "RulePaused",
             Error::MalformedEvent(_) => "MalformedEvent",
             Error::AccessDenied { .. } => "AccessDenied",
             Error::NoSuchBucket { .. } => "NoSuchBucket",

@@ -57,6 +57,10 @@ pub enum Invocation {
 #[derive(Debug)]
 pub struct SqsItem {
     pub message_id: String,
+    /// The raw body, kept to send to the dead-letter queue as it came.
+    pub body: String,
+    /// How many times SQS has handed this message out (1 on first delivery).
+    pub receive_count: u32,
     pub events: Result<Vec<Incoming>>,
 }
 
@@ -86,13 +90,24 @@ fn sqs_item(index: usize, record: &Value) -> Result<SqsItem> {
         .and_then(Value::as_str)
         .ok_or_else(|| Error::MalformedEvent(format!("SQS record {index} has no messageId")))?
         .to_string();
-    let events = match record.get("body").and_then(Value::as_str) {
+    let body = record.get("body").and_then(Value::as_str);
+    let events = match body {
         Some(body) => parse_message_body(body),
         None => Err(Error::MalformedEvent(format!(
             "SQS message {message_id} has no string body"
         ))),
     };
-    Ok(SqsItem { message_id, events })
+    let receive_count = record
+        .pointer("/attributes/ApproximateReceiveCount")
+        .and_then(Value::as_str)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(1);
+    Ok(SqsItem {
+        message_id,
+        body: body.unwrap_or_default().to_string(),
+        receive_count,
+        events,
+    })
 }
 
 /// Parses one SQS message body: an S3 notification, an S3 test event or an EventBridge event.

@@ -9,14 +9,18 @@
 
 pub mod config;
 pub mod copy;
+pub mod dead_letter;
 pub mod dynamo;
 pub mod error;
 pub mod event;
 pub mod filter;
+pub mod ledger;
 pub mod memory;
+pub mod metrics;
 pub mod notification;
 pub mod object_store;
 pub mod replicate;
+pub mod retry;
 pub mod rule;
 pub mod rule_admin;
 pub mod s3;

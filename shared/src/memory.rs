@@ -11,14 +11,20 @@ use chrono::Utc;
 use md5::{Digest, Md5};
 
 use crate::error::{Error, Result};
+use crate::ledger::LedgerEntry;
 use crate::object_store::{ObjectInfo, ObjectStore, UploadedPart, WriteAttrs};
 use crate::rule::Rule;
-use crate::state::{Claim, RuleStore, claims_of};
+use crate::state::{
+    Claim, LedgerStore, RealtimeCounters, RuleStore, StatsStore, SuppressedDelete, claims_of,
+};
 
 #[derive(Debug, Clone)]
 struct StoredObject {
     data: Bytes,
     info: ObjectInfo,
+    tags: Vec<(String, String)>,
+    /// Size of part 1, for objects completed from parts.
+    first_part: Option<u64>,
 }
 
 #[derive(Default)]
@@ -45,7 +51,7 @@ impl MemoryWorld {
     }
 
     fn lock(&self) -> MutexGuard<'_, World> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        locked(&self.inner)
     }
 }
 
@@ -90,7 +96,14 @@ impl MemoryObjectStore {
         format!("s3://{}/{}", self.bucket, key)
     }
 
-    fn store_object(&self, key: &str, data: Bytes, etag: String, attrs: &WriteAttrs) {
+    fn store_object(
+        &self,
+        key: &str,
+        data: Bytes,
+        etag: String,
+        attrs: &WriteAttrs,
+        first_part: Option<u64>,
+    ) {
         let info = ObjectInfo {
             key: key.to_string(),
             size: data.len() as u64,
@@ -99,13 +112,30 @@ impl MemoryObjectStore {
             version_id: None,
             headers: attrs.headers.clone(),
             metadata: attrs.metadata.clone(),
+            storage_class: attrs.storage_class.clone(),
+            encryption: attrs.encryption.clone(),
+        };
+        let object = StoredObject {
+            data,
+            info,
+            tags: attrs.tags.clone(),
+            first_part,
         };
         self.world
             .lock()
             .buckets
             .entry(self.bucket.clone())
             .or_default()
-            .insert(key.to_string(), StoredObject { data, info });
+            .insert(key.to_string(), object);
+    }
+
+    fn object(&self, key: &str) -> Option<StoredObject> {
+        self.world
+            .lock()
+            .buckets
+            .get(&self.bucket)?
+            .get(key)
+            .cloned()
     }
 }
 
@@ -151,7 +181,7 @@ impl ObjectStore for MemoryObjectStore {
 
     async fn put(&self, key: &str, body: Bytes, attrs: &WriteAttrs) -> Result<String> {
         let etag = hex(&Md5::digest(&body));
-        self.store_object(key, body, etag.clone(), attrs);
+        self.store_object(key, body, etag.clone(), attrs, None);
         Ok(etag)
     }
 
@@ -202,6 +232,10 @@ impl ObjectStore for MemoryObjectStore {
                 })?;
         let mut data = Vec::new();
         let mut digests = Md5::new();
+        let first_part = parts
+            .first()
+            .and_then(|p| stored.get(&p.part_number))
+            .map(|b| b.len() as u64);
         for part in parts {
             let body = stored
                 .get(&part.part_number)
@@ -213,7 +247,7 @@ impl ObjectStore for MemoryObjectStore {
             data.extend_from_slice(body);
         }
         let etag = format!("{}-{}", hex(&digests.finalize()), parts.len());
-        self.store_object(key, Bytes::from(data), etag.clone(), &attrs);
+        self.store_object(key, Bytes::from(data), etag.clone(), &attrs, first_part);
         Ok(etag)
     }
 
@@ -232,8 +266,33 @@ impl ObjectStore for MemoryObjectStore {
         let source = self.world.store(source_bucket);
         let data = source.get(key, None, if_match).await?;
         let etag = if_match.to_string();
-        self.store_object(key, data, etag.clone(), attrs);
+        self.store_object(key, data, etag.clone(), attrs, None);
         Ok(etag)
+    }
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        source_bucket: &str,
+        range: (u64, u64),
+        if_match: &str,
+    ) -> Result<String> {
+        let data = self
+            .world
+            .store(source_bucket)
+            .get(key, Some(range), if_match)
+            .await?;
+        self.upload_part(key, upload_id, part_number, data).await
+    }
+
+    async fn tags(&self, key: &str) -> Result<Vec<(String, String)>> {
+        Ok(self.object(key).map(|o| o.tags).unwrap_or_default())
+    }
+
+    async fn first_part_size(&self, key: &str) -> Result<Option<u64>> {
+        Ok(self.object(key).and_then(|o| o.first_part))
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
@@ -252,19 +311,92 @@ impl ObjectStore for MemoryObjectStore {
     }
 }
 
-/// Rules and bucket claims in memory, with the same all-or-nothing claim semantics as the
-/// DynamoDB transaction.
+/// The state table in memory: rules and claims (with the same all-or-nothing claim
+/// semantics as the DynamoDB transaction), ledger, counters, suppressed deletes.
 #[derive(Clone, Default)]
-pub struct MemoryRuleStore {
+pub struct MemoryState {
     inner: Arc<Mutex<RulesAndClaims>>,
+    ledger: Arc<Mutex<HashMap<(String, String), LedgerEntry>>>,
+    counters: Arc<Mutex<HashMap<String, RealtimeCounters>>>,
+    suppressed: Arc<Mutex<HashMap<String, Vec<SuppressedDelete>>>>,
 }
 
 type RulesAndClaims = (BTreeMap<String, Rule>, HashMap<String, Claim>);
 
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[async_trait]
-impl RuleStore for MemoryRuleStore {
+impl LedgerStore for MemoryState {
+    async fn read_ledger(&self, rule_id: &str, key: &str) -> Result<Option<LedgerEntry>> {
+        Ok(locked(&self.ledger)
+            .get(&(rule_id.to_string(), key.to_string()))
+            .cloned())
+    }
+
+    async fn commit_ledger(
+        &self,
+        rule_id: &str,
+        key: &str,
+        expected: Option<u64>,
+        sequencer: &str,
+        etag: &str,
+    ) -> Result<bool> {
+        let mut ledger = locked(&self.ledger);
+        let slot = (rule_id.to_string(), key.to_string());
+        if ledger.get(&slot).map(|e| e.version) != expected {
+            return Ok(false);
+        }
+        ledger.insert(
+            slot,
+            LedgerEntry {
+                sequencer: sequencer.to_string(),
+                etag: etag.to_string(),
+                version: expected.unwrap_or(0) + 1,
+            },
+        );
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl StatsStore for MemoryState {
+    async fn add_counters(&self, rule_id: &str, delta: &RealtimeCounters) -> Result<()> {
+        locked(&self.counters)
+            .entry(rule_id.to_string())
+            .or_default()
+            .merge(delta);
+        Ok(())
+    }
+
+    async fn counters(&self, rule_id: &str) -> Result<RealtimeCounters> {
+        Ok(locked(&self.counters)
+            .get(rule_id)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn record_suppressed(&self, rule_id: &str, delete: &SuppressedDelete) -> Result<()> {
+        locked(&self.suppressed)
+            .entry(rule_id.to_string())
+            .or_default()
+            .push(delete.clone());
+        Ok(())
+    }
+
+    async fn suppressed(&self, rule_id: &str) -> Result<Vec<SuppressedDelete>> {
+        Ok(locked(&self.suppressed)
+            .get(rule_id)
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+#[async_trait]
+impl RuleStore for MemoryState {
     async fn create_rule(&self, rule: &Rule) -> Result<()> {
-        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = locked(&self.inner);
         let (rules, claims) = &mut *guard;
         if rules.contains_key(&rule.id) {
             return Err(Error::RuleExists(rule.id.clone()));
@@ -304,7 +436,7 @@ impl RuleStore for MemoryRuleStore {
     }
 
     async fn delete_rule(&self, rule: &Rule) -> Result<()> {
-        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = locked(&self.inner);
         let (rules, claims) = &mut *guard;
         rules.remove(&rule.id);
         for c in claims_of(rule) {
@@ -314,7 +446,7 @@ impl RuleStore for MemoryRuleStore {
     }
 
     async fn rule_for_source(&self, bucket: &str) -> Result<Option<Rule>> {
-        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = locked(&self.inner);
         Ok(guard
             .0
             .values()

@@ -21,6 +21,15 @@ pub struct ContentHeaders {
     pub expires: Option<String>,
 }
 
+/// Server-side encryption of an object, or asked for on a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Encryption {
+    /// SSE-S3 (`AES256`).
+    S3Managed,
+    /// SSE-KMS with this key (`None`: the account's `aws/s3` key in that region).
+    Kms { key_id: Option<String> },
+}
+
 /// What HEAD tells about an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -33,6 +42,9 @@ pub struct ObjectInfo {
     pub headers: ContentHeaders,
     /// User metadata (`x-amz-meta-*`), names lower-case.
     pub metadata: BTreeMap<String, String>,
+    /// Storage class, when not STANDARD.
+    pub storage_class: Option<String>,
+    pub encryption: Option<Encryption>,
 }
 
 /// What is written with a replica.
@@ -40,6 +52,17 @@ pub struct ObjectInfo {
 pub struct WriteAttrs {
     pub headers: ContentHeaders,
     pub metadata: BTreeMap<String, String>,
+    /// Object tags, in order.
+    pub tags: Vec<(String, String)>,
+    pub storage_class: Option<String>,
+    pub encryption: Option<Encryption>,
+}
+
+impl WriteAttrs {
+    /// True when the written object's ETag is the MD5 of its content (not so for SSE-KMS).
+    pub fn etag_is_md5(&self) -> bool {
+        !matches!(self.encryption, Some(Encryption::Kms { .. }))
+    }
 }
 
 /// One finished part of a multipart upload.
@@ -87,6 +110,24 @@ pub trait ObjectStore: Send + Sync {
 
     /// Abandons a multipart upload so no parts are left behind.
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()>;
+
+    /// Server-side copy of bytes `range` (start inclusive, end exclusive) of
+    /// `source_bucket/key`, if its ETag is still `if_match`, as one part; returns its ETag.
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        source_bucket: &str,
+        range: (u64, u64),
+        if_match: &str,
+    ) -> Result<String>;
+
+    /// The object's tags (empty where the provider has no tagging).
+    async fn tags(&self, key: &str) -> Result<Vec<(String, String)>>;
+
+    /// Size of part 1 of a multipart object, if the provider tells (HEAD ?partNumber=1).
+    async fn first_part_size(&self, key: &str) -> Result<Option<u64>>;
 
     /// Server-side copy of `source_bucket/key` (only if its ETag is still `if_match`) into
     /// this bucket under the same key, with `attrs` replacing the metadata; returns the ETag.

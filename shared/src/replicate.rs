@@ -1,20 +1,26 @@
 //! Real-time replication: one invocation of the replicate function, from payload to
-//! response. Maps each event to the decision of `filter::decide` and carries it out.
+//! response. Each event goes through `filter::decide`, the per-key ledger (order and
+//! duplicates), the copy engine, and the counters.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::Utc;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::copy::{CopyEngine, is_replica};
+use crate::dead_letter::DeadLetters;
 use crate::error::{Error, Result};
-use crate::event::{Incoming, Invocation, ReplicationEvent, parse_invocation};
+use crate::event::{Incoming, Invocation, ReplicationEvent, SqsItem, parse_invocation};
 use crate::filter::{Action, SkipReason, decide};
+use crate::ledger::{Freshness, freshness, normalize_sequencer};
+use crate::metrics;
 use crate::object_store::ObjectStore;
+use crate::retry::RetryPolicy;
 use crate::rule::{BucketRef, Rule};
-use crate::state::RuleStore;
+use crate::state::{RealtimeCounters, StateStore, SuppressedDelete};
 
 /// Gives an `ObjectStore` for a rule's bucket (S3 clients in Lambda, memory in tests).
 pub trait StoreProvider: Send + Sync {
@@ -35,72 +41,170 @@ pub enum Outcome {
     Skipped(&'static str),
 }
 
+impl Outcome {
+    fn name(&self) -> &'static str {
+        match self {
+            Outcome::Replicated { .. } => "replicated",
+            Outcome::Deleted => "deleted",
+            Outcome::Skipped(reason) => reason,
+        }
+    }
+}
+
 /// How long a looked-up rule is trusted before it is read again.
 const RULE_CACHE_TTL: Duration = Duration::from_secs(30);
 /// Messages of one SQS batch handled at once.
 const BATCH_CONCURRENCY: usize = 8;
+/// Commits tried for one event before it is failed (each lost race re-applies).
+const MAX_COMMITS: u32 = 5;
 
-/// The replicate function's logic, generic over where rules and objects live.
+/// Settings of the replicate function.
+#[derive(Clone, Debug)]
+pub struct ReplicatorSettings {
+    pub engine: CopyEngine,
+    pub retry: RetryPolicy,
+    /// Receives after which a still-failing message is sent to the DLQ with its reason;
+    /// keep it below the queue's maxReceiveCount.
+    pub max_receives: u32,
+}
+
+impl Default for ReplicatorSettings {
+    fn default() -> Self {
+        Self {
+            engine: CopyEngine::default(),
+            retry: RetryPolicy::default(),
+            max_receives: 4,
+        }
+    }
+}
+
+/// The replicate function's logic, generic over where state and objects live.
 pub struct Replicator {
-    rules: Arc<dyn RuleStore>,
+    state: Arc<dyn StateStore>,
     stores: Arc<dyn StoreProvider>,
-    engine: CopyEngine,
+    dead_letters: Option<Arc<dyn DeadLetters>>,
+    settings: ReplicatorSettings,
     cache: Mutex<HashMap<String, (Instant, Option<Rule>)>>,
+}
+
+/// Counters of one invocation, per rule.
+#[derive(Default)]
+struct Tally(Mutex<HashMap<String, RealtimeCounters>>);
+
+impl Tally {
+    fn add(&self, rule_id: &str, f: impl FnOnce(&mut RealtimeCounters)) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(map.entry(rule_id.to_string()).or_default());
+    }
+
+    fn take(&self) -> HashMap<String, RealtimeCounters> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// An event that failed, with the rule it belongs to (if known) for counting.
+struct Failure {
+    rule_id: Option<String>,
+    error: Error,
 }
 
 impl Replicator {
     pub fn new(
-        rules: Arc<dyn RuleStore>,
+        state: Arc<dyn StateStore>,
         stores: Arc<dyn StoreProvider>,
-        engine: CopyEngine,
+        dead_letters: Option<Arc<dyn DeadLetters>>,
+        settings: ReplicatorSettings,
     ) -> Self {
         Self {
-            rules,
+            state,
             stores,
-            engine,
+            dead_letters,
+            settings,
             cache: Mutex::default(),
         }
     }
 
     /// Handles one invocation. SQS batches answer with the ids of failed messages (partial
-    /// batch response); direct invocations fail as a whole if any event fails.
-    pub async fn handle(&self, payload: &Value) -> Result<Value> {
-        match parse_invocation(payload)? {
+    /// batch response); a message given up on goes to the DLQ with its reason instead.
+    /// Direct invocations fail as a whole if any event fails.
+    pub async fn handle(&self, payload: &Value, deadline: Option<Instant>) -> Result<Value> {
+        let tally = Tally::default();
+        let result = match parse_invocation(payload)? {
             Invocation::Sqs(items) => {
                 let failures: Vec<Value> = futures::stream::iter(items)
-                    .map(|item| async move {
-                        let result = match item.events {
-                            Ok(events) => self.apply_all(events).await,
-                            Err(e) => Err(e),
-                        };
-                        match result {
-                            Ok(()) => None,
-                            Err(e) => {
-                                tracing::error!(message_id = %item.message_id, error_kind = e.kind(), error = %e, "message failed");
-                                Some(json!({"itemIdentifier": item.message_id}))
-                            }
-                        }
-                    })
+                    .map(|item| self.handle_message(item, deadline, &tally))
                     .buffer_unordered(BATCH_CONCURRENCY)
-                    .filter_map(|f| async move { f })
+                    .filter_map(
+                        |failed| async move { failed.map(|id| json!({"itemIdentifier": id})) },
+                    )
                     .collect()
                     .await;
                 Ok(json!({"batchItemFailures": failures}))
             }
-            Invocation::Direct(events) => {
-                self.apply_all(events).await?;
-                Ok(json!({"status": "ok"}))
+            Invocation::Direct(events) => match self.apply_all(events, deadline, &tally).await {
+                Ok(()) => Ok(json!({"status": "ok"})),
+                Err(f) => Err(f.error),
+            },
+        };
+        self.flush(tally).await;
+        result
+    }
+
+    /// Handles one SQS message; `Some(id)` if SQS should deliver it again.
+    async fn handle_message(
+        &self,
+        item: SqsItem,
+        deadline: Option<Instant>,
+        tally: &Tally,
+    ) -> Option<String> {
+        let failure = match item.events {
+            Ok(events) => match self.apply_all(events, deadline, tally).await {
+                Ok(()) => return None,
+                Err(f) => f,
+            },
+            Err(error) => Failure {
+                rule_id: None,
+                error,
+            },
+        };
+        let give_up =
+            !failure.error.is_retryable() || item.receive_count >= self.settings.max_receives;
+        tracing::error!(
+            message_id = %item.message_id, receive_count = item.receive_count,
+            error_kind = failure.error.kind(), give_up, error = %failure.error,
+            "message failed"
+        );
+        if let (true, Some(dlq)) = (give_up, &self.dead_letters) {
+            match dlq
+                .dead_letter(&item.message_id, &item.body, &failure.error)
+                .await
+            {
+                Ok(()) => {
+                    if let Some(rule_id) = &failure.rule_id {
+                        tally.add(rule_id, |c| c.failed += 1);
+                    }
+                    return None;
+                }
+                Err(e) => {
+                    tracing::error!(message_id = %item.message_id, error = %e, "could not dead-letter the message")
+                }
             }
         }
+        Some(item.message_id)
     }
 
     /// Applies every event of one message, in order (S3 puts one record per message, but
     /// the format allows more).
-    async fn apply_all(&self, events: Vec<Incoming>) -> Result<()> {
+    async fn apply_all(
+        &self,
+        events: Vec<Incoming>,
+        deadline: Option<Instant>,
+        tally: &Tally,
+    ) -> Result<(), Failure> {
         for incoming in events {
             match incoming {
                 Incoming::Change(event) => {
-                    self.apply(&event).await?;
+                    self.apply_counted(&event, deadline, tally).await?;
                 }
                 Incoming::TestEvent => tracing::info!("S3 test event acknowledged"),
                 Incoming::Ignored { event_name } => {
@@ -111,74 +215,186 @@ impl Replicator {
         Ok(())
     }
 
-    /// Applies one event and logs what became of it.
-    pub async fn apply(&self, event: &ReplicationEvent) -> Result<Outcome> {
+    async fn apply_counted(
+        &self,
+        event: &ReplicationEvent,
+        deadline: Option<Instant>,
+        tally: &Tally,
+    ) -> Result<Outcome, Failure> {
         let started = Instant::now();
-        let result = self.apply_inner(event).await;
-        match &result {
-            Ok(outcome) => tracing::info!(
-                bucket = %event.bucket, key = %event.key, event_name = %event.event_name,
-                outcome = ?outcome, elapsed_ms = started.elapsed().as_millis() as u64,
-                "event applied"
-            ),
-            Err(e) => tracing::warn!(
-                bucket = %event.bucket, key = %event.key, event_name = %event.event_name,
-                error_kind = e.kind(), retryable = e.is_retryable(), error = %e,
-                "event failed"
-            ),
-        }
-        result
-    }
-
-    async fn apply_inner(&self, event: &ReplicationEvent) -> Result<Outcome> {
-        let Some(rule) = self.rule_for(&event.bucket).await? else {
+        let rule = self
+            .rule_for(&event.bucket)
+            .await
+            .map_err(|error| Failure {
+                rule_id: None,
+                error,
+            })?;
+        let Some(rule) = rule else {
+            tracing::info!(bucket = %event.bucket, key = %event.key, "no rule for this bucket, acknowledged");
             return Ok(Outcome::Skipped("no_rule"));
         };
-        match decide(&rule, event) {
-            Action::Skip(SkipReason::SuppressedDelete) => {
-                tracing::info!(rule_id = %rule.id, key = %event.key, sequencer = ?event.sequencer, "suppressed delete (policy write)");
-                Ok(Outcome::Skipped(SkipReason::SuppressedDelete.as_str()))
+        let result = self
+            .settings
+            .retry
+            .run(deadline, "apply event", || {
+                self.apply_with_rule(&rule, event)
+            })
+            .await;
+        let latency = started.elapsed().as_millis() as u64;
+        match &result {
+            Ok(outcome) => {
+                tracing::info!(
+                    rule_id = %rule.id, bucket = %event.bucket, key = %event.key, event_name = %event.event_name,
+                    sequencer = ?event.sequencer, outcome = outcome.name(), elapsed_ms = latency, "event applied"
+                );
+                let bytes = match outcome {
+                    Outcome::Replicated { bytes } => *bytes,
+                    _ => 0,
+                };
+                metrics::emit_event(&rule.id, outcome.name(), latency, bytes, false);
+                tally.add(&rule.id, |c| {
+                    match outcome {
+                        Outcome::Replicated { bytes } => {
+                            c.replicated_objects += 1;
+                            c.replicated_bytes += bytes;
+                        }
+                        Outcome::Deleted => c.deletes += 1,
+                        Outcome::Skipped("suppressed_delete") => c.suppressed_deletes += 1,
+                        Outcome::Skipped("stale" | "duplicate") => c.skipped_stale += 1,
+                        Outcome::Skipped(_) => c.skipped_other += 1,
+                    }
+                    c.newest_event_at = c.newest_event_at.max(event.event_time);
+                });
             }
-            Action::Skip(reason) => Ok(Outcome::Skipped(reason.as_str())),
-            Action::Copy => self.copy(&rule, event).await,
-            Action::Delete => self.delete(&rule, event).await,
+            Err(e) => {
+                tracing::warn!(
+                    rule_id = %rule.id, bucket = %event.bucket, key = %event.key, event_name = %event.event_name,
+                    error_kind = e.kind(), retryable = e.is_retryable(), error = %e, "event failed"
+                );
+                metrics::emit_event(&rule.id, "failed", latency, 0, true);
+            }
         }
+        result.map_err(|error| Failure {
+            rule_id: Some(rule.id.clone()),
+            error,
+        })
     }
 
-    /// Copies the source's *current* object: whatever event announced it, the newest
-    /// content is what reaches the target, so a late or repeated event cannot bring back
-    /// an older version.
-    async fn copy(&self, rule: &Rule, event: &ReplicationEvent) -> Result<Outcome> {
-        let source = self.stores.store(&rule.source);
-        let Some(info) = source.head(&event.key).await? else {
-            // Deleted since: its delete event does the rest.
-            return Ok(Outcome::Skipped("source_gone"));
+    /// Applies one event under its rule, once (retries are the caller's).
+    pub async fn apply_with_rule(&self, rule: &Rule, event: &ReplicationEvent) -> Result<Outcome> {
+        if rule.paused {
+            return Err(Error::RulePaused(rule.id.clone()));
+        }
+        let action = match decide(rule, event) {
+            Action::Skip(SkipReason::SuppressedDelete) => {
+                let kind = event.kind;
+                self.state
+                    .record_suppressed(
+                        &rule.id,
+                        &SuppressedDelete {
+                            key: event.key.clone(),
+                            event_time: event.event_time,
+                            sequencer: event.sequencer.clone(),
+                            delete_marker: matches!(
+                                kind,
+                                crate::event::EventKind::Removed {
+                                    delete_marker: true
+                                }
+                            ),
+                            recorded_at: Utc::now(),
+                        },
+                    )
+                    .await?;
+                return Ok(Outcome::Skipped(SkipReason::SuppressedDelete.as_str()));
+            }
+            Action::Skip(reason) => return Ok(Outcome::Skipped(reason.as_str())),
+            action => action,
         };
-        if is_replica(&info) {
-            return Ok(Outcome::Skipped("replica_loop"));
+        let Some(sequencer) = event.sequencer.as_deref().and_then(normalize_sequencer) else {
+            // No sequencer (moto's S3->SQS events, hand-made events): no order to check;
+            // applying the source's current state is still never older than the event.
+            return self.apply_current_state(rule, &event.key, action).await;
+        };
+        let etag = event.etag.clone().unwrap_or_default();
+        let mut entry = self.state.read_ledger(&rule.id, &event.key).await?;
+        match freshness(entry.as_ref(), &sequencer, &etag) {
+            Freshness::Stale => return Ok(Outcome::Skipped("stale")),
+            Freshness::Duplicate => return Ok(Outcome::Skipped("duplicate")),
+            Freshness::New => {}
         }
-        let target = self.stores.store(&rule.target);
-        let done = self
-            .engine
-            .copy(
-                source.as_ref(),
-                target.as_ref(),
-                &info,
-                rule.resolved_copy_mode(),
-            )
-            .await?;
-        Ok(Outcome::Replicated { bytes: done.bytes })
+        for _ in 0..MAX_COMMITS {
+            let outcome = self.apply_current_state(rule, &event.key, action).await?;
+            let newest = entry
+                .as_ref()
+                .map(|e| e.sequencer.clone())
+                .filter(|s| *s > sequencer)
+                .unwrap_or_else(|| sequencer.clone());
+            let expected = entry.as_ref().map(|e| e.version);
+            if self
+                .state
+                .commit_ledger(&rule.id, &event.key, expected, &newest, &etag)
+                .await?
+            {
+                return Ok(outcome);
+            }
+            // Another event for this key committed while we wrote: our write and its
+            // write may have landed in either order, so apply the current state again.
+            tracing::info!(rule_id = %rule.id, key = %event.key, "concurrent event for the same key; re-applying");
+            entry = self.state.read_ledger(&rule.id, &event.key).await?;
+        }
+        Err(Error::Transient {
+            operation: "UpdateItem",
+            resource: format!("ledger of s3://{}/{}", rule.source.bucket, event.key),
+            detail: format!("{MAX_COMMITS} concurrent updates in a row"),
+            source: "ledger contention".into(),
+        })
     }
 
-    /// Removes the target object unless the source has it again (re-created after the
-    /// delete: the newer create wins).
-    async fn delete(&self, rule: &Rule, event: &ReplicationEvent) -> Result<Outcome> {
+    /// Makes the target match the source's *current* state for `key`, whatever event
+    /// announced the change, so a late event can never bring back an older version.
+    async fn apply_current_state(&self, rule: &Rule, key: &str, action: Action) -> Result<Outcome> {
         let source = self.stores.store(&rule.source);
-        if source.head(&event.key).await?.is_some() {
-            return Ok(Outcome::Skipped("recreated"));
+        let current = source.head(key).await?;
+        match (action, current) {
+            (Action::Copy, None) => Ok(Outcome::Skipped("source_gone")),
+            (Action::Copy, Some(info)) if is_replica(&info) => Ok(Outcome::Skipped("replica_loop")),
+            (Action::Copy, Some(info)) => {
+                let target = self.stores.store(&rule.target);
+                let done = self
+                    .settings
+                    .engine
+                    .copy_for_rule(rule, source.as_ref(), target.as_ref(), &info)
+                    .await?;
+                Ok(Outcome::Replicated { bytes: done.bytes })
+            }
+            // Re-created after the delete: the newer create wins.
+            (Action::Delete, Some(_)) => Ok(Outcome::Skipped("recreated")),
+            (Action::Delete, None) => {
+                self.stores.store(&rule.target).delete(key).await?;
+                Ok(Outcome::Deleted)
+            }
+            (Action::Skip(reason), _) => Ok(Outcome::Skipped(reason.as_str())),
         }
-        self.stores.store(&rule.target).delete(&event.key).await?;
-        Ok(Outcome::Deleted)
+    }
+
+    /// Writes the invocation's counters: one update per rule, retried; a failure is logged,
+    /// not returned, since the objects themselves were replicated.
+    async fn flush(&self, tally: Tally) {
+        for (rule_id, counters) in tally.take() {
+            if counters.is_empty() {
+                continue;
+            }
+            let written = self
+                .settings
+                .retry
+                .run(None, "add counters", || {
+                    self.state.add_counters(&rule_id, &counters)
+                })
+                .await;
+            if let Err(e) = written {
+                tracing::error!(rule_id = %rule_id, error = %e, counters = ?counters, "counters lost");
+            }
+        }
     }
 
     async fn rule_for(&self, bucket: &str) -> Result<Option<Rule>> {
@@ -187,7 +403,7 @@ impl Replicator {
         {
             return Ok(rule.clone());
         }
-        let rule = self.rules.rule_for_source(bucket).await?;
+        let rule = self.state.rule_for_source(bucket).await?;
         self.lock_cache()
             .insert(bucket.to_string(), (Instant::now(), rule.clone()));
         Ok(rule)
@@ -214,10 +430,11 @@ pub fn diagnostic(err: &Error) -> lambda_runtime::Diagnostic {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{MemoryObjectStore, MemoryRuleStore, MemoryWorld};
+    use crate::memory::{MemoryObjectStore, MemoryState, MemoryWorld};
     use crate::object_store::WriteAttrs;
     use crate::rule::Policy;
     use crate::rule::tests::rule;
+    use crate::state::{RuleStore, StatsStore};
     use bytes::Bytes;
 
     struct World(MemoryWorld);
@@ -227,148 +444,287 @@ mod tests {
         }
     }
 
+    #[derive(Default)]
+    struct Dlq(Mutex<Vec<(String, String)>>);
+    #[async_trait::async_trait]
+    impl DeadLetters for Dlq {
+        async fn dead_letter(&self, message_id: &str, _body: &str, reason: &Error) -> Result<()> {
+            self.0
+                .lock()
+                .unwrap()
+                .push((message_id.to_string(), reason.to_string()));
+            Ok(())
+        }
+    }
+
+    fn record(name: &str, key: &str, seq: Option<&str>, etag: &str) -> Value {
+        let mut object = json!({"key": key, "eTag": etag});
+        if let Some(s) = seq {
+            object["sequencer"] = json!(s);
+        }
+        json!({"eventVersion": "2.1", "eventSource": "aws:s3", "eventName": name,
+            "eventTime": "2026-11-22T01:00:00.000Z",
+            "s3": {"bucket": {"name": "src-bucket"}, "object": object}})
+    }
+
     fn notification(name: &str, key: &str) -> String {
-        json!({"Records": [{"eventVersion": "2.1", "eventSource": "aws:s3", "eventName": name,
-            "s3": {"bucket": {"name": "src-bucket"}, "object": {"key": key}}}]})
-        .to_string()
+        json!({"Records": [record(name, key, None, "")]}).to_string()
     }
 
     fn sqs(bodies: &[(&str, String)]) -> Value {
         json!({"Records": bodies.iter().map(|(id, body)| json!({
-            "messageId": id, "body": body, "eventSource": "aws:sqs"})).collect::<Vec<_>>()})
+            "messageId": id, "body": body, "eventSource": "aws:sqs",
+            "attributes": {"ApproximateReceiveCount": "1"}})).collect::<Vec<_>>()})
     }
 
-    async fn setup(
-        policy: Policy,
-        prefixes: &[&str],
-    ) -> (Replicator, MemoryObjectStore, MemoryObjectStore) {
+    struct Setup {
+        rep: Replicator,
+        src: MemoryObjectStore,
+        dst: MemoryObjectStore,
+        state: MemoryState,
+        dlq: Arc<Dlq>,
+    }
+
+    async fn setup(policy: Policy, prefixes: &[&str]) -> Setup {
         let world = MemoryWorld::default();
         let (src, dst) = (world.store("src-bucket"), world.store("dst-bucket"));
-        let rules = MemoryRuleStore::default();
+        let state = MemoryState::default();
         let mut r = rule("r1", "src-bucket", "dst-bucket");
         r.policy = policy;
         r.prefixes = prefixes.iter().map(|p| p.to_string()).collect();
         r.copy_mode = crate::rule::CopyMode::Stream;
-        rules.create_rule(&r).await.unwrap();
+        state.create_rule(&r).await.unwrap();
+        let dlq = Arc::new(Dlq::default());
         let rep = Replicator::new(
-            Arc::new(rules),
+            Arc::new(state.clone()),
             Arc::new(World(world)),
-            CopyEngine::default(),
+            Some(dlq.clone()),
+            ReplicatorSettings::default(),
         );
-        (rep, src, dst)
+        Setup {
+            rep,
+            src,
+            dst,
+            state,
+            dlq,
+        }
+    }
+
+    async fn put(store: &MemoryObjectStore, key: &str, body: &'static [u8]) -> String {
+        store
+            .put(key, Bytes::from_static(body), &WriteAttrs::default())
+            .await
+            .unwrap()
     }
 
     #[tokio::test]
-    async fn given_a_write_rule_puts_replicate_and_deletes_are_suppressed() {
-        let (rep, src, dst) = setup(Policy::Write, &["docs/"]).await;
-        src.put(
-            "docs/a b+c.txt",
-            Bytes::from_static(b"hello"),
-            &WriteAttrs::default(),
-        )
-        .await
-        .unwrap();
-        src.put("other/x", Bytes::from_static(b"x"), &WriteAttrs::default())
-            .await
-            .unwrap();
-        let resp = rep
-            .handle(&sqs(&[
-                (
-                    "m1",
-                    notification("ObjectCreated:Put", "docs%2Fa+b%2Bc.txt"),
-                ),
-                ("m2", notification("ObjectCreated:Put", "other%2Fx")),
-            ]))
+    async fn given_a_write_rule_puts_replicate_and_deletes_are_suppressed_and_recorded() {
+        let s = setup(Policy::Write, &["docs/"]).await;
+        put(&s.src, "docs/a b+c.txt", b"hello").await;
+        put(&s.src, "other/x", b"x").await;
+        let resp = s
+            .rep
+            .handle(
+                &sqs(&[
+                    (
+                        "m1",
+                        notification("ObjectCreated:Put", "docs%2Fa+b%2Bc.txt"),
+                    ),
+                    ("m2", notification("ObjectCreated:Put", "other%2Fx")),
+                ]),
+                None,
+            )
             .await
             .unwrap();
         assert_eq!(resp, json!({"batchItemFailures": []}));
-        assert_eq!(dst.keys(), vec!["docs/a b+c.txt".to_string()]);
+        assert_eq!(s.dst.keys(), vec!["docs/a b+c.txt".to_string()]);
 
-        src.delete("docs/a b+c.txt").await.unwrap();
-        rep.handle(&sqs(&[(
-            "m3",
-            notification("ObjectRemoved:Delete", "docs%2Fa+b%2Bc.txt"),
-        )]))
-        .await
-        .unwrap();
+        s.src.delete("docs/a b+c.txt").await.unwrap();
+        s.rep
+            .handle(
+                &sqs(&[(
+                    "m3",
+                    notification("ObjectRemoved:Delete", "docs%2Fa+b%2Bc.txt"),
+                )]),
+                None,
+            )
+            .await
+            .unwrap();
         assert_eq!(
-            dst.bytes("docs/a b+c.txt").unwrap(),
+            s.dst.bytes("docs/a b+c.txt").unwrap(),
             Bytes::from_static(b"hello")
+        );
+        let suppressed = s.state.suppressed("r1").await.unwrap();
+        assert_eq!(suppressed.len(), 1);
+        assert_eq!(suppressed[0].key, "docs/a b+c.txt");
+        let c = s.state.counters("r1").await.unwrap();
+        assert_eq!(
+            (
+                c.replicated_objects,
+                c.replicated_bytes,
+                c.suppressed_deletes,
+                c.skipped_other
+            ),
+            (1, 5, 1, 1)
         );
     }
 
     #[tokio::test]
     async fn given_a_full_rule_deletes_reach_the_target_unless_recreated() {
-        let (rep, src, dst) = setup(Policy::Full, &[]).await;
-        src.put("k", Bytes::from_static(b"v1"), &WriteAttrs::default())
+        let s = setup(Policy::Full, &[]).await;
+        put(&s.src, "k", b"v1").await;
+        s.rep
+            .handle(
+                &sqs(&[("m1", notification("ObjectCreated:Put", "k"))]),
+                None,
+            )
             .await
             .unwrap();
-        rep.handle(&sqs(&[("m1", notification("ObjectCreated:Put", "k"))]))
-            .await
-            .unwrap();
-        assert!(dst.bytes("k").is_some());
+        assert!(s.dst.bytes("k").is_some());
         // Delete event arrives after the key was created again: the replica stays.
-        rep.handle(&sqs(&[("m2", notification("ObjectRemoved:Delete", "k"))]))
+        s.rep
+            .handle(
+                &sqs(&[("m2", notification("ObjectRemoved:Delete", "k"))]),
+                None,
+            )
             .await
             .unwrap();
-        assert!(dst.bytes("k").is_some());
-        src.delete("k").await.unwrap();
-        rep.handle(&sqs(&[("m3", notification("ObjectRemoved:Delete", "k"))]))
+        assert!(s.dst.bytes("k").is_some());
+        s.src.delete("k").await.unwrap();
+        s.rep
+            .handle(
+                &sqs(&[("m3", notification("ObjectRemoved:Delete", "k"))]),
+                None,
+            )
             .await
             .unwrap();
-        assert!(dst.bytes("k").is_none());
+        assert!(s.dst.bytes("k").is_none());
+        assert_eq!(s.state.counters("r1").await.unwrap().deletes, 1);
     }
 
     #[tokio::test]
-    async fn a_poison_message_fails_alone() {
-        let (rep, src, dst) = setup(Policy::Full, &[]).await;
-        src.put("good", Bytes::from_static(b"g"), &WriteAttrs::default())
+    async fn a_poison_message_fails_alone_and_goes_to_the_dlq_with_its_reason() {
+        let s = setup(Policy::Full, &[]).await;
+        put(&s.src, "good", b"g").await;
+        let resp = s
+            .rep
+            .handle(
+                &sqs(&[
+                    ("m1", "{truncated".to_string()),
+                    ("m2", notification("ObjectCreated:Put", "good")),
+                    (
+                        "m3",
+                        json!({"Service": "Amazon S3", "Event": "s3:TestEvent"}).to_string(),
+                    ),
+                ]),
+                None,
+            )
             .await
             .unwrap();
-        let resp = rep
-            .handle(&sqs(&[
-                ("m1", "{truncated".to_string()),
-                ("m2", notification("ObjectCreated:Put", "good")),
-                (
-                    "m3",
-                    json!({"Service": "Amazon S3", "Event": "s3:TestEvent"}).to_string(),
-                ),
-            ]))
-            .await
-            .unwrap();
-        assert_eq!(
-            resp,
-            json!({"batchItemFailures": [{"itemIdentifier": "m1"}]})
+        // Permanent: dead-lettered with the parse error, so not handed back to SQS.
+        assert_eq!(resp, json!({"batchItemFailures": []}));
+        let dead = s.dlq.0.lock().unwrap().clone();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].0, "m1");
+        assert!(
+            dead[0].1.starts_with("malformed event: body is not JSON"),
+            "{}",
+            dead[0].1
         );
-        assert!(dst.bytes("good").is_some());
+        assert!(s.dst.bytes("good").is_some());
+    }
+
+    #[tokio::test]
+    async fn reversed_and_duplicated_events_end_with_the_newest_content() {
+        let s = setup(Policy::Full, &[]).await;
+        let e1 = put(&s.src, "k", b"old").await;
+        let e2 = put(&s.src, "k", b"new").await;
+        let older = record("ObjectCreated:Put", "k", Some("0055AED6DCD90281E5"), &e1);
+        let newer = record("ObjectCreated:Put", "k", Some("0055AED6DCD90281F0"), &e2);
+        // Newer first, then the older one, then the newer one again.
+        for (id, r) in [("m1", &newer), ("m2", &older), ("m3", &newer)] {
+            let body = json!({"Records": [r]}).to_string();
+            s.rep.handle(&sqs(&[(id, body)]), None).await.unwrap();
+        }
+        assert_eq!(s.dst.bytes("k").unwrap(), Bytes::from_static(b"new"));
+        let c = s.state.counters("r1").await.unwrap();
+        assert_eq!((c.replicated_objects, c.skipped_stale), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn a_delete_older_than_the_applied_create_is_stale() {
+        let s = setup(Policy::Full, &[]).await;
+        let etag = put(&s.src, "k", b"v2").await;
+        let create = record("ObjectCreated:Put", "k", Some("20"), &etag);
+        let delete = record("ObjectRemoved:Delete", "k", Some("10"), "");
+        s.rep
+            .handle(&json!({"Records": [create]}), None)
+            .await
+            .unwrap();
+        s.src.delete("k").await.unwrap();
+        // The delete's sequencer is older: it must not remove the newer replica.
+        let out = s
+            .rep
+            .handle(&json!({"Records": [delete]}), None)
+            .await
+            .unwrap();
+        assert_eq!(out, json!({"status": "ok"}));
+        assert!(s.dst.bytes("k").is_some());
+    }
+
+    #[tokio::test]
+    async fn paused_rules_keep_their_events_waiting() {
+        let s = setup(Policy::Full, &[]).await;
+        put(&s.src, "k", b"v").await;
+        let mut r = s.state.get_rule("r1").await.unwrap().unwrap();
+        r.paused = true;
+        let err = s
+            .rep
+            .apply_with_rule(
+                &r,
+                &crate::event::ReplicationEvent {
+                    bucket: "src-bucket".into(),
+                    key: "k".into(),
+                    kind: crate::event::EventKind::Created,
+                    sequencer: None,
+                    version_id: None,
+                    etag: None,
+                    size: None,
+                    event_time: None,
+                    event_name: "ObjectCreated:Put".into(),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(err.is_retryable());
+        assert!(s.dst.bytes("k").is_none());
     }
 
     #[tokio::test]
     async fn late_events_copy_the_current_content_and_replicas_are_not_replicated() {
-        let (rep, src, dst) = setup(Policy::Full, &[]).await;
-        src.put("k", Bytes::from_static(b"new"), &WriteAttrs::default())
+        let s = setup(Policy::Full, &[]).await;
+        put(&s.src, "k", b"new").await;
+        s.rep
+            .handle(
+                &sqs(&[("m1", notification("ObjectCreated:Put", "k"))]),
+                None,
+            )
             .await
             .unwrap();
-        // Two events for one key, the older one last: the target ends with the newest.
-        rep.handle(&sqs(&[("m1", notification("ObjectCreated:Put", "k"))]))
-            .await
-            .unwrap();
-        rep.handle(&sqs(&[("m2", notification("ObjectCreated:Put", "k"))]))
-            .await
-            .unwrap();
-        assert_eq!(dst.bytes("k").unwrap(), Bytes::from_static(b"new"));
-        // An object that is itself a replica is not copied again.
-        let replica = dst.head("k").await.unwrap().unwrap();
-        let attrs = crate::copy::replica_attrs("elsewhere", &replica);
-        src.put("r", Bytes::from_static(b"x"), &attrs)
+        assert_eq!(s.dst.bytes("k").unwrap(), Bytes::from_static(b"new"));
+        let replica = s.dst.head("k").await.unwrap().unwrap();
+        let attrs = crate::copy::replica_attrs(None, "elsewhere", &replica, vec![]);
+        s.src
+            .put("r", Bytes::from_static(b"x"), &attrs)
             .await
             .unwrap();
         let ev = crate::event::parse_message_body(&notification("ObjectCreated:Put", "r")).unwrap();
         let Incoming::Change(ev) = &ev[0] else {
             panic!()
         };
+        let r = s.state.get_rule("r1").await.unwrap().unwrap();
         assert_eq!(
-            rep.apply(ev).await.unwrap(),
+            s.rep.apply_with_rule(&r, ev).await.unwrap(),
             Outcome::Skipped("replica_loop")
         );
     }

@@ -115,6 +115,12 @@ pub struct Rule {
     /// How source events are delivered.
     #[serde(default)]
     pub notify: Notify,
+    /// Storage class for replicas (`None`: the source object's class).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class: Option<String>,
+    /// KMS key (in the target region) for replicas of SSE-KMS objects, or for all replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_kms_key_id: Option<String>,
     /// Paused rules keep their events waiting instead of applying them.
     #[serde(default)]
     pub paused: bool,
@@ -152,6 +158,24 @@ impl Rule {
             ));
         }
         validate_prefixes(&self.prefixes)?;
+        if let Some(class) = &self.storage_class {
+            const CLASSES: &[&str] = &[
+                "STANDARD",
+                "REDUCED_REDUNDANCY",
+                "STANDARD_IA",
+                "ONEZONE_IA",
+                "INTELLIGENT_TIERING",
+                "GLACIER",
+                "DEEP_ARCHIVE",
+                "GLACIER_IR",
+            ];
+            if !CLASSES.contains(&class.as_str()) {
+                return Err(Error::invalid(
+                    "storage_class",
+                    format!("'{class}' is not one of {}", CLASSES.join(", ")),
+                ));
+            }
+        }
         if let Notify::Queue { arn } = &self.notify
             && !(arn.starts_with("arn:") && arn.contains(":sqs:"))
         {
@@ -314,6 +338,8 @@ pub(crate) mod tests {
             on_conflict: OnConflict::Overwrite,
             copy_mode: CopyMode::Auto,
             notify: Notify::EventBridge,
+            storage_class: None,
+            target_kms_key_id: None,
             paused: false,
             created_at: String::new(),
         }

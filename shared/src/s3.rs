@@ -12,13 +12,18 @@ use aws_sdk_s3::error::SdkError;
 use aws_sdk_s3::operation::get_object::GetObjectError;
 use aws_sdk_s3::operation::head_object::HeadObjectError;
 use aws_sdk_s3::primitives::{ByteStream, DateTime as SmithyDateTime, DateTimeFormat};
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, MetadataDirective};
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart, MetadataDirective, ServerSideEncryption, StorageClass,
+    Tag, TaggingDirective,
+};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::error::{Error, Result, from_sdk, s3_permission};
-use crate::object_store::{ContentHeaders, ObjectInfo, ObjectStore, UploadedPart, WriteAttrs};
+use crate::object_store::{
+    ContentHeaders, Encryption, ObjectInfo, ObjectStore, UploadedPart, WriteAttrs,
+};
 use crate::rule::BucketRef;
 
 /// Characters left as they are in a `x-amz-copy-source` key: unreserved ones and '/'.
@@ -28,6 +33,13 @@ const COPY_SOURCE_KEEP: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'~')
     .remove(b'/');
+
+/// Characters left as they are in a tag key or value of `x-amz-tagging`.
+const TAG_KEEP: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 
 /// Builds an S3 client for one side of a rule: its region, and its endpoint and
 /// addressing style when it is not AWS. Without an endpoint the standard
@@ -141,12 +153,44 @@ fn metadata_map(attrs: &WriteAttrs) -> Option<HashMap<String, String>> {
     )
 }
 
+/// Tags as the `x-amz-tagging` header wants them: a URL-encoded query string.
+fn tagging_header(tags: &[(String, String)]) -> Option<String> {
+    if tags.is_empty() {
+        return None;
+    }
+    let enc = |s: &str| utf8_percent_encode(s, TAG_KEEP).to_string();
+    Some(
+        tags.iter()
+            .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+            .collect::<Vec<_>>()
+            .join("&"),
+    )
+}
+
+fn sse_of(e: &Option<Encryption>) -> (Option<ServerSideEncryption>, Option<String>) {
+    match e {
+        None => (None, None),
+        Some(Encryption::S3Managed) => (Some(ServerSideEncryption::Aes256), None),
+        Some(Encryption::Kms { key_id }) => (Some(ServerSideEncryption::AwsKms), key_id.clone()),
+    }
+}
+
+/// `x-amz-copy-source`: bucket and percent-encoded key.
+fn copy_source(bucket: &str, key: &str) -> String {
+    format!("{}/{}", bucket, utf8_percent_encode(key, COPY_SOURCE_KEEP))
+}
+
 /// Applies content headers and metadata to any of the S3 write builders, which share the
 /// same setter names but no trait.
 macro_rules! with_attrs {
     ($builder:expr, $attrs:expr) => {{
         let h = &$attrs.headers;
+        let (sse, kms_key) = sse_of(&$attrs.encryption);
         $builder
+            .set_storage_class($attrs.storage_class.as_deref().map(StorageClass::from))
+            .set_server_side_encryption(sse)
+            .set_ssekms_key_id(kms_key)
+            .set_tagging(tagging_header(&$attrs.tags))
             .set_content_type(h.content_type.clone())
             .set_content_encoding(h.content_encoding.clone())
             .set_content_disposition(h.content_disposition.clone())
@@ -200,6 +244,19 @@ impl ObjectStore for S3Store {
                         .collect()
                 })
                 .unwrap_or_default(),
+            storage_class: out
+                .storage_class()
+                .map(|c| c.as_str().to_string())
+                .filter(|c| c != "STANDARD"),
+            encryption: match out.server_side_encryption() {
+                Some(ServerSideEncryption::AwsKms) | Some(ServerSideEncryption::AwsKmsDsse) => {
+                    Some(Encryption::Kms {
+                        key_id: out.ssekms_key_id().map(str::to_string),
+                    })
+                }
+                Some(ServerSideEncryption::Aes256) => Some(Encryption::S3Managed),
+                _ => None,
+            },
         }))
     }
 
@@ -332,19 +389,17 @@ impl ObjectStore for S3Store {
         if_match: &str,
         attrs: &WriteAttrs,
     ) -> Result<String> {
-        let source = format!(
-            "{}/{}",
-            source_bucket,
-            utf8_percent_encode(key, COPY_SOURCE_KEEP)
-        );
-        let req = self
+        let mut req = self
             .client
             .copy_object()
             .bucket(&self.bucket)
             .key(key)
-            .copy_source(source)
+            .copy_source(copy_source(source_bucket, key))
             .copy_source_if_match(format!("\"{if_match}\""))
             .metadata_directive(MetadataDirective::Replace);
+        if !attrs.tags.is_empty() {
+            req = req.tagging_directive(TaggingDirective::Replace);
+        }
         let out = with_attrs!(req, attrs)
             .send()
             .await
@@ -354,6 +409,72 @@ impl ObjectStore for S3Store {
             .and_then(|r| r.e_tag())
             .map(unquote)
             .unwrap_or_default())
+    }
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        source_bucket: &str,
+        range: (u64, u64),
+        if_match: &str,
+    ) -> Result<String> {
+        let out = self
+            .client
+            .upload_part_copy()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(part_number)
+            .copy_source(copy_source(source_bucket, key))
+            .copy_source_range(format!("bytes={}-{}", range.0, range.1.saturating_sub(1)))
+            .copy_source_if_match(format!("\"{if_match}\""))
+            .send()
+            .await
+            .map_err(|e| self.err("UploadPartCopy", key, e))?;
+        Ok(out
+            .copy_part_result()
+            .and_then(|r| r.e_tag())
+            .map(unquote)
+            .unwrap_or_default())
+    }
+
+    async fn tags(&self, key: &str) -> Result<Vec<(String, String)>> {
+        match self
+            .client
+            .get_object_tagging()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out
+                .tag_set()
+                .iter()
+                .map(|t: &Tag| (t.key().to_string(), t.value().to_string()))
+                .collect()),
+            // Providers without tagging (s3s-fs) answer 501 Not Implemented.
+            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 501 => Ok(Vec::new()),
+            Err(e) => Err(self.err("GetObjectTagging", key, e)),
+        }
+    }
+
+    async fn first_part_size(&self, key: &str) -> Result<Option<u64>> {
+        let out = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .part_number(1)
+            .send()
+            .await
+            .map_err(|e| self.err("HeadObject", key, e))?;
+        // Without a parts count the provider ignored partNumber and described the whole object.
+        Ok(match out.parts_count() {
+            Some(n) if n > 1 => out.content_length().and_then(|l| u64::try_from(l).ok()),
+            _ => None,
+        })
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

@@ -2,8 +2,11 @@
 //! `dynamo.rs`, the in-memory one in `memory.rs`.
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::ledger::LedgerEntry;
 use crate::rule::Rule;
 
 /// Which side of a pair a bucket is on.
@@ -88,15 +91,104 @@ pub trait RuleStore: Send + Sync {
     async fn rule_for_source(&self, bucket: &str) -> Result<Option<Rule>>;
 }
 
+/// Per-key ledger of applied events (see `ledger.rs`).
+#[async_trait]
+pub trait LedgerStore: Send + Sync {
+    /// The entry for `key` under `rule_id`, read consistently.
+    async fn read_ledger(&self, rule_id: &str, key: &str) -> Result<Option<LedgerEntry>>;
+
+    /// Writes `sequencer`/`etag` with version `expected + 1`, only if the entry is still at
+    /// version `expected` (`None`: only if there is no entry). `Ok(false)` when it was not.
+    async fn commit_ledger(
+        &self,
+        rule_id: &str,
+        key: &str,
+        expected: Option<u64>,
+        sequencer: &str,
+        etag: &str,
+    ) -> Result<bool>;
+}
+
+/// Increments of a rule's real-time counters, summed over one invocation so the table
+/// sees one counter write per invocation, not per object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealtimeCounters {
+    /// Objects copied to the target.
+    pub replicated_objects: u64,
+    /// Bytes of those objects.
+    pub replicated_bytes: u64,
+    /// Objects removed from the target (policy `full`).
+    pub deletes: u64,
+    /// Deletes skipped under policy `write` (each also recorded, see `SuppressedDelete`).
+    pub suppressed_deletes: u64,
+    /// Events older than (or the same as) one already applied for their key.
+    pub skipped_stale: u64,
+    /// Events needing no change: outside the prefixes, replicas, test events, other types.
+    pub skipped_other: u64,
+    /// Events given up on and sent to the dead-letter queue.
+    pub failed: u64,
+    /// Event time of the newest event applied or skipped (not failed).
+    pub newest_event_at: Option<DateTime<Utc>>,
+}
+
+impl RealtimeCounters {
+    /// Adds `other` into `self`.
+    pub fn merge(&mut self, other: &RealtimeCounters) {
+        self.replicated_objects += other.replicated_objects;
+        self.replicated_bytes += other.replicated_bytes;
+        self.deletes += other.deletes;
+        self.suppressed_deletes += other.suppressed_deletes;
+        self.skipped_stale += other.skipped_stale;
+        self.skipped_other += other.skipped_other;
+        self.failed += other.failed;
+        self.newest_event_at = self.newest_event_at.max(other.newest_event_at);
+    }
+
+    /// True when nothing was counted.
+    pub fn is_empty(&self) -> bool {
+        *self == RealtimeCounters::default()
+    }
+}
+
+/// A delete that policy `write` kept from reaching the target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuppressedDelete {
+    pub key: String,
+    /// When S3 says the delete happened.
+    pub event_time: Option<DateTime<Utc>>,
+    pub sequencer: Option<String>,
+    /// Whether the delete created a delete marker (versioned bucket).
+    pub delete_marker: bool,
+    /// When crr recorded it.
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// Counters and records the status function and the CLI read.
+#[async_trait]
+pub trait StatsStore: Send + Sync {
+    /// Adds to the rule's counters atomically.
+    async fn add_counters(&self, rule_id: &str, delta: &RealtimeCounters) -> Result<()>;
+    /// The rule's counters so far.
+    async fn counters(&self, rule_id: &str) -> Result<RealtimeCounters>;
+    /// Records one suppressed delete.
+    async fn record_suppressed(&self, rule_id: &str, delete: &SuppressedDelete) -> Result<()>;
+    /// Suppressed deletes of the rule, oldest first.
+    async fn suppressed(&self, rule_id: &str) -> Result<Vec<SuppressedDelete>>;
+}
+
+/// Everything the functions keep in the table.
+pub trait StateStore: RuleStore + LedgerStore + StatsStore {}
+impl<T: RuleStore + LedgerStore + StatsStore> StateStore for T {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::MemoryRuleStore;
+    use crate::memory::MemoryState;
     use crate::rule::tests::rule;
 
     #[tokio::test]
     async fn a_bucket_is_in_at_most_one_pair() {
-        let store = MemoryRuleStore::default();
+        let store = MemoryState::default();
         store
             .create_rule(&rule("ab", "bucket-a", "bucket-b"))
             .await

@@ -216,6 +216,8 @@ pub fn rule(id: &str, source: BucketRef, target: BucketRef) -> Rule {
         on_conflict: OnConflict::Overwrite,
         copy_mode: CopyMode::Auto,
         notify: Notify::EventBridge,
+        storage_class: None,
+        target_kms_key_id: None,
         paused: false,
         created_at: String::new(),
     }

@@ -83,6 +83,8 @@ pub async fn run(aws: &AwsArgs) -> Result<()> {
         on_conflict: OnConflict::Overwrite,
         copy_mode: CopyMode::Auto,
         notify: Notify::Queue { arn: queue_arn },
+        storage_class: None,
+        target_kms_key_id: None,
         paused: false,
         created_at: String::new(),
     };

@@ -3,8 +3,10 @@
 use std::sync::Arc;
 
 use crr_shared::config::FunctionConfig;
+use crr_shared::dead_letter::{DeadLetters, SqsDeadLetters};
 use crr_shared::dynamo::DynamoStore;
 use crr_shared::replicate::{Replicator, diagnostic};
+use crr_shared::retry::instant_of;
 use crr_shared::s3::S3Clients;
 use lambda_runtime::{Diagnostic, LambdaEvent, service_fn, tracing};
 use serde_json::Value;
@@ -14,17 +16,22 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     tracing::init_default_subscriber();
     let config = FunctionConfig::from_env()?;
     let aws = aws_config::load_from_env().await;
-    let rules = DynamoStore::new(aws_sdk_dynamodb::Client::new(&aws), config.table.clone());
+    let state = DynamoStore::new(aws_sdk_dynamodb::Client::new(&aws), config.table.clone());
+    let dead_letters = config.dlq_url.as_ref().map(|url| {
+        Arc::new(SqsDeadLetters::new(aws_sdk_sqs::Client::new(&aws), url)) as Arc<dyn DeadLetters>
+    });
     let replicator = Arc::new(Replicator::new(
-        Arc::new(rules),
+        Arc::new(state),
         Arc::new(S3Clients::new(aws)),
-        config.engine,
+        dead_letters,
+        config.replicator(),
     ));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
         let replicator = Arc::clone(&replicator);
         async move {
+            let deadline = instant_of(event.context.deadline());
             replicator
-                .handle(&event.payload)
+                .handle(&event.payload, Some(deadline))
                 .await
                 .map_err(|e| -> Diagnostic { diagnostic(&e) })
         }

@@ -1,0 +1,203 @@
+//! The dead-letter queue: where events go that could not be replicated, with the reason.
+//!
+//! SQS's own redrive policy moves a message to the DLQ after `maxReceiveCount` failed
+//! receives, but without saying why. The replicate function therefore sends a message to
+//! the DLQ itself, with the error as message attributes, when the error is permanent or
+//! the message has been received `max_receives` times (set below the queue's
+//! maxReceiveCount), and acknowledges it. `redrive` moves messages back.
+
+use std::collections::{HashMap, HashSet};
+
+use async_trait::async_trait;
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName};
+
+use crate::error::{Error, Result, from_sdk};
+
+/// Message attribute holding the one-line error.
+pub const ERROR_ATTRIBUTE: &str = "crr-error";
+/// Message attribute holding the error kind (`NoSuchBucket`, `Retryable`...).
+pub const KIND_ATTRIBUTE: &str = "crr-error-kind";
+/// Message attribute holding the id of the original message.
+pub const ORIGINAL_ID_ATTRIBUTE: &str = "crr-original-message-id";
+
+/// Somewhere to put a message that is given up on.
+#[async_trait]
+pub trait DeadLetters: Send + Sync {
+    /// Stores `body` with the reason it failed.
+    async fn dead_letter(&self, message_id: &str, body: &str, reason: &Error) -> Result<()>;
+}
+
+/// The SQS dead-letter queue.
+pub struct SqsDeadLetters {
+    client: Client,
+    queue_url: String,
+}
+
+impl SqsDeadLetters {
+    pub fn new(client: Client, queue_url: impl Into<String>) -> Self {
+        Self {
+            client,
+            queue_url: queue_url.into(),
+        }
+    }
+}
+
+fn sqs_error<E, R>(
+    operation: &'static str,
+    queue: &str,
+    err: aws_sdk_sqs::error::SdkError<E, R>,
+) -> Error
+where
+    E: aws_smithy_types::error::metadata::ProvideErrorMetadata
+        + std::error::Error
+        + Send
+        + Sync
+        + 'static,
+    R: crate::error::HttpStatus + std::fmt::Debug + Send + Sync + 'static,
+{
+    let permission = match operation {
+        "SendMessage" => "sqs:SendMessage",
+        "ReceiveMessage" => "sqs:ReceiveMessage",
+        "DeleteMessage" => "sqs:DeleteMessage",
+        _ => "sqs:ChangeMessageVisibility",
+    };
+    from_sdk(operation, format!("queue {queue}"), permission, err)
+}
+
+fn text(value: &str) -> Result<MessageAttributeValue> {
+    MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(value)
+        .build()
+        .map_err(|e| Error::Config(e.to_string()))
+}
+
+#[async_trait]
+impl DeadLetters for SqsDeadLetters {
+    async fn dead_letter(&self, message_id: &str, body: &str, reason: &Error) -> Result<()> {
+        // SQS attribute values are limited in size; the reason is one line anyway.
+        let mut line = reason.to_string();
+        line.truncate(4000);
+        self.client
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(body)
+            .message_attributes(ERROR_ATTRIBUTE, text(&line)?)
+            .message_attributes(KIND_ATTRIBUTE, text(reason.kind())?)
+            .message_attributes(ORIGINAL_ID_ATTRIBUTE, text(message_id)?)
+            .send()
+            .await
+            .map_err(|e| sqs_error("SendMessage", &self.queue_url, e))?;
+        Ok(())
+    }
+}
+
+/// A message found in the dead-letter queue.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub message_id: String,
+    pub body: String,
+    pub reason: Option<String>,
+    pub kind: Option<String>,
+    pub receive_count: u32,
+}
+
+/// What a redrive did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedriveReport {
+    /// Moved back to the event queue.
+    pub moved: usize,
+    /// Left in the DLQ (did not match the filter, or over `max`).
+    pub kept: usize,
+}
+
+/// Moves up to `max` messages accepted by `select` from the DLQ back to the event queue
+/// (without the failure attributes, so they are processed afresh).
+pub async fn redrive(
+    client: &Client,
+    dlq_url: &str,
+    queue_url: &str,
+    max: usize,
+    select: impl Fn(&DeadLetter) -> bool,
+) -> Result<RedriveReport> {
+    let mut report = RedriveReport::default();
+    let mut held: HashMap<String, String> = HashMap::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    while report.moved < max {
+        let out = client
+            .receive_message()
+            .queue_url(dlq_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .visibility_timeout(60)
+            .message_attribute_names("All")
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .send()
+            .await
+            .map_err(|e| sqs_error("ReceiveMessage", dlq_url, e))?;
+        let messages = out.messages.unwrap_or_default();
+        if messages.is_empty() {
+            break;
+        }
+        let mut fresh = false;
+        for m in messages {
+            let (Some(id), Some(handle)) = (m.message_id(), m.receipt_handle()) else {
+                continue;
+            };
+            fresh |= seen.insert(id.to_string());
+            let attr = |name: &str| {
+                m.message_attributes()
+                    .and_then(|a| a.get(name))
+                    .and_then(|v| v.string_value())
+                    .map(str::to_string)
+            };
+            let letter = DeadLetter {
+                message_id: id.to_string(),
+                body: m.body().unwrap_or_default().to_string(),
+                reason: attr(ERROR_ATTRIBUTE),
+                kind: attr(KIND_ATTRIBUTE),
+                receive_count: m
+                    .attributes()
+                    .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            };
+            if report.moved < max && select(&letter) {
+                client
+                    .send_message()
+                    .queue_url(queue_url)
+                    .message_body(&letter.body)
+                    .send()
+                    .await
+                    .map_err(|e| sqs_error("SendMessage", queue_url, e))?;
+                client
+                    .delete_message()
+                    .queue_url(dlq_url)
+                    .receipt_handle(handle)
+                    .send()
+                    .await
+                    .map_err(|e| sqs_error("DeleteMessage", dlq_url, e))?;
+                report.moved += 1;
+            } else {
+                held.insert(id.to_string(), handle.to_string());
+            }
+        }
+        if !fresh {
+            break;
+        }
+    }
+    // Make what was looked at but not moved visible again at once.
+    for handle in held.values() {
+        client
+            .change_message_visibility()
+            .queue_url(dlq_url)
+            .receipt_handle(handle)
+            .visibility_timeout(0)
+            .send()
+            .await
+            .map_err(|e| sqs_error("ChangeMessageVisibility", dlq_url, e))?;
+    }
+    report.kept = held.len();
+    Ok(report)
+}
