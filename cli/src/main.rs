@@ -1,6 +1,7 @@
 //! `crr`: the console of crr, serverless cross-region replication for S3 buckets.
 
 mod local;
+mod redrive_cmd;
 mod rule_cmd;
 
 use anyhow::Result;
@@ -70,6 +71,19 @@ enum Command {
         after_help = "Example:\n  crr --endpoint-url http://127.0.0.1:45103 init-table"
     )]
     InitTable,
+    /// Move failed events from the dead-letter queue back to the event queue.
+    #[command(
+        after_help = "Example:\n  crr redrive --rule photos --max 100 --queue-url URL --dlq-url URL"
+    )]
+    Redrive(redrive_cmd::RedriveArgs),
+    /// List the deletes a `write` rule kept from reaching the target.
+    #[command(after_help = "Example:\n  crr suppressed photos --json")]
+    Suppressed {
+        rule: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Local development: run a function binary behind a Lambda Runtime API emulator.
     #[command(subcommand)]
     Local(local::LocalCommand),
@@ -105,5 +119,9 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Local(cmd) => local::run(&cli.aws, cmd).await,
+        Command::Redrive(args) => redrive_cmd::redrive_cmd(&cli.aws, args).await,
+        Command::Suppressed { rule, json } => {
+            redrive_cmd::suppressed_cmd(&cli.aws, &rule, json).await
+        }
     }
 }

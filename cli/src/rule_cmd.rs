@@ -31,6 +31,12 @@ pub enum RuleCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Pause a rule: its events wait (in the queue, then the DLQ) until it is resumed.
+    #[command(after_help = "Example:\n  crr rule pause photos")]
+    Pause { id: String },
+    /// Resume a paused rule (then `crr redrive --rule ID` replays what waited in the DLQ).
+    #[command(after_help = "Example:\n  crr rule resume photos")]
+    Resume { id: String },
     /// Delete a rule: turn off its notifications and release its buckets.
     #[command(after_help = "Example:\n  crr rule delete photos")]
     Delete { id: String },
@@ -100,8 +106,12 @@ pub struct CreateArgs {
     #[arg(long)]
     target_kms_key_id: Option<String>,
     /// Deliver source events straight to this SQS queue instead of through EventBridge.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "notify_external")]
     notify_queue_arn: Option<String>,
+    /// Leave the source's notification configuration alone: events are delivered by the
+    /// provider's own mechanism (S3-compatible providers) or a pipeline of yours.
+    #[arg(long)]
+    notify_external: bool,
     /// Print the created rule as JSON.
     #[arg(long)]
     json: bool,
@@ -139,9 +149,10 @@ impl CreateArgs {
                 CopyModeArg::ServerSide => CopyMode::ServerSide,
                 CopyModeArg::Stream => CopyMode::Stream,
             },
-            notify: match self.notify_queue_arn {
-                Some(arn) => Notify::Queue { arn },
-                None => Notify::EventBridge,
+            notify: match (self.notify_queue_arn, self.notify_external) {
+                (Some(arn), _) => Notify::Queue { arn },
+                (None, true) => Notify::External,
+                (None, false) => Notify::EventBridge,
             },
             storage_class: self.storage_class,
             target_kms_key_id: self.target_kms_key_id,
@@ -206,11 +217,25 @@ pub async fn run(aws: &AwsArgs, cmd: RuleCommand) -> Result<()> {
                 println!("{}", describe(&rule));
             }
         }
+        RuleCommand::Pause { id } => set_paused(&state, &id, true).await?,
+        RuleCommand::Resume { id } => set_paused(&state, &id, false).await?,
         RuleCommand::Delete { id } => {
             let s3 = S3Clients::new(sdk);
             let rule = rule_admin::delete_rule(&state, &s3, &id).await?;
             println!("deleted rule {}", rule.id);
         }
     }
+    Ok(())
+}
+
+async fn set_paused(state: &dyn RuleStore, id: &str, paused: bool) -> Result<()> {
+    let mut rule = state
+        .get_rule(id)
+        .await?
+        .ok_or_else(|| Error::RuleNotFound(id.to_string()))?;
+    rule.paused = paused;
+    state.update_rule(&rule).await?;
+    // The replicate function re-reads rules within 30 seconds.
+    println!("rule {id} {}", if paused { "paused" } else { "resumed" });
     Ok(())
 }

@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::create_table::CreateTableError;
+use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
@@ -35,6 +36,8 @@ use crate::state::{
 /// Name of the TTL attribute (epoch seconds).
 pub const TTL_ATTRIBUTE: &str = "expires_at";
 const RULES_PK: &str = "RULES";
+/// Stored for "no ETag" (DynamoDB has no empty strings).
+const NO_ETAG: &str = "-";
 
 type Item = HashMap<String, AttributeValue>;
 
@@ -366,6 +369,36 @@ impl RuleStore for DynamoStore {
         }
     }
 
+    async fn update_rule(&self, rule: &Rule) -> Result<()> {
+        let sent = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(rule_item(rule)?))
+            .condition_expression("attribute_exists(pk) AND #s = :s AND #t = :t")
+            .expression_attribute_names("#s", "source")
+            .expression_attribute_names("#t", "target")
+            .expression_attribute_values(":s", s(rule.source.bucket.clone()))
+            .expression_attribute_values(":t", s(rule.target.bucket.clone()))
+            .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(e))
+                if matches!(e.err(), PutItemError::ConditionalCheckFailedException(_)) =>
+            {
+                match self.get_rule(&rule.id).await? {
+                    None => Err(Error::RuleNotFound(rule.id.clone())),
+                    Some(_) => Err(Error::invalid(
+                        "source.bucket",
+                        "the buckets of a rule cannot change",
+                    )),
+                }
+            }
+            Err(e) => Err(self.err("PutItem", e)),
+        }
+    }
+
     async fn delete_rule(&self, rule: &Rule) -> Result<()> {
         let mut items = vec![self.delete_item(rule_key(&rule.id))?];
         for claim in claims_of(rule) {
@@ -402,7 +435,10 @@ impl LedgerStore for DynamoStore {
             .map_err(|e| self.err("GetItem", e))?;
         Ok(out.item().map(|item| LedgerEntry {
             sequencer: string_attr(item, "seq").unwrap_or_default().to_string(),
-            etag: string_attr(item, "etag").unwrap_or_default().to_string(),
+            etag: string_attr(item, "etag")
+                .filter(|e| *e != NO_ETAG)
+                .unwrap_or_default()
+                .to_string(),
             version: number_attr(item, "version"),
         }))
     }
@@ -422,7 +458,8 @@ impl LedgerStore for DynamoStore {
             .set_key(Some(ledger_key(rule_id, key)))
             .update_expression("SET seq = :seq, etag = :etag, version = :next, applied_at = :now, expires_at = :ttl")
             .expression_attribute_values(":seq", s(sequencer))
-            .expression_attribute_values(":etag", s(etag))
+            // DynamoDB refuses empty strings; deletes carry no ETag.
+            .expression_attribute_values(":etag", s(if etag.is_empty() { NO_ETAG } else { etag }))
             .expression_attribute_values(":next", n(expected.unwrap_or(0) + 1))
             .expression_attribute_values(":now", s(Utc::now().to_rfc3339()))
             .expression_attribute_values(":ttl", ttl_in_days(LEDGER_TTL_DAYS));

@@ -180,7 +180,10 @@ where
         SdkError::ServiceError(service) => {
             let status = service.raw().status_code();
             let code = service.err().code().unwrap_or("");
-            if RETRYABLE_CODES.contains(&code) || status >= 500 || status == 429 {
+            // 501 Not Implemented: the provider lacks the feature; asking again won't help.
+            if status == 501 || code == "NotImplemented" {
+                FailureClass::Permanent
+            } else if RETRYABLE_CODES.contains(&code) || status >= 500 || status == 429 {
                 FailureClass::Retryable
             } else if code == "NoSuchBucket" {
                 FailureClass::NoSuchBucket

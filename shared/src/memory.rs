@@ -435,6 +435,21 @@ impl RuleStore for MemoryState {
             .collect())
     }
 
+    async fn update_rule(&self, rule: &Rule) -> Result<()> {
+        let mut guard = locked(&self.inner);
+        match guard.0.get_mut(&rule.id) {
+            Some(stored) if stored.source == rule.source && stored.target == rule.target => {
+                *stored = rule.clone();
+                Ok(())
+            }
+            Some(_) => Err(Error::invalid(
+                "source.bucket",
+                "the buckets of a rule cannot change",
+            )),
+            None => Err(Error::RuleNotFound(rule.id.clone())),
+        }
+    }
+
     async fn delete_rule(&self, rule: &Rule) -> Result<()> {
         let mut guard = locked(&self.inner);
         let (rules, claims) = &mut *guard;

@@ -40,6 +40,7 @@ pub fn with_rule(
             queues.push(config);
         }
         Notify::EventBridge => eventbridge = Some(EventBridgeConfiguration::builder().build()),
+        Notify::External => {}
     }
     Ok(rebuild(current, queues, eventbridge))
 }
@@ -87,7 +88,11 @@ pub async fn read(client: &Client, bucket: &str) -> Result<NotificationConfigura
         .await
     {
         Ok(out) => out,
-        Err(e) if is_moto_empty_configuration(&e) => {
+        // moto answers an empty configuration with a `GetBucketNotificationResponse` root.
+        Err(e)
+            if crate::compat::success_body_with_root(&e, "GetBucketNotificationResponse")
+                .is_some() =>
+        {
             return Ok(NotificationConfiguration::builder().build());
         }
         Err(e) => return Err(from_sdk(op, format!("s3://{bucket}"), s3_permission(op), e)),
@@ -98,20 +103,6 @@ pub async fn read(client: &Client, bucket: &str) -> Result<NotificationConfigura
         .set_lambda_function_configurations(Some(out.lambda_function_configurations().to_vec()))
         .set_event_bridge_configuration(out.event_bridge_configuration().cloned())
         .build())
-}
-
-/// moto answers an empty notification configuration with a successful response whose
-/// root element is `GetBucketNotificationResponse` (S3 sends `NotificationConfiguration`),
-/// which the SDK cannot parse. Only that exact answer is taken as "empty".
-fn is_moto_empty_configuration<E>(
-    err: &aws_sdk_s3::error::SdkError<E, aws_smithy_runtime_api::http::Response>,
-) -> bool {
-    err.raw_response().is_some_and(|raw| {
-        raw.status().is_success()
-            && raw.body().bytes().is_some_and(|b| {
-                String::from_utf8_lossy(b).contains("<GetBucketNotificationResponse")
-            })
-    })
 }
 
 /// Writes the bucket's notification configuration.

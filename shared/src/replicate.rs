@@ -728,4 +728,90 @@ mod tests {
             Outcome::Skipped("replica_loop")
         );
     }
+
+    /// S3 answers 503 SlowDown twice, then succeeds: the object is written exactly once.
+    #[tokio::test]
+    async fn slow_down_twice_then_success_writes_once() {
+        use aws_sdk_s3::operation::get_object::GetObjectOutput;
+        use aws_sdk_s3::operation::get_object_tagging::GetObjectTaggingOutput;
+        use aws_sdk_s3::operation::head_object::HeadObjectOutput;
+        use aws_sdk_s3::operation::put_object::PutObjectOutput;
+        use aws_sdk_s3::primitives::ByteStream;
+        use aws_smithy_mocks::{RuleMode, mock, mock_client};
+
+        const SLOW_DOWN: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+        let md5 = "5d41402abc4b2a76b9719d911017c592"; // "hello"
+        let head = mock!(aws_sdk_s3::Client::head_object).then_output(move || {
+            HeadObjectOutput::builder()
+                .content_length(5)
+                .e_tag(format!("\"{md5}\""))
+                .build()
+        });
+        let tags = mock!(aws_sdk_s3::Client::get_object_tagging).then_output(|| {
+            GetObjectTaggingOutput::builder()
+                .set_tag_set(Some(vec![]))
+                .build()
+                .unwrap()
+        });
+        let get = mock!(aws_sdk_s3::Client::get_object)
+            .sequence()
+            .http_status(503, Some(SLOW_DOWN.to_string()))
+            .times(2)
+            .output(|| {
+                GetObjectOutput::builder()
+                    .body(ByteStream::from_static(b"hello"))
+                    .build()
+            })
+            .build();
+        let put = mock!(aws_sdk_s3::Client::put_object).then_output(move || {
+            PutObjectOutput::builder()
+                .e_tag(format!("\"{md5}\""))
+                .build()
+        });
+        // SDK-level retries off: the 503s reach crr's own retry policy.
+        let client = mock_client!(
+            aws_sdk_s3,
+            RuleMode::MatchAny,
+            [&head, &tags, &get, &put],
+            |c| c.retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+        );
+
+        struct Mocked(aws_sdk_s3::Client);
+        impl StoreProvider for Mocked {
+            fn store(&self, bucket: &BucketRef) -> Arc<dyn ObjectStore> {
+                Arc::new(crate::s3::S3Store::new(
+                    self.0.clone(),
+                    bucket.bucket.clone(),
+                ))
+            }
+        }
+        let state = MemoryState::default();
+        let mut r = rule("r1", "src-bucket", "dst-bucket");
+        r.copy_mode = crate::rule::CopyMode::Stream;
+        state.create_rule(&r).await.unwrap();
+        let settings = ReplicatorSettings {
+            retry: RetryPolicy {
+                base: Duration::from_millis(1),
+                ..RetryPolicy::default()
+            },
+            ..ReplicatorSettings::default()
+        };
+        let rep = Replicator::new(
+            Arc::new(state.clone()),
+            Arc::new(Mocked(client)),
+            None,
+            settings,
+        );
+        let out = rep
+            .handle(
+                &sqs(&[("m1", notification("ObjectCreated:Put", "k"))]),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(out, json!({"batchItemFailures": []}));
+        assert_eq!(get.num_calls(), 3);
+        assert_eq!(put.num_calls(), 1);
+        assert_eq!(state.counters("r1").await.unwrap().replicated_objects, 1);
+    }
 }

@@ -92,6 +92,10 @@ pub enum Notify {
     EventBridge,
     /// S3 sends events straight to this SQS queue.
     Queue { arn: String },
+    /// Events are delivered by something crr does not configure (an S3-compatible
+    /// provider's own notifications, or a hand-made pipeline); crr leaves the bucket's
+    /// notification configuration alone.
+    External,
 }
 
 /// A replication rule: source -> target, with filters and policies.

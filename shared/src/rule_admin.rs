@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::notification;
 use crate::object_store::ObjectStore;
-use crate::rule::Rule;
+use crate::rule::{Notify, Rule};
 use crate::s3::S3Clients;
 use crate::state::RuleStore;
 
@@ -31,6 +31,9 @@ pub async fn create_rule(rules: &dyn RuleStore, s3: &S3Clients, mut rule: Rule) 
         .map_err(|e| Error::invalid("target.bucket", format!("cannot be written: {e}")))?;
 
     rules.create_rule(&rule).await?;
+    if rule.notify == Notify::External {
+        return Ok(rule);
+    }
 
     let client = s3.client(&rule.source);
     let notified = async {
@@ -62,6 +65,10 @@ pub async fn delete_rule(rules: &dyn RuleStore, s3: &S3Clients, id: &str) -> Res
         .get_rule(id)
         .await?
         .ok_or_else(|| Error::RuleNotFound(id.to_string()))?;
+    if rule.notify == Notify::External {
+        rules.delete_rule(&rule).await?;
+        return Ok(rule);
+    }
     let client = s3.client(&rule.source);
     let unnotified = async {
         let current = notification::read(&client, &rule.source.bucket).await?;

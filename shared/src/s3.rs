@@ -20,6 +20,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
+use crate::compat;
 use crate::error::{Error, Result, from_sdk, s3_permission};
 use crate::object_store::{
     ContentHeaders, Encryption, ObjectInfo, ObjectStore, UploadedPart, WriteAttrs,
@@ -357,7 +358,7 @@ impl ObjectStore for S3Store {
                     .collect(),
             ))
             .build();
-        let out = self
+        let sent = self
             .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
@@ -365,9 +366,16 @@ impl ObjectStore for S3Store {
             .upload_id(upload_id)
             .multipart_upload(completed)
             .send()
-            .await
-            .map_err(|e| self.err("CompleteMultipartUpload", key, e))?;
-        Ok(out.e_tag().map(unquote).unwrap_or_default())
+            .await;
+        match sent {
+            Ok(out) => Ok(out.e_tag().map(unquote).unwrap_or_default()),
+            Err(e) => match compat::success_body_with_root(&e, "CompleteMultipartUploadResponse")
+                .and_then(|body| compat::xml_text(&body, "ETag"))
+            {
+                Some(etag) => Ok(unquote(&etag)),
+                None => Err(self.err("CompleteMultipartUpload", key, e)),
+            },
+        }
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()> {

@@ -84,6 +84,9 @@ pub trait RuleStore: Send + Sync {
     /// All rules, ordered by id.
     async fn list_rules(&self) -> Result<Vec<Rule>>;
 
+    /// Replaces a rule's stored settings (pause, resume); the buckets cannot change.
+    async fn update_rule(&self, rule: &Rule) -> Result<()>;
+
     /// Removes the rule and releases its claims.
     async fn delete_rule(&self, rule: &Rule) -> Result<()>;
 

@@ -253,6 +253,20 @@ pub fn bin(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Encodes a key the way S3 event notifications do: form-URL-encoding ('+' for a space).
+pub fn encode_key_like_s3(key: &str) -> String {
+    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~')
+        .remove(b'/')
+        .remove(b' ');
+    percent_encoding::utf8_percent_encode(key, KEEP)
+        .to_string()
+        .replace(' ', "+")
+}
+
 /// A function binary running behind `crr local run-function`, killed on drop.
 pub struct RunningFunction {
     child: Child,
@@ -261,6 +275,17 @@ pub struct RunningFunction {
 impl RunningFunction {
     /// Starts `function` (e.g. `crr-replicate`) fed by the SQS queue at `queue_url`.
     pub fn start(stack: &Stack, function: &str, queue_url: &str, table: &str) -> Result<Self> {
+        Self::start_with(stack, function, queue_url, table, &[])
+    }
+
+    /// As `start`, with extra environment for the function (`KEY=VALUE`).
+    pub fn start_with(
+        stack: &Stack,
+        function: &str,
+        queue_url: &str,
+        table: &str,
+        env: &[String],
+    ) -> Result<Self> {
         let child = Command::new(bin("crr")?)
             .args([
                 "local",
@@ -275,6 +300,7 @@ impl RunningFunction {
             .args(["--queue-url", queue_url])
             .args(["--env", &format!("CRR_TABLE={table}")])
             .args(["--env", "AWS_LAMBDA_LOG_FORMAT=json"])
+            .args(env.iter().flat_map(|kv| ["--env".to_string(), kv.clone()]))
             .env("AWS_REGION", &stack.a.region)
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")

@@ -1,0 +1,113 @@
+//! `crr redrive` and `crr suppressed`: what failed and what policy `write` held back.
+
+use anyhow::{Context, Result};
+use crr_shared::dead_letter::{DeadLetter, redrive};
+use crr_shared::event::{Incoming, parse_message_body};
+use crr_shared::state::{RuleStore, StatsStore};
+
+use crate::AwsArgs;
+
+#[derive(clap::Args)]
+pub struct RedriveArgs {
+    /// Only events of this rule's source bucket.
+    #[arg(long)]
+    rule: Option<String>,
+    /// Move at most this many messages.
+    #[arg(long, default_value_t = 1000)]
+    max: usize,
+    /// The event queue the replicate function reads.
+    #[arg(long, env = "CRR_QUEUE_URL")]
+    queue_url: String,
+    /// The dead-letter queue.
+    #[arg(long, env = "CRR_DLQ_URL")]
+    dlq_url: String,
+    /// SQS endpoint (local stacks).
+    #[arg(long, env = "AWS_ENDPOINT_URL_SQS")]
+    sqs_endpoint_url: Option<String>,
+}
+
+fn buckets_of(letter: &DeadLetter) -> Vec<String> {
+    parse_message_body(&letter.body)
+        .map(|events| {
+            events
+                .into_iter()
+                .filter_map(|e| match e {
+                    Incoming::Change(c) => Some(c.bucket),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub async fn redrive_cmd(aws: &AwsArgs, args: RedriveArgs) -> Result<()> {
+    let sdk = aws.sdk_config().await;
+    let source_bucket = match &args.rule {
+        Some(id) => {
+            let state = aws.state(&sdk).await;
+            let rule = state
+                .get_rule(id)
+                .await?
+                .ok_or_else(|| crr_shared::Error::RuleNotFound(id.clone()))?;
+            Some(rule.source.bucket)
+        }
+        None => None,
+    };
+    let mut conf = aws_sdk_sqs::config::Builder::from(&sdk);
+    if let Some(url) = &args.sqs_endpoint_url {
+        conf = conf.endpoint_url(url);
+    }
+    let sqs = aws_sdk_sqs::Client::from_conf(conf.build());
+    let report = redrive(&sqs, &args.dlq_url, &args.queue_url, args.max, |letter| {
+        let chosen = match &source_bucket {
+            Some(bucket) => buckets_of(letter).contains(bucket),
+            None => true,
+        };
+        if chosen {
+            eprintln!(
+                "redrive {}: {}",
+                letter.message_id,
+                letter.reason.as_deref().unwrap_or("(no reason recorded)")
+            );
+        }
+        chosen
+    })
+    .await
+    .context("redrive")?;
+    println!(
+        "moved {} message(s) back to the event queue; {} left in the DLQ",
+        report.moved, report.kept
+    );
+    Ok(())
+}
+
+pub async fn suppressed_cmd(aws: &AwsArgs, rule_id: &str, json: bool) -> Result<()> {
+    let sdk = aws.sdk_config().await;
+    let state = aws.state(&sdk).await;
+    state
+        .get_rule(rule_id)
+        .await?
+        .ok_or_else(|| crr_shared::Error::RuleNotFound(rule_id.to_string()))?;
+    let deletes = state.suppressed(rule_id).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&deletes)?);
+        return Ok(());
+    }
+    if deletes.is_empty() {
+        println!("no suppressed deletes for rule {rule_id}");
+    }
+    for d in deletes {
+        println!(
+            "{}  {}{}  sequencer {}",
+            d.event_time.unwrap_or(d.recorded_at).to_rfc3339(),
+            d.key,
+            if d.delete_marker {
+                " (delete marker)"
+            } else {
+                ""
+            },
+            d.sequencer.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
