@@ -226,3 +226,195 @@ async fn replicates_into_s3s_fs_which_checks_signatures() -> Result<()> {
     assert!(p.replica("out/not.txt").await?.is_none());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_poison_message_fails_alone_reaches_the_dlq_with_its_reason_and_redrive_replays_it()
+-> Result<()> {
+    let stack = Stack::from_env()?;
+    let table = unique("dlq");
+    let state = stack.state(&table).await?;
+    let (source, target) = (unique("src"), unique("dst"));
+    stack.create_bucket(&stack.a, &source).await?;
+    stack.create_bucket(&stack.b, &target).await?;
+    let ((queue_url, queue_arn), (dlq_url, _)) = stack
+        .create_queue_with_dlq(&stack.a, &unique("events"), 2, 5)
+        .await?;
+    let mut r = rule(
+        &unique("rule"),
+        stack.a.bucket(&source),
+        stack.b.bucket(&target),
+    );
+    r.notify = Notify::Queue { arn: queue_arn };
+    let r = create_rule(&state, &stack.s3_clients(), r).await?;
+    let _function = RunningFunction::start_with(
+        &stack,
+        "crr-replicate",
+        &queue_url,
+        &table,
+        &[
+            format!("CRR_DLQ_URL={dlq_url}"),
+            "CRR_MAX_RECEIVES=2".to_string(),
+        ],
+    )?;
+    let s3a = stack.s3(&stack.a);
+    let s3b = stack.s3(&stack.b);
+
+    // A malformed message among good events: only it fails, and it is dead-lettered
+    // with the parse error.
+    stack
+        .sqs(&stack.a)
+        .send_message()
+        .queue_url(&queue_url)
+        .message_body("{\"Records\": [trunc")
+        .send()
+        .await?;
+    s3a.put_object()
+        .bucket(&source)
+        .key("good.txt")
+        .body(ByteStream::from_static(b"good"))
+        .send()
+        .await?;
+    eventually(WAIT, "good.txt replicated", || async {
+        Ok(read_object(&s3b, &target, "good.txt").await?.map(|_| ()))
+    })
+    .await?;
+    let dead = stack.peek_messages(&stack.a, &dlq_url, 1, WAIT).await?;
+    assert_eq!(dead[0].0, "{\"Records\": [trunc");
+    let reason = dead[0].1.clone().unwrap_or_default();
+    assert!(
+        reason.starts_with("malformed event: body is not JSON"),
+        "{reason}"
+    );
+
+    // The target bucket disappears: the next event fails permanently, naming the bucket.
+    s3b.delete_object()
+        .bucket(&target)
+        .key("good.txt")
+        .send()
+        .await?;
+    s3b.delete_bucket().bucket(&target).send().await?;
+    s3a.put_object()
+        .bucket(&source)
+        .key("needs fix.txt")
+        .body(ByteStream::from_static(b"later"))
+        .send()
+        .await?;
+    let dead = stack.peek_messages(&stack.a, &dlq_url, 2, WAIT).await?;
+    let reasons: Vec<String> = dead.iter().filter_map(|(_, r)| r.clone()).collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains(&format!("bucket '{target}' does not exist"))),
+        "{reasons:?}"
+    );
+
+    // The fix, then a redrive of this rule's events: the malformed message stays.
+    stack.create_bucket(&stack.b, &target).await?;
+    let out = stack.crr(
+        &table,
+        &[
+            "redrive",
+            "--rule",
+            &r.id,
+            "--queue-url",
+            &queue_url,
+            "--dlq-url",
+            &dlq_url,
+        ],
+    )?;
+    assert!(out.contains("moved 1 message(s)"), "{out}");
+    assert!(out.contains("1 left in the DLQ"), "{out}");
+    let replica = eventually(WAIT, "the redriven event replicated", || async {
+        read_object(&s3b, &target, "needs fix.txt").await
+    })
+    .await?;
+    assert_eq!(replica.0, b"later");
+    Ok(())
+}
+
+#[tokio::test]
+async fn eventbridge_events_through_sqs_replicate_and_delete() -> Result<()> {
+    // S3 -> EventBridge (moto's default bus) -> rule -> SQS -> replicate. moto's
+    // EventBridge events carry a constant sequencer and an epoch-seconds `time`: the
+    // ledger tells events apart by ETag when sequencers are equal.
+    let stack = Stack::from_env()?;
+    let table = unique("eb");
+    let state = stack.state(&table).await?;
+    let (source, target) = (unique("src"), unique("dst"));
+    stack.create_bucket(&stack.a, &source).await?;
+    stack.create_bucket(&stack.b, &target).await?;
+    let (queue_url, queue_arn) = stack.create_queue(&stack.a, &unique("events"), 5).await?;
+    let eb = aws_sdk_eventbridge::Client::from_conf(
+        aws_sdk_eventbridge::config::Builder::from(&stack.sdk(&stack.a.region))
+            .endpoint_url(&stack.a.endpoint)
+            .build(),
+    );
+    let pattern = serde_json::json!({
+        "source": ["aws.s3"],
+        "detail-type": ["Object Created", "Object Deleted"],
+        "detail": {"bucket": {"name": [source]}}
+    });
+    let rule_name = unique("s3-to-crr");
+    eb.put_rule()
+        .name(&rule_name)
+        .event_pattern(pattern.to_string())
+        .send()
+        .await?;
+    eb.put_targets()
+        .rule(&rule_name)
+        .targets(
+            aws_sdk_eventbridge::types::Target::builder()
+                .id("crr")
+                .arn(&queue_arn)
+                .build()?,
+        )
+        .send()
+        .await?;
+    let r = rule(
+        &unique("rule"),
+        stack.a.bucket(&source),
+        stack.b.bucket(&target),
+    );
+    assert_eq!(r.notify, Notify::EventBridge);
+    create_rule(&state, &stack.s3_clients(), r).await?;
+    let _function = RunningFunction::start(&stack, "crr-replicate", &queue_url, &table)?;
+
+    let s3a = stack.s3(&stack.a);
+    let s3b = stack.s3(&stack.b);
+    let key = "eventbridge/a key+plus.txt";
+    s3a.put_object()
+        .bucket(&source)
+        .key(key)
+        .body(ByteStream::from_static(b"v1"))
+        .send()
+        .await?;
+    eventually(WAIT, "v1 replicated", || async {
+        Ok(read_object(&s3b, &target, key)
+            .await?
+            .filter(|(b, _)| b == b"v1")
+            .map(|_| ()))
+    })
+    .await?;
+    s3a.put_object()
+        .bucket(&source)
+        .key(key)
+        .body(ByteStream::from_static(b"v2"))
+        .send()
+        .await?;
+    eventually(WAIT, "v2 replicated", || async {
+        Ok(read_object(&s3b, &target, key)
+            .await?
+            .filter(|(b, _)| b == b"v2")
+            .map(|_| ()))
+    })
+    .await?;
+    s3a.delete_object().bucket(&source).key(key).send().await?;
+    eventually(WAIT, "the delete replicated", || async {
+        Ok(read_object(&s3b, &target, key)
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    Ok(())
+}

@@ -99,6 +99,7 @@ async fn env(setup: Setup, configure: impl FnOnce(&mut Rule)) -> Result<Env> {
             multipart_threshold: 8 * 1024 * 1024,
             part_size: 5 * 1024 * 1024,
             parts_in_flight: 3,
+            ..CopyEngine::default()
         },
         ..ReplicatorSettings::default()
     };
@@ -122,6 +123,7 @@ struct Put<'a> {
     content_type: Option<&'a str>,
     headers: bool,
     sse: bool,
+    public: bool,
 }
 
 struct Replica {
@@ -172,6 +174,9 @@ impl Env {
         }
         if opts.sse {
             req = req.server_side_encryption(ServerSideEncryption::Aes256);
+        }
+        if opts.public {
+            req = req.acl(aws_sdk_s3::types::ObjectCannedAcl::PublicRead);
         }
         let out = req.send().await.with_context(|| format!("PUT {key}"))?;
         Ok(out
@@ -270,6 +275,8 @@ async fn precise_copy(setup: Setup) -> Result<()> {
                 tags: if with_tags { tags.clone() } else { vec![] },
                 content_type: Some("text/plain; charset=utf-8"),
                 headers: true,
+                // s3s-fs has no ACLs.
+                public: with_tags,
                 ..Put::default()
             },
         )
@@ -314,6 +321,31 @@ async fn precise_copy(setup: Setup) -> Result<()> {
     );
     if with_tags {
         assert_eq!(e.target_tags("docs/report.txt").await?, tags);
+        // The canned ACL is carried over and the source owner recorded.
+        let acl = e
+            .stack
+            .s3(&e.dst)
+            .get_object_acl()
+            .bucket(e.target())
+            .key("docs/report.txt")
+            .send()
+            .await?;
+        let public = acl.grants().iter().any(|g| {
+            g.grantee()
+                .and_then(|x| x.uri())
+                .is_some_and(|u| u.ends_with("/global/AllUsers"))
+                && g.permission().map(|p| p.as_str()) == Some("READ")
+        });
+        assert!(
+            public,
+            "{setup:?}: replica is not public-read: {:?}",
+            acl.grants()
+        );
+        assert!(
+            r.metadata.contains_key("crr-source-owner"),
+            "{setup:?}: {:?}",
+            r.metadata
+        );
     }
     Ok(())
 }
@@ -466,6 +498,16 @@ async fn multipart_objects(setup: Setup) -> Result<()> {
     let etag = crr_shared::s3::S3Store::new(s3.clone(), e.source().to_string())
         .complete_multipart("parts.bin", id, &parts)
         .await?;
+    if !matches!(setup, Setup::S3sToMoto | Setup::S3sServerSide) {
+        // moto keeps no ACL on an object made by CompleteMultipartUpload and answers its
+        // GetObjectAcl with a 500 (AttributeError in moto); give it one as S3 would have.
+        s3.put_object_acl()
+            .bucket(e.source())
+            .key("parts.bin")
+            .acl(aws_sdk_s3::types::ObjectCannedAcl::Private)
+            .send()
+            .await?;
+    }
     e.created("parts.bin", &etag).await?;
     assert!(
         e.must_replica("parts.bin").await?.body == big[..11 * 1024 * 1024],

@@ -102,6 +102,9 @@ pub struct CreateArgs {
     /// Storage class of the replicas (default: the source object's).
     #[arg(long)]
     storage_class: Option<String>,
+    /// Do not carry canned ACLs (public-read...) to the replicas.
+    #[arg(long)]
+    no_copy_acl: bool,
     /// KMS key id or ARN in the target region, for replicas of SSE-KMS objects.
     #[arg(long)]
     target_kms_key_id: Option<String>,
@@ -155,6 +158,7 @@ impl CreateArgs {
                 (None, false) => Notify::EventBridge,
             },
             storage_class: self.storage_class,
+            copy_acl: !self.no_copy_acl,
             target_kms_key_id: self.target_kms_key_id,
             paused: false,
             created_at: String::new(),

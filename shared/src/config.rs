@@ -43,6 +43,7 @@ impl FunctionConfig {
                 parts_in_flight: optional_number("CRR_PARTS_IN_FLIGHT")?
                     .map(|n| n as usize)
                     .unwrap_or(defaults.parts_in_flight),
+                ..defaults
             },
             dlq_url: std::env::var("CRR_DLQ_URL").ok().filter(|v| !v.is_empty()),
             max_receives: optional_number("CRR_MAX_RECEIVES")?

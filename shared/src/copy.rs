@@ -1,7 +1,8 @@
 //! The copy engine: server-side (CopyObject) or streaming (ranged GETs -> PutObject or a
 //! multipart upload with a bounded number of parts in flight), every copy verified.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -26,6 +27,8 @@ pub mod marker {
     pub const SOURCE_VERSION: &str = "crr-source-version";
     /// Source Last-Modified (RFC 3339): the replica's own Last-Modified is the copy time.
     pub const SOURCE_LAST_MODIFIED: &str = "crr-source-last-modified";
+    /// Canonical user id of the source object's owner (S3 makes the writer the owner).
+    pub const SOURCE_OWNER: &str = "crr-source-owner";
 
     /// True for metadata names written by crr rather than by the user.
     pub fn is_marker(name: &str) -> bool {
@@ -43,6 +46,8 @@ const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 /// Tuning of the copy engine.
 #[derive(Debug, Clone)]
 pub struct CopyEngine {
+    /// Target buckets found to refuse ACLs (bucket owner enforced): ACLs are not sent there.
+    pub acl_refused: Arc<Mutex<HashSet<String>>>,
     /// Objects larger than this are copied in parts.
     pub multipart_threshold: u64,
     /// Size of each part (grown automatically to stay within 10,000 parts).
@@ -54,6 +59,7 @@ pub struct CopyEngine {
 impl Default for CopyEngine {
     fn default() -> Self {
         Self {
+            acl_refused: Arc::default(),
             multipart_threshold: 64 * 1024 * 1024,
             part_size: 16 * 1024 * 1024,
             parts_in_flight: 4,
@@ -120,6 +126,7 @@ pub fn replica_attrs(
             .and_then(|r| r.storage_class.clone())
             .or_else(|| info.storage_class.clone()),
         encryption,
+        acl: None,
     }
 }
 
@@ -177,9 +184,34 @@ impl CopyEngine {
         info: &ObjectInfo,
     ) -> Result<CopyOutcome> {
         let tags = source.tags(&info.key).await?;
-        let attrs = replica_attrs(Some(rule), source.bucket(), info, tags);
-        self.copy(source, target, info, &attrs, rule.resolved_copy_mode())
-            .await
+        let mut attrs = replica_attrs(Some(rule), source.bucket(), info, tags);
+        if rule.copy_acl {
+            let access = source.access(&info.key).await?;
+            if let Some(owner) = access.owner_id {
+                attrs.metadata.insert(marker::SOURCE_OWNER.into(), owner);
+            }
+            if !self.refuses_acls(target.bucket()) {
+                attrs.acl = access.canned_acl;
+            }
+        }
+        let mode = rule.resolved_copy_mode();
+        match self.copy(source, target, info, &attrs, mode).await {
+            Err(Error::AclNotSupported { .. }) if attrs.acl.is_some() => {
+                tracing::warn!(bucket = %target.bucket(), "target bucket does not accept ACLs (bucket owner enforced): replicas get the bucket's own access rules");
+                self.lock_refused().insert(target.bucket().to_string());
+                attrs.acl = None;
+                self.copy(source, target, info, &attrs, mode).await
+            }
+            other => other,
+        }
+    }
+
+    fn lock_refused(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.acl_refused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn refuses_acls(&self, bucket: &str) -> bool {
+        self.lock_refused().contains(bucket)
     }
 
     /// Copies the object `info` to the same key in `target`, writing `attrs`.
@@ -485,6 +517,7 @@ mod tests {
             multipart_threshold: 5 * 1024 * 1024,
             part_size: 5 * 1024 * 1024,
             parts_in_flight: 2,
+            ..CopyEngine::default()
         };
         let out = copy(&engine, &src, &dst, &info, ResolvedCopyMode::Stream)
             .await
@@ -534,6 +567,7 @@ mod tests {
             multipart_threshold: 5 * 1024 * 1024,
             part_size: 5 * 1024 * 1024,
             parts_in_flight: 3,
+            ..CopyEngine::default()
         }
     }
 

@@ -68,6 +68,13 @@ pub enum Error {
         resource: String,
     },
 
+    /// The bucket refuses ACLs (Object Ownership "bucket owner enforced").
+    #[error("{resource}: the bucket does not accept ACLs ({operation})")]
+    AclNotSupported {
+        operation: &'static str,
+        resource: String,
+    },
+
     /// The replica's content does not match the source.
     #[error("integrity check failed for {resource}: {detail}")]
     Integrity { resource: String, detail: String },
@@ -120,6 +127,7 @@ impl Error {
             Error::NotFound { .. } => "NotFound",
             Error::Precondition { .. } => "Precondition",
             Error::Integrity { .. } => "Integrity",
+            Error::AclNotSupported { .. } => "AclNotSupported",
             Error::Transient { .. } => "Retryable",
             Error::Service { .. } => "Service",
             Error::Config(_) => "Config",
@@ -144,6 +152,7 @@ pub enum FailureClass {
     NotFound,
     Precondition,
     ConditionFailed,
+    AclNotSupported,
     Permanent,
 }
 
@@ -185,6 +194,8 @@ where
                 FailureClass::Permanent
             } else if RETRYABLE_CODES.contains(&code) || status >= 500 || status == 429 {
                 FailureClass::Retryable
+            } else if code == "AccessControlListNotSupported" {
+                FailureClass::AclNotSupported
             } else if code == "NoSuchBucket" {
                 FailureClass::NoSuchBucket
             } else if code == "ConditionalCheckFailedException"
@@ -221,6 +232,7 @@ pub fn s3_permission(operation: &str) -> &'static str {
     match operation {
         "GetObject" | "HeadObject" => "s3:GetObject",
         "GetObjectTagging" => "s3:GetObjectTagging",
+        "GetObjectAcl" => "s3:GetObjectAcl",
         "PutObjectTagging" => "s3:PutObjectTagging",
         "PutObject" | "CreateMultipartUpload" | "UploadPart" | "CompleteMultipartUpload" => {
             "s3:PutObject"
@@ -288,6 +300,10 @@ where
             resource,
         },
         FailureClass::Precondition => Error::Precondition {
+            operation,
+            resource,
+        },
+        FailureClass::AclNotSupported => Error::AclNotSupported {
             operation,
             resource,
         },

@@ -215,8 +215,9 @@ struct EventBridgeEnvelope {
     #[serde(rename = "detail-type")]
     detail_type: String,
     source: String,
+    /// RFC 3339 from AWS (some emulators send epoch seconds: then it is ignored).
     #[serde(default)]
-    time: Option<String>,
+    time: Option<Value>,
     detail: EventBridgeDetail,
 }
 
@@ -233,7 +234,7 @@ struct EventBridgeObject {
     key: String,
     #[serde(default)]
     size: Option<u64>,
-    #[serde(default)]
+    #[serde(default, alias = "eTag")]
     etag: Option<String>,
     #[serde(default, rename = "version-id")]
     version_id: Option<String>,
@@ -271,7 +272,11 @@ fn parse_eventbridge(value: &Value) -> Result<Incoming> {
         version_id: non_empty(ev.detail.object.version_id),
         etag: non_empty(ev.detail.object.etag),
         size: ev.detail.object.size,
-        event_time: ev.time.as_deref().and_then(parse_time),
+        event_time: ev
+            .time
+            .as_ref()
+            .and_then(Value::as_str)
+            .and_then(parse_time),
         event_name: ev.detail_type,
     }))
 }

@@ -23,7 +23,7 @@ pub const LEDGER_TTL_DAYS: i64 = 15;
 pub struct LedgerEntry {
     /// Normalized sequencer (see [`normalize_sequencer`]).
     pub sequencer: String,
-    /// ETag the event announced (empty for deletes), to tell a true duplicate from a
+    /// ETag the event announced, or a removal marker, to tell a true duplicate from a
     /// different event carrying the same sequencer.
     pub etag: String,
     /// Bumped by every commit; the optimistic-concurrency token.

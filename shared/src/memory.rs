@@ -287,6 +287,10 @@ impl ObjectStore for MemoryObjectStore {
         self.upload_part(key, upload_id, part_number, data).await
     }
 
+    async fn access(&self, _key: &str) -> Result<crate::object_store::AccessInfo> {
+        Ok(crate::object_store::AccessInfo::default())
+    }
+
     async fn tags(&self, key: &str) -> Result<Vec<(String, String)>> {
         Ok(self.object(key).map(|o| o.tags).unwrap_or_default())
     }

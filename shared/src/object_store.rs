@@ -47,6 +47,16 @@ pub struct ObjectInfo {
     pub encryption: Option<Encryption>,
 }
 
+/// Who owns an object and who else may read it, as far as it can be carried over.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessInfo {
+    /// Canonical user id of the owner.
+    pub owner_id: Option<String>,
+    /// The canned ACL the grants amount to (`public-read`...); `None` for private objects
+    /// and for grants to specific accounts, which mean nothing in another account.
+    pub canned_acl: Option<String>,
+}
+
 /// What is written with a replica.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteAttrs {
@@ -56,6 +66,8 @@ pub struct WriteAttrs {
     pub tags: Vec<(String, String)>,
     pub storage_class: Option<String>,
     pub encryption: Option<Encryption>,
+    /// Canned ACL for the replica.
+    pub acl: Option<String>,
 }
 
 impl WriteAttrs {
@@ -122,6 +134,9 @@ pub trait ObjectStore: Send + Sync {
         range: (u64, u64),
         if_match: &str,
     ) -> Result<String>;
+
+    /// Owner and canned ACL of the object (empty where the provider has no ACLs).
+    async fn access(&self, key: &str) -> Result<AccessInfo>;
 
     /// The object's tags (empty where the provider has no tagging).
     async fn tags(&self, key: &str) -> Result<Vec<(String, String)>>;

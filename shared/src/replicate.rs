@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse};
 use chrono::Utc;
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -13,7 +14,7 @@ use serde_json::{Value, json};
 use crate::copy::{CopyEngine, is_replica};
 use crate::dead_letter::DeadLetters;
 use crate::error::{Error, Result};
-use crate::event::{Incoming, Invocation, ReplicationEvent, SqsItem, parse_invocation};
+use crate::event::{EventKind, Incoming, Invocation, ReplicationEvent, SqsItem, parse_invocation};
 use crate::filter::{Action, SkipReason, decide};
 use crate::ledger::{Freshness, freshness, normalize_sequencer};
 use crate::metrics;
@@ -55,6 +56,8 @@ impl Outcome {
 const RULE_CACHE_TTL: Duration = Duration::from_secs(30);
 /// Messages of one SQS batch handled at once.
 const BATCH_CONCURRENCY: usize = 8;
+/// The ledger's ETag for an applied removal.
+const REMOVED: &str = "(removed)";
 /// Commits tried for one event before it is failed (each lost race re-applies).
 const MAX_COMMITS: u32 = 5;
 
@@ -131,15 +134,22 @@ impl Replicator {
         let tally = Tally::default();
         let result = match parse_invocation(payload)? {
             Invocation::Sqs(items) => {
-                let failures: Vec<Value> = futures::stream::iter(items)
+                let failures: Vec<BatchItemFailure> = futures::stream::iter(items)
                     .map(|item| self.handle_message(item, deadline, &tally))
                     .buffer_unordered(BATCH_CONCURRENCY)
-                    .filter_map(
-                        |failed| async move { failed.map(|id| json!({"itemIdentifier": id})) },
-                    )
+                    .filter_map(|failed| async move {
+                        failed.map(|id| {
+                            let mut f = BatchItemFailure::default();
+                            f.item_identifier = id;
+                            f
+                        })
+                    })
                     .collect()
                     .await;
-                Ok(json!({"batchItemFailures": failures}))
+                let mut response = SqsBatchResponse::default();
+                response.batch_item_failures = failures;
+                serde_json::to_value(response)
+                    .map_err(|e| Error::Config(format!("batch response: {e}")))
             }
             Invocation::Direct(events) => match self.apply_all(events, deadline, &tally).await {
                 Ok(()) => Ok(json!({"status": "ok"})),
@@ -315,7 +325,12 @@ impl Replicator {
             // applying the source's current state is still never older than the event.
             return self.apply_current_state(rule, &event.key, action).await;
         };
-        let etag = event.etag.clone().unwrap_or_default();
+        // What the event is about: the ETag it announced, or a removal. (S3's own delete
+        // events carry no ETag; moto's carry the deleted object's.)
+        let etag = match event.kind {
+            EventKind::Created => event.etag.clone().unwrap_or_default(),
+            EventKind::Removed { .. } => REMOVED.to_string(),
+        };
         let mut entry = self.state.read_ledger(&rule.id, &event.key).await?;
         match freshness(entry.as_ref(), &sequencer, &etag) {
             Freshness::Stale => return Ok(Outcome::Skipped("stale")),
@@ -747,6 +762,9 @@ mod tests {
                 .e_tag(format!("\"{md5}\""))
                 .build()
         });
+        let acl = mock!(aws_sdk_s3::Client::get_object_acl).then_output(|| {
+            aws_sdk_s3::operation::get_object_acl::GetObjectAclOutput::builder().build()
+        });
         let tags = mock!(aws_sdk_s3::Client::get_object_tagging).then_output(|| {
             GetObjectTaggingOutput::builder()
                 .set_tag_set(Some(vec![]))
@@ -772,7 +790,7 @@ mod tests {
         let client = mock_client!(
             aws_sdk_s3,
             RuleMode::MatchAny,
-            [&head, &tags, &get, &put],
+            [&head, &acl, &tags, &get, &put],
             |c| c.retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
         );
 

@@ -7,6 +7,10 @@ use crate::error::{Error, Result};
 /// Most prefixes a rule may name (as Alibaba OSS CRR).
 pub const MAX_PREFIXES: usize = 5;
 
+fn yes() -> bool {
+    true
+}
+
 /// One side of a sync pair: a bucket, its region and how to reach it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BucketRef {
@@ -122,6 +126,9 @@ pub struct Rule {
     /// Storage class for replicas (`None`: the source object's class).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class: Option<String>,
+    /// Carry canned ACLs (public-read...) to replicas where the target bucket accepts ACLs.
+    #[serde(default = "yes")]
+    pub copy_acl: bool,
     /// KMS key (in the target region) for replicas of SSE-KMS objects, or for all replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_kms_key_id: Option<String>,
@@ -343,6 +350,7 @@ pub(crate) mod tests {
             copy_mode: CopyMode::Auto,
             notify: Notify::EventBridge,
             storage_class: None,
+            copy_acl: true,
             target_kms_key_id: None,
             paused: false,
             created_at: String::new(),

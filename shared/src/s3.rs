@@ -13,8 +13,8 @@ use aws_sdk_s3::operation::get_object::GetObjectError;
 use aws_sdk_s3::operation::head_object::HeadObjectError;
 use aws_sdk_s3::primitives::{ByteStream, DateTime as SmithyDateTime, DateTimeFormat};
 use aws_sdk_s3::types::{
-    CompletedMultipartUpload, CompletedPart, MetadataDirective, ServerSideEncryption, StorageClass,
-    Tag, TaggingDirective,
+    CompletedMultipartUpload, CompletedPart, Grant, MetadataDirective, ObjectCannedAcl,
+    ServerSideEncryption, StorageClass, Tag, TaggingDirective,
 };
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -23,7 +23,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use crate::compat;
 use crate::error::{Error, Result, from_sdk, s3_permission};
 use crate::object_store::{
-    ContentHeaders, Encryption, ObjectInfo, ObjectStore, UploadedPart, WriteAttrs,
+    AccessInfo, ContentHeaders, Encryption, ObjectInfo, ObjectStore, UploadedPart, WriteAttrs,
 };
 use crate::rule::BucketRef;
 
@@ -192,6 +192,7 @@ macro_rules! with_attrs {
             .set_server_side_encryption(sse)
             .set_ssekms_key_id(kms_key)
             .set_tagging(tagging_header(&$attrs.tags))
+            .set_acl($attrs.acl.as_deref().map(ObjectCannedAcl::from))
             .set_content_type(h.content_type.clone())
             .set_content_encoding(h.content_encoding.clone())
             .set_content_disposition(h.content_disposition.clone())
@@ -446,6 +447,53 @@ impl ObjectStore for S3Store {
             .and_then(|r| r.e_tag())
             .map(unquote)
             .unwrap_or_default())
+    }
+
+    async fn access(&self, key: &str) -> Result<AccessInfo> {
+        let out = match self
+            .client
+            .get_object_acl()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            // Providers without ACLs answer 501 Not Implemented.
+            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 501 => {
+                return Ok(AccessInfo::default());
+            }
+            Err(e) => return Err(self.err("GetObjectAcl", key, e)),
+        };
+        let group = |g: &Grant| {
+            g.grantee().and_then(|grantee| grantee.uri()).map(|uri| {
+                (
+                    uri.to_string(),
+                    g.permission()
+                        .map(|p| p.as_str().to_string())
+                        .unwrap_or_default(),
+                )
+            })
+        };
+        let groups: Vec<(String, String)> = out.grants().iter().filter_map(group).collect();
+        let has = |uri_end: &str, perm: &str| {
+            groups
+                .iter()
+                .any(|(u, p)| u.ends_with(uri_end) && p == perm)
+        };
+        let canned_acl = if has("/global/AllUsers", "READ") && has("/global/AllUsers", "WRITE") {
+            Some("public-read-write")
+        } else if has("/global/AllUsers", "READ") {
+            Some("public-read")
+        } else if has("/global/AuthenticatedUsers", "READ") {
+            Some("authenticated-read")
+        } else {
+            None
+        };
+        Ok(AccessInfo {
+            owner_id: out.owner().and_then(|o| o.id()).map(str::to_string),
+            canned_acl: canned_acl.map(str::to_string),
+        })
     }
 
     async fn tags(&self, key: &str) -> Result<Vec<(String, String)>> {

@@ -161,6 +161,87 @@ impl Stack {
         Ok((url, arn))
     }
 
+    /// Creates an event queue whose redrive policy moves a message to a new DLQ after
+    /// `max_receives` receives; returns ((url, arn) of the queue, (url, arn) of the DLQ).
+    pub async fn create_queue_with_dlq(
+        &self,
+        server: &S3Server,
+        name: &str,
+        visibility_secs: u32,
+        max_receives: u32,
+    ) -> Result<((String, String), (String, String))> {
+        let dlq = self
+            .create_queue(server, &format!("{name}-dlq"), visibility_secs)
+            .await?;
+        let queue = self.create_queue(server, name, visibility_secs).await?;
+        let policy =
+            serde_json::json!({"deadLetterTargetArn": dlq.1, "maxReceiveCount": max_receives});
+        self.sqs(server)
+            .set_queue_attributes()
+            .queue_url(&queue.0)
+            .attributes(QueueAttributeName::RedrivePolicy, policy.to_string())
+            .send()
+            .await?;
+        Ok((queue, dlq))
+    }
+
+    /// Waits for up to `n` messages in `url` (received and made visible again at once);
+    /// returns their bodies and `crr-error` attributes.
+    pub async fn peek_messages(
+        &self,
+        server: &S3Server,
+        url: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<(String, Option<String>)>> {
+        let sqs = self.sqs(server);
+        eventually(timeout, &format!("{n} message(s) in {url}"), || async {
+            let out = sqs
+                .receive_message()
+                .queue_url(url)
+                .max_number_of_messages(10)
+                .visibility_timeout(0)
+                .message_attribute_names("All")
+                .send()
+                .await?;
+            let found: Vec<(String, Option<String>)> = out
+                .messages()
+                .iter()
+                .map(|m| {
+                    let reason = m
+                        .message_attributes()
+                        .and_then(|a| a.get("crr-error"))
+                        .and_then(|v| v.string_value())
+                        .map(str::to_string);
+                    (m.body().unwrap_or_default().to_string(), reason)
+                })
+                .collect();
+            Ok((found.len() >= n).then_some(found))
+        })
+        .await
+    }
+
+    /// Runs the `crr` binary with the stack's environment; returns its stdout.
+    pub fn crr(&self, table: &str, args: &[&str]) -> Result<String> {
+        let out = Command::new(bin("crr")?)
+            .args(["--table", table])
+            .args(args)
+            .env("AWS_REGION", &self.a.region)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_ENDPOINT_URL_DYNAMODB", &self.dynamodb)
+            .env("AWS_ENDPOINT_URL_SQS", &self.a.endpoint)
+            .output()
+            .context("running crr")?;
+        if !out.status.success() {
+            bail!(
+                "crr {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Waits until the queue holds no message, visible or in flight, for a moment.
     pub async fn wait_queue_drained(
         &self,
@@ -217,6 +298,7 @@ pub fn rule(id: &str, source: BucketRef, target: BucketRef) -> Rule {
         copy_mode: CopyMode::Auto,
         notify: Notify::EventBridge,
         storage_class: None,
+        copy_acl: true,
         target_kms_key_id: None,
         paused: false,
         created_at: String::new(),
@@ -305,6 +387,7 @@ impl RunningFunction {
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_ENDPOINT_URL_DYNAMODB", &stack.dynamodb)
+            .env("AWS_ENDPOINT_URL_SQS", &stack.a.endpoint)
             .env("CRR_TABLE", table)
             .stdin(Stdio::null())
             .spawn()

@@ -84,6 +84,7 @@ pub async fn run(aws: &AwsArgs) -> Result<()> {
         copy_mode: CopyMode::Auto,
         notify: Notify::Queue { arn: queue_arn },
         storage_class: None,
+        copy_acl: true,
         target_kms_key_id: None,
         paused: false,
         created_at: String::new(),

@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use aws_lambda_events::sqs::SqsBatchResponse;
 use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
 };
@@ -97,15 +98,12 @@ pub async fn run(
             .collect();
         let payload = Bytes::from(json!({"Records": records}).to_string());
         let failed: HashSet<String> = match emulator.invoke(payload).await {
-            InvokeResult::Ok(body) => match serde_json::from_slice::<Value>(&body) {
-                Ok(v) => v["batchItemFailures"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|f| f["itemIdentifier"].as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+            InvokeResult::Ok(body) => match serde_json::from_slice::<SqsBatchResponse>(&body) {
+                Ok(response) => response
+                    .batch_item_failures
+                    .into_iter()
+                    .map(|f| f.item_identifier)
+                    .collect(),
                 // An unreadable answer fails the whole batch, as Lambda treats it.
                 Err(_) => handles.keys().cloned().collect(),
             },
