@@ -1,5 +1,6 @@
 //! `crr`: the console of crr, serverless cross-region replication for S3 buckets.
 
+mod backfill_cmd;
 mod local;
 mod redrive_cmd;
 mod rule_cmd;
@@ -71,6 +72,9 @@ enum Command {
         after_help = "Example:\n  crr --endpoint-url http://127.0.0.1:45103 init-table"
     )]
     InitTable,
+    /// Historical migration: start, pause, or dry-run a rule's backfill.
+    #[command(subcommand)]
+    Backfill(backfill_cmd::BackfillCommand),
     /// Move failed events from the dead-letter queue back to the event queue.
     #[command(
         after_help = "Example:\n  crr redrive --rule photos --max 100 --queue-url URL --dlq-url URL"
@@ -119,6 +123,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Local(cmd) => local::run(&cli.aws, cmd).await,
+        Command::Backfill(cmd) => backfill_cmd::run(&cli.aws, cmd).await,
         Command::Redrive(args) => redrive_cmd::redrive_cmd(&cli.aws, args).await,
         Command::Suppressed { rule, json } => {
             redrive_cmd::suppressed_cmd(&cli.aws, &rule, json).await

@@ -1,5 +1,8 @@
 //! Configuration of the functions, read from the environment in one place.
 
+use std::time::Duration;
+
+use crate::backfill::BackfillSettings;
 use crate::copy::CopyEngine;
 use crate::error::{Error, Result};
 use crate::replicate::ReplicatorSettings;
@@ -20,6 +23,33 @@ pub struct FunctionConfig {
 }
 
 impl FunctionConfig {
+    /// Settings of the backfill function (`CRR_BACKFILL_PAGE_SIZE`,
+    /// `CRR_BACKFILL_SEGMENT_OBJECTS`, `CRR_BACKFILL_WORKERS`, `CRR_BACKFILL_COPY_CONCURRENCY`,
+    /// `CRR_BACKFILL_LEASE_SECS`, `CRR_BACKFILL_MARGIN_SECS`).
+    pub fn backfill() -> Result<BackfillSettings> {
+        let d = BackfillSettings::default();
+        Ok(BackfillSettings {
+            page_size: optional_number("CRR_BACKFILL_PAGE_SIZE")?
+                .map(|n| n.clamp(1, 1000) as i32)
+                .unwrap_or(d.page_size),
+            segment_objects: optional_number("CRR_BACKFILL_SEGMENT_OBJECTS")?
+                .map(|n| n.max(1))
+                .unwrap_or(d.segment_objects),
+            workers: optional_number("CRR_BACKFILL_WORKERS")?
+                .map(|n| n.clamp(1, 64) as usize)
+                .unwrap_or(d.workers),
+            copy_concurrency: optional_number("CRR_BACKFILL_COPY_CONCURRENCY")?
+                .map(|n| n.clamp(1, 256) as usize)
+                .unwrap_or(d.copy_concurrency),
+            lease: optional_number("CRR_BACKFILL_LEASE_SECS")?
+                .map(Duration::from_secs)
+                .unwrap_or(d.lease),
+            margin: optional_number("CRR_BACKFILL_MARGIN_SECS")?
+                .map(Duration::from_secs)
+                .unwrap_or(d.margin),
+        })
+    }
+
     /// Settings of the replicate function.
     pub fn replicator(&self) -> ReplicatorSettings {
         ReplicatorSettings {

@@ -10,7 +10,9 @@ use md5::{Digest, Md5};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::error::{Error, Result};
-use crate::object_store::{Encryption, ObjectInfo, ObjectStore, UploadedPart, WriteAttrs};
+use crate::object_store::{
+    Encryption, ObjectInfo, ObjectStore, TargetPrecondition, UploadedPart, WriteAttrs,
+};
 use crate::rule::{ResolvedCopyMode, Rule};
 
 /// User-metadata names of the replica marker. They name where a replica came from, so
@@ -127,6 +129,7 @@ pub fn replica_attrs(
             .or_else(|| info.storage_class.clone()),
         encryption,
         acl: None,
+        precondition: None,
     }
 }
 
@@ -182,9 +185,13 @@ impl CopyEngine {
         source: &dyn ObjectStore,
         target: &dyn ObjectStore,
         info: &ObjectInfo,
+        precondition: Option<TargetPrecondition>,
     ) -> Result<CopyOutcome> {
         let tags = source.tags(&info.key).await?;
         let mut attrs = replica_attrs(Some(rule), source.bucket(), info, tags);
+        // Honoured by single-request writes (PutObject, CopyObject); multipart uploads
+        // are written unconditionally.
+        attrs.precondition = precondition;
         if rule.copy_acl {
             let access = source.access(&info.key).await?;
             if let Some(owner) = access.owner_id {

@@ -26,6 +26,7 @@ use aws_sdk_dynamodb::types::{
 };
 use chrono::{DateTime, Utc};
 
+use crate::backfill::{BackfillStore, Checkpoint, Job, JobState, Segment};
 use crate::error::{Error, Result, dynamodb_permission, from_sdk};
 use crate::ledger::{LEDGER_TTL_DAYS, LedgerEntry};
 use crate::rule::Rule;
@@ -634,5 +635,306 @@ impl StatsStore for DynamoStore {
                 _ => return Ok(found),
             }
         }
+    }
+}
+
+fn backfill_pk(rule_id: &str) -> String {
+    format!("BACKFILL#{rule_id}")
+}
+
+fn segment_sk(index: u32) -> String {
+    format!("SEG#{index:06}")
+}
+
+fn opt_string(item: &Item, name: &str) -> Option<String> {
+    string_attr(item, name).map(str::to_string)
+}
+
+fn bool_attr(item: &Item, name: &str) -> bool {
+    item.get(name)
+        .and_then(|v| v.as_bool().ok())
+        .copied()
+        .unwrap_or(false)
+}
+
+fn rfc3339(t: DateTime<Utc>) -> AttributeValue {
+    s(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+/// Optional strings are stored only when present and non-empty: older DynamoDB Local
+/// builds refuse empty strings anywhere.
+fn put_opt(item: &mut Item, name: &str, value: &Option<String>) {
+    if let Some(v) = value.as_ref().filter(|v| !v.is_empty()) {
+        item.insert(name.to_string(), s(v.clone()));
+    }
+}
+
+fn job_from_item(rule_id: &str, item: &Item) -> Job {
+    Job {
+        rule_id: rule_id.to_string(),
+        state: string_attr(item, "state")
+            .and_then(JobState::parse)
+            .unwrap_or(JobState::Pending),
+        planned: bool_attr(item, "planned"),
+        plan_prefix: number_attr(item, "plan_prefix") as usize,
+        plan_after: opt_string(item, "plan_after"),
+        total_objects: number_attr(item, "total_objects"),
+        total_bytes: number_attr(item, "total_bytes"),
+        segments: number_attr(item, "segments") as u32,
+        started_at: time_attr(item, "started_at").unwrap_or_default(),
+        updated_at: time_attr(item, "updated_at").unwrap_or_default(),
+        completed_at: time_attr(item, "completed_at"),
+    }
+}
+
+fn segment_from_item(item: &Item) -> Segment {
+    let index = string_attr(item, "sk")
+        .and_then(|sk| sk.strip_prefix("SEG#"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    Segment {
+        index,
+        prefix: opt_string(item, "prefix").unwrap_or_default(),
+        start_after: opt_string(item, "start_after"),
+        end: opt_string(item, "end_key"),
+        checkpoint: opt_string(item, "checkpoint"),
+        done: bool_attr(item, "done"),
+        lease_owner: opt_string(item, "lease_owner"),
+        lease_until: number_attr(item, "lease_until"),
+        objects_done: number_attr(item, "objects_done"),
+        bytes_done: number_attr(item, "bytes_done"),
+        copied: number_attr(item, "copied"),
+        skipped: number_attr(item, "skipped"),
+    }
+}
+
+impl DynamoStore {
+    fn conditional<T, E, R>(
+        &self,
+        op: &'static str,
+        sent: std::result::Result<T, SdkError<E, R>>,
+    ) -> Result<bool>
+    where
+        E: aws_smithy_types::error::metadata::ProvideErrorMetadata
+            + std::error::Error
+            + Send
+            + Sync
+            + 'static,
+        R: crate::error::HttpStatus + std::fmt::Debug + Send + Sync + 'static,
+    {
+        match sent {
+            Ok(_) => Ok(true),
+            Err(e) if crate::error::classify(&e) == crate::error::FailureClass::ConditionFailed => {
+                Ok(false)
+            }
+            Err(e) => Err(self.err(op, e)),
+        }
+    }
+}
+
+#[async_trait]
+impl BackfillStore for DynamoStore {
+    async fn job(&self, rule_id: &str) -> Result<Option<Job>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key_item(backfill_pk(rule_id), "JOB")))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| self.err("GetItem", e))?;
+        Ok(out.item().map(|item| job_from_item(rule_id, item)))
+    }
+
+    async fn create_job(&self, job: &Job) -> Result<bool> {
+        let mut item = key_item(backfill_pk(&job.rule_id), "JOB");
+        item.insert("state".into(), s(job.state.as_str()));
+        item.insert("planned".into(), AttributeValue::Bool(job.planned));
+        item.insert("plan_prefix".into(), n(job.plan_prefix as u64));
+        item.insert("total_objects".into(), n(job.total_objects));
+        item.insert("total_bytes".into(), n(job.total_bytes));
+        item.insert("segments".into(), n(u64::from(job.segments)));
+        item.insert("started_at".into(), rfc3339(job.started_at));
+        item.insert("updated_at".into(), rfc3339(job.updated_at));
+        let sent = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await;
+        self.conditional("PutItem", sent)
+    }
+
+    async fn set_job_state(&self, rule_id: &str, state: JobState) -> Result<()> {
+        let mut expr = "SET #st = :st, updated_at = :now".to_string();
+        if state == JobState::Completed {
+            expr.push_str(", completed_at = :now");
+        }
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key_item(backfill_pk(rule_id), "JOB")))
+            .update_expression(expr)
+            .expression_attribute_names("#st", "state")
+            .expression_attribute_values(":st", s(state.as_str()))
+            .expression_attribute_values(":now", rfc3339(Utc::now()))
+            .condition_expression("attribute_exists(pk)")
+            .send()
+            .await
+            .map_err(|e| self.err("UpdateItem", e))?;
+        Ok(())
+    }
+
+    async fn add_segment(
+        &self,
+        rule_id: &str,
+        segment: &Segment,
+        job: &Job,
+        expected_segments: u32,
+    ) -> Result<bool> {
+        let mut item = key_item(backfill_pk(rule_id), segment_sk(segment.index));
+        put_opt(&mut item, "prefix", &Some(segment.prefix.clone()));
+        put_opt(&mut item, "start_after", &segment.start_after);
+        put_opt(&mut item, "end_key", &segment.end);
+        item.insert("done".into(), AttributeValue::Bool(false));
+        item.insert("lease_until".into(), n(0));
+        for name in ["objects_done", "bytes_done", "copied", "skipped"] {
+            item.insert(name.into(), n(0));
+        }
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let mut set = "SET planned = :planned, plan_prefix = :pp, total_objects = :to, total_bytes = :tb, segments = :segs, updated_at = :now".to_string();
+        let mut update = aws_sdk_dynamodb::types::Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(key_item(backfill_pk(rule_id), "JOB")))
+            .condition_expression("segments = :expected")
+            .expression_attribute_values(":planned", AttributeValue::Bool(job.planned))
+            .expression_attribute_values(":pp", n(job.plan_prefix as u64))
+            .expression_attribute_values(":to", n(job.total_objects))
+            .expression_attribute_values(":tb", n(job.total_bytes))
+            .expression_attribute_values(":segs", n(u64::from(job.segments)))
+            .expression_attribute_values(":now", rfc3339(Utc::now()))
+            .expression_attribute_values(":expected", n(u64::from(expected_segments)));
+        match job.plan_after.as_ref().filter(|a| !a.is_empty()) {
+            Some(after) => {
+                set.push_str(", plan_after = :pa");
+                update = update.expression_attribute_values(":pa", s(after.clone()));
+            }
+            None => set.push_str(" REMOVE plan_after"),
+        }
+        let update = update
+            .update_expression(set)
+            .build()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let sent = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().put(put).build())
+            .transact_items(TransactWriteItem::builder().update(update).build())
+            .send()
+            .await;
+        self.conditional("TransactWriteItems", sent)
+    }
+
+    async fn segments(&self, rule_id: &str) -> Result<Vec<Segment>> {
+        let mut found = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :seg)")
+                .expression_attribute_values(":pk", s(backfill_pk(rule_id)))
+                .expression_attribute_values(":seg", s("SEG#"))
+                .set_exclusive_start_key(start)
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(|e| self.err("Query", e))?;
+            found.extend(out.items().iter().map(segment_from_item));
+            match out.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => return Ok(found),
+            }
+        }
+    }
+
+    async fn claim_segment(
+        &self,
+        rule_id: &str,
+        index: u32,
+        owner: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<bool> {
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key_item(backfill_pk(rule_id), segment_sk(index))))
+            .update_expression("SET lease_owner = :o, lease_until = :u")
+            .condition_expression(
+                "done = :f AND (attribute_not_exists(lease_owner) OR lease_until < :now)",
+            )
+            .expression_attribute_values(":o", s(owner))
+            .expression_attribute_values(":u", n(until_ms))
+            .expression_attribute_values(":f", AttributeValue::Bool(false))
+            .expression_attribute_values(":now", n(now_ms))
+            .send()
+            .await;
+        self.conditional("UpdateItem", sent)
+    }
+
+    async fn checkpoint_segment(
+        &self,
+        rule_id: &str,
+        index: u32,
+        owner: &str,
+        checkpoint: &Checkpoint,
+    ) -> Result<bool> {
+        let mut set = "SET done = :d, lease_until = :u".to_string();
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key_item(backfill_pk(rule_id), segment_sk(index))))
+            .condition_expression("lease_owner = :o")
+            .expression_attribute_values(":o", s(owner))
+            .expression_attribute_values(":d", AttributeValue::Bool(checkpoint.done))
+            .expression_attribute_values(":u", n(checkpoint.lease_until))
+            .expression_attribute_values(":a", n(checkpoint.tally.objects))
+            .expression_attribute_values(":b", n(checkpoint.tally.bytes))
+            .expression_attribute_values(":c", n(checkpoint.tally.copied))
+            .expression_attribute_values(":k", n(checkpoint.tally.skipped));
+        if let Some(key) = checkpoint.last_key.as_deref().filter(|k| !k.is_empty()) {
+            set.push_str(", checkpoint = :cp");
+            req = req.expression_attribute_values(":cp", s(key));
+        }
+        set.push_str(" ADD objects_done :a, bytes_done :b, copied :c, skipped :k");
+        let sent = req.update_expression(set).send().await;
+        self.conditional("UpdateItem", sent)
+    }
+
+    async fn release_segment(&self, rule_id: &str, index: u32, owner: &str) -> Result<()> {
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key_item(backfill_pk(rule_id), segment_sk(index))))
+            .update_expression("SET lease_until = :zero REMOVE lease_owner")
+            .condition_expression("lease_owner = :o")
+            .expression_attribute_values(":o", s(owner))
+            .expression_attribute_values(":zero", n(0))
+            .send()
+            .await;
+        self.conditional("UpdateItem", sent).map(|_| ())
     }
 }

@@ -180,6 +180,18 @@ impl ObjectStore for MemoryObjectStore {
     }
 
     async fn put(&self, key: &str, body: Bytes, attrs: &WriteAttrs) -> Result<String> {
+        let current = self.object(key).map(|o| o.info.etag);
+        let allowed = match &attrs.precondition {
+            None => true,
+            Some(crate::object_store::TargetPrecondition::Absent) => current.is_none(),
+            Some(crate::object_store::TargetPrecondition::Etag(e)) => current.as_ref() == Some(e),
+        };
+        if !allowed {
+            return Err(Error::Precondition {
+                operation: "PutObject",
+                resource: self.resource(key),
+            });
+        }
         let etag = hex(&Md5::digest(&body));
         self.store_object(key, body, etag.clone(), attrs, None);
         Ok(etag)
@@ -304,6 +316,35 @@ impl ObjectStore for MemoryObjectStore {
             b.remove(key);
         }
         Ok(())
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max_keys: i32,
+    ) -> Result<crate::object_store::ListPage> {
+        let world = self.world.lock();
+        let Some(bucket) = world.buckets.get(&self.bucket) else {
+            return Err(Error::NoSuchBucket {
+                operation: "ListObjectsV2",
+                bucket: self.bucket.clone(),
+            });
+        };
+        let mut matching = bucket
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix) && start_after.is_none_or(|a| k.as_str() > a))
+            .map(|(_, o)| crate::object_store::ListedObject {
+                key: o.info.key.clone(),
+                size: o.info.size,
+                etag: o.info.etag.clone(),
+                last_modified: o.info.last_modified,
+            });
+        let objects: Vec<_> = matching.by_ref().take(max_keys.max(1) as usize).collect();
+        Ok(crate::object_store::ListPage {
+            objects,
+            truncated: matching.next().is_some(),
+        })
     }
 
     async fn check_readable(&self) -> Result<()> {

@@ -68,6 +68,35 @@ pub struct WriteAttrs {
     pub encryption: Option<Encryption>,
     /// Canned ACL for the replica.
     pub acl: Option<String>,
+    /// Write only if the target is still as it was seen (single-request writes).
+    pub precondition: Option<TargetPrecondition>,
+}
+
+/// What the target must still be for a write to go ahead: the backfill's guard against
+/// overwriting what real-time replication wrote after the backfill looked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetPrecondition {
+    /// No object under the key (`If-None-Match: *`).
+    Absent,
+    /// The object with this ETag (`If-Match`).
+    Etag(String),
+}
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    pub key: String,
+    pub size: u64,
+    pub etag: String,
+    pub last_modified: Option<DateTime<Utc>>,
+}
+
+/// One page of a listing, in key order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListPage {
+    pub objects: Vec<ListedObject>,
+    /// True when the listing has more keys after this page.
+    pub truncated: bool,
 }
 
 impl WriteAttrs {
@@ -156,6 +185,14 @@ pub trait ObjectStore: Send + Sync {
 
     /// Deletes the object; deleting a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<()>;
+
+    /// Up to `max_keys` objects under `prefix` whose keys sort after `start_after`.
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max_keys: i32,
+    ) -> Result<ListPage>;
 
     /// Proves the bucket exists and can be listed and read.
     async fn check_readable(&self) -> Result<()>;

@@ -378,7 +378,7 @@ impl Replicator {
                 let done = self
                     .settings
                     .engine
-                    .copy_for_rule(rule, source.as_ref(), target.as_ref(), &info)
+                    .copy_for_rule(rule, source.as_ref(), target.as_ref(), &info, None)
                     .await?;
                 Ok(Outcome::Replicated { bytes: done.bytes })
             }

@@ -23,7 +23,8 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use crate::compat;
 use crate::error::{Error, Result, from_sdk, s3_permission};
 use crate::object_store::{
-    AccessInfo, ContentHeaders, Encryption, ObjectInfo, ObjectStore, UploadedPart, WriteAttrs,
+    AccessInfo, ContentHeaders, Encryption, ListPage, ListedObject, ObjectInfo, ObjectStore,
+    TargetPrecondition, UploadedPart, WriteAttrs,
 };
 use crate::rule::BucketRef;
 
@@ -176,6 +177,15 @@ fn sse_of(e: &Option<Encryption>) -> (Option<ServerSideEncryption>, Option<Strin
     }
 }
 
+/// `If-Match` / `If-None-Match` values for a conditional write of the target.
+fn precondition_headers(p: &Option<TargetPrecondition>) -> (Option<String>, Option<String>) {
+    match p {
+        None => (None, None),
+        Some(TargetPrecondition::Etag(e)) => (Some(format!("\"{e}\"")), None),
+        Some(TargetPrecondition::Absent) => (None, Some("*".to_string())),
+    }
+}
+
 /// `x-amz-copy-source`: bucket and percent-encoded key.
 fn copy_source(bucket: &str, key: &str) -> String {
     format!("{}/{}", bucket, utf8_percent_encode(key, COPY_SOURCE_KEEP))
@@ -292,7 +302,14 @@ impl ObjectStore for S3Store {
     }
 
     async fn put(&self, key: &str, body: Bytes, attrs: &WriteAttrs) -> Result<String> {
-        let req = self.client.put_object().bucket(&self.bucket).key(key);
+        let (if_match, if_none_match) = precondition_headers(&attrs.precondition);
+        let req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_if_match(if_match)
+            .set_if_none_match(if_none_match);
         let out = with_attrs!(req, attrs)
             .body(ByteStream::from(body))
             .send()
@@ -398,6 +415,7 @@ impl ObjectStore for S3Store {
         if_match: &str,
         attrs: &WriteAttrs,
     ) -> Result<String> {
+        let (target_if_match, if_none_match) = precondition_headers(&attrs.precondition);
         let mut req = self
             .client
             .copy_object()
@@ -405,6 +423,8 @@ impl ObjectStore for S3Store {
             .key(key)
             .copy_source(copy_source(source_bucket, key))
             .copy_source_if_match(format!("\"{if_match}\""))
+            .set_if_match(target_if_match)
+            .set_if_none_match(if_none_match)
             .metadata_directive(MetadataDirective::Replace);
         if !attrs.tags.is_empty() {
             req = req.tagging_directive(TaggingDirective::Replace);
@@ -542,6 +562,39 @@ impl ObjectStore for S3Store {
             .await
             .map_err(|e| self.err("DeleteObject", key, e))?;
         Ok(())
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max_keys: i32,
+    ) -> Result<ListPage> {
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_start_after(start_after.map(str::to_string))
+            .max_keys(max_keys)
+            .send()
+            .await
+            .map_err(|e| self.err("ListObjectsV2", prefix, e))?;
+        Ok(ListPage {
+            objects: out
+                .contents()
+                .iter()
+                .filter_map(|o| {
+                    Some(ListedObject {
+                        key: o.key()?.to_string(),
+                        size: u64::try_from(o.size().unwrap_or(0)).unwrap_or(0),
+                        etag: o.e_tag().map(unquote).unwrap_or_default(),
+                        last_modified: o.last_modified().and_then(to_chrono),
+                    })
+                })
+                .collect(),
+            truncated: out.is_truncated().unwrap_or(false),
+        })
     }
 
     async fn check_readable(&self) -> Result<()> {

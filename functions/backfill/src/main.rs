@@ -1,17 +1,43 @@
-//! The backfill function. Not implemented yet: it answers every invocation with a
-//! non-retryable "not implemented" error so nothing mistakes it for a success.
+//! The backfill function (EventBridge schedule or on demand): wiring only; the logic is
+//! `crr_shared::backfill`.
 
+use std::sync::Arc;
+
+use crr_shared::backfill::Backfiller;
+use crr_shared::config::FunctionConfig;
+use crr_shared::dynamo::DynamoStore;
+use crr_shared::replicate::diagnostic;
+use crr_shared::retry::instant_of;
+use crr_shared::s3::S3Clients;
 use lambda_runtime::{Diagnostic, LambdaEvent, service_fn, tracing};
 use serde_json::Value;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     tracing::init_default_subscriber();
-    lambda_runtime::run(service_fn(|_event: LambdaEvent<Value>| async {
-        Err::<Value, Diagnostic>(Diagnostic {
-            error_type: "NonRetryable.NotImplemented".into(),
-            error_message: "the backfill function is not implemented yet".into(),
-        })
+    let config = FunctionConfig::from_env()?;
+    let settings = FunctionConfig::backfill()?;
+    let aws = aws_config::load_from_env().await;
+    let state = Arc::new(DynamoStore::new(
+        aws_sdk_dynamodb::Client::new(&aws),
+        config.table.clone(),
+    ));
+    let backfiller = Arc::new(Backfiller::new(
+        state.clone(),
+        state,
+        Arc::new(S3Clients::new(aws)),
+        config.engine,
+        settings,
+    ));
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
+        let backfiller = Arc::clone(&backfiller);
+        async move {
+            let deadline = instant_of(event.context.deadline());
+            backfiller
+                .handle(&event.payload, &event.context.request_id, deadline)
+                .await
+                .map_err(|e| -> Diagnostic { diagnostic(&e) })
+        }
     }))
     .await
 }

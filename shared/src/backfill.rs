@@ -1,0 +1,779 @@
+//! Historical migration: copies what existed in the source before the rule, in key-range
+//! segments claimed through leases, checkpointed page by page, deadline-aware.
+//!
+//! A job is planned by a counting pass over the rule's prefixes, which measures the total
+//! (objects, bytes) and cuts the key space into segments of about `segment_objects`
+//! objects. Workers (several per invocation, any number of invocations) claim a segment
+//! with a conditional write on its lease, list it page by page, copy what the target
+//! lacks or holds differently, and write the page's checkpoint (last key, counters) only
+//! after every copy of the page finished, extending the lease in the same conditional
+//! write. A crash loses at most the page in flight (those objects are examined again, and
+//! copied again if they were being copied); a lease left behind expires and the segment
+//! is taken over.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::copy::{CopyEngine, marker};
+use crate::error::{Error, Result};
+use crate::object_store::{ListedObject, ObjectInfo, ObjectStore, TargetPrecondition};
+use crate::replicate::StoreProvider;
+use crate::retry::RetryPolicy;
+use crate::rule::{OnConflict, Rule};
+use crate::state::RuleStore;
+
+/// Where a rule's historical migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Requested, no object examined yet.
+    Pending,
+    /// Some segment has been worked on.
+    Running,
+    Completed,
+    Failed,
+    Paused,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Paused => "paused",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => JobState::Pending,
+            "running" => JobState::Running,
+            "completed" => JobState::Completed,
+            "failed" => JobState::Failed,
+            "paused" => JobState::Paused,
+            _ => return None,
+        })
+    }
+}
+
+/// A rule's backfill job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub rule_id: String,
+    pub state: JobState,
+    /// The counting pass is over: totals are final and every segment exists.
+    pub planned: bool,
+    /// Counting pass position: index into the rule's prefixes, and last key counted.
+    pub plan_prefix: usize,
+    pub plan_after: Option<String>,
+    /// Objects and bytes counted so far (final once `planned`).
+    pub total_objects: u64,
+    pub total_bytes: u64,
+    /// Segments cut so far.
+    pub segments: u32,
+    pub started_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// A key range `(start_after, end]` under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub index: u32,
+    pub prefix: String,
+    /// Exclusive lower bound (`None`: from the start of the prefix).
+    pub start_after: Option<String>,
+    /// Inclusive upper bound (`None`: to the end of the prefix).
+    pub end: Option<String>,
+    /// Last key examined; listing resumes after it.
+    pub checkpoint: Option<String>,
+    pub done: bool,
+    pub lease_owner: Option<String>,
+    /// Epoch milliseconds.
+    pub lease_until: u64,
+    /// Objects and bytes examined (copied or found in place).
+    pub objects_done: u64,
+    pub bytes_done: u64,
+    pub copied: u64,
+    pub skipped: u64,
+}
+
+/// What one checkpoint adds to a segment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageTally {
+    pub objects: u64,
+    pub bytes: u64,
+    pub copied: u64,
+    pub skipped: u64,
+}
+
+/// A page finished: where the segment stands after it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Last key examined (listing resumes after it).
+    pub last_key: Option<String>,
+    /// The segment has no more keys.
+    pub done: bool,
+    /// What the page added.
+    pub tally: PageTally,
+    /// The lease's new expiry (epoch ms).
+    pub lease_until: u64,
+}
+
+/// Backfill jobs and segments in the state table.
+#[async_trait]
+pub trait BackfillStore: Send + Sync {
+    async fn job(&self, rule_id: &str) -> Result<Option<Job>>;
+    /// Creates the job if there is none; `Ok(false)` if one exists.
+    async fn create_job(&self, job: &Job) -> Result<bool>;
+    /// Sets the job's state (and `completed_at` for `Completed`).
+    async fn set_job_state(&self, rule_id: &str, state: JobState) -> Result<()>;
+    /// Records a cut of the counting pass: the new segment and the job's plan position
+    /// and totals, atomically, if the plan is still at `expected_segments` segments.
+    async fn add_segment(
+        &self,
+        rule_id: &str,
+        segment: &Segment,
+        job: &Job,
+        expected_segments: u32,
+    ) -> Result<bool>;
+    async fn segments(&self, rule_id: &str) -> Result<Vec<Segment>>;
+    /// Takes the segment's lease if it is free or expired and the segment is not done.
+    async fn claim_segment(
+        &self,
+        rule_id: &str,
+        index: u32,
+        owner: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<bool>;
+    /// Writes a page's checkpoint and extends the lease, if `owner` still holds it.
+    async fn checkpoint_segment(
+        &self,
+        rule_id: &str,
+        index: u32,
+        owner: &str,
+        checkpoint: &Checkpoint,
+    ) -> Result<bool>;
+    /// Gives the lease up (if `owner` holds it).
+    async fn release_segment(&self, rule_id: &str, index: u32, owner: &str) -> Result<()>;
+}
+
+/// Tuning of the backfill.
+#[derive(Debug, Clone)]
+pub struct BackfillSettings {
+    /// Keys per ListObjectsV2 page, and so per checkpoint.
+    pub page_size: i32,
+    /// Objects per segment cut by the counting pass.
+    pub segment_objects: u64,
+    /// Segments worked on at once within one invocation.
+    pub workers: usize,
+    /// Objects copied at once within one page.
+    pub copy_concurrency: usize,
+    /// How long a lease lasts without a checkpoint.
+    pub lease: Duration,
+    /// Time kept free before the deadline: no page starts inside it.
+    pub margin: Duration,
+}
+
+impl Default for BackfillSettings {
+    fn default() -> Self {
+        Self {
+            page_size: 1000,
+            segment_objects: 10_000,
+            workers: 4,
+            copy_concurrency: 16,
+            lease: Duration::from_secs(120),
+            margin: Duration::from_secs(20),
+        }
+    }
+}
+
+/// What the backfill should do with one listed source object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ObjectPlan {
+    /// Copy it; `overwrites` says whether a different target object is replaced.
+    Copy { overwrites: bool },
+    /// Leave the target as it is.
+    Skip(&'static str),
+}
+
+/// The decision for one object, from the listing and the target's HEAD: pure.
+pub fn plan_object(rule: &Rule, source: &ListedObject, target: Option<&ObjectInfo>) -> ObjectPlan {
+    let Some(target) = target else {
+        return ObjectPlan::Copy { overwrites: false };
+    };
+    if target.size == source.size && target.etag == source.etag {
+        return ObjectPlan::Skip("identical");
+    }
+    if target.metadata.get(marker::SOURCE_ETAG) == Some(&source.etag) {
+        return ObjectPlan::Skip("already_replicated");
+    }
+    // A replica crr wrote of an other version of this very source object is crr's own:
+    // replacing it is no conflict.
+    if target.metadata.contains_key(marker::SOURCE_ETAG)
+        && target.metadata.get(marker::SOURCE_BUCKET) == Some(&rule.source.bucket)
+    {
+        return ObjectPlan::Copy { overwrites: false };
+    }
+    match rule.on_conflict {
+        OnConflict::Overwrite => ObjectPlan::Copy { overwrites: true },
+        OnConflict::Skip => ObjectPlan::Skip("conflict_kept"),
+        OnConflict::Newer => match (source.last_modified, target.last_modified) {
+            (Some(s), Some(t)) if s > t => ObjectPlan::Copy { overwrites: true },
+            _ => ObjectPlan::Skip("target_newer"),
+        },
+    }
+}
+
+/// One object a backfill would overwrite: for `crr backfill plan`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Conflict {
+    pub key: String,
+    pub source_size: u64,
+    pub target_size: u64,
+    pub source_etag: String,
+    pub target_etag: String,
+    pub source_last_modified: Option<DateTime<Utc>>,
+    pub target_last_modified: Option<DateTime<Utc>>,
+}
+
+/// The dry run of a backfill.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DryRun {
+    pub objects: u64,
+    pub bytes: u64,
+    /// Objects that would be copied (new or overwritten) and their bytes.
+    pub to_copy: u64,
+    pub bytes_to_copy: u64,
+    /// Objects already in place.
+    pub in_place: u64,
+    /// Target objects that would be replaced, in key order.
+    pub overwrites: Vec<Conflict>,
+    /// Conflicts left alone (`on_conflict` skip or newer).
+    pub kept: u64,
+}
+
+/// Lists what a backfill of `rule` would do, writing nothing.
+pub async fn dry_run(
+    rule: &Rule,
+    source: &dyn ObjectStore,
+    target: &dyn ObjectStore,
+    page_size: i32,
+) -> Result<DryRun> {
+    let mut report = DryRun::default();
+    for prefix in prefixes_of(rule) {
+        let mut after: Option<String> = None;
+        loop {
+            let page = source
+                .list_page(&prefix, after.as_deref(), page_size)
+                .await?;
+            let heads = futures::stream::iter(page.objects.iter())
+                .map(|o| async move { target.head(&o.key).await.map(|t| (o, t)) })
+                .buffered(16)
+                .collect::<Vec<_>>()
+                .await;
+            for head in heads {
+                let (object, existing) = head?;
+                report.objects += 1;
+                report.bytes += object.size;
+                match plan_object(rule, object, existing.as_ref()) {
+                    ObjectPlan::Copy { overwrites } => {
+                        report.to_copy += 1;
+                        report.bytes_to_copy += object.size;
+                        if let (true, Some(t)) = (overwrites, existing) {
+                            report.overwrites.push(Conflict {
+                                key: object.key.clone(),
+                                source_size: object.size,
+                                target_size: t.size,
+                                source_etag: object.etag.clone(),
+                                target_etag: t.etag,
+                                source_last_modified: object.last_modified,
+                                target_last_modified: t.last_modified,
+                            });
+                        }
+                    }
+                    ObjectPlan::Skip("identical" | "already_replicated") => report.in_place += 1,
+                    ObjectPlan::Skip(_) => report.kept += 1,
+                }
+            }
+            after = page.objects.last().map(|o| o.key.clone());
+            if !page.truncated || after.is_none() {
+                break;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// The prefixes a job walks: the rule's, or the whole bucket.
+fn prefixes_of(rule: &Rule) -> Vec<String> {
+    if rule.prefixes.is_empty() {
+        vec![String::new()]
+    } else {
+        rule.prefixes.clone()
+    }
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
+}
+
+/// What one invocation did for one rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RunReport {
+    pub rule_id: String,
+    pub state: String,
+    pub pages: u64,
+    pub copied: u64,
+    pub skipped: u64,
+    /// Copies given up because the target changed meanwhile (real-time replication won).
+    pub yielded: u64,
+    pub segments_finished: u64,
+}
+
+/// The backfill function's logic.
+pub struct Backfiller {
+    rules: Arc<dyn RuleStore>,
+    jobs: Arc<dyn BackfillStore>,
+    stores: Arc<dyn StoreProvider>,
+    engine: CopyEngine,
+    settings: BackfillSettings,
+    retry: RetryPolicy,
+}
+
+impl Backfiller {
+    pub fn new(
+        rules: Arc<dyn RuleStore>,
+        jobs: Arc<dyn BackfillStore>,
+        stores: Arc<dyn StoreProvider>,
+        engine: CopyEngine,
+        settings: BackfillSettings,
+    ) -> Self {
+        Self {
+            rules,
+            jobs,
+            stores,
+            engine,
+            settings,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// Requests (or resumes) the backfill of a rule.
+    pub async fn start(&self, rule_id: &str) -> Result<Job> {
+        self.rules
+            .get_rule(rule_id)
+            .await?
+            .ok_or_else(|| Error::RuleNotFound(rule_id.to_string()))?;
+        let now = Utc::now();
+        let fresh = Job {
+            rule_id: rule_id.to_string(),
+            state: JobState::Pending,
+            planned: false,
+            plan_prefix: 0,
+            plan_after: None,
+            total_objects: 0,
+            total_bytes: 0,
+            segments: 0,
+            started_at: now,
+            updated_at: now,
+            completed_at: None,
+        };
+        if !self.jobs.create_job(&fresh).await? {
+            let job = self.jobs.job(rule_id).await?.unwrap_or(fresh.clone());
+            if matches!(job.state, JobState::Paused | JobState::Failed) {
+                self.jobs.set_job_state(rule_id, JobState::Running).await?;
+            }
+        }
+        Ok(self.jobs.job(rule_id).await?.unwrap_or(fresh))
+    }
+
+    /// Pauses a rule's backfill: workers stop after their current page.
+    pub async fn pause(&self, rule_id: &str) -> Result<()> {
+        match self.jobs.job(rule_id).await? {
+            Some(job) if job.state != JobState::Completed => {
+                self.jobs.set_job_state(rule_id, JobState::Paused).await
+            }
+            Some(_) => Ok(()),
+            None => Err(Error::invalid(
+                "rule",
+                format!("rule '{rule_id}' has no backfill to pause"),
+            )),
+        }
+    }
+
+    /// One invocation: every rule asked for (or, if none, every rule with historical sync
+    /// on) gets work done until `deadline`.
+    pub async fn run(
+        &self,
+        only: Option<&str>,
+        owner: &str,
+        deadline: Instant,
+    ) -> Result<Vec<RunReport>> {
+        let rules: Vec<Rule> = match only {
+            Some(id) => vec![
+                self.rules
+                    .get_rule(id)
+                    .await?
+                    .ok_or_else(|| Error::RuleNotFound(id.to_string()))?,
+            ],
+            None => self
+                .rules
+                .list_rules()
+                .await?
+                .into_iter()
+                .filter(|r| r.historical)
+                .collect(),
+        };
+        let mut reports = Vec::new();
+        for rule in rules {
+            if rule.paused {
+                continue;
+            }
+            let job = match self.jobs.job(&rule.id).await? {
+                Some(job) => job,
+                None if rule.historical => self.start(&rule.id).await?,
+                None => continue,
+            };
+            if !matches!(job.state, JobState::Pending | JobState::Running) {
+                continue;
+            }
+            reports.push(self.run_rule(&rule, job, owner, deadline).await?);
+        }
+        Ok(reports)
+    }
+
+    fn time_left(&self, deadline: Instant) -> bool {
+        Instant::now() + self.settings.margin < deadline
+    }
+
+    /// Handles one invocation: `{}` (the schedule: every rule with historical sync) or
+    /// `{"rule_id": "..."}` (on demand).
+    pub async fn handle(
+        &self,
+        payload: &serde_json::Value,
+        owner: &str,
+        deadline: Instant,
+    ) -> Result<serde_json::Value> {
+        let only = payload.get("rule_id").and_then(serde_json::Value::as_str);
+        let reports = self.run(only, owner, deadline).await?;
+        serde_json::to_value(reports).map_err(|e| Error::Config(format!("report: {e}")))
+    }
+
+    async fn run_rule(
+        &self,
+        rule: &Rule,
+        job: Job,
+        owner: &str,
+        deadline: Instant,
+    ) -> Result<RunReport> {
+        let mut report = RunReport {
+            rule_id: rule.id.clone(),
+            ..RunReport::default()
+        };
+        if job.state == JobState::Pending {
+            self.jobs.set_job_state(&rule.id, JobState::Running).await?;
+        }
+        if !job.planned {
+            self.plan(rule, job, deadline).await?;
+        }
+        let workers = (0..self.settings.workers.max(1)).map(|_| self.work(rule, owner, deadline));
+        for done in futures::future::join_all(workers).await {
+            let done = done?;
+            report.pages += done.pages;
+            report.copied += done.copied;
+            report.skipped += done.skipped;
+            report.yielded += done.yielded;
+            report.segments_finished += done.segments_finished;
+        }
+        let state = self.finish_if_done(rule).await?;
+        report.state = state.as_str().to_string();
+        Ok(report)
+    }
+
+    /// Marks the job completed once it is planned and every segment is done.
+    async fn finish_if_done(&self, rule: &Rule) -> Result<JobState> {
+        let Some(job) = self.jobs.job(&rule.id).await? else {
+            return Ok(JobState::Pending);
+        };
+        if job.state == JobState::Running && job.planned {
+            let segments = self.jobs.segments(&rule.id).await?;
+            if segments.iter().all(|s| s.done) {
+                self.jobs
+                    .set_job_state(&rule.id, JobState::Completed)
+                    .await?;
+                return Ok(JobState::Completed);
+            }
+        }
+        Ok(job.state)
+    }
+
+    /// The counting pass, resumable: each cut is written with the plan's position.
+    async fn plan(&self, rule: &Rule, mut job: Job, deadline: Instant) -> Result<Job> {
+        let source = self.stores.store(&rule.source);
+        let prefixes = prefixes_of(rule);
+        // Counted since the last cut (not yet in `job`'s totals).
+        let (mut objects, mut bytes) = (0u64, 0u64);
+        let mut segment_start = job.plan_after.clone();
+        let mut after = job.plan_after.clone();
+        while job.plan_prefix < prefixes.len() {
+            if !self.time_left(deadline) {
+                return Ok(job);
+            }
+            let prefix = &prefixes[job.plan_prefix];
+            let page = source
+                .list_page(prefix, after.as_deref(), self.settings.page_size)
+                .await?;
+            let mut cut_at: Option<String> = None;
+            for o in &page.objects {
+                objects += 1;
+                bytes += o.size;
+                after = Some(o.key.clone());
+                if objects >= self.settings.segment_objects {
+                    cut_at = Some(o.key.clone());
+                    break;
+                }
+            }
+            let prefix_done = cut_at.is_none() && !page.truncated;
+            if cut_at.is_none() && !prefix_done {
+                continue;
+            }
+            let segment = Segment {
+                index: job.segments,
+                prefix: prefix.clone(),
+                start_after: segment_start.clone(),
+                end: cut_at.clone(),
+                checkpoint: None,
+                done: false,
+                lease_owner: None,
+                lease_until: 0,
+                objects_done: 0,
+                bytes_done: 0,
+                copied: 0,
+                skipped: 0,
+            };
+            let mut next = job.clone();
+            next.segments += 1;
+            next.total_objects += objects;
+            next.total_bytes += bytes;
+            if prefix_done {
+                next.plan_prefix += 1;
+                next.plan_after = None;
+            } else {
+                next.plan_after = cut_at.clone();
+            }
+            next.planned = next.plan_prefix >= prefixes.len();
+            if !self
+                .jobs
+                .add_segment(&rule.id, &segment, &next, job.segments)
+                .await?
+            {
+                // Another invocation is counting too and cut first: take its progress.
+                return self
+                    .jobs
+                    .job(&rule.id)
+                    .await?
+                    .ok_or_else(|| Error::Config("backfill job vanished".into()));
+            }
+            job = next;
+            objects = 0;
+            bytes = 0;
+            segment_start = job.plan_after.clone();
+            after = job.plan_after.clone();
+        }
+        Ok(job)
+    }
+
+    /// One worker: claims segments and works through them until none is left or time runs out.
+    async fn work(&self, rule: &Rule, owner: &str, deadline: Instant) -> Result<RunReport> {
+        let mut report = RunReport::default();
+        while self.time_left(deadline) {
+            let Some(segment) = self.claim(rule, owner).await? else {
+                break;
+            };
+            let finished = self
+                .work_segment(rule, segment.clone(), owner, deadline, &mut report)
+                .await;
+            match finished {
+                Ok(true) => report.segments_finished += 1,
+                Ok(false) => {
+                    self.jobs
+                        .release_segment(&rule.id, segment.index, owner)
+                        .await?;
+                }
+                Err(e) => {
+                    // Free the segment at once so the next invocation can retry it.
+                    if let Err(release) = self
+                        .jobs
+                        .release_segment(&rule.id, segment.index, owner)
+                        .await
+                    {
+                        tracing::warn!(rule_id = %rule.id, segment = segment.index, error = %release, "lease not released; it will expire");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    async fn claim(&self, rule: &Rule, owner: &str) -> Result<Option<Segment>> {
+        let now = now_ms();
+        let mut free: Vec<Segment> = self
+            .jobs
+            .segments(&rule.id)
+            .await?
+            .into_iter()
+            .filter(|s| !s.done && (s.lease_owner.is_none() || s.lease_until < now))
+            .collect();
+        // Spread workers over segments rather than all racing for the first one.
+        fastrand::shuffle(&mut free);
+        let until = now + self.settings.lease.as_millis() as u64;
+        for segment in free {
+            if self
+                .jobs
+                .claim_segment(&rule.id, segment.index, owner, now, until)
+                .await?
+            {
+                tracing::info!(rule_id = %rule.id, segment = segment.index, owner, "segment claimed");
+                return Ok(Some(segment));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Works through one segment; `Ok(true)` when it is done, `Ok(false)` when stopped
+    /// early (deadline, pause, or the lease was lost).
+    async fn work_segment(
+        &self,
+        rule: &Rule,
+        segment: Segment,
+        owner: &str,
+        deadline: Instant,
+        report: &mut RunReport,
+    ) -> Result<bool> {
+        let source = self.stores.store(&rule.source);
+        let target = self.stores.store(&rule.target);
+        let mut after = segment.checkpoint.clone().or(segment.start_after.clone());
+        loop {
+            if !self.time_left(deadline) {
+                return Ok(false);
+            }
+            if let Some(job) = self.jobs.job(&rule.id).await?
+                && job.state == JobState::Paused
+            {
+                return Ok(false);
+            }
+            let page = source
+                .list_page(&segment.prefix, after.as_deref(), self.settings.page_size)
+                .await?;
+            let in_range: Vec<&ListedObject> = page
+                .objects
+                .iter()
+                .filter(|o| segment.end.as_ref().is_none_or(|end| o.key <= *end))
+                .collect();
+            let reached_end =
+                in_range.len() < page.objects.len() || !page.truncated || page.objects.is_empty();
+            let outcomes = futures::stream::iter(in_range.iter().copied())
+                .map(|o| {
+                    let (source, target) = (source.as_ref(), target.as_ref());
+                    self.retry.run(Some(deadline), "backfill object", move || {
+                        self.backfill_object(rule, source, target, o)
+                    })
+                })
+                .buffer_unordered(self.settings.copy_concurrency.max(1))
+                .collect::<Vec<_>>()
+                .await;
+            let mut tally = PageTally::default();
+            for outcome in outcomes {
+                // An object that still fails after retries stops the segment without a
+                // checkpoint: the page is examined again next time, nothing is skipped.
+                match outcome? {
+                    Copied::Yes => tally.copied += 1,
+                    Copied::No => tally.skipped += 1,
+                    Copied::Yielded => {
+                        tally.skipped += 1;
+                        report.yielded += 1;
+                    }
+                }
+            }
+            tally.objects = in_range.len() as u64;
+            tally.bytes = in_range.iter().map(|o| o.size).sum();
+            let last = in_range.last().map(|o| o.key.clone()).or(after.clone());
+            let checkpoint = Checkpoint {
+                last_key: last.clone(),
+                done: reached_end,
+                tally: tally.clone(),
+                lease_until: now_ms() + self.settings.lease.as_millis() as u64,
+            };
+            let kept = self
+                .jobs
+                .checkpoint_segment(&rule.id, segment.index, owner, &checkpoint)
+                .await?;
+            if !kept {
+                tracing::warn!(rule_id = %rule.id, segment = segment.index, owner, "lease lost; another invocation took the segment over");
+                return Ok(false);
+            }
+            report.pages += 1;
+            report.copied += tally.copied;
+            report.skipped += tally.skipped;
+            if reached_end {
+                return Ok(true);
+            }
+            after = last;
+        }
+    }
+
+    /// Copies one listed object if the plan says so. The copy reads the source's current
+    /// state (so an object real-time replication changed meanwhile is copied as it is
+    /// now, never as listed), and the write is conditional on the target being as the
+    /// backfill saw it: if real-time replication wrote the key after that, the write is
+    /// refused (412) and the backfill yields, so it can never revert a newer replica.
+    async fn backfill_object(
+        &self,
+        rule: &Rule,
+        source: &dyn ObjectStore,
+        target: &dyn ObjectStore,
+        object: &ListedObject,
+    ) -> Result<Copied> {
+        let existing = target.head(&object.key).await?;
+        match plan_object(rule, object, existing.as_ref()) {
+            ObjectPlan::Skip(_) => return Ok(Copied::No),
+            ObjectPlan::Copy { .. } => {}
+        }
+        let Some(current) = source.head(&object.key).await? else {
+            return Ok(Copied::No); // deleted since listing: real-time handles deletes
+        };
+        if crate::copy::is_replica(&current) {
+            return Ok(Copied::No);
+        }
+        let precondition = match &existing {
+            None => TargetPrecondition::Absent,
+            Some(t) => TargetPrecondition::Etag(t.etag.clone()),
+        };
+        match self
+            .engine
+            .copy_for_rule(rule, source, target, &current, Some(precondition))
+            .await
+        {
+            Ok(_) => Ok(Copied::Yes),
+            Err(Error::Precondition { .. }) => Ok(Copied::Yielded),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// What became of one object.
+enum Copied {
+    Yes,
+    No,
+    Yielded,
+}
