@@ -322,6 +322,11 @@ fn prefixes_of(rule: &Rule) -> Vec<String> {
     }
 }
 
+/// When page work is cut off: enough before the deadline to release the lease and answer.
+fn hard_stop(deadline: Instant) -> Instant {
+    deadline.checked_sub(Duration::from_millis(700)).unwrap_or(deadline)
+}
+
 fn now_ms() -> u64 {
     u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
 }
@@ -451,6 +456,20 @@ impl Backfiller {
         Ok(reports)
     }
 
+    /// Runs (or continues) only the counting pass of a rule's job, until `deadline`.
+    pub async fn count(&self, rule_id: &str, deadline: Instant) -> Result<Job> {
+        let rule = self
+            .rules
+            .get_rule(rule_id)
+            .await?
+            .ok_or_else(|| Error::RuleNotFound(rule_id.to_string()))?;
+        let job = self.start(rule_id).await?;
+        if job.planned {
+            return Ok(job);
+        }
+        self.plan(&rule, job, deadline).await
+    }
+
     fn time_left(&self, deadline: Instant) -> bool {
         Instant::now() + self.settings.margin < deadline
     }
@@ -533,14 +552,20 @@ impl Backfiller {
                 .list_page(prefix, after.as_deref(), self.settings.page_size)
                 .await?;
             let mut cut_at: Option<String> = None;
-            for o in &page.objects {
+            let mut rest_of_page = false;
+            for (i, o) in page.objects.iter().enumerate() {
                 objects += 1;
                 bytes += o.size;
                 after = Some(o.key.clone());
                 if objects >= self.settings.segment_objects {
                     cut_at = Some(o.key.clone());
+                    rest_of_page = i + 1 < page.objects.len();
                     break;
                 }
+            }
+            // A cut on the prefix's very last key ends the prefix: no empty segment after it.
+            if cut_at.is_some() && !rest_of_page && !page.truncated {
+                cut_at = None;
             }
             let prefix_done = cut_at.is_none() && !page.truncated;
             if cut_at.is_none() && !prefix_done {
@@ -682,7 +707,7 @@ impl Backfiller {
                 .collect();
             let reached_end =
                 in_range.len() < page.objects.len() || !page.truncated || page.objects.is_empty();
-            let outcomes = futures::stream::iter(in_range.iter().copied())
+            let copies = futures::stream::iter(in_range.iter().copied())
                 .map(|o| {
                     let (source, target) = (source.as_ref(), target.as_ref());
                     self.retry.run(Some(deadline), "backfill object", move || {
@@ -690,8 +715,14 @@ impl Backfiller {
                     })
                 })
                 .buffer_unordered(self.settings.copy_concurrency.max(1))
-                .collect::<Vec<_>>()
-                .await;
+                .collect::<Vec<_>>();
+            // A page that cannot finish before the deadline is abandoned: no checkpoint,
+            // so its objects are examined again by whoever takes the segment next (those
+            // already copied are then found in place).
+            let Ok(outcomes) = tokio::time::timeout_at(hard_stop(deadline).into(), copies).await else {
+                tracing::warn!(rule_id = %rule.id, segment = segment.index, "deadline: page abandoned");
+                return Ok(false);
+            };
             let mut tally = PageTally::default();
             for outcome in outcomes {
                 // An object that still fails after retries stops the segment without a

@@ -680,7 +680,7 @@ fn job_from_item(rule_id: &str, item: &Item) -> Job {
         plan_after: opt_string(item, "plan_after"),
         total_objects: number_attr(item, "total_objects"),
         total_bytes: number_attr(item, "total_bytes"),
-        segments: number_attr(item, "segments") as u32,
+        segments: number_attr(item, "segment_count") as u32,
         started_at: time_attr(item, "started_at").unwrap_or_default(),
         updated_at: time_attr(item, "updated_at").unwrap_or_default(),
         completed_at: time_attr(item, "completed_at"),
@@ -754,7 +754,7 @@ impl BackfillStore for DynamoStore {
         item.insert("plan_prefix".into(), n(job.plan_prefix as u64));
         item.insert("total_objects".into(), n(job.total_objects));
         item.insert("total_bytes".into(), n(job.total_bytes));
-        item.insert("segments".into(), n(u64::from(job.segments)));
+        item.insert("segment_count".into(), n(u64::from(job.segments)));
         item.insert("started_at".into(), rfc3339(job.started_at));
         item.insert("updated_at".into(), rfc3339(job.updated_at));
         let sent = self
@@ -810,11 +810,11 @@ impl BackfillStore for DynamoStore {
             .condition_expression("attribute_not_exists(pk)")
             .build()
             .map_err(|e| Error::Config(e.to_string()))?;
-        let mut set = "SET planned = :planned, plan_prefix = :pp, total_objects = :to, total_bytes = :tb, segments = :segs, updated_at = :now".to_string();
+        let mut set = "SET planned = :planned, plan_prefix = :pp, total_objects = :to, total_bytes = :tb, segment_count = :segs, updated_at = :now".to_string();
         let mut update = aws_sdk_dynamodb::types::Update::builder()
             .table_name(&self.table)
             .set_key(Some(key_item(backfill_pk(rule_id), "JOB")))
-            .condition_expression("segments = :expected")
+            .condition_expression("segment_count = :expected")
             .expression_attribute_values(":planned", AttributeValue::Bool(job.planned))
             .expression_attribute_values(":pp", n(job.plan_prefix as u64))
             .expression_attribute_values(":to", n(job.total_objects))

@@ -352,6 +352,71 @@ pub fn encode_key_like_s3(key: &str) -> String {
 /// A function binary running behind `crr local run-function`, killed on drop.
 pub struct RunningFunction {
     child: Child,
+    /// Port of the emulator's Invoke API, when started with `start_direct`.
+    pub port: u16,
+}
+
+/// A free port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Puts `objects` into `bucket` on `server`, `concurrency` at a time.
+pub async fn seed(stack: &Stack, server: &S3Server, bucket: &str, objects: Vec<(String, Vec<u8>)>, concurrency: usize) -> Result<()> {
+    use futures::StreamExt;
+    let s3 = stack.s3(server);
+    let results: Vec<Result<()>> = futures::stream::iter(objects)
+        .map(|(key, body)| {
+            let s3 = s3.clone();
+            async move {
+                s3.put_object()
+                    .bucket(bucket)
+                    .key(&key)
+                    .body(aws_sdk_s3::primitives::ByteStream::from(body))
+                    .send()
+                    .await
+                    .with_context(|| format!("seeding {key}"))?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// Every object of a bucket: key -> (size, ETag).
+pub async fn list_all(s3: &aws_sdk_s3::Client, bucket: &str) -> Result<std::collections::BTreeMap<String, (i64, String)>> {
+    let mut all = std::collections::BTreeMap::new();
+    let mut token: Option<String> = None;
+    loop {
+        let out = s3.list_objects_v2().bucket(bucket).set_continuation_token(token).send().await?;
+        for o in out.contents() {
+            if let Some(k) = o.key() {
+                all.insert(k.to_string(), (o.size().unwrap_or(0), o.e_tag().unwrap_or("").trim_matches('"').to_string()));
+            }
+        }
+        match out.next_continuation_token() {
+            Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
+            _ => return Ok(all),
+        }
+    }
+}
+
+/// POSTs `payload` to the emulator's Invoke API; returns (function error?, body).
+pub async fn invoke(port: u16, function: &str, payload: &str) -> Result<(bool, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let request = format!(
+        "POST /2015-03-31/functions/{function}/invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
+        payload.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Ok((head.to_ascii_lowercase().contains("x-amz-function-error"), body.to_string()))
 }
 
 impl RunningFunction {
@@ -392,7 +457,52 @@ impl RunningFunction {
             .stdin(Stdio::null())
             .spawn()
             .context("starting crr local run-function")?;
-        Ok(Self { child })
+        Ok(Self { child, port: 0 })
+    }
+
+    /// Starts `function` behind the emulator on `port`, invoked through its Invoke API
+    /// (no queue), with `timeout_secs` per invocation.
+    pub fn start_direct(stack: &Stack, function: &str, table: &str, timeout_secs: u64, env: &[String]) -> Result<Self> {
+        let port = free_port()?;
+        let child = Command::new(bin("crr")?)
+            .args(["local", "run-function", "--name", function])
+            .args(["--port", &port.to_string(), "--timeout-secs", &timeout_secs.to_string()])
+            .arg("--binary")
+            .arg(bin(function)?)
+            .args(["--env", &format!("CRR_TABLE={table}")])
+            .args(["--env", "AWS_LAMBDA_LOG_FORMAT=json"])
+            .args(env.iter().flat_map(|kv| ["--env".to_string(), kv.clone()]))
+            .env("AWS_REGION", &stack.a.region)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_ENDPOINT_URL_DYNAMODB", &stack.dynamodb)
+            .env("AWS_ENDPOINT_URL_SQS", &stack.a.endpoint)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting crr local run-function")?;
+        // Wait until the emulator answers.
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(Self { child, port });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the emulator did not start on port {port}")
+    }
+
+    /// PIDs of the function processes the emulator runs (its children), by PID.
+    pub fn function_pids(&self) -> Vec<i32> {
+        let pid = self.child.id();
+        let mut pids = Vec::new();
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for task in tasks.flatten() {
+                if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                    pids.extend(children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+                }
+            }
+        }
+        pids
     }
 }
 

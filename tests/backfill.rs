@@ -1,0 +1,338 @@
+//! Historical migration against the local stack: the real `crr-backfill` binary behind the
+//! Runtime API emulator (short deadlines force many invocations; SIGKILLs at random
+//! points), and in-process runs for leases, dry runs and the interplay with real time.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use aws_sdk_s3::primitives::ByteStream;
+use crr_shared::backfill::{BackfillSettings, BackfillStore, Backfiller, JobState, dry_run};
+use crr_shared::copy::CopyEngine;
+use crr_shared::dynamo::DynamoStore;
+use crr_shared::replicate::{Replicator, ReplicatorSettings};
+use crr_shared::rule::{Notify, OnConflict, Rule};
+use crr_shared::rule_admin::create_rule;
+use crr_tests::{RunningFunction, Stack, invoke, list_all, rule, seed, unique};
+use serde_json::json;
+
+struct Fixture {
+    stack: Stack,
+    table: String,
+    state: DynamoStore,
+    rule: Rule,
+}
+
+/// Source (moto A) and target (moto B) buckets, and a historical rule over `prefixes`.
+async fn fixture(prefixes: &[&str], configure: impl FnOnce(&mut Rule)) -> Result<Fixture> {
+    let stack = Stack::from_env()?;
+    let table = unique("bf");
+    let state = stack.state(&table).await?;
+    let (source, target) = (unique("src"), unique("dst"));
+    stack.create_bucket(&stack.a, &source).await?;
+    stack.create_bucket(&stack.b, &target).await?;
+    let mut r = rule(&unique("rule"), stack.a.bucket(&source), stack.b.bucket(&target));
+    r.prefixes = prefixes.iter().map(|p| p.to_string()).collect();
+    r.historical = true;
+    r.notify = Notify::External;
+    // One request fewer per object; ACLs are covered by the replication suite.
+    r.copy_acl = false;
+    configure(&mut r);
+    let rule = create_rule(&state, &stack.s3_clients(), r).await?;
+    Ok(Fixture { stack, table, state, rule })
+}
+
+impl Fixture {
+    fn source(&self) -> &str {
+        &self.rule.source.bucket
+    }
+    fn target(&self) -> &str {
+        &self.rule.target.bucket
+    }
+
+    async fn seed(&self, objects: Vec<(String, Vec<u8>)>) -> Result<()> {
+        seed(&self.stack, &self.stack.a, self.source(), objects, 16).await
+    }
+
+    /// The source objects under the rule's prefixes, and the whole target.
+    async fn both_sides(&self) -> Result<(BTreeMap<String, (i64, String)>, BTreeMap<String, (i64, String)>)> {
+        let source = list_all(&self.stack.s3(&self.stack.a), self.source()).await?;
+        let in_scope = source.into_iter().filter(|(k, _)| self.rule.matches_key(k)).collect();
+        let target = list_all(&self.stack.s3(&self.stack.b), self.target()).await?;
+        Ok((in_scope, target))
+    }
+
+    async fn assert_exact_copy(&self) -> Result<()> {
+        let (source, target) = self.both_sides().await?;
+        ensure!(source.len() == target.len(), "source has {} objects in scope, target {}", source.len(), target.len());
+        for (key, (size, etag)) in &source {
+            let t = target.get(key).with_context(|| format!("{key} missing in the target"))?;
+            ensure!(t == &(*size, etag.clone()), "{key} differs: source {size}/{etag}, target {}/{}", t.0, t.1);
+        }
+        Ok(())
+    }
+
+    fn backfiller(&self, settings: BackfillSettings) -> Backfiller {
+        let state = Arc::new(self.state.clone());
+        Backfiller::new(state.clone(), state, Arc::new(self.stack.s3_clients()), CopyEngine::default(), settings)
+    }
+
+    fn env(&self, page: u32, segment: u32, lease_secs: u32) -> Vec<String> {
+        vec![
+            format!("CRR_BACKFILL_PAGE_SIZE={page}"),
+            format!("CRR_BACKFILL_SEGMENT_OBJECTS={segment}"),
+            format!("CRR_BACKFILL_LEASE_SECS={lease_secs}"),
+            "CRR_BACKFILL_MARGIN_SECS=1".to_string(),
+            "CRR_BACKFILL_WORKERS=4".to_string(),
+        ]
+    }
+
+    async fn job_state(&self) -> Result<Option<JobState>> {
+        Ok(self.state.job(&self.rule.id).await?.map(|j| j.state))
+    }
+}
+
+fn objects(prefix: &str, n: usize) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| (format!("{prefix}obj-{i:05}.txt"), format!("{prefix} object {i} ").repeat(1 + i % 7).into_bytes()))
+        .collect()
+}
+
+#[tokio::test]
+async fn five_thousand_objects_in_three_prefixes_over_many_invocations() -> Result<()> {
+    let f = fixture(&["logs/", "img/", "docs/"], |_| {}).await?;
+    let mut all = objects("logs/", 1700);
+    all.extend(objects("img/", 1650));
+    all.extend(objects("docs/", 1650));
+    all.extend(objects("other/", 200));
+    all.extend(objects("logsx", 50)); // shares a first letter, outside every prefix
+    f.seed(all).await?;
+
+    // A 5-second deadline: every invocation stops cleanly and the next one resumes.
+    let function = RunningFunction::start_direct(&f.stack, "crr-backfill", &f.table, 5, &f.env(40, 500, 30))?;
+    let started = Instant::now();
+    let mut invocations = 0;
+    while f.job_state().await? != Some(JobState::Completed) {
+        ensure!(started.elapsed() < Duration::from_secs(900), "backfill did not complete in 15 minutes");
+        let (failed, body) = invoke(function.port, "crr-backfill", "{}").await?;
+        ensure!(!failed, "invocation failed: {body}");
+        invocations += 1;
+    }
+    println!("5000 objects in scope backfilled in {invocations} invocations, {:?}", started.elapsed());
+    ensure!(invocations >= 5, "only {invocations} invocations");
+    f.assert_exact_copy().await?;
+    let job = f.state.job(&f.rule.id).await?.context("job")?;
+    assert_eq!(job.total_objects, 5000);
+    let segments = f.state.segments(&f.rule.id).await?;
+    assert_eq!(segments.iter().map(|s| s.objects_done).sum::<u64>(), 5000);
+    assert!(segments.len() >= 10, "{} segments", segments.len());
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigkill_at_random_points_still_completes_to_an_exact_copy() -> Result<()> {
+    let f = fixture(&["a/", "b/"], |_| {}).await?;
+    // A versioned target counts every write: a key with two versions was copied twice.
+    f.stack
+        .s3(&f.stack.b)
+        .put_bucket_versioning()
+        .bucket(f.target())
+        .versioning_configuration(
+            aws_sdk_s3::types::VersioningConfiguration::builder()
+                .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+                .build(),
+        )
+        .send()
+        .await?;
+    let mut all = objects("a/", 1000);
+    all.extend(objects("b/", 1000));
+    f.seed(all).await?;
+
+    let function = Arc::new(RunningFunction::start_direct(&f.stack, "crr-backfill", &f.table, 20, &f.env(50, 300, 2))?);
+    let port = function.port;
+    let invoker = tokio::spawn(async move {
+        loop {
+            let _ = invoke(port, "crr-backfill", "{}").await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let mut kills = 0;
+    let started = Instant::now();
+    while f.job_state().await? != Some(JobState::Completed) {
+        ensure!(started.elapsed() < Duration::from_secs(900), "backfill did not complete in 15 minutes");
+        tokio::time::sleep(Duration::from_millis(300 + fastrand::u64(0..1200))).await;
+        if kills < 12 {
+            for pid in function.function_pids() {
+                if std::process::Command::new("kill").args(["-9", &pid.to_string()]).status()?.success() {
+                    kills += 1;
+                }
+            }
+        }
+    }
+    invoker.abort();
+    println!("completed after {kills} SIGKILLs in {:?}", started.elapsed());
+    ensure!(kills >= 10, "only {kills} kills happened before completion");
+    f.assert_exact_copy().await?;
+
+    let versions = f.stack.s3(&f.stack.b).list_object_versions().bucket(f.target()).max_keys(1000).send().await?;
+    let mut writes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut page = versions;
+    loop {
+        for v in page.versions() {
+            *writes.entry(v.key().unwrap_or_default().to_string()).or_default() += 1;
+        }
+        if page.is_truncated() != Some(true) {
+            break;
+        }
+        let token = (page.next_key_marker().map(str::to_string), page.next_version_id_marker().map(str::to_string));
+        page = f
+            .stack
+            .s3(&f.stack.b)
+            .list_object_versions()
+            .bucket(f.target())
+            .set_key_marker(token.0)
+            .set_version_id_marker(token.1)
+            .send()
+            .await?;
+    }
+    let twice = writes.values().filter(|n| **n > 1).count();
+    println!("objects written more than once: {twice} of {}", writes.len());
+    Ok(())
+}
+
+#[tokio::test]
+async fn racing_invocations_share_segments_and_a_dead_lease_is_taken_over() -> Result<()> {
+    let f = fixture(&[], |_| {}).await?;
+    f.seed(objects("k/", 600)).await?;
+    let settings = BackfillSettings {
+        page_size: 50,
+        segment_objects: 100,
+        workers: 3,
+        copy_concurrency: 8,
+        lease: Duration::from_secs(3),
+        margin: Duration::ZERO,
+    };
+    let bf = f.backfiller(settings.clone());
+    // The counting pass only, then a lease of a "killed" invocation on segment 0.
+    let job = bf.count(&f.rule.id, Instant::now() + Duration::from_secs(60)).await?;
+    assert!(job.planned);
+    assert_eq!((job.total_objects, job.segments), (600, 6));
+    let segments = f.state.segments(&f.rule.id).await?;
+    assert_eq!(segments.len(), 6);
+    let now = chrono::Utc::now().timestamp_millis() as u64;
+    assert!(f.state.claim_segment(&f.rule.id, 0, "killed", now, now + 3000).await?);
+    // A held lease cannot be claimed, not even by a second try.
+    assert!(!f.state.claim_segment(&f.rule.id, 0, "other", now, now + 3000).await?);
+
+    // Two invocations race on the rule.
+    let (a, b) = (f.backfiller(settings.clone()), f.backfiller(settings));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (ra, rb) = tokio::join!(a.run(Some(&f.rule.id), "inv-a", deadline), b.run(Some(&f.rule.id), "inv-b", deadline));
+    let (ra, rb) = (ra?, rb?);
+    // Whoever finished first may have stopped before segment 0's lease expired.
+    if f.job_state().await? != Some(JobState::Completed) {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        a.run(Some(&f.rule.id), "inv-c", Instant::now() + Duration::from_secs(60)).await?;
+    }
+    assert_eq!(f.job_state().await?, Some(JobState::Completed));
+    f.assert_exact_copy().await?;
+    // Each object was copied exactly once: no segment was worked on twice at once.
+    let segments = f.state.segments(&f.rule.id).await?;
+    assert_eq!(segments.iter().map(|s| s.copied).sum::<u64>(), 600, "{ra:?} {rb:?}");
+    assert_eq!(segments.iter().map(|s| s.objects_done).sum::<u64>(), 600);
+    // Segment 0 was finished by someone else than the killed invocation.
+    assert!(segments[0].done && segments[0].lease_owner.as_deref() != Some("killed"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn plan_lists_exactly_the_target_objects_that_would_be_overwritten() -> Result<()> {
+    let f = fixture(&["p/"], |_| {}).await?;
+    f.seed(objects("p/", 30)).await?;
+    let s3b = f.stack.s3(&f.stack.b);
+    // Seeded conflicts: three keys with other content; two identical; one outside scope.
+    let conflicts = ["p/obj-00003.txt", "p/obj-00011.txt", "p/obj-00027.txt"];
+    for key in conflicts {
+        s3b.put_object().bucket(f.target()).key(key).body(ByteStream::from_static(b"target's own")).send().await?;
+    }
+    let source = objects("p/", 30);
+    for (key, body) in source.iter().filter(|(k, _)| k.ends_with("05.txt") || k.ends_with("06.txt")) {
+        s3b.put_object().bucket(f.target()).key(key).body(ByteStream::from(body.clone())).send().await?;
+    }
+    let clients = f.stack.s3_clients();
+    let (src, dst) = (clients.store(&f.rule.source), clients.store(&f.rule.target));
+    let report = dry_run(&f.rule, &src, &dst, 7).await?;
+    let keys: Vec<&str> = report.overwrites.iter().map(|c| c.key.as_str()).collect();
+    assert_eq!(keys, conflicts);
+    assert_eq!((report.objects, report.to_copy, report.in_place, report.kept), (30, 28, 2, 0));
+    assert_eq!(report.overwrites[0].target_size, 12);
+
+    // The CLI shows the same, and nothing was written.
+    let out = f.stack.crr(&f.table, &["backfill", "plan", &f.rule.id, "--json"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v["overwrites"].as_array().map(Vec::len), Some(3));
+    assert_eq!(list_all(&s3b, f.target()).await?.len(), 5);
+
+    // With on_conflict = skip nothing would be overwritten.
+    let mut keep = f.rule.clone();
+    keep.on_conflict = OnConflict::Skip;
+    let report = dry_run(&keep, &src, &dst, 100).await?;
+    assert!(report.overwrites.is_empty());
+    assert_eq!(report.kept, 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_realtime_overwrite_during_the_backfill_is_not_reverted() -> Result<()> {
+    let f = fixture(&[], |r| r.copy_mode = crr_shared::rule::CopyMode::Stream).await?;
+    f.seed(objects("r/", 800)).await?;
+    let bf = f.backfiller(BackfillSettings {
+        page_size: 40,
+        segment_objects: 200,
+        workers: 2,
+        copy_concurrency: 4,
+        lease: Duration::from_secs(30),
+        margin: Duration::ZERO,
+    });
+    bf.start(&f.rule.id).await?;
+    let replicator = Replicator::new(
+        Arc::new(f.state.clone()),
+        Arc::new(f.stack.s3_clients()),
+        None,
+        ReplicatorSettings::default(),
+    );
+    let s3a = f.stack.s3(&f.stack.a);
+    let realtime = async {
+        // While the backfill runs, 40 objects change and real time replicates them.
+        for i in (0..800).step_by(20) {
+            let key = format!("r/obj-{i:05}.txt");
+            let out = s3a
+                .put_object()
+                .bucket(f.source())
+                .key(&key)
+                .body(ByteStream::from(format!("changed {i}").into_bytes()))
+                .send()
+                .await?;
+            let record = json!({"eventVersion": "2.1", "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+                "s3": {"bucket": {"name": f.source()}, "object": {"key": key, "eTag": out.e_tag().unwrap_or_default().trim_matches('"'),
+                       "sequencer": format!("{:018X}", 0x1000 + i)}}});
+            replicator.handle(&json!({"Records": [record]}), None).await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(())
+    };
+    let backfill = bf.run(Some(&f.rule.id), "bf", Instant::now() + Duration::from_secs(300));
+    let (rt, report) = tokio::join!(realtime, backfill);
+    rt?;
+    let report = report?;
+    println!("backfill: {report:?}");
+    assert_eq!(f.job_state().await?, Some(JobState::Completed));
+    f.assert_exact_copy().await?;
+    for i in (0..800).step_by(20) {
+        let key = format!("r/obj-{i:05}.txt");
+        let (body, _) = crr_tests::read_object(&f.stack.s3(&f.stack.b), f.target(), &key).await?.context("replica")?;
+        assert_eq!(body, format!("changed {i}").into_bytes(), "{key} was reverted");
+    }
+    Ok(())
+}
