@@ -32,7 +32,11 @@ async fn fixture(prefixes: &[&str], configure: impl FnOnce(&mut Rule)) -> Result
     let (source, target) = (unique("src"), unique("dst"));
     stack.create_bucket(&stack.a, &source).await?;
     stack.create_bucket(&stack.b, &target).await?;
-    let mut r = rule(&unique("rule"), stack.a.bucket(&source), stack.b.bucket(&target));
+    let mut r = rule(
+        &unique("rule"),
+        stack.a.bucket(&source),
+        stack.b.bucket(&target),
+    );
     r.prefixes = prefixes.iter().map(|p| p.to_string()).collect();
     r.historical = true;
     r.notify = Notify::External;
@@ -40,7 +44,12 @@ async fn fixture(prefixes: &[&str], configure: impl FnOnce(&mut Rule)) -> Result
     r.copy_acl = false;
     configure(&mut r);
     let rule = create_rule(&state, &stack.s3_clients(), r).await?;
-    Ok(Fixture { stack, table, state, rule })
+    Ok(Fixture {
+        stack,
+        table,
+        state,
+        rule,
+    })
 }
 
 impl Fixture {
@@ -56,26 +65,52 @@ impl Fixture {
     }
 
     /// The source objects under the rule's prefixes, and the whole target.
-    async fn both_sides(&self) -> Result<(BTreeMap<String, (i64, String)>, BTreeMap<String, (i64, String)>)> {
+    async fn both_sides(
+        &self,
+    ) -> Result<(
+        BTreeMap<String, (i64, String)>,
+        BTreeMap<String, (i64, String)>,
+    )> {
         let source = list_all(&self.stack.s3(&self.stack.a), self.source()).await?;
-        let in_scope = source.into_iter().filter(|(k, _)| self.rule.matches_key(k)).collect();
+        let in_scope = source
+            .into_iter()
+            .filter(|(k, _)| self.rule.matches_key(k))
+            .collect();
         let target = list_all(&self.stack.s3(&self.stack.b), self.target()).await?;
         Ok((in_scope, target))
     }
 
     async fn assert_exact_copy(&self) -> Result<()> {
         let (source, target) = self.both_sides().await?;
-        ensure!(source.len() == target.len(), "source has {} objects in scope, target {}", source.len(), target.len());
+        ensure!(
+            source.len() == target.len(),
+            "source has {} objects in scope, target {}",
+            source.len(),
+            target.len()
+        );
         for (key, (size, etag)) in &source {
-            let t = target.get(key).with_context(|| format!("{key} missing in the target"))?;
-            ensure!(t == &(*size, etag.clone()), "{key} differs: source {size}/{etag}, target {}/{}", t.0, t.1);
+            let t = target
+                .get(key)
+                .with_context(|| format!("{key} missing in the target"))?;
+            ensure!(
+                t == &(*size, etag.clone()),
+                "{key} differs: source {size}/{etag}, target {}/{}",
+                t.0,
+                t.1
+            );
         }
         Ok(())
     }
 
     fn backfiller(&self, settings: BackfillSettings) -> Backfiller {
         let state = Arc::new(self.state.clone());
-        Backfiller::new(state.clone(), state, Arc::new(self.stack.s3_clients()), CopyEngine::default(), settings)
+        Backfiller::new(
+            state.clone(),
+            state,
+            Arc::new(self.stack.s3_clients()),
+            CopyEngine::default(),
+            settings,
+        )
     }
 
     fn env(&self, page: u32, segment: u32, lease_secs: u32) -> Vec<String> {
@@ -95,7 +130,14 @@ impl Fixture {
 
 fn objects(prefix: &str, n: usize) -> Vec<(String, Vec<u8>)> {
     (0..n)
-        .map(|i| (format!("{prefix}obj-{i:05}.txt"), format!("{prefix} object {i} ").repeat(1 + i % 7).into_bytes()))
+        .map(|i| {
+            (
+                format!("{prefix}obj-{i:05}.txt"),
+                format!("{prefix} object {i} ")
+                    .repeat(1 + i % 7)
+                    .into_bytes(),
+            )
+        })
         .collect()
 }
 
@@ -110,16 +152,23 @@ async fn five_thousand_objects_in_three_prefixes_over_many_invocations() -> Resu
     f.seed(all).await?;
 
     // A 5-second deadline: every invocation stops cleanly and the next one resumes.
-    let function = RunningFunction::start_direct(&f.stack, "crr-backfill", &f.table, 5, &f.env(40, 500, 30))?;
+    let function =
+        RunningFunction::start_direct(&f.stack, "crr-backfill", &f.table, 5, &f.env(40, 500, 30))?;
     let started = Instant::now();
     let mut invocations = 0;
     while f.job_state().await? != Some(JobState::Completed) {
-        ensure!(started.elapsed() < Duration::from_secs(900), "backfill did not complete in 15 minutes");
+        ensure!(
+            started.elapsed() < Duration::from_secs(900),
+            "backfill did not complete in 15 minutes"
+        );
         let (failed, body) = invoke(function.port, "crr-backfill", "{}").await?;
         ensure!(!failed, "invocation failed: {body}");
         invocations += 1;
     }
-    println!("5000 objects in scope backfilled in {invocations} invocations, {:?}", started.elapsed());
+    println!(
+        "5000 objects in scope backfilled in {invocations} invocations, {:?}",
+        started.elapsed()
+    );
     ensure!(invocations >= 5, "only {invocations} invocations");
     f.assert_exact_copy().await?;
     let job = f.state.job(&f.rule.id).await?.context("job")?;
@@ -149,7 +198,13 @@ async fn sigkill_at_random_points_still_completes_to_an_exact_copy() -> Result<(
     all.extend(objects("b/", 1000));
     f.seed(all).await?;
 
-    let function = Arc::new(RunningFunction::start_direct(&f.stack, "crr-backfill", &f.table, 20, &f.env(50, 300, 2))?);
+    let function = Arc::new(RunningFunction::start_direct(
+        &f.stack,
+        "crr-backfill",
+        &f.table,
+        20,
+        &f.env(50, 300, 2),
+    )?);
     let port = function.port;
     let invoker = tokio::spawn(async move {
         loop {
@@ -160,32 +215,54 @@ async fn sigkill_at_random_points_still_completes_to_an_exact_copy() -> Result<(
     let mut kills = 0;
     let started = Instant::now();
     while f.job_state().await? != Some(JobState::Completed) {
-        ensure!(started.elapsed() < Duration::from_secs(900), "backfill did not complete in 15 minutes");
+        ensure!(
+            started.elapsed() < Duration::from_secs(900),
+            "backfill did not complete in 15 minutes"
+        );
         tokio::time::sleep(Duration::from_millis(300 + fastrand::u64(0..1200))).await;
         if kills < 12 {
             for pid in function.function_pids() {
-                if std::process::Command::new("kill").args(["-9", &pid.to_string()]).status()?.success() {
+                if std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status()?
+                    .success()
+                {
                     kills += 1;
                 }
             }
         }
     }
     invoker.abort();
-    println!("completed after {kills} SIGKILLs in {:?}", started.elapsed());
+    println!(
+        "completed after {kills} SIGKILLs in {:?}",
+        started.elapsed()
+    );
     ensure!(kills >= 10, "only {kills} kills happened before completion");
     f.assert_exact_copy().await?;
 
-    let versions = f.stack.s3(&f.stack.b).list_object_versions().bucket(f.target()).max_keys(1000).send().await?;
+    let versions = f
+        .stack
+        .s3(&f.stack.b)
+        .list_object_versions()
+        .bucket(f.target())
+        .max_keys(1000)
+        .send()
+        .await?;
     let mut writes: BTreeMap<String, usize> = BTreeMap::new();
     let mut page = versions;
     loop {
         for v in page.versions() {
-            *writes.entry(v.key().unwrap_or_default().to_string()).or_default() += 1;
+            *writes
+                .entry(v.key().unwrap_or_default().to_string())
+                .or_default() += 1;
         }
         if page.is_truncated() != Some(true) {
             break;
         }
-        let token = (page.next_key_marker().map(str::to_string), page.next_version_id_marker().map(str::to_string));
+        let token = (
+            page.next_key_marker().map(str::to_string),
+            page.next_version_id_marker().map(str::to_string),
+        );
         page = f
             .stack
             .s3(&f.stack.b)
@@ -197,7 +274,10 @@ async fn sigkill_at_random_points_still_completes_to_an_exact_copy() -> Result<(
             .await?;
     }
     let twice = writes.values().filter(|n| **n > 1).count();
-    println!("objects written more than once: {twice} of {}", writes.len());
+    println!(
+        "objects written more than once: {twice} of {}",
+        writes.len()
+    );
     Ok(())
 }
 
@@ -215,31 +295,53 @@ async fn racing_invocations_share_segments_and_a_dead_lease_is_taken_over() -> R
     };
     let bf = f.backfiller(settings.clone());
     // The counting pass only, then a lease of a "killed" invocation on segment 0.
-    let job = bf.count(&f.rule.id, Instant::now() + Duration::from_secs(60)).await?;
+    let job = bf
+        .count(&f.rule.id, Instant::now() + Duration::from_secs(60))
+        .await?;
     assert!(job.planned);
     assert_eq!((job.total_objects, job.segments), (600, 6));
     let segments = f.state.segments(&f.rule.id).await?;
     assert_eq!(segments.len(), 6);
     let now = chrono::Utc::now().timestamp_millis() as u64;
-    assert!(f.state.claim_segment(&f.rule.id, 0, "killed", now, now + 3000).await?);
+    assert!(
+        f.state
+            .claim_segment(&f.rule.id, 0, "killed", now, now + 3000)
+            .await?
+    );
     // A held lease cannot be claimed, not even by a second try.
-    assert!(!f.state.claim_segment(&f.rule.id, 0, "other", now, now + 3000).await?);
+    assert!(
+        !f.state
+            .claim_segment(&f.rule.id, 0, "other", now, now + 3000)
+            .await?
+    );
 
     // Two invocations race on the rule.
     let (a, b) = (f.backfiller(settings.clone()), f.backfiller(settings));
     let deadline = Instant::now() + Duration::from_secs(120);
-    let (ra, rb) = tokio::join!(a.run(Some(&f.rule.id), "inv-a", deadline), b.run(Some(&f.rule.id), "inv-b", deadline));
+    let (ra, rb) = tokio::join!(
+        a.run(Some(&f.rule.id), "inv-a", deadline),
+        b.run(Some(&f.rule.id), "inv-b", deadline)
+    );
     let (ra, rb) = (ra?, rb?);
     // Whoever finished first may have stopped before segment 0's lease expired.
     if f.job_state().await? != Some(JobState::Completed) {
         tokio::time::sleep(Duration::from_secs(3)).await;
-        a.run(Some(&f.rule.id), "inv-c", Instant::now() + Duration::from_secs(60)).await?;
+        a.run(
+            Some(&f.rule.id),
+            "inv-c",
+            Instant::now() + Duration::from_secs(60),
+        )
+        .await?;
     }
     assert_eq!(f.job_state().await?, Some(JobState::Completed));
     f.assert_exact_copy().await?;
     // Each object was copied exactly once: no segment was worked on twice at once.
     let segments = f.state.segments(&f.rule.id).await?;
-    assert_eq!(segments.iter().map(|s| s.copied).sum::<u64>(), 600, "{ra:?} {rb:?}");
+    assert_eq!(
+        segments.iter().map(|s| s.copied).sum::<u64>(),
+        600,
+        "{ra:?} {rb:?}"
+    );
     assert_eq!(segments.iter().map(|s| s.objects_done).sum::<u64>(), 600);
     // Segment 0 was finished by someone else than the killed invocation.
     assert!(segments[0].done && segments[0].lease_owner.as_deref() != Some("killed"));
@@ -254,22 +356,40 @@ async fn plan_lists_exactly_the_target_objects_that_would_be_overwritten() -> Re
     // Seeded conflicts: three keys with other content; two identical; one outside scope.
     let conflicts = ["p/obj-00003.txt", "p/obj-00011.txt", "p/obj-00027.txt"];
     for key in conflicts {
-        s3b.put_object().bucket(f.target()).key(key).body(ByteStream::from_static(b"target's own")).send().await?;
+        s3b.put_object()
+            .bucket(f.target())
+            .key(key)
+            .body(ByteStream::from_static(b"target's own"))
+            .send()
+            .await?;
     }
     let source = objects("p/", 30);
-    for (key, body) in source.iter().filter(|(k, _)| k.ends_with("05.txt") || k.ends_with("06.txt")) {
-        s3b.put_object().bucket(f.target()).key(key).body(ByteStream::from(body.clone())).send().await?;
+    for (key, body) in source
+        .iter()
+        .filter(|(k, _)| k.ends_with("05.txt") || k.ends_with("06.txt"))
+    {
+        s3b.put_object()
+            .bucket(f.target())
+            .key(key)
+            .body(ByteStream::from(body.clone()))
+            .send()
+            .await?;
     }
     let clients = f.stack.s3_clients();
     let (src, dst) = (clients.store(&f.rule.source), clients.store(&f.rule.target));
     let report = dry_run(&f.rule, &src, &dst, 7).await?;
     let keys: Vec<&str> = report.overwrites.iter().map(|c| c.key.as_str()).collect();
     assert_eq!(keys, conflicts);
-    assert_eq!((report.objects, report.to_copy, report.in_place, report.kept), (30, 28, 2, 0));
+    assert_eq!(
+        (report.objects, report.to_copy, report.in_place, report.kept),
+        (30, 28, 2, 0)
+    );
     assert_eq!(report.overwrites[0].target_size, 12);
 
     // The CLI shows the same, and nothing was written.
-    let out = f.stack.crr(&f.table, &["backfill", "plan", &f.rule.id, "--json"])?;
+    let out = f
+        .stack
+        .crr(&f.table, &["backfill", "plan", &f.rule.id, "--json"])?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(v["overwrites"].as_array().map(Vec::len), Some(3));
     assert_eq!(list_all(&s3b, f.target()).await?.len(), 5);
@@ -317,12 +437,18 @@ async fn a_realtime_overwrite_during_the_backfill_is_not_reverted() -> Result<()
             let record = json!({"eventVersion": "2.1", "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
                 "s3": {"bucket": {"name": f.source()}, "object": {"key": key, "eTag": out.e_tag().unwrap_or_default().trim_matches('"'),
                        "sequencer": format!("{:018X}", 0x1000 + i)}}});
-            replicator.handle(&json!({"Records": [record]}), None).await?;
+            replicator
+                .handle(&json!({"Records": [record]}), None)
+                .await?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         anyhow::Ok(())
     };
-    let backfill = bf.run(Some(&f.rule.id), "bf", Instant::now() + Duration::from_secs(300));
+    let backfill = bf.run(
+        Some(&f.rule.id),
+        "bf",
+        Instant::now() + Duration::from_secs(300),
+    );
     let (rt, report) = tokio::join!(realtime, backfill);
     rt?;
     let report = report?;
@@ -331,8 +457,14 @@ async fn a_realtime_overwrite_during_the_backfill_is_not_reverted() -> Result<()
     f.assert_exact_copy().await?;
     for i in (0..800).step_by(20) {
         let key = format!("r/obj-{i:05}.txt");
-        let (body, _) = crr_tests::read_object(&f.stack.s3(&f.stack.b), f.target(), &key).await?.context("replica")?;
-        assert_eq!(body, format!("changed {i}").into_bytes(), "{key} was reverted");
+        let (body, _) = crr_tests::read_object(&f.stack.s3(&f.stack.b), f.target(), &key)
+            .await?
+            .context("replica")?;
+        assert_eq!(
+            body,
+            format!("changed {i}").into_bytes(),
+            "{key} was reverted"
+        );
     }
     Ok(())
 }

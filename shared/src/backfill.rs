@@ -324,7 +324,9 @@ fn prefixes_of(rule: &Rule) -> Vec<String> {
 
 /// When page work is cut off: enough before the deadline to release the lease and answer.
 fn hard_stop(deadline: Instant) -> Instant {
-    deadline.checked_sub(Duration::from_millis(700)).unwrap_or(deadline)
+    deadline
+        .checked_sub(Duration::from_millis(700))
+        .unwrap_or(deadline)
 }
 
 fn now_ms() -> u64 {
@@ -719,7 +721,8 @@ impl Backfiller {
             // A page that cannot finish before the deadline is abandoned: no checkpoint,
             // so its objects are examined again by whoever takes the segment next (those
             // already copied are then found in place).
-            let Ok(outcomes) = tokio::time::timeout_at(hard_stop(deadline).into(), copies).await else {
+            let Ok(outcomes) = tokio::time::timeout_at(hard_stop(deadline).into(), copies).await
+            else {
                 tracing::warn!(rule_id = %rule.id, segment = segment.index, "deadline: page abandoned");
                 return Ok(false);
             };

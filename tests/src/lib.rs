@@ -358,11 +358,19 @@ pub struct RunningFunction {
 
 /// A free port on 127.0.0.1 (bound, read, released).
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Puts `objects` into `bucket` on `server`, `concurrency` at a time.
-pub async fn seed(stack: &Stack, server: &S3Server, bucket: &str, objects: Vec<(String, Vec<u8>)>, concurrency: usize) -> Result<()> {
+pub async fn seed(
+    stack: &Stack,
+    server: &S3Server,
+    bucket: &str,
+    objects: Vec<(String, Vec<u8>)>,
+    concurrency: usize,
+) -> Result<()> {
     use futures::StreamExt;
     let s3 = stack.s3(server);
     let results: Vec<Result<()>> = futures::stream::iter(objects)
@@ -386,14 +394,28 @@ pub async fn seed(stack: &Stack, server: &S3Server, bucket: &str, objects: Vec<(
 }
 
 /// Every object of a bucket: key -> (size, ETag).
-pub async fn list_all(s3: &aws_sdk_s3::Client, bucket: &str) -> Result<std::collections::BTreeMap<String, (i64, String)>> {
+pub async fn list_all(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+) -> Result<std::collections::BTreeMap<String, (i64, String)>> {
     let mut all = std::collections::BTreeMap::new();
     let mut token: Option<String> = None;
     loop {
-        let out = s3.list_objects_v2().bucket(bucket).set_continuation_token(token).send().await?;
+        let out = s3
+            .list_objects_v2()
+            .bucket(bucket)
+            .set_continuation_token(token)
+            .send()
+            .await?;
         for o in out.contents() {
             if let Some(k) = o.key() {
-                all.insert(k.to_string(), (o.size().unwrap_or(0), o.e_tag().unwrap_or("").trim_matches('"').to_string()));
+                all.insert(
+                    k.to_string(),
+                    (
+                        o.size().unwrap_or(0),
+                        o.e_tag().unwrap_or("").trim_matches('"').to_string(),
+                    ),
+                );
             }
         }
         match out.next_continuation_token() {
@@ -416,7 +438,10 @@ pub async fn invoke(port: u16, function: &str, payload: &str) -> Result<(bool, S
     stream.read_to_end(&mut response).await?;
     let text = String::from_utf8_lossy(&response).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    Ok((head.to_ascii_lowercase().contains("x-amz-function-error"), body.to_string()))
+    Ok((
+        head.to_ascii_lowercase().contains("x-amz-function-error"),
+        body.to_string(),
+    ))
 }
 
 impl RunningFunction {
@@ -462,11 +487,22 @@ impl RunningFunction {
 
     /// Starts `function` behind the emulator on `port`, invoked through its Invoke API
     /// (no queue), with `timeout_secs` per invocation.
-    pub fn start_direct(stack: &Stack, function: &str, table: &str, timeout_secs: u64, env: &[String]) -> Result<Self> {
+    pub fn start_direct(
+        stack: &Stack,
+        function: &str,
+        table: &str,
+        timeout_secs: u64,
+        env: &[String],
+    ) -> Result<Self> {
         let port = free_port()?;
         let child = Command::new(bin("crr")?)
             .args(["local", "run-function", "--name", function])
-            .args(["--port", &port.to_string(), "--timeout-secs", &timeout_secs.to_string()])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--timeout-secs",
+                &timeout_secs.to_string(),
+            ])
             .arg("--binary")
             .arg(bin(function)?)
             .args(["--env", &format!("CRR_TABLE={table}")])
@@ -498,7 +534,11 @@ impl RunningFunction {
         if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
             for task in tasks.flatten() {
                 if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
-                    pids.extend(children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+                    pids.extend(
+                        children
+                            .split_whitespace()
+                            .filter_map(|p| p.parse::<i32>().ok()),
+                    );
                 }
             }
         }
