@@ -290,7 +290,7 @@ async fn racing_invocations_share_segments_and_a_dead_lease_is_taken_over() -> R
         segment_objects: 100,
         workers: 3,
         copy_concurrency: 8,
-        lease: Duration::from_secs(3),
+        lease: Duration::from_secs(30),
         margin: Duration::ZERO,
     };
     let bf = f.backfiller(settings.clone());

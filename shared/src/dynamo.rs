@@ -214,17 +214,51 @@ impl DynamoStore {
         Ok(())
     }
 
-    async fn claim_holder(&self, bucket: &str) -> Result<Option<Claim>> {
+    /// Every item of partition `pk` (whose sort key starts with `sk_prefix`, if given),
+    /// read consistently, all pages.
+    async fn query_all(&self, pk: String, sk_prefix: Option<&str>) -> Result<Vec<Item>> {
+        let mut found = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let mut req = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .expression_attribute_values(":pk", s(pk.clone()))
+                .set_exclusive_start_key(start)
+                .consistent_read(true);
+            req = match sk_prefix {
+                Some(prefix) => req
+                    .key_condition_expression("pk = :pk AND begins_with(sk, :skp)")
+                    .expression_attribute_values(":skp", s(prefix)),
+                None => req.key_condition_expression("pk = :pk"),
+            };
+            let out = req.send().await.map_err(|e| self.err("Query", e))?;
+            found.extend(out.items().iter().cloned());
+            match out.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => return Ok(found),
+            }
+        }
+    }
+
+    /// The item under `key`, read consistently.
+    async fn get(&self, key: Item) -> Result<Option<Item>> {
         let out = self
             .client
             .get_item()
             .table_name(&self.table)
-            .set_key(Some(claim_key(bucket)))
+            .set_key(Some(key))
             .consistent_read(true)
             .send()
             .await
             .map_err(|e| self.err("GetItem", e))?;
-        Ok(out.item().and_then(|item| claim_from_item(bucket, item)))
+        Ok(out.item)
+    }
+
+    async fn claim_holder(&self, bucket: &str) -> Result<Option<Claim>> {
+        let item = self.get(claim_key(bucket)).await?;
+        Ok(item.and_then(|item| claim_from_item(bucket, &item)))
     }
 
     fn put_if_absent(&self, item: Item) -> Result<TransactWriteItem> {
@@ -333,41 +367,16 @@ impl RuleStore for DynamoStore {
     }
 
     async fn get_rule(&self, id: &str) -> Result<Option<Rule>> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(rule_key(id)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| self.err("GetItem", e))?;
-        out.item().map(rule_from_item).transpose()
+        let item = self.get(rule_key(id)).await?;
+        item.as_ref().map(rule_from_item).transpose()
     }
 
     async fn list_rules(&self) -> Result<Vec<Rule>> {
-        let mut rules = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("pk = :pk")
-                .expression_attribute_values(":pk", s(RULES_PK))
-                .set_exclusive_start_key(start)
-                .consistent_read(true)
-                .send()
-                .await
-                .map_err(|e| self.err("Query", e))?;
-            for item in out.items() {
-                rules.push(rule_from_item(item)?);
-            }
-            match out.last_evaluated_key() {
-                Some(k) if !k.is_empty() => start = Some(k.clone()),
-                _ => return Ok(rules),
-            }
-        }
+        self.query_all(RULES_PK.to_string(), None)
+            .await?
+            .iter()
+            .map(rule_from_item)
+            .collect()
     }
 
     async fn update_rule(&self, rule: &Rule) -> Result<()> {
@@ -425,16 +434,8 @@ impl RuleStore for DynamoStore {
 #[async_trait]
 impl LedgerStore for DynamoStore {
     async fn read_ledger(&self, rule_id: &str, key: &str) -> Result<Option<LedgerEntry>> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(ledger_key(rule_id, key)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| self.err("GetItem", e))?;
-        Ok(out.item().map(|item| LedgerEntry {
+        let item = self.get(ledger_key(rule_id, key)).await?;
+        Ok(item.as_ref().map(|item| LedgerEntry {
             sequencer: string_attr(item, "seq").unwrap_or_default().to_string(),
             etag: string_attr(item, "etag")
                 .filter(|e| *e != NO_ETAG)
@@ -549,16 +550,8 @@ impl StatsStore for DynamoStore {
     }
 
     async fn counters(&self, rule_id: &str) -> Result<RealtimeCounters> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(stats_key(rule_id)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| self.err("GetItem", e))?;
-        let Some(item) = out.item() else {
+        let item = self.get(stats_key(rule_id)).await?;
+        let Some(item) = item.as_ref() else {
             return Ok(RealtimeCounters::default());
         };
         Ok(RealtimeCounters {
@@ -604,37 +597,23 @@ impl StatsStore for DynamoStore {
     }
 
     async fn suppressed(&self, rule_id: &str) -> Result<Vec<SuppressedDelete>> {
-        let mut found = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("pk = :pk")
-                .expression_attribute_values(":pk", s(format!("SUPPRESSED#{rule_id}")))
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(|e| self.err("Query", e))?;
-            for item in out.items() {
-                found.push(SuppressedDelete {
-                    key: string_attr(item, "key").unwrap_or_default().to_string(),
-                    event_time: time_attr(item, "event_time"),
-                    sequencer: string_attr(item, "sequencer").map(str::to_string),
-                    delete_marker: item
-                        .get("delete_marker")
-                        .and_then(|v| v.as_bool().ok())
-                        .copied()
-                        .unwrap_or(false),
-                    recorded_at: time_attr(item, "recorded_at").unwrap_or_default(),
-                });
-            }
-            match out.last_evaluated_key() {
-                Some(k) if !k.is_empty() => start = Some(k.clone()),
-                _ => return Ok(found),
-            }
-        }
+        let items = self
+            .query_all(format!("SUPPRESSED#{rule_id}"), None)
+            .await?;
+        Ok(items
+            .iter()
+            .map(|item| SuppressedDelete {
+                key: string_attr(item, "key").unwrap_or_default().to_string(),
+                event_time: time_attr(item, "event_time"),
+                sequencer: string_attr(item, "sequencer").map(str::to_string),
+                delete_marker: item
+                    .get("delete_marker")
+                    .and_then(|v| v.as_bool().ok())
+                    .copied()
+                    .unwrap_or(false),
+                recorded_at: time_attr(item, "recorded_at").unwrap_or_default(),
+            })
+            .collect())
     }
 }
 
@@ -735,16 +714,8 @@ impl DynamoStore {
 #[async_trait]
 impl BackfillStore for DynamoStore {
     async fn job(&self, rule_id: &str) -> Result<Option<Job>> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(key_item(backfill_pk(rule_id), "JOB")))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| self.err("GetItem", e))?;
-        Ok(out.item().map(|item| job_from_item(rule_id, item)))
+        let item = self.get(key_item(backfill_pk(rule_id), "JOB")).await?;
+        Ok(item.map(|item| job_from_item(rule_id, &item)))
     }
 
     async fn create_job(&self, job: &Job) -> Result<bool> {
@@ -844,27 +815,8 @@ impl BackfillStore for DynamoStore {
     }
 
     async fn segments(&self, rule_id: &str) -> Result<Vec<Segment>> {
-        let mut found = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("pk = :pk AND begins_with(sk, :seg)")
-                .expression_attribute_values(":pk", s(backfill_pk(rule_id)))
-                .expression_attribute_values(":seg", s("SEG#"))
-                .set_exclusive_start_key(start)
-                .consistent_read(true)
-                .send()
-                .await
-                .map_err(|e| self.err("Query", e))?;
-            found.extend(out.items().iter().map(segment_from_item));
-            match out.last_evaluated_key() {
-                Some(k) if !k.is_empty() => start = Some(k.clone()),
-                _ => return Ok(found),
-            }
-        }
+        let items = self.query_all(backfill_pk(rule_id), Some("SEG#")).await?;
+        Ok(items.iter().map(segment_from_item).collect())
     }
 
     async fn claim_segment(

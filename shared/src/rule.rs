@@ -141,6 +141,28 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// A rule from `source` to `target` with the defaults: all objects, policy `full`, no
+    /// historical sync, `on_conflict` overwrite, copy mode auto, EventBridge delivery,
+    /// ACLs carried.
+    pub fn new(id: impl Into<String>, source: BucketRef, target: BucketRef) -> Self {
+        Rule {
+            id: id.into(),
+            source,
+            target,
+            prefixes: vec![],
+            policy: Policy::Full,
+            historical: false,
+            on_conflict: OnConflict::Overwrite,
+            copy_mode: CopyMode::Auto,
+            notify: Notify::EventBridge,
+            storage_class: None,
+            copy_acl: true,
+            target_kms_key_id: None,
+            paused: false,
+            created_at: String::new(),
+        }
+    }
+
     /// Checks every restriction that can be checked without looking at other rules.
     /// (The one-pair-per-bucket restriction is enforced atomically by the state store.)
     pub fn validate(&self) -> Result<()> {
@@ -329,32 +351,13 @@ pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn rule(id: &str, src: &str, dst: &str) -> Rule {
-        Rule {
-            id: id.into(),
-            source: BucketRef {
-                bucket: src.into(),
-                region: "us-east-1".into(),
-                endpoint_url: None,
-                path_style: false,
-            },
-            target: BucketRef {
-                bucket: dst.into(),
-                region: "eu-west-1".into(),
-                endpoint_url: None,
-                path_style: false,
-            },
-            prefixes: vec![],
-            policy: Policy::Full,
-            historical: false,
-            on_conflict: OnConflict::Overwrite,
-            copy_mode: CopyMode::Auto,
-            notify: Notify::EventBridge,
-            storage_class: None,
-            copy_acl: true,
-            target_kms_key_id: None,
-            paused: false,
-            created_at: String::new(),
-        }
+        let side = |bucket: &str, region: &str| BucketRef {
+            bucket: bucket.into(),
+            region: region.into(),
+            endpoint_url: None,
+            path_style: false,
+        };
+        Rule::new(id, side(src, "us-east-1"), side(dst, "eu-west-1"))
     }
 
     fn field_of(err: Error) -> String {

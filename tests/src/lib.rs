@@ -11,7 +11,7 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_s3::config::Credentials;
 use aws_sdk_sqs::types::QueueAttributeName;
 use crr_shared::dynamo::DynamoStore;
-use crr_shared::rule::{BucketRef, CopyMode, Notify, OnConflict, Policy, Rule};
+use crr_shared::rule::{BucketRef, Rule};
 
 /// One S3 server of the stack, standing for one region.
 #[derive(Clone, Debug)]
@@ -287,22 +287,7 @@ impl Stack {
 
 /// A rule between two buckets on the stack, with the defaults tests start from.
 pub fn rule(id: &str, source: BucketRef, target: BucketRef) -> Rule {
-    Rule {
-        id: id.to_string(),
-        source,
-        target,
-        prefixes: vec![],
-        policy: Policy::Full,
-        historical: false,
-        on_conflict: OnConflict::Overwrite,
-        copy_mode: CopyMode::Auto,
-        notify: Notify::EventBridge,
-        storage_class: None,
-        copy_acl: true,
-        target_kms_key_id: None,
-        paused: false,
-        created_at: String::new(),
-    }
+    Rule::new(id, source, target)
 }
 
 /// A name no other test run uses: lower case, valid as bucket, queue, table and rule id.
@@ -458,35 +443,15 @@ impl RunningFunction {
         table: &str,
         env: &[String],
     ) -> Result<Self> {
-        let child = Command::new(bin("crr")?)
-            .args([
-                "local",
-                "run-function",
-                "--name",
-                function,
-                "--timeout-secs",
-                "20",
-            ])
-            .arg("--binary")
-            .arg(bin(function)?)
+        let child = Self::command(stack, function, table, 20, env)?
             .args(["--queue-url", queue_url])
-            .args(["--env", &format!("CRR_TABLE={table}")])
-            .args(["--env", "AWS_LAMBDA_LOG_FORMAT=json"])
-            .args(env.iter().flat_map(|kv| ["--env".to_string(), kv.clone()]))
-            .env("AWS_REGION", &stack.a.region)
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_ENDPOINT_URL_DYNAMODB", &stack.dynamodb)
-            .env("AWS_ENDPOINT_URL_SQS", &stack.a.endpoint)
-            .env("CRR_TABLE", table)
-            .stdin(Stdio::null())
             .spawn()
             .context("starting crr local run-function")?;
         Ok(Self { child, port: 0 })
     }
 
-    /// Starts `function` behind the emulator on `port`, invoked through its Invoke API
-    /// (no queue), with `timeout_secs` per invocation.
+    /// Starts `function` behind the emulator on a free port, invoked through its Invoke
+    /// API (no queue), with `timeout_secs` per invocation.
     pub fn start_direct(
         stack: &Stack,
         function: &str,
@@ -495,14 +460,31 @@ impl RunningFunction {
         env: &[String],
     ) -> Result<Self> {
         let port = free_port()?;
-        let child = Command::new(bin("crr")?)
-            .args(["local", "run-function", "--name", function])
-            .args([
-                "--port",
-                &port.to_string(),
-                "--timeout-secs",
-                &timeout_secs.to_string(),
-            ])
+        let child = Self::command(stack, function, table, timeout_secs, env)?
+            .args(["--port", &port.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting crr local run-function")?;
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(Self { child, port });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the emulator did not start on port {port}")
+    }
+
+    /// `crr local run-function` for `function`, with the stack's environment.
+    fn command(
+        stack: &Stack,
+        function: &str,
+        table: &str,
+        timeout_secs: u64,
+        env: &[String],
+    ) -> Result<Command> {
+        let mut cmd = Command::new(bin("crr")?);
+        cmd.args(["local", "run-function", "--name", function])
+            .args(["--timeout-secs", &timeout_secs.to_string()])
             .arg("--binary")
             .arg(bin(function)?)
             .args(["--env", &format!("CRR_TABLE={table}")])
@@ -513,18 +495,8 @@ impl RunningFunction {
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_ENDPOINT_URL_DYNAMODB", &stack.dynamodb)
             .env("AWS_ENDPOINT_URL_SQS", &stack.a.endpoint)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting crr local run-function")?;
-        // Wait until the emulator answers.
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(Self { child, port });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("the emulator did not start on port {port}")
+            .stdin(Stdio::null());
+        Ok(cmd)
     }
 
     /// PIDs of the function processes the emulator runs (its children), by PID.

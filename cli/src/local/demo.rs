@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_sqs::types::QueueAttributeName;
-use crr_shared::rule::{BucketRef, CopyMode, Notify, OnConflict, Policy, Rule};
+use crr_shared::rule::{BucketRef, Notify, Rule};
 use crr_shared::rule_admin;
 use crr_shared::s3::S3Clients;
 use crr_shared::state::RuleStore;
@@ -73,22 +73,9 @@ pub async fn run(aws: &AwsArgs) -> Result<()> {
     if state.get_rule(RULE).await?.is_some() {
         rule_admin::delete_rule(&state, &clients, RULE).await?;
     }
-    let rule = Rule {
-        id: RULE.into(),
-        source: source.clone(),
-        target: target.clone(),
-        prefixes: vec!["docs/".into(), "images/".into()],
-        policy: Policy::Full,
-        historical: false,
-        on_conflict: OnConflict::Overwrite,
-        copy_mode: CopyMode::Auto,
-        notify: Notify::Queue { arn: queue_arn },
-        storage_class: None,
-        copy_acl: true,
-        target_kms_key_id: None,
-        paused: false,
-        created_at: String::new(),
-    };
+    let mut rule = Rule::new(RULE, source.clone(), target.clone());
+    rule.prefixes = vec!["docs/".into(), "images/".into()];
+    rule.notify = Notify::Queue { arn: queue_arn };
     let rule = rule_admin::create_rule(&state, &clients, rule).await?;
     println!(
         "2. rule '{}': prefixes {:?}, policy {:?}, copy mode {:?} (two endpoints: stream)",
