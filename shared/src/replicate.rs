@@ -832,4 +832,108 @@ mod tests {
         assert_eq!(put.num_calls(), 1);
         assert_eq!(state.counters("r1").await.unwrap().replicated_objects, 1);
     }
+
+    /// Another event for the same key commits between this event's read of the ledger and
+    /// its commit: the commit is refused, the source's current state is applied again, and
+    /// the target ends with the newest content.
+    #[tokio::test]
+    async fn a_lost_ledger_race_re_applies_the_current_state() {
+        use crate::ledger::LedgerEntry;
+        use crate::state::{LedgerStore, RealtimeCounters, SuppressedDelete};
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        /// MemoryState whose first commit finds the ledger moved on: a concurrent event
+        /// (for the newest content, written to the source meanwhile) committed first.
+        struct Racy {
+            inner: MemoryState,
+            src: MemoryObjectStore,
+            raced: AtomicBool,
+        }
+        #[async_trait::async_trait]
+        impl RuleStore for Racy {
+            async fn create_rule(&self, rule: &Rule) -> Result<()> {
+                self.inner.create_rule(rule).await
+            }
+            async fn get_rule(&self, id: &str) -> Result<Option<Rule>> {
+                self.inner.get_rule(id).await
+            }
+            async fn list_rules(&self) -> Result<Vec<Rule>> {
+                self.inner.list_rules().await
+            }
+            async fn update_rule(&self, rule: &Rule) -> Result<()> {
+                self.inner.update_rule(rule).await
+            }
+            async fn delete_rule(&self, rule: &Rule) -> Result<()> {
+                self.inner.delete_rule(rule).await
+            }
+            async fn rule_for_source(&self, bucket: &str) -> Result<Option<Rule>> {
+                self.inner.rule_for_source(bucket).await
+            }
+        }
+        #[async_trait::async_trait]
+        impl LedgerStore for Racy {
+            async fn read_ledger(&self, rule_id: &str, key: &str) -> Result<Option<LedgerEntry>> {
+                self.inner.read_ledger(rule_id, key).await
+            }
+            async fn commit_ledger(
+                &self,
+                rule_id: &str,
+                key: &str,
+                expected: Option<u64>,
+                seq: &str,
+                etag: &str,
+            ) -> Result<bool> {
+                if !self.raced.swap(true, Ordering::SeqCst) {
+                    // The concurrent event: the source changed and its event committed.
+                    self.src
+                        .put(key, Bytes::from_static(b"newest"), &WriteAttrs::default())
+                        .await?;
+                    let newer = normalize_sequencer("FF").unwrap_or_default();
+                    assert!(
+                        self.inner
+                            .commit_ledger(rule_id, key, expected, &newer, "other")
+                            .await?
+                    );
+                }
+                self.inner
+                    .commit_ledger(rule_id, key, expected, seq, etag)
+                    .await
+            }
+        }
+        #[async_trait::async_trait]
+        impl StatsStore for Racy {
+            async fn add_counters(&self, rule_id: &str, delta: &RealtimeCounters) -> Result<()> {
+                self.inner.add_counters(rule_id, delta).await
+            }
+            async fn counters(&self, rule_id: &str) -> Result<RealtimeCounters> {
+                self.inner.counters(rule_id).await
+            }
+            async fn record_suppressed(&self, rule_id: &str, d: &SuppressedDelete) -> Result<()> {
+                self.inner.record_suppressed(rule_id, d).await
+            }
+            async fn suppressed(&self, rule_id: &str) -> Result<Vec<SuppressedDelete>> {
+                self.inner.suppressed(rule_id).await
+            }
+        }
+
+        let s = setup(Policy::Full, &[]).await;
+        let etag = put(&s.src, "k", b"older").await;
+        let racy = Racy {
+            inner: s.state.clone(),
+            src: s.src.clone(),
+            raced: AtomicBool::new(false),
+        };
+        let rep = Replicator::new(
+            Arc::new(racy),
+            Arc::new(World(s.src.world())),
+            None,
+            ReplicatorSettings::default(),
+        );
+        let event = json!({"Records": [record("ObjectCreated:Put", "k", Some("10"), &etag)]});
+        rep.handle(&event, None).await.unwrap();
+        // The first copy wrote "older"; the lost commit made it copy again: "newest".
+        assert_eq!(s.dst.bytes("k").unwrap(), Bytes::from_static(b"newest"));
+        let entry = s.state.read_ledger("r1", "k").await.unwrap().unwrap();
+        assert_eq!(entry.sequencer, normalize_sequencer("FF").unwrap());
+    }
 }
