@@ -77,7 +77,7 @@ async fn upload_source(
         .buffered(2)
         .try_collect()
         .await?;
-    Ok(store.complete_multipart(key, &id, &parts).await?)
+    Ok(store.complete_multipart(key, &id, &parts, None).await?)
 }
 
 /// Compares 1 MiB windows at the start, the end, across part and 5 GiB boundaries.

@@ -189,8 +189,7 @@ impl CopyEngine {
     ) -> Result<CopyOutcome> {
         let tags = source.tags(&info.key).await?;
         let mut attrs = replica_attrs(Some(rule), source.bucket(), info, tags);
-        // Honoured by single-request writes (PutObject, CopyObject); multipart uploads
-        // are written unconditionally.
+        // Honoured by PutObject, CopyObject and CompleteMultipartUpload.
         attrs.precondition = precondition;
         if rule.copy_acl {
             let access = source.access(&info.key).await?;
@@ -350,9 +349,18 @@ impl CopyEngine {
                 return Err(e);
             }
         };
-        let etag = target
-            .complete_multipart(&info.key, &upload_id, &parts)
-            .await?;
+        let completed = target
+            .complete_multipart(&info.key, &upload_id, &parts, attrs.precondition.as_ref())
+            .await;
+        let etag = match completed {
+            Ok(etag) => etag,
+            Err(e) => {
+                if let Err(abort) = target.abort_multipart(&info.key, &upload_id).await {
+                    tracing::warn!(key = %info.key, error = %abort, "abort of multipart upload failed");
+                }
+                return Err(e);
+            }
+        };
         if attrs.etag_is_md5() {
             // Part-wise verification: the ETag S3 computed from the parts it stored must
             // be the one computed from the parts we sent (stream) or S3 reported (copy),
@@ -618,7 +626,7 @@ mod tests {
                 etag,
             });
         }
-        src.complete_multipart("big", &upload, &parts)
+        src.complete_multipart("big", &upload, &parts, None)
             .await
             .unwrap();
         let info = src.head("big").await.unwrap().unwrap();
@@ -656,5 +664,32 @@ mod tests {
         );
         assert!(!attrs.etag_is_md5());
         let _ = src;
+    }
+
+    #[tokio::test]
+    async fn conditional_writes_refuse_a_target_that_changed() {
+        // As the backfill writes: only if the target is still as it saw it.
+        for size in [100usize, 12 * 1024 * 1024] {
+            let (src, info) = seeded(size).await;
+            let dst = src.world().store("dst");
+            dst.put(
+                "dir/a b.txt",
+                Bytes::from_static(b"written by real time"),
+                &WriteAttrs::default(),
+            )
+            .await
+            .unwrap();
+            let mut attrs = replica_attrs(None, "src", &info, vec![]);
+            attrs.precondition = Some(TargetPrecondition::Absent);
+            let err = small_parts()
+                .copy(&src, &dst, &info, &attrs, ResolvedCopyMode::Stream)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Error::Precondition { .. }), "{size}: {err}");
+            assert_eq!(
+                dst.bytes("dir/a b.txt").unwrap(),
+                Bytes::from_static(b"written by real time")
+            );
+        }
     }
 }

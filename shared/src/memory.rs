@@ -232,7 +232,20 @@ impl ObjectStore for MemoryObjectStore {
         key: &str,
         upload_id: &str,
         parts: &[UploadedPart],
+        precondition: Option<&crate::object_store::TargetPrecondition>,
     ) -> Result<String> {
+        let current = self.object(key).map(|o| o.info.etag);
+        let allowed = match precondition {
+            None => true,
+            Some(crate::object_store::TargetPrecondition::Absent) => current.is_none(),
+            Some(crate::object_store::TargetPrecondition::Etag(e)) => current.as_ref() == Some(e),
+        };
+        if !allowed {
+            return Err(Error::Precondition {
+                operation: "CompleteMultipartUpload",
+                resource: self.resource(key),
+            });
+        }
         let (attrs, stored) =
             self.world
                 .lock()

@@ -141,12 +141,14 @@ pub trait ObjectStore: Send + Sync {
         body: Bytes,
     ) -> Result<String>;
 
-    /// Completes a multipart upload; returns the object's ETag.
+    /// Completes a multipart upload, only if the target is as `precondition` says (if
+    /// given); returns the object's ETag.
     async fn complete_multipart(
         &self,
         key: &str,
         upload_id: &str,
         parts: &[UploadedPart],
+        precondition: Option<&TargetPrecondition>,
     ) -> Result<String>;
 
     /// Abandons a multipart upload so no parts are left behind.

@@ -362,7 +362,9 @@ impl ObjectStore for S3Store {
         key: &str,
         upload_id: &str,
         parts: &[UploadedPart],
+        precondition: Option<&TargetPrecondition>,
     ) -> Result<String> {
+        let (if_match, if_none_match) = precondition_headers(&precondition.cloned());
         let completed = CompletedMultipartUpload::builder()
             .set_parts(Some(
                 parts
@@ -382,6 +384,8 @@ impl ObjectStore for S3Store {
             .bucket(&self.bucket)
             .key(key)
             .upload_id(upload_id)
+            .set_if_match(if_match)
+            .set_if_none_match(if_none_match)
             .multipart_upload(completed)
             .send()
             .await;
