@@ -392,20 +392,15 @@ impl RuleStore for DynamoStore {
             .expression_attribute_values(":t", s(rule.target.bucket.clone()))
             .send()
             .await;
-        match sent {
-            Ok(_) => Ok(()),
-            Err(SdkError::ServiceError(e))
-                if matches!(e.err(), PutItemError::ConditionalCheckFailedException(_)) =>
-            {
-                match self.get_rule(&rule.id).await? {
-                    None => Err(Error::RuleNotFound(rule.id.clone())),
-                    Some(_) => Err(Error::invalid(
-                        "source.bucket",
-                        "the buckets of a rule cannot change",
-                    )),
-                }
-            }
-            Err(e) => Err(self.err("PutItem", e)),
+        if self.conditional("PutItem", sent)? {
+            return Ok(());
+        }
+        match self.get_rule(&rule.id).await? {
+            None => Err(Error::RuleNotFound(rule.id.clone())),
+            Some(_) => Err(Error::invalid(
+                "source.bucket",
+                "the buckets of a rule cannot change",
+            )),
         }
     }
 
@@ -471,15 +466,8 @@ impl LedgerStore for DynamoStore {
                 .condition_expression("version = :expected")
                 .expression_attribute_values(":expected", n(v)),
         };
-        match req.send().await {
-            Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(e))
-                if matches!(e.err(), UpdateItemError::ConditionalCheckFailedException(_)) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(self.err("UpdateItem", e)),
-        }
+        let sent = req.send().await;
+        self.conditional("UpdateItem", sent)
     }
 }
 
@@ -687,14 +675,44 @@ fn segment_from_item(item: &Item) -> Segment {
     }
 }
 
+/// Operation errors that say "the write's condition did not hold", told by their named
+/// variant.
+trait ConditionFailed {
+    fn is_condition_failed(&self) -> bool;
+}
+
+impl ConditionFailed for UpdateItemError {
+    fn is_condition_failed(&self) -> bool {
+        matches!(self, UpdateItemError::ConditionalCheckFailedException(_))
+    }
+}
+
+impl ConditionFailed for PutItemError {
+    fn is_condition_failed(&self) -> bool {
+        matches!(self, PutItemError::ConditionalCheckFailedException(_))
+    }
+}
+
+impl ConditionFailed for TransactWriteItemsError {
+    fn is_condition_failed(&self) -> bool {
+        matches!(
+            self,
+            TransactWriteItemsError::TransactionCanceledException(_)
+        )
+    }
+}
+
 impl DynamoStore {
+    /// `Ok(true)` if a conditional write went through, `Ok(false)` if its condition did not
+    /// hold, the error otherwise.
     fn conditional<T, E, R>(
         &self,
         op: &'static str,
         sent: std::result::Result<T, SdkError<E, R>>,
     ) -> Result<bool>
     where
-        E: aws_smithy_types::error::metadata::ProvideErrorMetadata
+        E: ConditionFailed
+            + aws_smithy_types::error::metadata::ProvideErrorMetadata
             + std::error::Error
             + Send
             + Sync
@@ -703,7 +721,10 @@ impl DynamoStore {
     {
         match sent {
             Ok(_) => Ok(true),
-            Err(e) if crate::error::classify(&e) == crate::error::FailureClass::ConditionFailed => {
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(ConditionFailed::is_condition_failed) =>
+            {
                 Ok(false)
             }
             Err(e) => Err(self.err(op, e)),
