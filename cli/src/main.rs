@@ -69,7 +69,7 @@ enum Command {
     /// Create the state table if it does not exist (local stacks; deployments get it from infra/).
     #[command(
         name = "init-table",
-        after_help = "Example:\n  crr --endpoint-url http://127.0.0.1:45103 init-table"
+        after_help = "Example:\n  crr --endpoint-url http://127.0.0.1:25103 init-table"
     )]
     InitTable,
     /// Historical migration: start, pause, or dry-run a rule's backfill.

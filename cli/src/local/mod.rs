@@ -19,7 +19,7 @@ pub enum LocalCommand {
     /// (deleting the messages the function did not report as failed), as Lambda's SQS
     /// event source mapping does.
     #[command(
-        after_help = "Example:\n  crr local run-function --name replicate --binary target/debug/crr-replicate \\\n    --queue-url http://127.0.0.1:45101/123456789012/crr-events --env CRR_TABLE=crr"
+        after_help = "Example:\n  crr local run-function --name replicate --binary target/debug/crr-replicate \\\n    --queue-url http://127.0.0.1:25101/123456789012/crr-events --env CRR_TABLE=crr"
     )]
     RunFunction(RunFunctionArgs),
     /// Replicate between two buckets in two regions of the local stack and show the result
