@@ -528,13 +528,7 @@ mod tests {
     async fn large_objects_go_through_multipart_with_the_s3_etag() {
         let (src, info) = seeded(12 * 1024 * 1024 + 3).await;
         let dst = src.world().store("dst");
-        let engine = CopyEngine {
-            multipart_threshold: 5 * 1024 * 1024,
-            part_size: 5 * 1024 * 1024,
-            parts_in_flight: 2,
-            ..CopyEngine::default()
-        };
-        let out = copy(&engine, &src, &dst, &info, ResolvedCopyMode::Stream)
+        let out = copy(&small_parts(), &src, &dst, &info, ResolvedCopyMode::Stream)
             .await
             .unwrap();
         assert_eq!(out.method, CopyMethod::StreamMultipart);

@@ -492,6 +492,13 @@ mod tests {
             "attributes": {"ApproximateReceiveCount": "1"}})).collect::<Vec<_>>()})
     }
 
+    /// Hands one notification to the replicator as a one-message SQS batch.
+    async fn deliver(rep: &Replicator, message_id: &str, event_name: &str, key: &str) -> Value {
+        rep.handle(&sqs(&[(message_id, notification(event_name, key))]), None)
+            .await
+            .unwrap()
+    }
+
     struct Setup {
         rep: Replicator,
         src: MemoryObjectStore,
@@ -555,16 +562,7 @@ mod tests {
         assert_eq!(s.dst.keys(), vec!["docs/a b+c.txt".to_string()]);
 
         s.src.delete("docs/a b+c.txt").await.unwrap();
-        s.rep
-            .handle(
-                &sqs(&[(
-                    "m3",
-                    notification("ObjectRemoved:Delete", "docs%2Fa+b%2Bc.txt"),
-                )]),
-                None,
-            )
-            .await
-            .unwrap();
+        deliver(&s.rep, "m3", "ObjectRemoved:Delete", "docs%2Fa+b%2Bc.txt").await;
         assert_eq!(
             s.dst.bytes("docs/a b+c.txt").unwrap(),
             Bytes::from_static(b"hello")
@@ -588,31 +586,13 @@ mod tests {
     async fn given_a_full_rule_deletes_reach_the_target_unless_recreated() {
         let s = setup(Policy::Full, &[]).await;
         put(&s.src, "k", b"v1").await;
-        s.rep
-            .handle(
-                &sqs(&[("m1", notification("ObjectCreated:Put", "k"))]),
-                None,
-            )
-            .await
-            .unwrap();
+        deliver(&s.rep, "m1", "ObjectCreated:Put", "k").await;
         assert!(s.dst.bytes("k").is_some());
         // Delete event arrives after the key was created again: the replica stays.
-        s.rep
-            .handle(
-                &sqs(&[("m2", notification("ObjectRemoved:Delete", "k"))]),
-                None,
-            )
-            .await
-            .unwrap();
+        deliver(&s.rep, "m2", "ObjectRemoved:Delete", "k").await;
         assert!(s.dst.bytes("k").is_some());
         s.src.delete("k").await.unwrap();
-        s.rep
-            .handle(
-                &sqs(&[("m3", notification("ObjectRemoved:Delete", "k"))]),
-                None,
-            )
-            .await
-            .unwrap();
+        deliver(&s.rep, "m3", "ObjectRemoved:Delete", "k").await;
         assert!(s.dst.bytes("k").is_none());
         assert_eq!(s.state.counters("r1").await.unwrap().deletes, 1);
     }
@@ -719,13 +699,7 @@ mod tests {
     async fn late_events_copy_the_current_content_and_replicas_are_not_replicated() {
         let s = setup(Policy::Full, &[]).await;
         put(&s.src, "k", b"new").await;
-        s.rep
-            .handle(
-                &sqs(&[("m1", notification("ObjectCreated:Put", "k"))]),
-                None,
-            )
-            .await
-            .unwrap();
+        deliver(&s.rep, "m1", "ObjectCreated:Put", "k").await;
         assert_eq!(s.dst.bytes("k").unwrap(), Bytes::from_static(b"new"));
         let replica = s.dst.head("k").await.unwrap().unwrap();
         let attrs = crate::copy::replica_attrs(None, "elsewhere", &replica, vec![]);
@@ -820,13 +794,7 @@ mod tests {
             None,
             settings,
         );
-        let out = rep
-            .handle(
-                &sqs(&[("m1", notification("ObjectCreated:Put", "k"))]),
-                None,
-            )
-            .await
-            .unwrap();
+        let out = deliver(&rep, "m1", "ObjectCreated:Put", "k").await;
         assert_eq!(out, json!({"batchItemFailures": []}));
         assert_eq!(get.num_calls(), 3);
         assert_eq!(put.num_calls(), 1);
