@@ -4,6 +4,8 @@ mod backfill_cmd;
 mod local;
 mod redrive_cmd;
 mod rule_cmd;
+mod status_cmd;
+mod verify_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -61,6 +63,55 @@ impl AwsArgs {
     }
 }
 
+/// Where the event queue and its dead-letter queue are.
+#[derive(clap::Args, Clone, Debug)]
+pub struct QueueArgs {
+    /// The event queue the replicate function reads (the deployment's `EventQueueUrl`).
+    #[arg(long, env = "CRR_QUEUE_URL")]
+    pub queue_url: Option<String>,
+    /// Its dead-letter queue (`DeadLetterQueueUrl`).
+    #[arg(long, env = "CRR_DLQ_URL")]
+    pub dlq_url: Option<String>,
+    /// SQS endpoint; by default the queue URL's own host when it is not AWS's.
+    #[arg(long, env = "AWS_ENDPOINT_URL_SQS")]
+    pub sqs_endpoint_url: Option<String>,
+}
+
+impl QueueArgs {
+    /// The SQS endpoint to use for `queue_url`, `None` for AWS's own.
+    pub fn sqs_endpoint(&self, queue_url: &str) -> Option<String> {
+        if let Some(url) = &self.sqs_endpoint_url {
+            return Some(url.clone());
+        }
+        let (scheme, rest) = queue_url.split_once("://")?;
+        let host = rest.split('/').next()?;
+        (!host.ends_with(".amazonaws.com") && !host.ends_with(".amazonaws.com.cn"))
+            .then(|| format!("{scheme}://{host}"))
+    }
+
+    /// An SQS client for `queue_url`.
+    pub fn sqs_client(&self, sdk: &aws_config::SdkConfig, queue_url: &str) -> aws_sdk_sqs::Client {
+        let mut conf = aws_sdk_sqs::config::Builder::from(sdk);
+        if let Some(url) = self.sqs_endpoint(queue_url) {
+            conf = conf.endpoint_url(url);
+        }
+        aws_sdk_sqs::Client::from_conf(conf.build())
+    }
+
+    /// Both queue URLs, or an error naming the missing one.
+    pub fn both(&self) -> Result<(&str, &str)> {
+        match (&self.queue_url, &self.dlq_url) {
+            (Some(q), Some(d)) => Ok((q, d)),
+            (None, _) => anyhow::bail!(
+                "--queue-url (or CRR_QUEUE_URL) is needed: the deployment's EventQueueUrl output"
+            ),
+            (_, None) => anyhow::bail!(
+                "--dlq-url (or CRR_DLQ_URL) is needed: the deployment's DeadLetterQueueUrl output"
+            ),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create, list, show and delete replication rules.
@@ -88,7 +139,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Local development: run a function binary behind a Lambda Runtime API emulator.
+    /// Progress of every rule (or one): real-time lag and counters, historical percent.
+    #[command(
+        after_help = "Examples:\n  crr status\n  crr status photos --watch --queue-url URL --dlq-url URL\n  crr status photos --json | jq .rules[0].historical.percent_bytes\n\nThe JSON is the status function's; its fields are documented in the README (Status)."
+    )]
+    Status(status_cmd::StatusArgs),
+    /// Compare a rule's source and target: missing, extra and different objects (exit 1 on drift).
+    #[command(
+        after_help = "Examples:\n  crr verify photos\n  crr verify photos --checksum --json > drift.jsonl"
+    )]
+    Verify(verify_cmd::VerifyArgs),
+    /// Local development: the local stack, and function binaries behind a Lambda Runtime API emulator.
     #[command(subcommand)]
     Local(local::LocalCommand),
 }
@@ -127,6 +188,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Redrive(args) => redrive_cmd::redrive_cmd(&cli.aws, args).await,
         Command::Suppressed { rule, json } => {
             redrive_cmd::suppressed_cmd(&cli.aws, &rule, json).await
+        }
+        Command::Status(args) => status_cmd::run(&cli.aws, args).await,
+        Command::Verify(args) => {
+            if verify_cmd::run(&cli.aws, args).await? {
+                std::process::exit(1);
+            }
+            Ok(())
         }
     }
 }

@@ -5,7 +5,7 @@ use crr_shared::dead_letter::{DeadLetter, redrive};
 use crr_shared::event::{Incoming, parse_message_body};
 use crr_shared::state::{RuleStore, StatsStore};
 
-use crate::AwsArgs;
+use crate::{AwsArgs, QueueArgs};
 
 #[derive(clap::Args)]
 pub struct RedriveArgs {
@@ -15,15 +15,8 @@ pub struct RedriveArgs {
     /// Move at most this many messages.
     #[arg(long, default_value_t = 1000)]
     max: usize,
-    /// The event queue the replicate function reads.
-    #[arg(long, env = "CRR_QUEUE_URL")]
-    queue_url: String,
-    /// The dead-letter queue.
-    #[arg(long, env = "CRR_DLQ_URL")]
-    dlq_url: String,
-    /// SQS endpoint (local stacks).
-    #[arg(long, env = "AWS_ENDPOINT_URL_SQS")]
-    sqs_endpoint_url: Option<String>,
+    #[command(flatten)]
+    queue: QueueArgs,
 }
 
 fn buckets_of(letter: &DeadLetter) -> Vec<String> {
@@ -53,12 +46,9 @@ pub async fn redrive_cmd(aws: &AwsArgs, args: RedriveArgs) -> Result<()> {
         }
         None => None,
     };
-    let mut conf = aws_sdk_sqs::config::Builder::from(&sdk);
-    if let Some(url) = &args.sqs_endpoint_url {
-        conf = conf.endpoint_url(url);
-    }
-    let sqs = aws_sdk_sqs::Client::from_conf(conf.build());
-    let report = redrive(&sqs, &args.dlq_url, &args.queue_url, args.max, |letter| {
+    let (queue_url, dlq_url) = args.queue.both()?;
+    let sqs = args.queue.sqs_client(&sdk, queue_url);
+    let report = redrive(&sqs, dlq_url, queue_url, args.max, |letter| {
         let chosen = match &source_bucket {
             Some(bucket) => buckets_of(letter).contains(bucket),
             None => true,

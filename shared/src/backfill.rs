@@ -81,6 +81,8 @@ pub struct Job {
     pub started_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// Why the job is `Failed` (a permanent error: missing bucket, access denied...).
+    pub last_error: Option<String>,
 }
 
 /// A key range `(start_after, end]` under one prefix.
@@ -103,6 +105,8 @@ pub struct Segment {
     pub bytes_done: u64,
     pub copied: u64,
     pub skipped: u64,
+    /// Time of the last checkpoint.
+    pub updated_at: Option<DateTime<Utc>>,
 }
 
 /// What one checkpoint adds to a segment.
@@ -133,8 +137,10 @@ pub trait BackfillStore: Send + Sync {
     async fn job(&self, rule_id: &str) -> Result<Option<Job>>;
     /// Creates the job if there is none; `Ok(false)` if one exists.
     async fn create_job(&self, job: &Job) -> Result<bool>;
-    /// Sets the job's state (and `completed_at` for `Completed`).
+    /// Sets the job's state (and `completed_at` for `Completed`); clears `last_error`.
     async fn set_job_state(&self, rule_id: &str, state: JobState) -> Result<()>;
+    /// Marks the job `Failed` with the reason; `crr backfill start` resumes it.
+    async fn fail_job(&self, rule_id: &str, reason: &str) -> Result<()>;
     /// Records a cut of the counting pass: the new segment and the job's plan position
     /// and totals, atomically, if the plan is still at `expected_segments` segments.
     async fn add_segment(
@@ -269,7 +275,7 @@ pub async fn dry_run(
     page_size: i32,
 ) -> Result<DryRun> {
     let mut report = DryRun::default();
-    for prefix in prefixes_of(rule) {
+    for prefix in rule.listing_prefixes() {
         let mut after: Option<String> = None;
         loop {
             let page = source
@@ -314,14 +320,6 @@ pub async fn dry_run(
 }
 
 /// The prefixes a job walks: the rule's, or the whole bucket.
-fn prefixes_of(rule: &Rule) -> Vec<String> {
-    if rule.prefixes.is_empty() {
-        vec![String::new()]
-    } else {
-        rule.prefixes.clone()
-    }
-}
-
 /// When page work is cut off: enough before the deadline to release the lease and answer.
 fn hard_stop(deadline: Instant) -> Instant {
     deadline
@@ -393,6 +391,7 @@ impl Backfiller {
             started_at: now,
             updated_at: now,
             completed_at: None,
+            last_error: None,
         };
         if !self.jobs.create_job(&fresh).await? {
             let job = self.jobs.job(rule_id).await?.unwrap_or(fresh.clone());
@@ -441,6 +440,7 @@ impl Backfiller {
                 .collect(),
         };
         let mut reports = Vec::new();
+        let mut first_error = None;
         for rule in rules {
             if rule.paused {
                 continue;
@@ -453,9 +453,24 @@ impl Backfiller {
             if !matches!(job.state, JobState::Pending | JobState::Running) {
                 continue;
             }
-            reports.push(self.run_rule(&rule, job, owner, deadline).await?);
+            match self.run_rule(&rule, job, owner, deadline).await {
+                Ok(report) => reports.push(report),
+                Err(e) => {
+                    // One rule's failure does not hold the others back. A permanent error
+                    // fails the job (the status shows why); a transient one is retried by
+                    // the next invocation from the last checkpoint.
+                    tracing::error!(rule_id = %rule.id, error = %e, retryable = e.is_retryable(), "backfill of the rule failed");
+                    if !e.is_retryable() {
+                        self.jobs.fail_job(&rule.id, &e.to_string()).await?;
+                    }
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(reports)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(reports),
+        }
     }
 
     /// Runs (or continues) only the counting pass of a rule's job, until `deadline`.
@@ -540,7 +555,7 @@ impl Backfiller {
     /// The counting pass, resumable: each cut is written with the plan's position.
     async fn plan(&self, rule: &Rule, mut job: Job, deadline: Instant) -> Result<Job> {
         let source = self.stores.store(&rule.source);
-        let prefixes = prefixes_of(rule);
+        let prefixes = rule.listing_prefixes();
         // Counted since the last cut (not yet in `job`'s totals).
         let (mut objects, mut bytes) = (0u64, 0u64);
         let mut segment_start = job.plan_after.clone();
@@ -586,6 +601,7 @@ impl Backfiller {
                 bytes_done: 0,
                 copied: 0,
                 skipped: 0,
+                updated_at: None,
             };
             let mut next = job.clone();
             next.segments += 1;

@@ -50,6 +50,19 @@ impl FunctionConfig {
         })
     }
 
+    /// Settings of the status function: the event queue to watch (`CRR_QUEUE_URL`) and the
+    /// settle time of `synced_up_to` (`CRR_STATUS_SETTLE_SECS`, see `status.rs`).
+    pub fn status() -> Result<StatusSettings> {
+        Ok(StatusSettings {
+            queue_url: std::env::var("CRR_QUEUE_URL")
+                .ok()
+                .filter(|v| !v.is_empty()),
+            settle: optional_number("CRR_STATUS_SETTLE_SECS")?
+                .map(Duration::from_secs)
+                .unwrap_or(crate::status::DEFAULT_SETTLE),
+        })
+    }
+
     /// Settings of the replicate function.
     pub fn replicator(&self) -> ReplicatorSettings {
         ReplicatorSettings {
@@ -58,6 +71,13 @@ impl FunctionConfig {
             ..ReplicatorSettings::default()
         }
     }
+}
+
+/// Settings of the status function.
+#[derive(Debug, Clone)]
+pub struct StatusSettings {
+    pub queue_url: Option<String>,
+    pub settle: Duration,
 }
 
 impl FunctionConfig {

@@ -651,6 +651,7 @@ fn job_from_item(rule_id: &str, item: &Item) -> Job {
         started_at: time_attr(item, "started_at").unwrap_or_default(),
         updated_at: time_attr(item, "updated_at").unwrap_or_default(),
         completed_at: time_attr(item, "completed_at"),
+        last_error: opt_string(item, "last_error"),
     }
 }
 
@@ -672,6 +673,7 @@ fn segment_from_item(item: &Item) -> Segment {
         bytes_done: number_attr(item, "bytes_done"),
         copied: number_attr(item, "copied"),
         skipped: number_attr(item, "skipped"),
+        updated_at: time_attr(item, "updated_at"),
     }
 }
 
@@ -765,6 +767,7 @@ impl BackfillStore for DynamoStore {
         if state == JobState::Completed {
             expr.push_str(", completed_at = :now");
         }
+        expr.push_str(" REMOVE last_error");
         self.client
             .update_item()
             .table_name(&self.table)
@@ -773,6 +776,23 @@ impl BackfillStore for DynamoStore {
             .expression_attribute_names("#st", "state")
             .expression_attribute_values(":st", s(state.as_str()))
             .expression_attribute_values(":now", rfc3339(Utc::now()))
+            .condition_expression("attribute_exists(pk)")
+            .send()
+            .await
+            .map_err(|e| self.err("UpdateItem", e))?;
+        Ok(())
+    }
+
+    async fn fail_job(&self, rule_id: &str, reason: &str) -> Result<()> {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key_item(backfill_pk(rule_id), "JOB")))
+            .update_expression("SET #st = :st, updated_at = :now, last_error = :e")
+            .expression_attribute_names("#st", "state")
+            .expression_attribute_values(":st", s(JobState::Failed.as_str()))
+            .expression_attribute_values(":now", rfc3339(Utc::now()))
+            .expression_attribute_values(":e", s(reason))
             .condition_expression("attribute_exists(pk)")
             .send()
             .await
@@ -873,7 +893,7 @@ impl BackfillStore for DynamoStore {
         owner: &str,
         checkpoint: &Checkpoint,
     ) -> Result<bool> {
-        let mut set = "SET done = :d, lease_until = :u".to_string();
+        let mut set = "SET done = :d, lease_until = :u, updated_at = :now".to_string();
         let mut req = self
             .client
             .update_item()
@@ -886,7 +906,8 @@ impl BackfillStore for DynamoStore {
             .expression_attribute_values(":a", n(checkpoint.tally.objects))
             .expression_attribute_values(":b", n(checkpoint.tally.bytes))
             .expression_attribute_values(":c", n(checkpoint.tally.copied))
-            .expression_attribute_values(":k", n(checkpoint.tally.skipped));
+            .expression_attribute_values(":k", n(checkpoint.tally.skipped))
+            .expression_attribute_values(":now", rfc3339(Utc::now()));
         if let Some(key) = checkpoint.last_key.as_deref().filter(|k| !k.is_empty()) {
             set.push_str(", checkpoint = :cp");
             req = req.expression_attribute_values(":cp", s(key));

@@ -27,5 +27,7 @@ pub mod rule;
 pub mod rule_admin;
 pub mod s3;
 pub mod state;
+pub mod status;
+pub mod verify;
 
 pub use error::{Error, Result};

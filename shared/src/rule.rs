@@ -226,6 +226,28 @@ impl Rule {
         Ok(())
     }
 
+    /// The prefixes to list to see every key the rule covers exactly once, in order: `""`
+    /// when the rule has none, and without a prefix that lies inside another (`a/b/`
+    /// inside `a/`), whose keys the outer listing already returns.
+    pub fn listing_prefixes(&self) -> Vec<String> {
+        if self.prefixes.is_empty() {
+            return vec![String::new()];
+        }
+        let mut roots: Vec<String> = self
+            .prefixes
+            .iter()
+            .filter(|p| {
+                !self
+                    .prefixes
+                    .iter()
+                    .any(|outer| outer != *p && p.starts_with(outer.as_str()))
+            })
+            .cloned()
+            .collect();
+        roots.sort();
+        roots
+    }
+
     /// Whether a key falls under the rule's prefixes (all keys when there are none).
     pub fn matches_key(&self, key: &str) -> bool {
         self.prefixes.is_empty() || self.prefixes.iter().any(|p| key.starts_with(p.as_str()))
@@ -430,6 +452,14 @@ pub(crate) mod tests {
         let mut r = rule("r1", "src-bucket", "dst-bucket");
         r.target.endpoint_url = Some("http://127.0.0.1:9000".into());
         assert_eq!(r.resolved_copy_mode(), ResolvedCopyMode::Stream);
+    }
+
+    #[test]
+    fn listing_prefixes_cover_each_key_once() {
+        let mut r = rule("r", "a", "b");
+        assert_eq!(r.listing_prefixes(), vec![String::new()]);
+        r.prefixes = vec!["logs/2026/".into(), "img/".into(), "logs/".into()];
+        assert_eq!(r.listing_prefixes(), vec!["img/", "logs/"]);
     }
 
     #[test]

@@ -221,16 +221,25 @@ impl Stack {
         .await
     }
 
-    /// Runs the `crr` binary with the stack's environment; returns its stdout.
-    pub fn crr(&self, table: &str, args: &[&str]) -> Result<String> {
-        let out = Command::new(bin("crr")?)
-            .args(["--table", table])
+    /// The `crr` binary with the stack's environment.
+    pub fn crr_command(&self, table: &str, args: &[&str]) -> Result<Command> {
+        let mut cmd = Command::new(bin("crr")?);
+        cmd.args(["--table", table])
             .args(args)
             .env("AWS_REGION", &self.a.region)
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_ENDPOINT_URL_DYNAMODB", &self.dynamodb)
             .env("AWS_ENDPOINT_URL_SQS", &self.a.endpoint)
+            .env_remove("CRR_QUEUE_URL")
+            .env_remove("CRR_DLQ_URL");
+        Ok(cmd)
+    }
+
+    /// Runs the `crr` binary with the stack's environment; returns its stdout.
+    pub fn crr(&self, table: &str, args: &[&str]) -> Result<String> {
+        let out = self
+            .crr_command(table, args)?
             .output()
             .context("running crr")?;
         if !out.status.success() {

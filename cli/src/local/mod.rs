@@ -14,6 +14,16 @@ use crate::AwsArgs;
 
 #[derive(Subcommand)]
 pub enum LocalCommand {
+    /// Start the local stack: moto per region (S3, SQS, EventBridge), DynamoDB Local,
+    /// s3s-fs, on 127.0.0.1 (runs the project's scripts/local-stack; installs what is missing).
+    #[command(after_help = "Example:\n  crr local up && eval \"$(scripts/local-stack env)\"")]
+    Up,
+    /// Stop the local stack (by the PIDs it recorded).
+    #[command(after_help = "Example:\n  crr local down")]
+    Down,
+    /// Whether each local service is running.
+    #[command(after_help = "Example:\n  crr local status")]
+    Status,
     /// Run a function binary behind a Lambda Runtime API emulator on 127.0.0.1; with
     /// --queue-url, also poll that SQS queue and invoke the function with its batches
     /// (deleting the messages the function did not report as failed), as Lambda's SQS
@@ -54,13 +64,47 @@ pub struct RunFunctionArgs {
     /// Messages per invocation (SQS allows up to 10 per receive).
     #[arg(long, default_value_t = 10)]
     pub batch_size: i32,
+    /// Invoke the function with `{}` every this many seconds, as an EventBridge schedule
+    /// does the backfill function (one invocation at a time).
+    #[arg(long)]
+    pub schedule_secs: Option<f64>,
 }
 
 pub async fn run(aws: &AwsArgs, cmd: LocalCommand) -> Result<()> {
     match cmd {
         LocalCommand::RunFunction(args) => run_function(aws, args).await,
         LocalCommand::Demo => demo::run(aws).await,
+        LocalCommand::Up => local_stack("up"),
+        LocalCommand::Down => local_stack("down"),
+        LocalCommand::Status => local_stack("status"),
     }
+}
+
+/// Runs `scripts/local-stack ACTION` of the crr checkout this command runs in
+/// (`CRR_HOME`, or the nearest parent of the current directory that has the script).
+fn local_stack(action: &str) -> Result<()> {
+    let script = find_script().context(
+        "scripts/local-stack not found: run crr inside a crr checkout, or set CRR_HOME to one",
+    )?;
+    let status = std::process::Command::new(&script)
+        .arg(action)
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !status.success() {
+        bail!("{} {action} failed ({status})", script.display());
+    }
+    Ok(())
+}
+
+fn find_script() -> Option<PathBuf> {
+    let start = match std::env::var_os("CRR_HOME") {
+        Some(home) => PathBuf::from(home),
+        None => std::env::current_dir().ok()?,
+    };
+    start
+        .ancestors()
+        .map(|dir| dir.join("scripts").join("local-stack"))
+        .find(|p| p.is_file())
 }
 
 fn parse_envs(envs: &[String]) -> Result<Vec<(String, String)>> {
@@ -107,13 +151,24 @@ async fn run_function(aws: &AwsArgs, args: RunFunctionArgs) -> Result<()> {
         }
         None => None,
     };
+    let schedule = args.schedule_secs.map(|secs| {
+        let emulator = emulator.clone();
+        let every = Duration::from_secs_f64(secs.max(0.1));
+        tokio::spawn(async move {
+            loop {
+                let result = emulator.invoke(axum::body::Bytes::from_static(b"{}")).await;
+                tracing::info!(?result, "scheduled invocation finished");
+                tokio::time::sleep(every).await;
+            }
+        })
+    });
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = sigterm.recv() => {}
     }
-    if let Some(p) = poller {
-        p.abort();
+    for task in [poller, schedule].into_iter().flatten() {
+        task.abort();
     }
     emulator.shutdown();
     let _ = tokio::time::timeout(Duration::from_secs(5), supervisor).await;

@@ -21,6 +21,7 @@ use axum::routing::{get, post};
 use tokio::sync::{Notify, oneshot};
 
 /// What the function answered.
+#[derive(Debug)]
 pub enum InvokeResult {
     Ok(Bytes),
     /// The function reported an error (or timed out, or crashed); the body is the error JSON.

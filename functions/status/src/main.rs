@@ -1,17 +1,55 @@
-//! The status function. Not implemented yet: it answers every invocation with a
-//! non-retryable "not implemented" error so nothing mistakes it for a success.
+//! The status function (Lambda Function URL, AWS_IAM auth): wiring only; the numbers are
+//! computed by `crr_shared::status`, the same code `crr status` runs.
 
-use lambda_runtime::{Diagnostic, LambdaEvent, service_fn, tracing};
+use std::sync::Arc;
+
+use aws_lambda_events::event::lambda_function_urls::LambdaFunctionUrlRequest;
+use crr_shared::config::FunctionConfig;
+use crr_shared::dynamo::DynamoStore;
+use crr_shared::status::{EventQueue, SqsEventQueue, StatusService, answer};
+use lambda_runtime::{LambdaEvent, service_fn, tracing};
 use serde_json::Value;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     tracing::init_default_subscriber();
-    lambda_runtime::run(service_fn(|_event: LambdaEvent<Value>| async {
-        Err::<Value, Diagnostic>(Diagnostic {
-            error_type: "NonRetryable.NotImplemented".into(),
-            error_message: "the status function is not implemented yet".into(),
-        })
-    }))
+    let config = FunctionConfig::from_env()?;
+    let settings = FunctionConfig::status()?;
+    let aws = aws_config::load_from_env().await;
+    let state = Arc::new(DynamoStore::new(
+        aws_sdk_dynamodb::Client::new(&aws),
+        config.table.clone(),
+    ));
+    let queue = settings.queue_url.map(|url| {
+        Arc::new(SqsEventQueue::new(
+            aws_sdk_sqs::Client::new(&aws),
+            url,
+            config.dlq_url.clone(),
+            Some(aws_sdk_cloudwatch::Client::new(&aws)),
+        )) as Arc<dyn EventQueue>
+    });
+    let service = Arc::new(StatusService::new(
+        state.clone(),
+        state.clone(),
+        state,
+        queue,
+        settings.settle,
+    ));
+    lambda_runtime::run(service_fn(
+        move |event: LambdaEvent<LambdaFunctionUrlRequest>| {
+            let service = Arc::clone(&service);
+            async move {
+                let request = event.payload;
+                let method = request
+                    .request_context
+                    .http
+                    .method
+                    .as_deref()
+                    .unwrap_or("GET");
+                let reply = answer(&service, method, &request.query_string_parameters).await;
+                Ok::<Value, lambda_runtime::Error>(reply.to_function_url_response())
+            }
+        },
+    ))
     .await
 }

@@ -1,0 +1,388 @@
+//! `crr status [RULE] [--watch] [--json]`: the numbers come from `crr_shared::status`,
+//! the code the status function runs; this file only draws them.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use crr_shared::status::{
+    EventQueue, HistoricalStatus, RuleStatus, SqsEventQueue, StatusReport, StatusService,
+};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::{AwsArgs, QueueArgs};
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// Only this rule.
+    rule: Option<String>,
+    /// Redraw every --interval seconds until Ctrl-C.
+    #[arg(long)]
+    watch: bool,
+    /// Seconds between refreshes with --watch.
+    #[arg(long, default_value_t = 2.0)]
+    interval: f64,
+    /// Print the status function's JSON (one document per refresh with --watch).
+    #[arg(long)]
+    json: bool,
+    /// Seconds S3 may take to deliver an event to the queue (see `synced_up_to` in the README).
+    #[arg(long, env = "CRR_STATUS_SETTLE_SECS", default_value_t = 60)]
+    settle_secs: u64,
+    #[command(flatten)]
+    queue: QueueArgs,
+}
+
+pub async fn run(aws: &AwsArgs, args: StatusArgs) -> Result<()> {
+    let sdk = aws.sdk_config().await;
+    let state = Arc::new(aws.state(&sdk).await);
+    let queue = args.queue.queue_url.as_ref().map(|url| {
+        Arc::new(SqsEventQueue::new(
+            args.queue.sqs_client(&sdk, url),
+            url,
+            args.queue.dlq_url.clone(),
+            // Only AWS publishes SQS metrics; a local stack has none to ask.
+            args.queue
+                .sqs_endpoint(url)
+                .is_none()
+                .then(|| aws_sdk_cloudwatch::Client::new(&sdk)),
+        )) as Arc<dyn EventQueue>
+    });
+    let service = StatusService::new(
+        state.clone(),
+        state.clone(),
+        state,
+        queue,
+        Duration::from_secs(args.settle_secs),
+    );
+    let rule = args.rule.as_deref();
+    if !args.watch {
+        let report = service.report(rule).await?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            Screen::new(std::io::stdout().is_terminal()).show(&frame(&report), true);
+        }
+        return Ok(());
+    }
+    let interval = Duration::from_secs_f64(args.interval.max(0.2));
+    let mut screen = Screen::new(std::io::stdout().is_terminal());
+    loop {
+        // A refresh that fails is shown and retried; a missing rule ends the watch.
+        let shown = match service.report(rule).await {
+            Ok(report) if args.json => {
+                println!("{}", serde_json::to_string(&report)?);
+                None
+            }
+            Ok(report) => Some(frame(&report)),
+            Err(e @ crr_shared::Error::RuleNotFound(_)) => return Err(e.into()),
+            Err(e) if args.json => return Err(e.into()),
+            Err(e) => Some(vec![Line::Alert(format!("refresh failed: {e}"))]),
+        };
+        if let Some(lines) = shown {
+            screen.show(&lines, false);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    screen.leave();
+    Ok(())
+}
+
+/// One line of the human view.
+#[derive(Debug, Clone, PartialEq)]
+enum Line {
+    Text(String),
+    /// A failure or anything that needs a look: drawn in red on terminals, marked `!` else.
+    Alert(String),
+    /// A progress bar: `percent` of the job (`None` while the total is being counted).
+    Bar {
+        label: String,
+        percent: Option<f64>,
+        message: String,
+    },
+}
+
+fn bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}
+
+fn duration(secs: u64) -> String {
+    indicatif::HumanDuration(Duration::from_secs(secs)).to_string()
+}
+
+/// The lines of the human view of a report.
+fn frame(report: &StatusReport) -> Vec<Line> {
+    let mut lines = vec![];
+    let queue = match &report.queue {
+        Some(q) => format!(
+            "queue: {} waiting, {} in flight, {} delayed{}",
+            q.waiting,
+            q.in_flight,
+            q.delayed,
+            q.dead_letters
+                .map(|n| format!(", {n} in the DLQ"))
+                .unwrap_or_default()
+        ),
+        None => "queue: not watched (give --queue-url)".to_string(),
+    };
+    lines.push(Line::Text(format!(
+        "crr status at {}  {queue}",
+        report.generated_at.format("%Y-%m-%d %H:%M:%S UTC")
+    )));
+    if let Some(dead) = report.queue.as_ref().and_then(|q| q.dead_letters)
+        && dead > 0
+    {
+        lines.push(Line::Alert(format!(
+            "{dead} failed event(s) in the dead-letter queue: see why with the DLQ, replay with `crr redrive`"
+        )));
+    }
+    if report.rules.is_empty() {
+        lines.push(Line::Text(
+            "no rules (create one with `crr rule create`)".into(),
+        ));
+    }
+    for rule in &report.rules {
+        lines.push(Line::Text(String::new()));
+        lines.extend(rule_lines(rule));
+    }
+    lines
+}
+
+fn rule_lines(rule: &RuleStatus) -> Vec<Line> {
+    let mut lines = vec![];
+    let prefixes = if rule.prefixes.is_empty() {
+        "all objects".to_string()
+    } else {
+        format!("prefixes {}", rule.prefixes.join(", "))
+    };
+    lines.push(Line::Text(format!(
+        "rule {}: s3://{} ({}) -> s3://{} ({}), {prefixes}, policy {}{}",
+        rule.rule_id,
+        rule.source.bucket,
+        rule.source.region,
+        rule.target.bucket,
+        rule.target.region,
+        serde_json::to_value(rule.policy)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        if rule.paused { " [PAUSED]" } else { "" }
+    )));
+    let rt = &rule.realtime;
+    let synced = match (rt.synced_up_to, rt.lag_seconds) {
+        (Some(t), Some(lag)) => format!(
+            "synced up to {} (lag {})",
+            t.format("%Y-%m-%d %H:%M:%S UTC"),
+            duration(lag)
+        ),
+        _ => "synced up to: unknown while events are pending".to_string(),
+    };
+    lines.push(Line::Text(format!(
+        "  real-time   {:<11} {synced}; {} pending, {} in flight",
+        rt.state.replace('_', " "),
+        rt.pending,
+        rt.in_flight
+    )));
+    let counts = format!(
+        "              replicated {} ({}), deletes {}, suppressed deletes {}, stale skipped {}, other skipped {}, failed {}",
+        rt.replicated_objects,
+        bytes(rt.replicated_bytes),
+        rt.deletes,
+        rt.suppressed_deletes,
+        rt.skipped_stale,
+        rt.skipped_other,
+        rt.failed
+    );
+    lines.push(if rt.failed > 0 {
+        Line::Alert(counts)
+    } else {
+        Line::Text(counts)
+    });
+    lines.push(historical_line(&rule.historical));
+    if let Some(error) = &rule.historical.error {
+        lines.push(Line::Alert(format!(
+            "              backfill failed: {error}"
+        )));
+    }
+    lines
+}
+
+fn historical_line(h: &HistoricalStatus) -> Line {
+    let label = "  historical ".to_string();
+    match h.phase.as_deref() {
+        None => Line::Text(format!("{label} not requested")),
+        Some("counting") => Line::Bar {
+            label,
+            percent: None,
+            message: format!(
+                "{}: counting, {} objects ({}) so far",
+                h.state,
+                h.objects_total,
+                bytes(h.bytes_total)
+            ),
+        },
+        Some(_) => {
+            let eta = match h.eta_seconds {
+                Some(0) => String::new(),
+                Some(s) => format!(", ETA {}", duration(s)),
+                None => String::new(),
+            };
+            Line::Bar {
+                label,
+                percent: h.percent_objects,
+                message: format!(
+                    "{}: objects {}/{} ({:.1}%), bytes {}/{} ({:.1}%), {} copied, {} in place{eta}",
+                    h.state,
+                    h.objects_done,
+                    h.objects_total,
+                    h.percent_objects.unwrap_or(0.0),
+                    bytes(h.bytes_done),
+                    bytes(h.bytes_total),
+                    h.percent_bytes.unwrap_or(0.0),
+                    h.copied,
+                    h.skipped,
+                ),
+            }
+        }
+    }
+}
+
+/// Where frames are drawn: indicatif bars on a terminal (redrawn in place by --watch),
+/// plain lines otherwise.
+struct Screen {
+    terminal: bool,
+    multi: MultiProgress,
+    bars: Vec<(ProgressBar, Kind)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Text,
+    Bar,
+}
+
+const BAR_WIDTH: usize = 30;
+
+impl Screen {
+    fn new(terminal: bool) -> Self {
+        let target = if terminal {
+            ProgressDrawTarget::stdout()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        Self {
+            terminal,
+            multi: MultiProgress::with_draw_target(target),
+            bars: vec![],
+        }
+    }
+
+    fn show(&mut self, lines: &[Line], last: bool) {
+        if !self.terminal {
+            for line in lines {
+                println!("{}", plain(line));
+            }
+            if !last {
+                println!();
+            }
+            return;
+        }
+        let kinds: Vec<Kind> = lines
+            .iter()
+            .map(|l| match l {
+                Line::Bar { .. } => Kind::Bar,
+                _ => Kind::Text,
+            })
+            .collect();
+        if kinds != self.bars.iter().map(|(_, k)| *k).collect::<Vec<_>>() {
+            // The layout changed (a rule came or went): start the drawing afresh.
+            let _ = self.multi.clear();
+            self.bars = kinds
+                .iter()
+                .map(|k| (self.multi.add(ProgressBar::new(1000)), *k))
+                .collect();
+        }
+        for ((bar, _), line) in self.bars.iter().zip(lines) {
+            match line {
+                Line::Text(text) => {
+                    bar.set_style(style("{msg}"));
+                    bar.set_message(text.clone());
+                }
+                Line::Alert(text) => {
+                    bar.set_style(style("{msg:.red.bold}"));
+                    bar.set_message(text.clone());
+                }
+                Line::Bar {
+                    label,
+                    percent,
+                    message,
+                } => {
+                    bar.set_style(style(&format!(
+                        "{{prefix}} [{{bar:{BAR_WIDTH}.green/white}}] {{msg}}"
+                    )));
+                    bar.set_prefix(label.clone());
+                    bar.set_position(percent.map_or(0, |p| (p * 10.0).round() as u64));
+                    bar.set_message(message.clone());
+                }
+            }
+        }
+        if last {
+            self.leave();
+        }
+    }
+
+    /// Leaves the last frame on the screen.
+    fn leave(&mut self) {
+        for (bar, _) in &self.bars {
+            bar.abandon();
+        }
+    }
+}
+
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+/// A line as plain text (pipes, files, CI logs).
+fn plain(line: &Line) -> String {
+    match line {
+        Line::Text(text) => text.clone(),
+        Line::Alert(text) => format!("! {}", text.trim_start()),
+        Line::Bar {
+            label,
+            percent,
+            message,
+        } => {
+            let filled = percent.map_or(0, |p| ((p / 100.0) * BAR_WIDTH as f64).floor() as usize);
+            format!(
+                "{label} [{}{}] {message}",
+                "=".repeat(filled.min(BAR_WIDTH)),
+                " ".repeat(BAR_WIDTH - filled.min(BAR_WIDTH))
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_bars_fill_by_percent() {
+        let line = Line::Bar {
+            label: "  historical ".into(),
+            percent: Some(50.0),
+            message: "m".into(),
+        };
+        assert_eq!(
+            plain(&line),
+            format!("  historical  [{}{}] m", "=".repeat(15), " ".repeat(15))
+        );
+        assert_eq!(plain(&Line::Alert("  failed 2".into())), "! failed 2");
+    }
+}

@@ -1,0 +1,633 @@
+//! Verify: compares a rule's source and target and reports every difference (drift).
+//!
+//! Both sides are listed at once, prefix by prefix, and merged in key order, so memory
+//! stays bounded by a few pages whatever the bucket's size. Then, per key:
+//!
+//! - only in the source: `missing`;
+//! - only in the target: `extra` under policy `full`; under `write` the source's deletes
+//!   are meant to be kept, so such keys are only counted (`extra_kept`);
+//! - in both: `different` when the sizes differ; when the ETags differ, unless the
+//!   replica's `crr-source-etag` marker names the source's ETag (a multipart replica with
+//!   another part layout, or an SSE-KMS object, whose contents the copy verified), and,
+//!   with `checksum`, unless the contents' MD5s agree; with `metadata` (the default),
+//!   also when content headers, user metadata (crr's own markers aside) or tags differ.
+//!
+//! Objects that change while being compared (deleted, or overwritten between the
+//! listing and the read) are counted as `in_flux`, not as drift: real-time replication
+//! has their events in hand.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::StreamExt;
+use md5::{Digest, Md5};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::copy::marker;
+use crate::error::{Error, Result};
+use crate::object_store::{ListedObject, ObjectInfo, ObjectStore};
+use crate::rule::{Policy, Rule};
+
+/// What to compare beyond keys, sizes and ETags.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// Compare content headers, user metadata and tags (two HEADs and two tag reads per
+    /// object present on both sides).
+    pub metadata: bool,
+    /// Read both objects and compare their MD5s where the ETags cannot tell (multipart
+    /// objects, SSE-KMS, differing part layouts).
+    pub checksum: bool,
+    /// Objects compared at once.
+    pub concurrency: usize,
+    /// Keys per listing page.
+    pub page_size: i32,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        Self {
+            metadata: true,
+            checksum: false,
+            concurrency: 16,
+            page_size: 1000,
+        }
+    }
+}
+
+/// Kinds of drift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftKind {
+    Missing,
+    Extra,
+    Different,
+}
+
+impl DriftKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftKind::Missing => "missing",
+            DriftKind::Extra => "extra",
+            DriftKind::Different => "different",
+        }
+    }
+}
+
+/// One difference between source and target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drift {
+    pub kind: DriftKind,
+    pub key: String,
+    pub source_size: Option<u64>,
+    pub target_size: Option<u64>,
+    /// What differs, in words (`size 10 != 12`, `metadata 'color'`...).
+    pub reason: String,
+}
+
+/// Totals of a verification.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifySummary {
+    pub rule_id: String,
+    pub source_objects: u64,
+    pub source_bytes: u64,
+    pub target_objects: u64,
+    pub target_bytes: u64,
+    /// Keys whose replica matches.
+    pub matching: u64,
+    pub missing: u64,
+    pub missing_bytes: u64,
+    pub extra: u64,
+    pub extra_bytes: u64,
+    pub different: u64,
+    pub different_bytes: u64,
+    /// Keys only in the target, kept on purpose by policy `write`.
+    pub extra_kept: u64,
+    /// Keys that changed while being compared (left to real-time replication).
+    pub in_flux: u64,
+    pub compared_metadata: bool,
+    pub compared_checksums: bool,
+}
+
+impl VerifySummary {
+    /// True when the target is not a copy of the source.
+    pub fn has_drift(&self) -> bool {
+        self.missing + self.extra + self.different > 0
+    }
+}
+
+/// Where the verification stands, for progress displays.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub listed_source: u64,
+    pub listed_target: u64,
+    pub compared: u64,
+}
+
+/// The verdict on one key.
+enum Verdict {
+    Matching,
+    Drift(Drift),
+    ExtraKept,
+    InFlux,
+}
+
+/// Compares the rule's source and target; `on_drift` sees each difference as it is found,
+/// in key order, `on_progress` every compared key.
+pub async fn verify(
+    rule: &Rule,
+    source: Arc<dyn ObjectStore>,
+    target: Arc<dyn ObjectStore>,
+    options: &VerifyOptions,
+    mut on_drift: impl FnMut(&Drift),
+    mut on_progress: impl FnMut(Progress),
+) -> Result<VerifySummary> {
+    let mut summary = VerifySummary {
+        rule_id: rule.id.clone(),
+        compared_metadata: options.metadata,
+        compared_checksums: options.checksum,
+        ..VerifySummary::default()
+    };
+    let listed_source = Arc::new(AtomicU64::new(0));
+    let listed_target = Arc::new(AtomicU64::new(0));
+    let mut compared = 0u64;
+    for prefix in rule.listing_prefixes() {
+        let src = spawn_listing(
+            Arc::clone(&source),
+            prefix.clone(),
+            options.page_size,
+            Arc::clone(&listed_source),
+        );
+        let dst = spawn_listing(
+            Arc::clone(&target),
+            prefix,
+            options.page_size,
+            Arc::clone(&listed_target),
+        );
+        let pairs = merge(src, dst);
+        let verdicts = pairs
+            .map(|pair| {
+                let (source, target) = (Arc::clone(&source), Arc::clone(&target));
+                async move {
+                    let pair = pair?;
+                    let verdict = judge(rule, &*source, &*target, &pair, options).await?;
+                    Ok::<_, Error>((pair, verdict))
+                }
+            })
+            .buffered(options.concurrency.max(1));
+        let mut verdicts = std::pin::pin!(verdicts);
+        while let Some(next) = verdicts.next().await {
+            let (pair, verdict) = next?;
+            if let Some(s) = &pair.source {
+                summary.source_objects += 1;
+                summary.source_bytes += s.size;
+            }
+            if let Some(t) = &pair.target {
+                summary.target_objects += 1;
+                summary.target_bytes += t.size;
+            }
+            match verdict {
+                Verdict::Matching => summary.matching += 1,
+                Verdict::ExtraKept => summary.extra_kept += 1,
+                Verdict::InFlux => summary.in_flux += 1,
+                Verdict::Drift(drift) => {
+                    let (count, bytes) = match drift.kind {
+                        DriftKind::Missing => (&mut summary.missing, &mut summary.missing_bytes),
+                        DriftKind::Extra => (&mut summary.extra, &mut summary.extra_bytes),
+                        DriftKind::Different => {
+                            (&mut summary.different, &mut summary.different_bytes)
+                        }
+                    };
+                    *count += 1;
+                    *bytes += drift.source_size.or(drift.target_size).unwrap_or(0);
+                    on_drift(&drift);
+                }
+            }
+            compared += 1;
+            on_progress(Progress {
+                listed_source: listed_source.load(Ordering::Relaxed),
+                listed_target: listed_target.load(Ordering::Relaxed),
+                compared,
+            });
+        }
+    }
+    Ok(summary)
+}
+
+/// A key with what each side listed under it.
+struct Pair {
+    key: String,
+    source: Option<ListedObject>,
+    target: Option<ListedObject>,
+}
+
+/// Lists `prefix` page by page into a channel (a few pages ahead of the comparison).
+fn spawn_listing(
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    page_size: i32,
+    listed: Arc<AtomicU64>,
+) -> mpsc::Receiver<Result<ListedObject>> {
+    let (tx, rx) = mpsc::channel(page_size.max(1) as usize * 2);
+    tokio::spawn(async move {
+        let mut after: Option<String> = None;
+        loop {
+            let page = match store.list_page(&prefix, after.as_deref(), page_size).await {
+                Ok(page) => page,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            after = page.objects.last().map(|o| o.key.clone());
+            listed.fetch_add(page.objects.len() as u64, Ordering::Relaxed);
+            for o in page.objects {
+                if tx.send(Ok(o)).await.is_err() {
+                    return;
+                }
+            }
+            if !page.truncated || after.is_none() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Merges two key-ordered listings into pairs, in key order.
+fn merge(
+    source: mpsc::Receiver<Result<ListedObject>>,
+    target: mpsc::Receiver<Result<ListedObject>>,
+) -> impl futures::Stream<Item = Result<Pair>> {
+    struct Sides {
+        source: mpsc::Receiver<Result<ListedObject>>,
+        target: mpsc::Receiver<Result<ListedObject>>,
+        next_source: Option<ListedObject>,
+        next_target: Option<ListedObject>,
+        failed: bool,
+    }
+    let sides = Sides {
+        source,
+        target,
+        next_source: None,
+        next_target: None,
+        failed: false,
+    };
+    futures::stream::unfold(sides, |mut s| async move {
+        if s.failed {
+            return None;
+        }
+        if s.next_source.is_none() {
+            match s.source.recv().await {
+                Some(Ok(o)) => s.next_source = Some(o),
+                Some(Err(e)) => {
+                    s.failed = true;
+                    return Some((Err(e), s));
+                }
+                None => {}
+            }
+        }
+        if s.next_target.is_none() {
+            match s.target.recv().await {
+                Some(Ok(o)) => s.next_target = Some(o),
+                Some(Err(e)) => {
+                    s.failed = true;
+                    return Some((Err(e), s));
+                }
+                None => {}
+            }
+        }
+        let pair = match (&s.next_source, &s.next_target) {
+            (None, None) => return None,
+            (Some(a), Some(b)) if a.key == b.key => Pair {
+                key: a.key.clone(),
+                source: s.next_source.take(),
+                target: s.next_target.take(),
+            },
+            (Some(a), Some(b)) if a.key < b.key => Pair {
+                key: a.key.clone(),
+                source: s.next_source.take(),
+                target: None,
+            },
+            (Some(_), Some(b)) | (None, Some(b)) => Pair {
+                key: b.key.clone(),
+                source: None,
+                target: s.next_target.take(),
+            },
+            (Some(a), None) => Pair {
+                key: a.key.clone(),
+                source: s.next_source.take(),
+                target: None,
+            },
+        };
+        Some((Ok(pair), s))
+    })
+}
+
+fn drift(kind: DriftKind, pair: &Pair, reason: impl Into<String>) -> Verdict {
+    Verdict::Drift(Drift {
+        kind,
+        key: pair.key.clone(),
+        source_size: pair.source.as_ref().map(|o| o.size),
+        target_size: pair.target.as_ref().map(|o| o.size),
+        reason: reason.into(),
+    })
+}
+
+async fn judge(
+    rule: &Rule,
+    source: &dyn ObjectStore,
+    target: &dyn ObjectStore,
+    pair: &Pair,
+    options: &VerifyOptions,
+) -> Result<Verdict> {
+    let (s, t) = match (&pair.source, &pair.target) {
+        (Some(s), Some(t)) => (s, t),
+        (Some(_), None) => return Ok(drift(DriftKind::Missing, pair, "not in the target")),
+        (None, _) if rule.policy == Policy::Write => return Ok(Verdict::ExtraKept),
+        (None, _) => return Ok(drift(DriftKind::Extra, pair, "not in the source")),
+    };
+    if s.size != t.size {
+        return Ok(drift(
+            DriftKind::Different,
+            pair,
+            format!("size {} != {}", s.size, t.size),
+        ));
+    }
+    // Some S3-compatible servers (s3s-fs) list no ETags: HEAD tells them.
+    let listed_etags = !s.etag.is_empty() && !t.etag.is_empty();
+    let need_heads = options.metadata || !listed_etags || s.etag != t.etag;
+    let (src_info, dst_info) = if need_heads {
+        let (a, b) = futures::join!(source.head(&pair.key), target.head(&pair.key));
+        let unchanged = |info: &ObjectInfo, listed: &ListedObject| {
+            info.size == listed.size && (listed.etag.is_empty() || info.etag == listed.etag)
+        };
+        match (a?, b?) {
+            (Some(a), Some(b)) if unchanged(&a, s) && unchanged(&b, t) => (Some(a), Some(b)),
+            // Changed since it was listed.
+            _ => return Ok(Verdict::InFlux),
+        }
+    } else {
+        (None, None)
+    };
+    let etag_of = |info: &Option<ObjectInfo>, listed: &ListedObject| match info {
+        Some(i) => i.etag.clone(),
+        None => listed.etag.clone(),
+    };
+    let (source_etag, target_etag) = (etag_of(&src_info, s), etag_of(&dst_info, t));
+    let etags_equal = source_etag == target_etag;
+    let plain_md5s = etags_equal && !source_etag.contains('-');
+    if !etags_equal {
+        let vouched = dst_info
+            .as_ref()
+            .and_then(|d| d.metadata.get(marker::SOURCE_ETAG))
+            .is_some_and(|e| *e == source_etag);
+        if !vouched && !options.checksum {
+            return Ok(drift(
+                DriftKind::Different,
+                pair,
+                format!("etag {source_etag} != {target_etag}"),
+            ));
+        }
+    }
+    if options.checksum && !plain_md5s {
+        let size = s.size;
+        let (a, b) = futures::join!(
+            content_md5(source, &pair.key, size, &source_etag),
+            content_md5(target, &pair.key, size, &target_etag)
+        );
+        match changed_is_none(a, b)? {
+            None => return Ok(Verdict::InFlux),
+            Some((a, b)) if a != b => {
+                return Ok(drift(
+                    DriftKind::Different,
+                    pair,
+                    format!("content md5 {a} != {b}"),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    if let (Some(a), Some(b)) = (&src_info, &dst_info) {
+        if let Some(what) = metadata_difference(a, b) {
+            return Ok(drift(DriftKind::Different, pair, what));
+        }
+        let (ta, tb) = futures::join!(source.tags(&pair.key), target.tags(&pair.key));
+        let (mut ta, mut tb) = (ta?, tb?);
+        ta.sort();
+        tb.sort();
+        if ta != tb {
+            return Ok(drift(DriftKind::Different, pair, "tags"));
+        }
+    }
+    Ok(Verdict::Matching)
+}
+
+/// The first difference in content headers or user metadata (crr's markers aside).
+pub fn metadata_difference(source: &ObjectInfo, target: &ObjectInfo) -> Option<String> {
+    let (a, b) = (&source.headers, &target.headers);
+    let headers = [
+        ("content-type", &a.content_type, &b.content_type),
+        ("content-encoding", &a.content_encoding, &b.content_encoding),
+        (
+            "content-disposition",
+            &a.content_disposition,
+            &b.content_disposition,
+        ),
+        ("content-language", &a.content_language, &b.content_language),
+        ("cache-control", &a.cache_control, &b.cache_control),
+        ("expires", &a.expires, &b.expires),
+    ];
+    for (name, x, y) in headers {
+        if x != y {
+            return Some(format!(
+                "{name} {} != {}",
+                x.as_deref().unwrap_or("(none)"),
+                y.as_deref().unwrap_or("(none)")
+            ));
+        }
+    }
+    let user = |m: &std::collections::BTreeMap<String, String>| {
+        m.iter()
+            .filter(|(k, _)| !marker::is_marker(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<Vec<_>>()
+    };
+    let (x, y) = (user(&source.metadata), user(&target.metadata));
+    if x != y {
+        let name = x
+            .iter()
+            .chain(y.iter())
+            .find(|kv| !x.contains(kv) || !y.contains(kv))
+            .map(|(k, _)| k.clone())
+            .unwrap_or_default();
+        return Some(format!("metadata '{name}'"));
+    }
+    None
+}
+
+/// Bytes read per request when computing checksums.
+const CHECKSUM_CHUNK: u64 = 8 * 1024 * 1024;
+
+/// Both MD5s; `None` if either object changed (or went) while being read.
+fn changed_is_none(a: Result<String>, b: Result<String>) -> Result<Option<(String, String)>> {
+    match (a, b) {
+        (Ok(a), Ok(b)) => Ok(Some((a, b))),
+        (Err(Error::Precondition { .. } | Error::NotFound { .. }), _)
+        | (_, Err(Error::Precondition { .. } | Error::NotFound { .. })) => Ok(None),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    }
+}
+
+/// MD5 of the object's content, read in ranges, each conditional on `etag`.
+async fn content_md5(store: &dyn ObjectStore, key: &str, size: u64, etag: &str) -> Result<String> {
+    let mut md5 = Md5::new();
+    let mut start = 0;
+    while start < size {
+        let end = (start + CHECKSUM_CHUNK).min(size);
+        let chunk = store.get(key, Some((start, end)), etag).await?;
+        md5.update(&chunk);
+        start = end;
+    }
+    Ok(md5.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryWorld;
+    use crate::object_store::WriteAttrs;
+    use crate::rule::tests::rule;
+    use bytes::Bytes;
+
+    async fn put(store: &dyn ObjectStore, key: &str, body: &str, meta: &[(&str, &str)]) {
+        let attrs = WriteAttrs {
+            metadata: meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..WriteAttrs::default()
+        };
+        store
+            .put(key, Bytes::from(body.to_string()), &attrs)
+            .await
+            .unwrap();
+    }
+
+    async fn run(
+        r: &Rule,
+        world: &MemoryWorld,
+        options: VerifyOptions,
+    ) -> (VerifySummary, Vec<Drift>) {
+        let mut drifts = vec![];
+        let summary = verify(
+            r,
+            Arc::new(world.store("src")),
+            Arc::new(world.store("dst")),
+            &options,
+            |d| drifts.push(d.clone()),
+            |_| {},
+        )
+        .await
+        .unwrap();
+        (summary, drifts)
+    }
+
+    #[tokio::test]
+    async fn each_kind_of_drift_is_found_and_a_true_copy_has_none() {
+        let world = MemoryWorld::default();
+        let (src, dst) = (world.store("src"), world.store("dst"));
+        for k in ["same", "meta", "samesize"] {
+            put(&src, k, "hello", &[("color", "red")]).await;
+        }
+        put(&dst, "same", "hello", &[("color", "red")]).await;
+        put(&dst, "meta", "hello", &[("color", "blue")]).await;
+        put(&dst, "samesize", "HELLO", &[("color", "red")]).await;
+        put(&src, "missing", "abc", &[]).await;
+        put(&dst, "extra", "abcd", &[]).await;
+        put(&src, "outside/x", "x", &[]).await;
+
+        let mut r = rule("r", "src", "dst");
+        r.prefixes = vec!["s".into(), "m".into(), "e".into()];
+        let (summary, drifts) = run(&r, &world, VerifyOptions::default()).await;
+        let kinds: Vec<(&str, DriftKind)> =
+            drifts.iter().map(|d| (d.key.as_str(), d.kind)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("extra", DriftKind::Extra),
+                ("meta", DriftKind::Different),
+                ("missing", DriftKind::Missing),
+                ("samesize", DriftKind::Different),
+            ]
+        );
+        assert_eq!(drifts[1].reason, "metadata 'color'");
+        assert!(
+            drifts[3].reason.starts_with("etag "),
+            "{}",
+            drifts[3].reason
+        );
+        assert_eq!(
+            (
+                summary.matching,
+                summary.missing,
+                summary.extra,
+                summary.different
+            ),
+            (1, 1, 1, 2)
+        );
+        assert_eq!((summary.missing_bytes, summary.extra_bytes), (3, 4));
+        assert!(summary.has_drift());
+
+        // Under `write`, extra target objects are kept on purpose.
+        r.policy = Policy::Write;
+        let (summary, _) = run(&r, &world, VerifyOptions::default()).await;
+        assert_eq!((summary.extra, summary.extra_kept), (0, 1));
+
+        // A true copy: no drift.
+        let world = MemoryWorld::default();
+        for store in [world.store("src"), world.store("dst")] {
+            put(&store, "a", "1", &[]).await;
+            put(&store, "b/c", "22", &[("k", "v")]).await;
+        }
+        let (summary, drifts) =
+            run(&rule("r", "src", "dst"), &world, VerifyOptions::default()).await;
+        assert!(drifts.is_empty() && !summary.has_drift());
+        assert_eq!(summary.matching, 2);
+    }
+
+    #[tokio::test]
+    async fn a_replica_vouched_by_its_marker_matches_unless_the_checksum_says_otherwise() {
+        let world = MemoryWorld::default();
+        let (src, dst) = (world.store("src"), world.store("dst"));
+        put(&src, "k", "content", &[]).await;
+        let etag = src.head("k").await.unwrap().unwrap().etag;
+        // Same size, another ETag, but the marker names the source's ETag (as a multipart
+        // replica with another part layout would): trusted without --checksum.
+        put(
+            &dst,
+            "k",
+            "CONTENT",
+            &[(marker::SOURCE_ETAG, etag.as_str())],
+        )
+        .await;
+        let r = rule("r", "src", "dst");
+        let (summary, _) = run(&r, &world, VerifyOptions::default()).await;
+        assert_eq!(summary.matching, 1);
+        let (summary, drifts) = run(
+            &r,
+            &world,
+            VerifyOptions {
+                checksum: true,
+                ..VerifyOptions::default()
+            },
+        )
+        .await;
+        assert_eq!(summary.different, 1);
+        assert!(
+            drifts[0].reason.starts_with("content md5"),
+            "{:?}",
+            drifts[0]
+        );
+    }
+}

@@ -1,0 +1,304 @@
+//! Status against the local stack: a scenario with known counts (replicated, deleted,
+//! failed, pending, historical), read through `crr status --json` and through the real
+//! `crr-status` function binary behind the Runtime API emulator; both must agree.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use aws_sdk_s3::primitives::ByteStream;
+use crr_shared::backfill::{BackfillSettings, Backfiller};
+use crr_shared::copy::CopyEngine;
+use crr_shared::rule::Notify;
+use crr_shared::rule_admin::create_rule;
+use crr_shared::status::StatusReport;
+use crr_tests::{RunningFunction, Stack, eventually, invoke, rule, seed, unique};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn cli_status(stack: &Stack, table: &str, queue: &str, dlq: &str) -> Result<StatusReport> {
+    let out = stack.crr(
+        table,
+        &[
+            "status",
+            "--json",
+            "--queue-url",
+            queue,
+            "--dlq-url",
+            dlq,
+            "--settle-secs",
+            "0",
+        ],
+    )?;
+    serde_json::from_str(&out).with_context(|| format!("status JSON: {out}"))
+}
+
+/// The report without what depends on the moment it was made.
+fn timeless(mut report: StatusReport) -> StatusReport {
+    report.generated_at = Default::default();
+    if let Some(q) = report.queue.as_mut() {
+        q.read_at = Default::default();
+    }
+    for r in &mut report.rules {
+        r.realtime.synced_up_to = None;
+        r.realtime.lag_seconds = None;
+        r.historical.eta_seconds = None;
+    }
+    report
+}
+
+#[tokio::test]
+async fn status_reports_a_known_scenario_alike_in_the_cli_and_the_function() -> Result<()> {
+    let stack = Stack::from_env()?;
+    let table = unique("status");
+    let state = stack.state(&table).await?;
+    let (src_ok, dst_ok) = (unique("src"), unique("dst"));
+    let (src_bad, dst_bad) = (unique("src"), unique("dst"));
+    for (source, target) in [(&src_ok, &dst_ok), (&src_bad, &dst_bad)] {
+        stack.create_bucket(&stack.a, source).await?;
+        stack.create_bucket(&stack.b, target).await?;
+    }
+    // The history: 3 objects (100, 200, 300 bytes) before the rule.
+    let history = (1..=3)
+        .map(|i| (format!("old/{i}"), vec![b'h'; i * 100]))
+        .collect();
+    seed(&stack, &stack.a, &src_ok, history, 3).await?;
+    let ((queue_url, queue_arn), (dlq_url, _)) = stack
+        .create_queue_with_dlq(&stack.a, &unique("events"), 2, 5)
+        .await?;
+    let clients = stack.s3_clients();
+    let mut ok = rule(
+        &unique("ok"),
+        stack.a.bucket(&src_ok),
+        stack.b.bucket(&dst_ok),
+    );
+    ok.historical = true;
+    ok.notify = Notify::Queue {
+        arn: queue_arn.clone(),
+    };
+    let ok = create_rule(&state, &clients, ok).await?;
+    let mut bad = rule(
+        &unique("bad"),
+        stack.a.bucket(&src_bad),
+        stack.b.bucket(&dst_bad),
+    );
+    bad.notify = Notify::Queue { arn: queue_arn };
+    let bad = create_rule(&state, &clients, bad).await?;
+    // The bad rule's target disappears: its events fail for good.
+    stack
+        .s3(&stack.b)
+        .delete_bucket()
+        .bucket(&dst_bad)
+        .send()
+        .await?;
+    // Test events of the notification set-up are not part of the scenario.
+    stack
+        .sqs(&stack.a)
+        .purge_queue()
+        .queue_url(&queue_url)
+        .send()
+        .await?;
+
+    // Six events while no function runs: 3 puts (10, 20, 30 bytes) and a delete for the
+    // good rule, 2 puts for the bad one. All pending, so nothing can be said synced.
+    let s3a = stack.s3(&stack.a);
+    for (bucket, key, size) in [
+        (&src_ok, "live/1", 10),
+        (&src_ok, "live/2", 20),
+        (&src_ok, "live/3", 30),
+        (&src_bad, "x/1", 1),
+        (&src_bad, "x/2", 2),
+    ] {
+        s3a.put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(ByteStream::from(vec![b'l'; size]))
+            .send()
+            .await?;
+    }
+    s3a.delete_object()
+        .bucket(&src_ok)
+        .key("old/1")
+        .send()
+        .await?;
+    let pending = eventually(WAIT, "6 events queued", || async {
+        let report = cli_status(&stack, &table, &queue_url, &dlq_url)?;
+        Ok((report.queue.as_ref().map(|q| q.waiting) == Some(6)).then_some(report))
+    })
+    .await?;
+    assert_eq!(pending.rules.len(), 2);
+    for r in &pending.rules {
+        assert_eq!(r.realtime.state, "catching_up", "{r:?}");
+        assert_eq!((r.realtime.pending, r.realtime.in_flight), (6, 0));
+        assert_eq!(
+            (r.realtime.synced_up_to, r.realtime.lag_seconds),
+            (None, None)
+        );
+    }
+    let human = stack.crr(
+        &table,
+        &[
+            "status",
+            &ok.id,
+            "--queue-url",
+            &queue_url,
+            "--dlq-url",
+            &dlq_url,
+        ],
+    )?;
+    assert!(
+        human.contains("unknown while events are pending; 6 pending"),
+        "{human}"
+    );
+    assert!(human.contains("historical  not requested"), "{human}");
+
+    // The function drains the queue; the backfill copies the history.
+    let _function = RunningFunction::start_with(
+        &stack,
+        "crr-replicate",
+        &queue_url,
+        &table,
+        &[
+            format!("CRR_DLQ_URL={dlq_url}"),
+            "CRR_MAX_RECEIVES=1".to_string(),
+        ],
+    )?;
+    stack.wait_queue_drained(&stack.a, &queue_url, WAIT).await?;
+    let drained_at = chrono::Utc::now();
+    let state = Arc::new(state);
+    let backfiller = Backfiller::new(
+        state.clone(),
+        state.clone(),
+        Arc::new(clients),
+        CopyEngine::default(),
+        BackfillSettings::default(),
+    );
+    backfiller.start(&ok.id).await?;
+    backfiller
+        .run(
+            Some(&ok.id),
+            "status-test",
+            Instant::now() + Duration::from_secs(60),
+        )
+        .await?;
+
+    let report = cli_status(&stack, &table, &queue_url, &dlq_url)?;
+    let queue = report.queue.clone().context("queue watched")?;
+    assert_eq!(
+        (queue.waiting, queue.in_flight, queue.dead_letters),
+        (0, 0, Some(2))
+    );
+    let good = report
+        .rules
+        .iter()
+        .find(|r| r.rule_id == ok.id)
+        .context("ok rule")?;
+    let rt = &good.realtime;
+    assert_eq!(rt.state, "caught_up");
+    assert_eq!((rt.replicated_objects, rt.replicated_bytes), (3, 60));
+    assert_eq!((rt.deletes, rt.failed, rt.pending), (1, 0, 0));
+    let synced = rt.synced_up_to.context("synced_up_to when caught up")?;
+    ensure!(
+        synced >= drained_at,
+        "synced_up_to {synced} before the drain {drained_at}"
+    );
+    ensure!(
+        rt.lag_seconds.is_some_and(|l| l <= 5),
+        "lag {:?}",
+        rt.lag_seconds
+    );
+    // The backfill examined 2 old objects (one was deleted) and the 3 live ones, which
+    // real time had already copied.
+    let h = &good.historical;
+    assert_eq!(h.state, "completed");
+    assert_eq!((h.objects_done, h.objects_total), (5, 5));
+    assert_eq!((h.bytes_done, h.bytes_total), (560, 560));
+    assert_eq!((h.copied, h.skipped), (2, 3));
+    assert_eq!(
+        (h.percent_objects, h.percent_bytes),
+        (Some(100.0), Some(100.0))
+    );
+    assert_eq!(h.eta_seconds, Some(0));
+    let failing = report
+        .rules
+        .iter()
+        .find(|r| r.rule_id == bad.id)
+        .context("bad rule")?;
+    assert_eq!(
+        (failing.realtime.failed, failing.realtime.replicated_objects),
+        (2, 0)
+    );
+    assert_eq!(failing.historical.state, "not_requested");
+
+    let human = stack.crr(
+        &table,
+        &[
+            "status",
+            "--queue-url",
+            &queue_url,
+            "--dlq-url",
+            &dlq_url,
+            "--settle-secs",
+            "0",
+        ],
+    )?;
+    assert!(
+        human.contains("2 failed event(s) in the dead-letter queue"),
+        "{human}"
+    );
+    assert!(human.contains("! replicated 0 (0 B), deletes 0"), "{human}");
+    assert!(
+        human.contains(&format!(
+            "historical  [{}] completed: objects 5/5 (100.0%)",
+            "=".repeat(30)
+        )),
+        "{human}"
+    );
+
+    // The status function says the same, through its Function URL shape.
+    let status_fn = RunningFunction::start_direct(
+        &stack,
+        "crr-status",
+        &table,
+        10,
+        &[
+            format!("CRR_QUEUE_URL={queue_url}"),
+            format!("CRR_DLQ_URL={dlq_url}"),
+            "CRR_STATUS_SETTLE_SECS=0".to_string(),
+        ],
+    )?;
+    let request = |method: &str, query: serde_json::Value| {
+        json!({
+            "version": "2.0",
+            "rawPath": "/",
+            "headers": {},
+            "queryStringParameters": query,
+            "requestContext": { "http": { "method": method, "path": "/" }, "timeEpoch": 0 },
+            "isBase64Encoded": false
+        })
+        .to_string()
+    };
+    let call = |payload: String| async move {
+        let (failed, body) = invoke(status_fn.port, "crr-status", &payload).await?;
+        ensure!(!failed, "status function failed: {body}");
+        let response: serde_json::Value = serde_json::from_str(&body)?;
+        let text = response["body"].as_str().unwrap_or_default().to_string();
+        Ok::<_, anyhow::Error>((response["statusCode"].as_u64().unwrap_or(0), text))
+    };
+    let (code, body) = call(request("GET", json!({}))).await?;
+    assert_eq!(code, 200, "{body}");
+    let from_function: StatusReport = serde_json::from_str(&body)?;
+    assert_eq!(timeless(from_function), timeless(report));
+    let (code, body) = call(request("GET", json!({ "rule": bad.id }))).await?;
+    let one: StatusReport = serde_json::from_str(&body)?;
+    assert_eq!((code, one.rules.len()), (200, 1));
+    let (code, body) = call(request("GET", json!({ "rule": "nope" }))).await?;
+    assert_eq!(
+        (code, body.as_str()),
+        (404, r#"{"error":"no rule 'nope'"}"#)
+    );
+    let (code, _) = call(request("POST", json!({}))).await?;
+    assert_eq!(code, 405);
+    Ok(())
+}
