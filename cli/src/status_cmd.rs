@@ -1,7 +1,7 @@
 //! `crr status [RULE] [--watch] [--json]`: the numbers come from `crr_shared::status`,
 //! the code the status function runs; this file only draws them.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,7 +61,7 @@ pub async fn run(aws: &AwsArgs, args: StatusArgs) -> Result<()> {
         if args.json {
             println!("{}", serde_json::to_string(&report)?);
         } else {
-            Screen::new(std::io::stdout().is_terminal()).show(&frame(&report), true);
+            Screen::new(std::io::stdout().is_terminal()).print(&frame(&report));
         }
         return Ok(());
     }
@@ -80,7 +80,7 @@ pub async fn run(aws: &AwsArgs, args: StatusArgs) -> Result<()> {
             Err(e) => Some(vec![Line::Alert(format!("refresh failed: {e}"))]),
         };
         if let Some(lines) = shown {
-            screen.show(&lines, false);
+            screen.show(&lines);
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -256,7 +256,13 @@ struct Screen {
     terminal: bool,
     multi: MultiProgress,
     bars: Vec<(ProgressBar, Kind)>,
+    last: Vec<Line>,
+    alternate: bool,
 }
+
+/// xterm's alternate screen, cursor at the top left.
+const ENTER_ALTERNATE_SCREEN: &str = "\x1b[?1049h\x1b[H";
+const LEAVE_ALTERNATE_SCREEN: &str = "\x1b[?1049l";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -277,18 +283,36 @@ impl Screen {
             terminal,
             multi: MultiProgress::with_draw_target(target),
             bars: vec![],
+            last: vec![],
+            alternate: false,
         }
     }
 
-    fn show(&mut self, lines: &[Line], last: bool) {
+    /// Prints a frame once, as text (alerts in red on a terminal).
+    fn print(&self, lines: &[Line]) {
+        for line in lines {
+            match line {
+                Line::Alert(_) if self.terminal => println!("\x1b[1;31m{}\x1b[0m", plain(line)),
+                _ => println!("{}", plain(line)),
+            }
+        }
+    }
+
+    /// Draws a frame of --watch: in place on a terminal, one after the other elsewhere.
+    fn show(&mut self, lines: &[Line]) {
         if !self.terminal {
-            for line in lines {
-                println!("{}", plain(line));
-            }
-            if !last {
-                println!();
-            }
+            self.print(lines);
+            println!();
             return;
+        }
+        self.last = lines.to_vec();
+        if !self.alternate {
+            // Like `watch` and `top`: frames are drawn on the alternate screen, so the
+            // terminal's own `^C` echo cannot shift them, and the shell's screen gets
+            // only the last frame, printed once on the way out.
+            print!("{ENTER_ALTERNATE_SCREEN}");
+            let _ = std::io::stdout().flush();
+            self.alternate = true;
         }
         let kinds: Vec<Kind> = lines
             .iter()
@@ -309,7 +333,12 @@ impl Screen {
             match line {
                 Line::Text(text) => {
                     bar.set_style(style("{msg}"));
-                    bar.set_message(text.clone());
+                    // indicatif draws nothing for an empty line, which shifts the frame.
+                    bar.set_message(if text.is_empty() {
+                        " ".to_string()
+                    } else {
+                        text.clone()
+                    });
                 }
                 Line::Alert(text) => {
                     bar.set_style(style("{msg:.red.bold}"));
@@ -329,15 +358,16 @@ impl Screen {
                 }
             }
         }
-        if last {
-            self.leave();
-        }
     }
 
-    /// Leaves the last frame on the screen.
+    /// Stops drawing, leaves the alternate screen, and prints the last frame there.
     fn leave(&mut self) {
-        for (bar, _) in &self.bars {
-            bar.abandon();
+        if self.terminal && self.alternate {
+            self.multi.set_draw_target(ProgressDrawTarget::hidden());
+            print!("{LEAVE_ALTERNATE_SCREEN}");
+            let _ = std::io::stdout().flush();
+            self.alternate = false;
+            self.print(&self.last);
         }
     }
 }
