@@ -12,7 +12,13 @@ use clap::{Parser, Subcommand};
 
 /// Serverless cross-region replication for S3 buckets.
 #[derive(Parser)]
-#[command(name = "crr", version, about, propagate_version = true)]
+#[command(
+    name = "crr",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "Examples:\n  crr rule create --id photos --source-bucket photos-us --source-region us-east-1 \\\n    --target-bucket photos-eu --target-region eu-west-1 --historical\n  crr status --watch\n  crr verify photos\n\nExit codes: 0 success, 1 drift found by `crr verify`, 2 error (one line on stderr)."
+)]
 struct Cli {
     #[command(flatten)]
     aws: AwsArgs,

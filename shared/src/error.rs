@@ -28,7 +28,7 @@ pub enum Error {
     RuleExists(String),
 
     /// No rule with this id.
-    #[error("rule '{0}' not found")]
+    #[error("rule '{0}' not found (`crr rule list` shows the rules)")]
     RuleNotFound(String),
 
     /// The rule is paused: its events wait (in the queue, then the DLQ) until it resumes.
