@@ -10,7 +10,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use crr_shared::backfill::{BackfillSettings, Backfiller};
 use crr_shared::copy::CopyEngine;
 use crr_shared::rule::Notify;
-use crr_shared::rule_admin::create_rule;
+use crr_shared::rule_admin::{create_rule, delete_rule};
 use crr_shared::status::StatusReport;
 use crr_tests::{RunningFunction, Stack, eventually, invoke, rule, seed, unique};
 use serde_json::json;
@@ -300,5 +300,17 @@ async fn status_reports_a_known_scenario_alike_in_the_cli_and_the_function() -> 
     );
     let (code, _) = call(request("POST", json!({}))).await?;
     assert_eq!(code, 405);
+
+    // A rule deleted and created again under the same id starts from zero.
+    delete_rule(state.as_ref(), &stack.s3_clients(), &ok.id).await?;
+    create_rule(state.as_ref(), &stack.s3_clients(), ok.clone()).await?;
+    let again = cli_status(&stack, &table, &queue_url, &dlq_url)?;
+    let fresh = again
+        .rules
+        .iter()
+        .find(|r| r.rule_id == ok.id)
+        .context("ok rule")?;
+    assert_eq!(fresh.realtime.replicated_objects, 0);
+    assert_eq!(fresh.historical.state, "not_requested");
     Ok(())
 }

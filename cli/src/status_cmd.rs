@@ -181,7 +181,7 @@ fn rule_lines(rule: &RuleStatus) -> Vec<Line> {
         _ => "synced up to: unknown while events are pending".to_string(),
     };
     lines.push(Line::Text(format!(
-        "  real-time   {:<11} {synced}; {} pending, {} in flight",
+        "  real-time   {:<12}{synced}; {} pending, {} in flight",
         rt.state.replace('_', " "),
         rt.pending,
         rt.in_flight

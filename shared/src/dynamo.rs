@@ -25,6 +25,7 @@ use aws_sdk_dynamodb::types::{
     ScalarAttributeType, TableStatus, TimeToLiveSpecification, TransactWriteItem,
 };
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 
 use crate::backfill::{BackfillStore, Checkpoint, Job, JobState, Segment};
 use crate::error::{Error, Result, dynamodb_permission, from_sdk};
@@ -271,6 +272,27 @@ impl DynamoStore {
         Ok(TransactWriteItem::builder().put(put).build())
     }
 
+    /// Deletes every item of a partition.
+    async fn purge_partition(&self, pk: String) -> Result<()> {
+        let items = self.query_all(pk, None).await?;
+        let deletes = items.into_iter().map(|item| {
+            let key: Item = item
+                .into_iter()
+                .filter(|(name, _)| name == "pk" || name == "sk")
+                .collect();
+            self.client
+                .delete_item()
+                .table_name(&self.table)
+                .set_key(Some(key))
+                .send()
+        });
+        let mut running = futures::stream::iter(deletes).buffer_unordered(16);
+        while let Some(done) = running.next().await {
+            done.map_err(|e| self.err("DeleteItem", e))?;
+        }
+        Ok(())
+    }
+
     fn delete_item(&self, key: Item) -> Result<TransactWriteItem> {
         let delete = Delete::builder()
             .table_name(&self.table)
@@ -415,6 +437,16 @@ impl RuleStore for DynamoStore {
             .send()
             .await
             .map_err(|e| self.err("TransactWriteItems", e))?;
+        // What the rule left behind goes too, so a new rule of the same id starts afresh:
+        // counters, suppressed deletes, backfill job and segments. Ledger entries (one per
+        // key) expire by their TTL; their sequencers stay valid for the same bucket.
+        for pk in [
+            format!("STATS#{}", rule.id),
+            format!("SUPPRESSED#{}", rule.id),
+            backfill_pk(&rule.id),
+        ] {
+            self.purge_partition(pk).await?;
+        }
         Ok(())
     }
 

@@ -515,6 +515,9 @@ impl RuleStore for MemoryState {
         for c in claims_of(rule) {
             claims.remove(&c.bucket);
         }
+        drop(guard);
+        locked(&self.counters).remove(&rule.id);
+        locked(&self.suppressed).remove(&rule.id);
         Ok(())
     }
 

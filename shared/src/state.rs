@@ -87,7 +87,8 @@ pub trait RuleStore: Send + Sync {
     /// Replaces a rule's stored settings (pause, resume); the buckets cannot change.
     async fn update_rule(&self, rule: &Rule) -> Result<()>;
 
-    /// Removes the rule and releases its claims.
+    /// Removes the rule, releases its claims, and drops its counters, suppressed deletes
+    /// and backfill job, so that a new rule of the same id starts afresh.
     async fn delete_rule(&self, rule: &Rule) -> Result<()>;
 
     /// The rule whose source is `bucket`, if any.
