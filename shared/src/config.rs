@@ -73,6 +73,26 @@ impl FunctionConfig {
     }
 }
 
+/// What a function's environment must hold in a deployment (binary name, variables):
+/// `infra/template.yaml` is checked against it by `tests/iam.rs`, along with the rule that
+/// every `CRR_*` variable the template sets is one the code reads.
+pub const DEPLOYMENT_ENV: &[(&str, &[&str])] = &[
+    (
+        "crr-replicate",
+        &["CRR_TABLE", "CRR_DLQ_URL", "CRR_MAX_RECEIVES"],
+    ),
+    ("crr-backfill", &["CRR_TABLE"]),
+    (
+        "crr-status",
+        &[
+            "CRR_TABLE",
+            "CRR_QUEUE_URL",
+            "CRR_DLQ_URL",
+            "CRR_STATUS_SETTLE_SECS",
+        ],
+    ),
+];
+
 /// Settings of the status function.
 #[derive(Debug, Clone)]
 pub struct StatusSettings {

@@ -59,7 +59,7 @@ pub fn client_for(base: &SdkConfig, bucket: &BucketRef) -> Client {
     if bucket.path_style {
         builder = builder.force_path_style(true);
     }
-    Client::from_conf(builder.build())
+    Client::from_conf(crate::aws_clients::with_operation_log(builder).build())
 }
 
 /// Caches one client per (region, endpoint, style): SDK clients hold connection pools and

@@ -19,7 +19,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let settings = FunctionConfig::backfill()?;
     let aws = aws_config::load_from_env().await;
     let state = Arc::new(DynamoStore::new(
-        aws_sdk_dynamodb::Client::new(&aws),
+        crr_shared::aws_clients::dynamodb(&aws),
         config.table.clone(),
     ));
     let backfiller = Arc::new(Backfiller::new(

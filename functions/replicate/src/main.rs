@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crr_shared::aws_clients;
 use crr_shared::config::FunctionConfig;
 use crr_shared::dead_letter::{DeadLetters, SqsDeadLetters};
 use crr_shared::dynamo::DynamoStore;
@@ -16,9 +17,9 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     tracing::init_default_subscriber();
     let config = FunctionConfig::from_env()?;
     let aws = aws_config::load_from_env().await;
-    let state = DynamoStore::new(aws_sdk_dynamodb::Client::new(&aws), config.table.clone());
+    let state = DynamoStore::new(aws_clients::dynamodb(&aws), config.table.clone());
     let dead_letters = config.dlq_url.as_ref().map(|url| {
-        Arc::new(SqsDeadLetters::new(aws_sdk_sqs::Client::new(&aws), url)) as Arc<dyn DeadLetters>
+        Arc::new(SqsDeadLetters::new(aws_clients::sqs(&aws), url)) as Arc<dyn DeadLetters>
     });
     let replicator = Arc::new(Replicator::new(
         Arc::new(state),

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use aws_lambda_events::event::lambda_function_urls::LambdaFunctionUrlRequest;
+use crr_shared::aws_clients;
 use crr_shared::config::FunctionConfig;
 use crr_shared::dynamo::DynamoStore;
 use crr_shared::status::{EventQueue, SqsEventQueue, StatusService, answer};
@@ -17,15 +18,15 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let settings = FunctionConfig::status()?;
     let aws = aws_config::load_from_env().await;
     let state = Arc::new(DynamoStore::new(
-        aws_sdk_dynamodb::Client::new(&aws),
+        aws_clients::dynamodb(&aws),
         config.table.clone(),
     ));
     let queue = settings.queue_url.map(|url| {
         Arc::new(SqsEventQueue::new(
-            aws_sdk_sqs::Client::new(&aws),
+            aws_clients::sqs(&aws),
             url,
             config.dlq_url.clone(),
-            Some(aws_sdk_cloudwatch::Client::new(&aws)),
+            Some(aws_clients::cloudwatch(&aws)),
         )) as Arc<dyn EventQueue>
     });
     let service = Arc::new(StatusService::new(

@@ -1,0 +1,100 @@
+//! The functions' SDK clients, built in one place, with an optional operation log.
+//!
+//! With `CRR_OPERATION_LOG=<file>` set, every AWS operation a client starts is appended to
+//! the file as `service:Operation`. The IAM cross-check test (`tests/iam.rs`) runs the
+//! functions with it and checks that `infra/template.yaml` grants each function every
+//! action its operations need. Off by default: nothing is recorded in a deployment.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use aws_config::SdkConfig;
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeSerializationInterceptorContextRef;
+use aws_smithy_runtime_api::client::orchestrator::Metadata;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::ConfigBag;
+
+/// Environment variable naming the operation log file.
+pub const OPERATION_LOG_ENV: &str = "CRR_OPERATION_LOG";
+
+/// Appends `service:Operation` for each operation started.
+#[derive(Debug, Clone)]
+pub struct OperationLog {
+    file: Arc<Mutex<File>>,
+}
+
+impl OperationLog {
+    /// The log `CRR_OPERATION_LOG` names, if it is set and can be opened.
+    pub fn from_env() -> Option<Self> {
+        let path = std::env::var_os(OPERATION_LOG_ENV)?;
+        match OpenOptions::new().create(true).append(true).open(&path) {
+            Ok(file) => Some(Self {
+                file: Arc::new(Mutex::new(file)),
+            }),
+            Err(e) => {
+                tracing::warn!(path = ?path, error = %e, "operation log cannot be opened");
+                None
+            }
+        }
+    }
+}
+
+impl Intercept for OperationLog {
+    fn name(&self) -> &'static str {
+        "crr-operation-log"
+    }
+
+    // Not `read_before_execution`: a client's interceptors see it before the operation's
+    // own configuration (which holds its name) is in the bag.
+    fn read_before_serialization(
+        &self,
+        _context: &BeforeSerializationInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        match cfg.load::<Metadata>() {
+            Some(op) => writeln!(file, "{}:{}", op.service(), op.name())?,
+            None => writeln!(file, "unknown:unknown")?,
+        }
+        Ok(())
+    }
+}
+
+/// A DynamoDB client.
+pub fn dynamodb(sdk: &SdkConfig) -> aws_sdk_dynamodb::Client {
+    let mut conf = aws_sdk_dynamodb::config::Builder::from(sdk);
+    if let Some(log) = OperationLog::from_env() {
+        conf = conf.interceptor(log);
+    }
+    aws_sdk_dynamodb::Client::from_conf(conf.build())
+}
+
+/// An SQS client.
+pub fn sqs(sdk: &SdkConfig) -> aws_sdk_sqs::Client {
+    let mut conf = aws_sdk_sqs::config::Builder::from(sdk);
+    if let Some(log) = OperationLog::from_env() {
+        conf = conf.interceptor(log);
+    }
+    aws_sdk_sqs::Client::from_conf(conf.build())
+}
+
+/// A CloudWatch client.
+pub fn cloudwatch(sdk: &SdkConfig) -> aws_sdk_cloudwatch::Client {
+    let mut conf = aws_sdk_cloudwatch::config::Builder::from(sdk);
+    if let Some(log) = OperationLog::from_env() {
+        conf = conf.interceptor(log);
+    }
+    aws_sdk_cloudwatch::Client::from_conf(conf.build())
+}
+
+/// Adds the operation log (if configured) to an S3 client configuration.
+pub fn with_operation_log(conf: aws_sdk_s3::config::Builder) -> aws_sdk_s3::config::Builder {
+    match OperationLog::from_env() {
+        Some(log) => conf.interceptor(log),
+        None => conf,
+    }
+}
