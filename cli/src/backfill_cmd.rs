@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use clap::Subcommand;
-use crr_shared::backfill::{BackfillSettings, Backfiller, dry_run};
+use crr_shared::backfill::{BackfillSettings, BackfillStore, Backfiller, JobState, dry_run};
 use crr_shared::copy::CopyEngine;
 use crr_shared::object_store::ObjectStore;
 use crr_shared::s3::S3Clients;
@@ -20,6 +20,24 @@ pub enum BackfillCommand {
     /// Pause it: workers stop after their current page; `start` resumes.
     #[command(after_help = "Example:\n  crr backfill pause photos")]
     Pause { rule: String },
+    /// Run the migration in this process until it completes (the backfill function's code;
+    /// for a first sync from an operator's machine, and for benchmarks).
+    #[command(after_help = "Example:\n  crr backfill run photos --workers 4 --copy-concurrency 32")]
+    Run {
+        rule: String,
+        /// Segments worked on at once.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// Copies at once per worker.
+        #[arg(long, default_value_t = 16)]
+        copy_concurrency: usize,
+        /// Objects per key-range segment (smaller: more parallel segments).
+        #[arg(long, default_value_t = 10_000)]
+        segment_objects: u64,
+        /// Keys per listing page.
+        #[arg(long, default_value_t = 1000)]
+        page_size: i32,
+    },
     /// Dry run: what would be copied, and which target objects would be overwritten.
     #[command(after_help = "Example:\n  crr backfill plan photos --json")]
     Plan {
@@ -34,14 +52,54 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
     let sdk = aws.sdk_config().await;
     let state = Arc::new(aws.state(&sdk).await);
     let clients = S3Clients::new(sdk);
+    let settings = match &cmd {
+        BackfillCommand::Run {
+            workers,
+            copy_concurrency,
+            segment_objects,
+            page_size,
+            ..
+        } => BackfillSettings {
+            workers: (*workers).max(1),
+            copy_concurrency: (*copy_concurrency).max(1),
+            segment_objects: (*segment_objects).max(1),
+            page_size: (*page_size).clamp(1, 1000),
+            ..BackfillSettings::default()
+        },
+        _ => BackfillSettings::default(),
+    };
     let backfiller = Backfiller::new(
         state.clone(),
         state.clone(),
         Arc::new(clients.clone()),
         CopyEngine::default(),
-        BackfillSettings::default(),
+        settings,
     );
     match cmd {
+        BackfillCommand::Run { rule, .. } => {
+            let started = std::time::Instant::now();
+            backfiller.start(&rule).await?;
+            let owner = format!("crr-cli-{}", uuid::Uuid::new_v4().simple());
+            let (mut copied, mut skipped) = (0, 0);
+            loop {
+                // Long "invocations": the deadline only bounds how long a lease is held.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+                for report in backfiller.run(Some(&rule), &owner, deadline).await? {
+                    copied += report.copied;
+                    skipped += report.skipped;
+                }
+                match state.job(&rule).await?.map(|j| j.state) {
+                    Some(JobState::Completed) => break,
+                    Some(JobState::Paused) => anyhow::bail!("the backfill of {rule} was paused"),
+                    _ => {}
+                }
+            }
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "backfill of rule {rule}: completed in {secs:.2} s, {copied} copied, {skipped} in place ({:.0} objects/s)",
+                (copied + skipped) as f64 / secs.max(1e-9)
+            );
+        }
         BackfillCommand::Start { rule } => {
             let job = backfiller.start(&rule).await?;
             println!("backfill of rule {rule}: {}", job.state.as_str());

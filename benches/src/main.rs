@@ -1,0 +1,329 @@
+//! `crr-bench`: the measuring parts of `scripts/bench` (which starts the servers, runs
+//! the peers and writes the report). Every command prints one JSON object.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use aws_sdk_s3::primitives::ByteStream;
+use clap::{Parser, Subcommand};
+use crr_shared::dynamo::DynamoStore;
+use crr_shared::replicate::{Replicator, ReplicatorSettings};
+use crr_shared::rule::{BucketRef, Notify, Rule};
+use crr_shared::s3::{S3Clients, client_for};
+use futures::StreamExt;
+use serde_json::json;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// PUT `count` objects of `min..=max` bytes (sizes from `seed`) into a new bucket, at
+    /// `concurrency`, with a plain SDK loop: the server's raw PUT rate, and the seeding.
+    Put {
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        bucket: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        min: usize,
+        #[arg(long)]
+        max: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// Creates a bucket.
+    Bucket {
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        bucket: String,
+    },
+    /// Release binary start to its first Runtime API request, `runs` times.
+    ColdStart {
+        #[arg(long)]
+        binary: String,
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
+    /// Real-time handler latency for `count` objects of `size` bytes between two servers,
+    /// against a bare SDK GET + PUT of the same objects (the floor).
+    Latency {
+        #[arg(long)]
+        source_endpoint: String,
+        #[arg(long)]
+        target_endpoint: String,
+        #[arg(long)]
+        table: String,
+        #[arg(long, default_value_t = 500)]
+        count: usize,
+        #[arg(long, default_value_t = 2 * 1024 * 1024)]
+        size: usize,
+    },
+}
+
+fn bucket_ref(endpoint: &str, region: &str, bucket: &str) -> BucketRef {
+    BucketRef {
+        bucket: bucket.into(),
+        region: region.into(),
+        endpoint_url: Some(endpoint.into()),
+        path_style: true,
+    }
+}
+
+async fn create_bucket(s3: &aws_sdk_s3::Client, bucket: &str, region: &str) -> Result<()> {
+    let mut req = s3.create_bucket().bucket(bucket);
+    if region != "us-east-1" {
+        req = req.create_bucket_configuration(
+            aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(region))
+                .build(),
+        );
+    }
+    req.send()
+        .await
+        .with_context(|| format!("creating {bucket}"))?;
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn summary(mut ms: Vec<f64>) -> serde_json::Value {
+    ms.sort_by(f64::total_cmp);
+    json!({
+        "p50_ms": percentile(&ms, 50.0),
+        "p95_ms": percentile(&ms, 95.0),
+        "p99_ms": percentile(&ms, 99.0),
+        "n": ms.len(),
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let sdk = aws_config::load_from_env().await;
+    match cli.command {
+        Cmd::Bucket {
+            endpoint,
+            region,
+            bucket,
+        } => {
+            let s3 = client_for(&sdk, &bucket_ref(&endpoint, &region, &bucket));
+            create_bucket(&s3, &bucket, &region).await?;
+            println!("{}", json!({ "bucket": bucket }));
+        }
+        Cmd::Put {
+            endpoint,
+            region,
+            bucket,
+            count,
+            min,
+            max,
+            concurrency,
+            seed,
+        } => {
+            let s3 = client_for(&sdk, &bucket_ref(&endpoint, &region, &bucket));
+            create_bucket(&s3, &bucket, &region).await?;
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let sizes: Vec<usize> = (0..count).map(|_| rng.usize(min..=max)).collect();
+            let total: usize = sizes.iter().sum();
+            let body = bytes::Bytes::from(vec![b'x'; max]);
+            let started = Instant::now();
+            let mut puts = futures::stream::iter(sizes.iter().enumerate().map(|(i, size)| {
+                s3.put_object()
+                    .bucket(&bucket)
+                    .key(format!("obj/{i:07}"))
+                    .body(ByteStream::from(body.slice(..*size)))
+                    .send()
+            }))
+            .buffer_unordered(concurrency.max(1));
+            while let Some(done) = puts.next().await {
+                done.context("PUT")?;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                json!({
+                    "objects": count, "bytes": total, "seconds": secs,
+                    "objects_per_s": count as f64 / secs,
+                    "mb_per_s": total as f64 / 1e6 / secs,
+                })
+            );
+        }
+        Cmd::ColdStart { binary, runs } => cold_start(&binary, runs)?,
+        Cmd::Latency {
+            source_endpoint,
+            target_endpoint,
+            table,
+            count,
+            size,
+        } => {
+            latency(
+                &sdk,
+                &source_endpoint,
+                &target_endpoint,
+                &table,
+                count,
+                size,
+            )
+            .await?
+        }
+    }
+    Ok(())
+}
+
+/// Spawns `binary` as Lambda would, with a Runtime API that only notes the first request.
+fn cold_start(binary: &str, runs: usize) -> Result<()> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let mut ms = vec![];
+    for _ in 0..runs {
+        let started = Instant::now();
+        let mut child = Command::new(binary)
+            .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
+            .env("AWS_LAMBDA_FUNCTION_NAME", "bench")
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+            .env("CRR_TABLE", "bench")
+            .env("AWS_REGION", "us-east-1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {binary}"))?;
+        let (stream, _) = listener.accept()?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        let elapsed = started.elapsed();
+        let _ = child.kill();
+        let _ = child.wait();
+        if !line.starts_with("GET /2018-06-01/runtime/invocation/next") {
+            bail!("{binary}: first request was {line:?}");
+        }
+        ms.push(elapsed.as_secs_f64() * 1000.0);
+    }
+    let size = std::fs::metadata(binary)?.len();
+    println!(
+        "{}",
+        json!({ "binary": binary, "bytes": size, "start_to_first_poll": summary(ms) })
+    );
+    Ok(())
+}
+
+async fn latency(
+    sdk: &aws_config::SdkConfig,
+    source_endpoint: &str,
+    target_endpoint: &str,
+    table: &str,
+    count: usize,
+    size: usize,
+) -> Result<()> {
+    let suffix = fastrand::u32(..);
+    let (src, dst) = (format!("lat-src-{suffix}"), format!("lat-dst-{suffix}"));
+    let source = bucket_ref(source_endpoint, "us-east-1", &src);
+    let target = bucket_ref(target_endpoint, "eu-west-1", &dst);
+    // The floor's clients carry no operation log, unlike crr's own.
+    let (s3a, s3b) = (client_for(sdk, &source), client_for(sdk, &target));
+    create_bucket(&s3a, &src, "us-east-1").await?;
+    create_bucket(&s3b, &dst, "eu-west-1").await?;
+    let state = DynamoStore::new(crr_shared::aws_clients::dynamodb(sdk), table);
+    state.ensure_table().await?;
+    let clients = S3Clients::new(sdk.clone());
+    let mut rule = Rule::new(format!("lat-{suffix}"), source.clone(), target.clone());
+    rule.notify = Notify::External;
+    let rule = crr_shared::rule_admin::create_rule(&state, &clients, rule).await?;
+    let replicator = Replicator::new(
+        Arc::new(state.clone()),
+        Arc::new(clients),
+        None,
+        ReplicatorSettings::default(),
+    );
+    let body = bytes::Bytes::from(vec![b'l'; size]);
+
+    // The floor: GET from the source and PUT to the target, nothing else.
+    let mut floor = vec![];
+    for i in 0..count {
+        let key = format!("floor/{i:05}");
+        s3a.put_object()
+            .bucket(&src)
+            .key(&key)
+            .body(ByteStream::from(body.clone()))
+            .send()
+            .await?;
+        let t0 = Instant::now();
+        let got = s3a.get_object().bucket(&src).key(&key).send().await?;
+        let data = got.body.collect().await?.into_bytes();
+        s3b.put_object()
+            .bucket(&dst)
+            .key(&key)
+            .body(ByteStream::from(data))
+            .send()
+            .await?;
+        floor.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+
+    // crr: the event of each PUT straight into the handler (s3s-fs sends no events).
+    let mut handler = vec![];
+    let mut put_to_replica = vec![];
+    for i in 0..count {
+        let key = format!("live/{i:05}");
+        let put = s3a
+            .put_object()
+            .bucket(&src)
+            .key(&key)
+            .body(ByteStream::from(body.clone()))
+            .send()
+            .await?;
+        let put_done = Instant::now();
+        let event = json!({"Records": [{
+            "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1",
+            "eventTime": chrono_now(), "eventName": "ObjectCreated:Put",
+            "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": src},
+                   "object": {"key": key, "size": size,
+                              "eTag": put.e_tag().unwrap_or_default().trim_matches('"'),
+                              "sequencer": format!("{:016X}", i + 1)}}
+        }]});
+        let t0 = Instant::now();
+        replicator
+            .handle(&event, Some(Instant::now() + Duration::from_secs(60)))
+            .await
+            .context("handler")?;
+        handler.push(t0.elapsed().as_secs_f64() * 1000.0);
+        put_to_replica.push(put_done.elapsed().as_secs_f64() * 1000.0);
+    }
+    let _ = rule;
+    println!(
+        "{}",
+        json!({
+            "objects": count, "size": size,
+            "floor_get_put": summary(floor),
+            "handler": summary(handler),
+            "put_to_replica": summary(put_to_replica),
+        })
+    );
+    Ok(())
+}
+
+fn chrono_now() -> String {
+    // RFC 3339 with milliseconds, as S3 writes eventTime.
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
