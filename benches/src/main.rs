@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use crr_shared::dynamo::DynamoStore;
 use crr_shared::replicate::{Replicator, ReplicatorSettings};
 use crr_shared::rule::{BucketRef, Notify, Rule};
-use crr_shared::s3::{S3Clients, client_for};
+use crr_shared::s3::S3Clients;
 use futures::StreamExt;
 use serde_json::json;
 
@@ -53,6 +53,15 @@ enum Cmd {
         #[arg(long)]
         bucket: String,
     },
+    /// Counts the objects of a bucket (to check a peer really copied).
+    Count {
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        bucket: String,
+    },
     /// Release binary start to its first Runtime API request, `runs` times.
     ColdStart {
         #[arg(long)]
@@ -74,6 +83,24 @@ enum Cmd {
         #[arg(long, default_value_t = 2 * 1024 * 1024)]
         size: usize,
     },
+}
+
+/// An S3 client outside crr's operation log (seeding, the floor, counting).
+fn plain_client(sdk: &aws_config::SdkConfig, bucket: &BucketRef) -> aws_sdk_s3::Client {
+    let conf = aws_sdk_s3::config::Builder::from(sdk)
+        .region(aws_sdk_s3::config::Region::new(bucket.region.clone()))
+        .endpoint_url(bucket.endpoint_url.clone().unwrap_or_default())
+        .force_path_style(true)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// Lines in crr's operation log so far (0 without one).
+fn logged_operations() -> Vec<String> {
+    std::env::var_os(crr_shared::aws_clients::OPERATION_LOG_ENV)
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.lines().map(String::from).collect())
+        .unwrap_or_default()
 }
 
 fn bucket_ref(endpoint: &str, region: &str, bucket: &str) -> BucketRef {
@@ -128,7 +155,7 @@ async fn main() -> Result<()> {
             region,
             bucket,
         } => {
-            let s3 = client_for(&sdk, &bucket_ref(&endpoint, &region, &bucket));
+            let s3 = plain_client(&sdk, &bucket_ref(&endpoint, &region, &bucket));
             create_bucket(&s3, &bucket, &region).await?;
             println!("{}", json!({ "bucket": bucket }));
         }
@@ -142,7 +169,7 @@ async fn main() -> Result<()> {
             concurrency,
             seed,
         } => {
-            let s3 = client_for(&sdk, &bucket_ref(&endpoint, &region, &bucket));
+            let s3 = plain_client(&sdk, &bucket_ref(&endpoint, &region, &bucket));
             create_bucket(&s3, &bucket, &region).await?;
             let mut rng = fastrand::Rng::with_seed(seed);
             let sizes: Vec<usize> = (0..count).map(|_| rng.usize(min..=max)).collect();
@@ -169,6 +196,28 @@ async fn main() -> Result<()> {
                     "mb_per_s": total as f64 / 1e6 / secs,
                 })
             );
+        }
+        Cmd::Count {
+            endpoint,
+            region,
+            bucket,
+        } => {
+            let s3 = plain_client(&sdk, &bucket_ref(&endpoint, &region, &bucket));
+            let (mut objects, mut token) = (0usize, None::<String>);
+            loop {
+                let out = s3
+                    .list_objects_v2()
+                    .bucket(&bucket)
+                    .set_continuation_token(token.take())
+                    .send()
+                    .await?;
+                objects += out.contents().len();
+                match out.next_continuation_token() {
+                    Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
+                    _ => break,
+                }
+            }
+            println!("{}", json!({ "bucket": bucket, "objects": objects }));
         }
         Cmd::ColdStart { binary, runs } => cold_start(&binary, runs)?,
         Cmd::Latency {
@@ -242,7 +291,7 @@ async fn latency(
     let source = bucket_ref(source_endpoint, "us-east-1", &src);
     let target = bucket_ref(target_endpoint, "eu-west-1", &dst);
     // The floor's clients carry no operation log, unlike crr's own.
-    let (s3a, s3b) = (client_for(sdk, &source), client_for(sdk, &target));
+    let (s3a, s3b) = (plain_client(sdk, &source), plain_client(sdk, &target));
     create_bucket(&s3a, &src, "us-east-1").await?;
     create_bucket(&s3b, &dst, "eu-west-1").await?;
     let state = DynamoStore::new(crr_shared::aws_clients::dynamodb(sdk), table);
@@ -282,6 +331,7 @@ async fn latency(
     }
 
     // crr: the event of each PUT straight into the handler (s3s-fs sends no events).
+    let logged_before = logged_operations().len();
     let mut handler = vec![];
     let mut put_to_replica = vec![];
     for i in 0..count {
@@ -311,10 +361,15 @@ async fn latency(
         put_to_replica.push(put_done.elapsed().as_secs_f64() * 1000.0);
     }
     let _ = rule;
+    // What the handler asked of S3 and DynamoDB for these objects.
+    let mut requests = std::collections::BTreeMap::<String, usize>::new();
+    for op in logged_operations().into_iter().skip(logged_before) {
+        *requests.entry(op).or_default() += 1;
+    }
     println!(
         "{}",
         json!({
-            "objects": count, "size": size,
+            "objects": count, "size": size, "requests": requests,
             "floor_get_put": summary(floor),
             "handler": summary(handler),
             "put_to_replica": summary(put_to_replica),

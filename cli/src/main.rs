@@ -62,6 +62,9 @@ impl AwsArgs {
         if let Some(url) = &self.endpoint_url {
             builder = builder.endpoint_url(url);
         }
+        if let Some(log) = crr_shared::aws_clients::OperationLog::from_env() {
+            builder = builder.interceptor(log);
+        }
         crr_shared::dynamo::DynamoStore::new(
             aws_sdk_dynamodb::Client::from_conf(builder.build()),
             &self.table,
