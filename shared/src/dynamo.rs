@@ -523,33 +523,24 @@ impl StatsStore for DynamoStore {
             .into_iter()
             .filter(|(_, v)| *v > 0)
             .collect();
-        let mut expr = String::new();
+        let mut add = String::new();
         let mut req = self
             .client
             .update_item()
             .table_name(&self.table)
             .set_key(Some(stats_key(rule_id)));
         for (name, value) in &adds {
-            expr.push_str(if expr.is_empty() { "ADD " } else { ", " });
-            expr.push_str(&format!("{name} :{name}"));
+            add.push_str(if add.is_empty() { "ADD " } else { ", " });
+            add.push_str(&format!("{name} :{name}"));
             req = req.expression_attribute_values(format!(":{name}"), n(*value));
         }
-        if !expr.is_empty() {
-            req.clone()
-                .update_expression(&expr)
-                .send()
-                .await
-                .map_err(|e| self.err("UpdateItem", e))?;
-        }
-        // The newest event time only ever moves forward: a separate conditional SET, so an
-        // older batch finishing last does not move it back (nor lose its counts above).
+        // One write per invocation: the counts, and the newest event time if it moves
+        // forward. When it would move back (an older batch finishing last), the condition
+        // fails and the counts alone are written, in a second request that is rare.
         if let Some(t) = delta.newest_event_at {
-            let set = self
-                .client
-                .update_item()
-                .table_name(&self.table)
-                .set_key(Some(stats_key(rule_id)))
-                .update_expression("SET newest_event_at = :t")
+            let with_time = req
+                .clone()
+                .update_expression(format!("{add} SET newest_event_at = :t"))
                 .condition_expression(
                     "attribute_not_exists(newest_event_at) OR newest_event_at < :t",
                 )
@@ -559,12 +550,15 @@ impl StatsStore for DynamoStore {
                 )
                 .send()
                 .await;
-            match set {
-                Ok(_) => {}
-                Err(SdkError::ServiceError(e))
-                    if matches!(e.err(), UpdateItemError::ConditionalCheckFailedException(_)) => {}
-                Err(e) => return Err(self.err("UpdateItem", e)),
+            if self.conditional("UpdateItem", with_time)? {
+                return Ok(());
             }
+        }
+        if !add.is_empty() {
+            req.update_expression(&add)
+                .send()
+                .await
+                .map_err(|e| self.err("UpdateItem", e))?;
         }
         Ok(())
     }
