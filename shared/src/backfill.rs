@@ -11,6 +11,7 @@
 //! copied again if they were being copied); a lease left behind expires and the segment
 //! is taken over.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -725,11 +726,24 @@ impl Backfiller {
                 .collect();
             let reached_end =
                 in_range.len() < page.objects.len() || !page.truncated || page.objects.is_empty();
+            let listed_target = match in_range.last() {
+                Some(last) => {
+                    self.list_target(
+                        target.as_ref(),
+                        &segment.prefix,
+                        after.as_deref(),
+                        &last.key,
+                    )
+                    .await?
+                }
+                None => HashMap::new(),
+            };
             let copies = futures::stream::iter(in_range.iter().copied())
                 .map(|o| {
                     let (source, target) = (source.as_ref(), target.as_ref());
+                    let seen = listed_target.get(&o.key);
                     self.retry.run(Some(deadline), "backfill object", move || {
-                        self.backfill_object(rule, source, target, o)
+                        self.backfill_object(rule, source, target, o, seen)
                     })
                 })
                 .buffer_unordered(self.settings.copy_concurrency.max(1))
@@ -782,6 +796,34 @@ impl Backfiller {
         }
     }
 
+    /// The target's objects under `prefix` after `after`, up to `last` (inclusive): one
+    /// listing per page of the source instead of a HEAD per object.
+    async fn list_target(
+        &self,
+        target: &dyn ObjectStore,
+        prefix: &str,
+        after: Option<&str>,
+        last: &str,
+    ) -> Result<HashMap<String, ListedObject>> {
+        let mut found = HashMap::new();
+        let mut from = after.map(str::to_string);
+        loop {
+            let page = target
+                .list_page(prefix, from.as_deref(), self.settings.page_size)
+                .await?;
+            let past_last = page.objects.last().is_none_or(|o| o.key.as_str() >= last);
+            from = page.objects.last().map(|o| o.key.clone());
+            for o in page.objects {
+                if o.key.as_str() <= last {
+                    found.insert(o.key.clone(), o);
+                }
+            }
+            if past_last || !page.truncated {
+                return Ok(found);
+            }
+        }
+    }
+
     /// Copies one listed object if the plan says so. The copy reads the source's current
     /// state (so an object real-time replication changed meanwhile is copied as it is
     /// now, never as listed), and the write is conditional on the target being as the
@@ -793,8 +835,19 @@ impl Backfiller {
         source: &dyn ObjectStore,
         target: &dyn ObjectStore,
         object: &ListedObject,
+        listed_target: Option<&ListedObject>,
     ) -> Result<Copied> {
-        let existing = target.head(&object.key).await?;
+        // The target's listing answers the common cases without a request: no such key
+        // (the write below is conditional on that still being so), or the same size and
+        // ETag. Otherwise HEAD tells the replica marker the plan needs (and an ETag, for
+        // servers that list none).
+        let existing = match listed_target {
+            None => None,
+            Some(t) if !t.etag.is_empty() && t.size == object.size && t.etag == object.etag => {
+                return Ok(Copied::No);
+            }
+            Some(_) => target.head(&object.key).await?,
+        };
         match plan_object(rule, object, existing.as_ref()) {
             ObjectPlan::Skip(_) => return Ok(Copied::No),
             ObjectPlan::Copy { .. } => {}
