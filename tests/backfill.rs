@@ -29,9 +29,7 @@ async fn fixture(prefixes: &[&str], configure: impl FnOnce(&mut Rule)) -> Result
     let stack = Stack::from_env()?;
     let table = unique("bf");
     let state = stack.state(&table).await?;
-    let (source, target) = (unique("src"), unique("dst"));
-    stack.create_bucket(&stack.a, &source).await?;
-    stack.create_bucket(&stack.b, &target).await?;
+    let (source, target) = stack.bucket_pair(&stack.a, &stack.b).await?;
     let mut r = rule(
         &unique("rule"),
         stack.a.bucket(&source),

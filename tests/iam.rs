@@ -201,9 +201,7 @@ async fn replicate_operations(stack: &Stack, dir: &Path) -> Result<BTreeSet<Stri
         (&eu_on_a, Policy::Full),
         (&stack.b, Policy::Write),
     ] {
-        let (source, target) = (unique("src"), unique("dst"));
-        stack.create_bucket(&stack.a, &source).await?;
-        stack.create_bucket(target_server, &target).await?;
+        let (source, target) = stack.bucket_pair(&stack.a, target_server).await?;
         let mut r = rule(
             &unique("rule"),
             stack.a.bucket(&source),
@@ -285,9 +283,7 @@ async fn backfill_operations(stack: &Stack, dir: &Path) -> Result<BTreeSet<Strin
     };
     let mut ids = vec![];
     for target_server in [&stack.b, &eu_on_a] {
-        let (source, target) = (unique("src"), unique("dst"));
-        stack.create_bucket(&stack.a, &source).await?;
-        stack.create_bucket(target_server, &target).await?;
+        let (source, target) = stack.bucket_pair(&stack.a, target_server).await?;
         let s3a = stack.s3(&stack.a);
         put(&s3a, &source, "tagged.txt", 10, true).await?;
         seed(

@@ -233,9 +233,7 @@ async fn a_poison_message_fails_alone_reaches_the_dlq_with_its_reason_and_redriv
     let stack = Stack::from_env()?;
     let table = unique("dlq");
     let state = stack.state(&table).await?;
-    let (source, target) = (unique("src"), unique("dst"));
-    stack.create_bucket(&stack.a, &source).await?;
-    stack.create_bucket(&stack.b, &target).await?;
+    let (source, target) = stack.bucket_pair(&stack.a, &stack.b).await?;
     let ((queue_url, queue_arn), (dlq_url, _)) = stack
         .create_queue_with_dlq(&stack.a, &unique("events"), 2, 5)
         .await?;
@@ -340,9 +338,7 @@ async fn eventbridge_events_through_sqs_replicate_and_delete() -> Result<()> {
     let stack = Stack::from_env()?;
     let table = unique("eb");
     let state = stack.state(&table).await?;
-    let (source, target) = (unique("src"), unique("dst"));
-    stack.create_bucket(&stack.a, &source).await?;
-    stack.create_bucket(&stack.b, &target).await?;
+    let (source, target) = stack.bucket_pair(&stack.a, &stack.b).await?;
     let (queue_url, queue_arn) = stack.create_queue(&stack.a, &unique("events"), 5).await?;
     let eb = aws_sdk_eventbridge::Client::from_conf(
         aws_sdk_eventbridge::config::Builder::from(&stack.sdk(&stack.a.region))

@@ -53,12 +53,8 @@ async fn status_reports_a_known_scenario_alike_in_the_cli_and_the_function() -> 
     let stack = Stack::from_env()?;
     let table = unique("status");
     let state = stack.state(&table).await?;
-    let (src_ok, dst_ok) = (unique("src"), unique("dst"));
-    let (src_bad, dst_bad) = (unique("src"), unique("dst"));
-    for (source, target) in [(&src_ok, &dst_ok), (&src_bad, &dst_bad)] {
-        stack.create_bucket(&stack.a, source).await?;
-        stack.create_bucket(&stack.b, target).await?;
-    }
+    let (src_ok, dst_ok) = stack.bucket_pair(&stack.a, &stack.b).await?;
+    let (src_bad, dst_bad) = stack.bucket_pair(&stack.a, &stack.b).await?;
     // The history: 3 objects (100, 200, 300 bytes) before the rule.
     let history = (1..=3)
         .map(|i| (format!("old/{i}"), vec![b'h'; i * 100]))

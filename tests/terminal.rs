@@ -75,9 +75,7 @@ async fn status_watch_draws_bars_redraws_and_exits_cleanly_on_ctrl_c() -> Result
     let stack = Stack::from_env()?;
     let table = unique("term");
     let state = Arc::new(stack.state(&table).await?);
-    let (source, target) = (unique("src"), unique("dst"));
-    stack.create_bucket(&stack.a, &source).await?;
-    stack.create_bucket(&stack.b, &target).await?;
+    let (source, target) = stack.bucket_pair(&stack.a, &stack.b).await?;
     let objects = (0..12)
         .map(|i| (format!("old/{i:02}"), vec![b'x'; 1000 + i]))
         .collect();

@@ -100,9 +100,7 @@ fn verify(
 async fn seeded_drift_is_reported(stack: &Stack, target_server: &S3Server) -> Result<()> {
     let table = unique("verify");
     let state = stack.state(&table).await?;
-    let (source, target) = (unique("src"), unique("dst"));
-    stack.create_bucket(&stack.a, &source).await?;
-    stack.create_bucket(target_server, &target).await?;
+    let (source, target) = stack.bucket_pair(&stack.a, target_server).await?;
     let mut r = rule(
         &unique("rule"),
         stack.a.bucket(&source),

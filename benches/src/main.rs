@@ -22,17 +22,30 @@ struct Cli {
     command: Cmd,
 }
 
+/// A bucket on one server: `--endpoint`, `--region`, `--bucket`.
+#[derive(clap::Args)]
+struct BucketArgs {
+    #[arg(long)]
+    endpoint: String,
+    #[arg(long)]
+    region: String,
+    #[arg(long)]
+    bucket: String,
+}
+
+impl BucketArgs {
+    fn bucket_ref(&self) -> BucketRef {
+        bucket_ref(&self.endpoint, &self.region, &self.bucket)
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// PUT `count` objects of `min..=max` bytes (sizes from `seed`) into a new bucket, at
     /// `concurrency`, with a plain SDK loop: the server's raw PUT rate, and the seeding.
     Put {
-        #[arg(long)]
-        endpoint: String,
-        #[arg(long)]
-        region: String,
-        #[arg(long)]
-        bucket: String,
+        #[command(flatten)]
+        at: BucketArgs,
         #[arg(long)]
         count: usize,
         #[arg(long)]
@@ -46,21 +59,13 @@ enum Cmd {
     },
     /// Creates a bucket.
     Bucket {
-        #[arg(long)]
-        endpoint: String,
-        #[arg(long)]
-        region: String,
-        #[arg(long)]
-        bucket: String,
+        #[command(flatten)]
+        at: BucketArgs,
     },
     /// Counts the objects of a bucket (to check a peer really copied).
     Count {
-        #[arg(long)]
-        endpoint: String,
-        #[arg(long)]
-        region: String,
-        #[arg(long)]
-        bucket: String,
+        #[command(flatten)]
+        at: BucketArgs,
     },
     /// Release binary start to its first Runtime API request, `runs` times.
     ColdStart {
@@ -113,17 +118,7 @@ fn bucket_ref(endpoint: &str, region: &str, bucket: &str) -> BucketRef {
 }
 
 async fn create_bucket(s3: &aws_sdk_s3::Client, bucket: &str, region: &str) -> Result<()> {
-    let mut req = s3.create_bucket().bucket(bucket);
-    if region != "us-east-1" {
-        req = req.create_bucket_configuration(
-            aws_sdk_s3::types::CreateBucketConfiguration::builder()
-                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(region))
-                .build(),
-        );
-    }
-    req.send()
-        .await
-        .with_context(|| format!("creating {bucket}"))?;
+    crr_shared::s3::create_bucket(s3, bucket, region).await?;
     Ok(())
 }
 
@@ -150,27 +145,22 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     let sdk = aws_config::load_from_env().await;
     match cli.command {
-        Cmd::Bucket {
-            endpoint,
-            region,
-            bucket,
-        } => {
-            let s3 = plain_client(&sdk, &bucket_ref(&endpoint, &region, &bucket));
-            create_bucket(&s3, &bucket, &region).await?;
-            println!("{}", json!({ "bucket": bucket }));
+        Cmd::Bucket { at } => {
+            let s3 = plain_client(&sdk, &at.bucket_ref());
+            create_bucket(&s3, &at.bucket, &at.region).await?;
+            println!("{}", json!({ "bucket": at.bucket }));
         }
         Cmd::Put {
-            endpoint,
-            region,
-            bucket,
+            at,
             count,
             min,
             max,
             concurrency,
             seed,
         } => {
-            let s3 = plain_client(&sdk, &bucket_ref(&endpoint, &region, &bucket));
-            create_bucket(&s3, &bucket, &region).await?;
+            let s3 = plain_client(&sdk, &at.bucket_ref());
+            let bucket = at.bucket;
+            create_bucket(&s3, &bucket, &at.region).await?;
             let mut rng = fastrand::Rng::with_seed(seed);
             let sizes: Vec<usize> = (0..count).map(|_| rng.usize(min..=max)).collect();
             let total: usize = sizes.iter().sum();
@@ -197,12 +187,9 @@ async fn main() -> Result<()> {
                 })
             );
         }
-        Cmd::Count {
-            endpoint,
-            region,
-            bucket,
-        } => {
-            let s3 = plain_client(&sdk, &bucket_ref(&endpoint, &region, &bucket));
+        Cmd::Count { at } => {
+            let s3 = plain_client(&sdk, &at.bucket_ref());
+            let bucket = at.bucket;
             let (mut objects, mut token) = (0usize, None::<String>);
             loop {
                 let out = s3

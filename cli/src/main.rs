@@ -89,13 +89,9 @@ pub struct QueueArgs {
 impl QueueArgs {
     /// The SQS endpoint to use for `queue_url`, `None` for AWS's own.
     pub fn sqs_endpoint(&self, queue_url: &str) -> Option<String> {
-        if let Some(url) = &self.sqs_endpoint_url {
-            return Some(url.clone());
-        }
-        let (scheme, rest) = queue_url.split_once("://")?;
-        let host = rest.split('/').next()?;
-        (!host.ends_with(".amazonaws.com") && !host.ends_with(".amazonaws.com.cn"))
-            .then(|| format!("{scheme}://{host}"))
+        self.sqs_endpoint_url
+            .clone()
+            .or_else(|| queue_endpoint(queue_url))
     }
 
     /// An SQS client for `queue_url`.
@@ -119,6 +115,15 @@ impl QueueArgs {
             ),
         }
     }
+}
+
+/// The scheme and host of a queue URL when it is not AWS's (a local stack's queue is
+/// reached at its own host), `None` for AWS's endpoints.
+pub fn queue_endpoint(queue_url: &str) -> Option<String> {
+    let (scheme, rest) = queue_url.split_once("://")?;
+    let host = rest.split('/').next()?;
+    (!host.ends_with(".amazonaws.com") && !host.ends_with(".amazonaws.com.cn"))
+        .then(|| format!("{scheme}://{host}"))
 }
 
 #[derive(Subcommand)]

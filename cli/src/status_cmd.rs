@@ -45,7 +45,7 @@ pub async fn run(aws: &AwsArgs, args: StatusArgs) -> Result<()> {
             args.queue
                 .sqs_endpoint(url)
                 .is_none()
-                .then(|| aws_sdk_cloudwatch::Client::new(&sdk)),
+                .then(|| crr_shared::aws_clients::cloudwatch(&sdk)),
         )) as Arc<dyn EventQueue>
     });
     let service = StatusService::new(

@@ -842,12 +842,7 @@ impl BackfillStore for DynamoStore {
         for name in ["objects_done", "bytes_done", "copied", "skipped"] {
             item.insert(name.into(), n(0));
         }
-        let put = Put::builder()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .condition_expression("attribute_not_exists(pk)")
-            .build()
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let put = self.put_if_absent(item)?;
         let mut set = "SET planned = :planned, plan_prefix = :pp, total_objects = :to, total_bytes = :tb, segment_count = :segs, updated_at = :now".to_string();
         let mut update = aws_sdk_dynamodb::types::Update::builder()
             .table_name(&self.table)
@@ -874,7 +869,7 @@ impl BackfillStore for DynamoStore {
         let sent = self
             .client
             .transact_write_items()
-            .transact_items(TransactWriteItem::builder().put(put).build())
+            .transact_items(put)
             .transact_items(TransactWriteItem::builder().update(update).build())
             .send()
             .await;

@@ -62,6 +62,35 @@ pub fn client_for(base: &SdkConfig, bucket: &BucketRef) -> Client {
     Client::from_conf(crate::aws_clients::with_operation_log(builder).build())
 }
 
+/// Creates `bucket` in `region` (with a location constraint outside us-east-1);
+/// `Ok(false)` when this account already owns it. For tools and tests: crr itself never
+/// creates buckets.
+pub async fn create_bucket(s3: &Client, bucket: &str, region: &str) -> Result<bool> {
+    let mut req = s3.create_bucket().bucket(bucket);
+    if region != "us-east-1" {
+        req = req.create_bucket_configuration(
+            aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(region))
+                .build(),
+        );
+    }
+    match req.send().await {
+        Ok(_) => Ok(true),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_bucket_already_owned_by_you()) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(from_sdk(
+            "CreateBucket",
+            format!("bucket {bucket}"),
+            "s3:CreateBucket",
+            e,
+        )),
+    }
+}
+
 /// Caches one client per (region, endpoint, style): SDK clients hold connection pools and
 /// are meant to be built once per process.
 #[derive(Clone)]

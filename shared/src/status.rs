@@ -228,6 +228,8 @@ impl StatusService {
             Some(q) => Some(q.backlog().await?),
             None => None,
         };
+        // One clock reading: every lag is `generated_at - synced_up_to`, as documented.
+        let now = Utc::now();
         let mut statuses = Vec::with_capacity(rules.len());
         for rule in &rules {
             let counters = self.stats.counters(&rule.id).await?;
@@ -236,7 +238,6 @@ impl StatusService {
                 Some(_) => self.jobs.segments(&rule.id).await?,
                 None => vec![],
             };
-            let now = Utc::now();
             statuses.push(rule_status(
                 rule,
                 &counters,
@@ -248,7 +249,7 @@ impl StatusService {
             ));
         }
         Ok(StatusReport {
-            generated_at: Utc::now(),
+            generated_at: now,
             queue,
             rules: statuses,
         })
@@ -367,11 +368,7 @@ pub fn historical_status(
         if !job.planned {
             None
         } else if total == 0 || completed {
-            Some(if done >= total || completed {
-                100.0
-            } else {
-                0.0
-            })
+            Some(100.0)
         } else {
             // One decimal, and never 100.0 before the last object is done.
             let p = (done as f64 * 1000.0 / total as f64).floor() / 10.0;

@@ -109,22 +109,28 @@ impl Stack {
         Ok(store)
     }
 
+    /// A new source bucket on `source` and target bucket on `target`, uniquely named.
+    pub async fn bucket_pair(
+        &self,
+        source: &S3Server,
+        target: &S3Server,
+    ) -> Result<(String, String)> {
+        let (s, t) = (unique("src"), unique("dst"));
+        self.create_bucket(source, &s).await?;
+        self.create_bucket(target, &t).await?;
+        Ok((s, t))
+    }
+
     /// Creates a bucket on `server`.
     pub async fn create_bucket(&self, server: &S3Server, bucket: &str) -> Result<()> {
-        let s3 = self.s3(server);
-        let mut req = s3.create_bucket().bucket(bucket);
-        if server.region != "us-east-1" {
-            req = req.create_bucket_configuration(
-                aws_sdk_s3::types::CreateBucketConfiguration::builder()
-                    .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(
-                        server.region.as_str(),
-                    ))
-                    .build(),
-            );
-        }
-        req.send()
+        let created = crr_shared::s3::create_bucket(&self.s3(server), bucket, &server.region)
             .await
             .with_context(|| format!("creating bucket {bucket} on {}", server.endpoint))?;
+        anyhow::ensure!(
+            created,
+            "bucket {bucket} already exists on {}",
+            server.endpoint
+        );
         Ok(())
     }
 

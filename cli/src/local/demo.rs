@@ -333,27 +333,12 @@ async fn put_all(s3: &aws_sdk_s3::Client, objects: &[(String, Vec<u8>)]) -> Resu
     Ok(())
 }
 
+/// Creates the bucket, or empties it if a previous demo run left it behind.
 async fn create_bucket(s3: &aws_sdk_s3::Client, bucket: &str, region: &str) -> Result<()> {
-    let mut req = s3.create_bucket().bucket(bucket);
-    if region != "us-east-1" {
-        req = req.create_bucket_configuration(
-            aws_sdk_s3::types::CreateBucketConfiguration::builder()
-                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(region))
-                .build(),
-        );
-    }
-    match req.send().await {
-        Ok(_) => {}
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|s| s.is_bucket_already_owned_by_you()) =>
-        {
-            // A previous demo run: start from an empty bucket.
-            for key in list(s3, bucket).await?.keys() {
-                s3.delete_object().bucket(bucket).key(key).send().await?;
-            }
+    if !crr_shared::s3::create_bucket(s3, bucket, region).await? {
+        for key in list(s3, bucket).await?.keys() {
+            s3.delete_object().bucket(bucket).key(key).send().await?;
         }
-        Err(e) => return Err(e).with_context(|| format!("creating bucket {bucket}")),
     }
     Ok(())
 }

@@ -15,12 +15,6 @@ use serde_json::{Value, json};
 
 use super::runtime_api::{Emulator, InvokeResult};
 
-fn endpoint_of(queue_url: &str) -> Option<String> {
-    let rest = queue_url.split_once("://")?;
-    let host = rest.1.split('/').next()?;
-    Some(format!("{}://{}", rest.0, host))
-}
-
 pub async fn run(
     sdk: aws_config::SdkConfig,
     emulator: Emulator,
@@ -29,7 +23,7 @@ pub async fn run(
     batch_size: i32,
 ) {
     let mut builder = aws_sdk_sqs::config::Builder::from(&sdk);
-    if let Some(url) = endpoint.or_else(|| endpoint_of(&queue_url)) {
+    if let Some(url) = endpoint.or_else(|| crate::queue_endpoint(&queue_url)) {
         builder = builder.endpoint_url(url);
     }
     let sqs = aws_sdk_sqs::Client::from_conf(builder.build());
