@@ -131,6 +131,7 @@ fn actions_for(operation: &str) -> Result<Vec<&'static str>> {
         ("s3", "GetObjectTagging") => &["s3:GetObjectTagging"],
         ("s3", "PutObjectTagging") => &["s3:PutObjectTagging"],
         ("s3", "GetObjectAcl") => &["s3:GetObjectAcl"],
+        ("s3", "GetBucketOwnershipControls") => &["s3:GetBucketOwnershipControls"],
         ("s3", "PutObjectAcl") => &["s3:PutObjectAcl"],
         ("dynamodb", "GetItem") => &["dynamodb:GetItem"],
         ("dynamodb", "PutItem") => &["dynamodb:PutItem"],

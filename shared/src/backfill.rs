@@ -864,7 +864,7 @@ impl Backfiller {
         };
         match self
             .engine
-            .copy_for_rule(rule, source, target, &current, Some(precondition))
+            .copy_for_rule(rule, source, target, &current, None, Some(precondition))
             .await
         {
             Ok(_) => Ok(Copied::Yes),

@@ -1,8 +1,9 @@
 //! The copy engine: server-side (CopyObject) or streaming (ranged GETs -> PutObject or a
 //! multipart upload with a bounded number of parts in flight), every copy verified.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -40,6 +41,8 @@ pub mod marker {
 
 /// Largest object a single PutObject or CopyObject may write.
 pub const MAX_SINGLE_REQUEST: u64 = 5 * 1024 * 1024 * 1024;
+/// How long a source bucket's ACL setting is trusted before it is read again.
+const ACL_SETTING_TTL: Duration = Duration::from_secs(300);
 /// S3's limit on parts per multipart upload.
 const MAX_PARTS: u64 = 10_000;
 /// S3's smallest part (all but the last).
@@ -50,6 +53,8 @@ const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 pub struct CopyEngine {
     /// Target buckets found to refuse ACLs (bucket owner enforced): ACLs are not sent there.
     pub acl_refused: Arc<Mutex<HashSet<String>>>,
+    /// Source buckets' ACL setting, with when it was read.
+    pub acl_sources: Arc<tokio::sync::Mutex<HashMap<String, (Instant, bool)>>>,
     /// Objects larger than this are copied in parts.
     pub multipart_threshold: u64,
     /// Size of each part (grown automatically to stay within 10,000 parts).
@@ -62,6 +67,7 @@ impl Default for CopyEngine {
     fn default() -> Self {
         Self {
             acl_refused: Arc::default(),
+            acl_sources: Arc::default(),
             multipart_threshold: 64 * 1024 * 1024,
             part_size: 16 * 1024 * 1024,
             parts_in_flight: 4,
@@ -177,21 +183,31 @@ struct PartLayout {
 }
 
 impl CopyEngine {
-    /// Copies `info` (as HEAD saw it in `source`) to the same key in `target` as `rule`
-    /// says: its copy mode, storage class and KMS key; tags included.
+    /// Copies `info` (as HEAD or GET saw it in `source`; `body`: its content, if that GET
+    /// read it) to the same key in `target` as `rule` says: its copy mode, storage class
+    /// and KMS key; tags and ACL included. Reads only what the copy cannot carry itself:
+    /// tags when there are some and the copy is not one CopyObject (which keeps them), the
+    /// ACL only where the source bucket has ACLs turned on.
     pub async fn copy_for_rule(
         &self,
         rule: &Rule,
         source: &dyn ObjectStore,
         target: &dyn ObjectStore,
         info: &ObjectInfo,
+        body: Option<Bytes>,
         precondition: Option<TargetPrecondition>,
     ) -> Result<CopyOutcome> {
-        let tags = source.tags(&info.key).await?;
+        let mode = rule.resolved_copy_mode();
+        let one_copy_object = mode == ResolvedCopyMode::ServerSide && self.is_single(info);
+        let tags = if info.tag_count > 0 && !one_copy_object {
+            source.tags(&info.key).await?
+        } else {
+            Vec::new()
+        };
         let mut attrs = replica_attrs(Some(rule), source.bucket(), info, tags);
         // Honoured by PutObject, CopyObject and CompleteMultipartUpload.
         attrs.precondition = precondition;
-        if rule.copy_acl {
+        if rule.copy_acl && self.source_acls_enabled(source).await? {
             let access = source.access(&info.key).await?;
             if let Some(owner) = access.owner_id {
                 attrs.metadata.insert(marker::SOURCE_OWNER.into(), owner);
@@ -200,16 +216,39 @@ impl CopyEngine {
                 attrs.acl = access.canned_acl;
             }
         }
-        let mode = rule.resolved_copy_mode();
-        match self.copy(source, target, info, &attrs, mode).await {
+        match self
+            .copy(source, target, info, body.clone(), &attrs, mode)
+            .await
+        {
             Err(Error::AclNotSupported { .. }) if attrs.acl.is_some() => {
                 tracing::warn!(bucket = %target.bucket(), "target bucket does not accept ACLs (bucket owner enforced): replicas get the bucket's own access rules");
                 self.lock_refused().insert(target.bucket().to_string());
                 attrs.acl = None;
-                self.copy(source, target, info, &attrs, mode).await
+                self.copy(source, target, info, body, &attrs, mode).await
             }
             other => other,
         }
+    }
+
+    /// Whether `source` has ACLs turned on, asked once per bucket every
+    /// `ACL_SETTING_TTL` rather than once per object. The lock is held while asking, so
+    /// the events of a batch wait for one answer instead of each asking.
+    async fn source_acls_enabled(&self, source: &dyn ObjectStore) -> Result<bool> {
+        let bucket = source.bucket();
+        let mut known = self.acl_sources.lock().await;
+        if let Some((at, enabled)) = known.get(bucket)
+            && at.elapsed() < ACL_SETTING_TTL
+        {
+            return Ok(*enabled);
+        }
+        let enabled = source.acls_enabled().await?;
+        known.insert(bucket.to_string(), (Instant::now(), enabled));
+        Ok(enabled)
+    }
+
+    /// True when `info` is copied in one request (PutObject or CopyObject).
+    fn is_single(&self, info: &ObjectInfo) -> bool {
+        info.size <= self.multipart_threshold && info.size <= MAX_SINGLE_REQUEST
     }
 
     fn lock_refused(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
@@ -220,22 +259,23 @@ impl CopyEngine {
         self.lock_refused().contains(bucket)
     }
 
-    /// Copies the object `info` to the same key in `target`, writing `attrs`.
+    /// Copies the object `info` to the same key in `target`, writing `attrs`; `body` is
+    /// its content when already read.
     pub async fn copy(
         &self,
         source: &dyn ObjectStore,
         target: &dyn ObjectStore,
         info: &ObjectInfo,
+        body: Option<Bytes>,
         attrs: &WriteAttrs,
         mode: ResolvedCopyMode,
     ) -> Result<CopyOutcome> {
-        let single = info.size <= self.multipart_threshold && info.size <= MAX_SINGLE_REQUEST;
-        match (mode, single) {
+        match (mode, self.is_single(info)) {
             (ResolvedCopyMode::ServerSide, true) => {
                 self.server_side(source, target, info, attrs).await
             }
             (ResolvedCopyMode::Stream, true) => {
-                self.stream_single(source, target, info, attrs).await
+                self.stream_single(source, target, info, body, attrs).await
             }
             (mode, false) => {
                 let layout = self.layout(source, info).await?;
@@ -302,9 +342,13 @@ impl CopyEngine {
         source: &dyn ObjectStore,
         target: &dyn ObjectStore,
         info: &ObjectInfo,
+        body: Option<Bytes>,
         attrs: &WriteAttrs,
     ) -> Result<CopyOutcome> {
-        let body = source.get(&info.key, None, &info.etag).await?;
+        let body = match body {
+            Some(body) => body,
+            None => source.get(&info.key, None, &info.etag).await?,
+        };
         if body.len() as u64 != info.size {
             return Err(Error::Integrity {
                 resource: format!("s3://{}/{}", source.bucket(), info.key),
@@ -484,7 +528,7 @@ mod tests {
     ) -> Result<CopyOutcome> {
         let tags = src.tags(&info.key).await?;
         let attrs = replica_attrs(None, src.bucket(), info, tags);
-        engine.copy(src, dst, info, &attrs, mode).await
+        engine.copy(src, dst, info, None, &attrs, mode).await
     }
 
     async fn seeded(size: usize) -> (MemoryObjectStore, ObjectInfo) {
@@ -676,7 +720,7 @@ mod tests {
             let mut attrs = replica_attrs(None, "src", &info, vec![]);
             attrs.precondition = Some(TargetPrecondition::Absent);
             let err = small_parts()
-                .copy(&src, &dst, &info, &attrs, ResolvedCopyMode::Stream)
+                .copy(&src, &dst, &info, None, &attrs, ResolvedCopyMode::Stream)
                 .await
                 .unwrap_err();
             assert!(matches!(err, Error::Precondition { .. }), "{size}: {err}");

@@ -233,6 +233,7 @@ pub fn s3_permission(operation: &str) -> &'static str {
         "GetObject" | "HeadObject" => "s3:GetObject",
         "GetObjectTagging" => "s3:GetObjectTagging",
         "GetObjectAcl" => "s3:GetObjectAcl",
+        "GetBucketOwnershipControls" => "s3:GetBucketOwnershipControls",
         "PutObjectTagging" => "s3:PutObjectTagging",
         "PutObject" | "CreateMultipartUpload" | "UploadPart" | "CompleteMultipartUpload" => {
             "s3:PutObject"

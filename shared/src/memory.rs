@@ -12,7 +12,7 @@ use md5::{Digest, Md5};
 
 use crate::error::{Error, Result};
 use crate::ledger::LedgerEntry;
-use crate::object_store::{ObjectInfo, ObjectStore, UploadedPart, WriteAttrs};
+use crate::object_store::{FetchedObject, ObjectInfo, ObjectStore, UploadedPart, WriteAttrs};
 use crate::rule::Rule;
 use crate::state::{
     Claim, LedgerStore, RealtimeCounters, RuleStore, StatsStore, SuppressedDelete, claims_of,
@@ -114,6 +114,7 @@ impl MemoryObjectStore {
             metadata: attrs.metadata.clone(),
             storage_class: attrs.storage_class.clone(),
             encryption: attrs.encryption.clone(),
+            tag_count: u32::try_from(attrs.tags.len()).unwrap_or(u32::MAX),
         };
         let object = StoredObject {
             data,
@@ -155,6 +156,15 @@ impl ObjectStore for MemoryObjectStore {
                 bucket: self.bucket.clone(),
             })?;
         Ok(bucket.get(key).map(|o| o.info.clone()))
+    }
+
+    async fn fetch(&self, key: &str, body_limit: u64) -> Result<Option<FetchedObject>> {
+        Ok(self.head(key).await?.map(|info| {
+            let body = (info.size <= body_limit)
+                .then(|| self.object(key).map(|o| o.data))
+                .flatten();
+            FetchedObject { info, body }
+        }))
     }
 
     async fn get(&self, key: &str, range: Option<(u64, u64)>, if_match: &str) -> Result<Bytes> {
@@ -291,7 +301,12 @@ impl ObjectStore for MemoryObjectStore {
         let source = self.world.store(source_bucket);
         let data = source.get(key, None, if_match).await?;
         let etag = if_match.to_string();
-        self.store_object(key, data, etag.clone(), attrs, None);
+        // As S3's default tagging directive (COPY): no tags given, the source's are kept.
+        let mut attrs = attrs.clone();
+        if attrs.tags.is_empty() {
+            attrs.tags = source.tags(key).await?;
+        }
+        self.store_object(key, data, etag.clone(), &attrs, None);
         Ok(etag)
     }
 
@@ -314,6 +329,10 @@ impl ObjectStore for MemoryObjectStore {
 
     async fn access(&self, _key: &str) -> Result<crate::object_store::AccessInfo> {
         Ok(crate::object_store::AccessInfo::default())
+    }
+
+    async fn acls_enabled(&self) -> Result<bool> {
+        Ok(false)
     }
 
     async fn tags(&self, key: &str) -> Result<Vec<(String, String)>> {

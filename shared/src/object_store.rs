@@ -45,6 +45,16 @@ pub struct ObjectInfo {
     /// Storage class, when not STANDARD.
     pub storage_class: Option<String>,
     pub encryption: Option<Encryption>,
+    /// Number of tags (`x-amz-tagging-count`; S3 omits the header when there are none).
+    pub tag_count: u32,
+}
+
+/// The current object as one GET saw it: its metadata, and its bytes when small enough.
+#[derive(Debug, Clone)]
+pub struct FetchedObject {
+    pub info: ObjectInfo,
+    /// The whole content, read only when the object is at most the caller's limit.
+    pub body: Option<Bytes>,
 }
 
 /// Who owns an object and who else may read it, as far as it can be carried over.
@@ -122,6 +132,11 @@ pub trait ObjectStore: Send + Sync {
     /// Metadata of the current object, `None` if there is none.
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>>;
 
+    /// The current object's metadata and, when it is at most `body_limit` bytes, its
+    /// content, from one GET (the body of a larger object is not read); `None` if absent.
+    /// Where HEAD then GET would take two requests, this takes one.
+    async fn fetch(&self, key: &str, body_limit: u64) -> Result<Option<FetchedObject>>;
+
     /// Bytes `range` (inclusive start, exclusive end; `None` for the whole object) of the
     /// object whose ETag is `if_match`; a changed object is an `Error::Precondition`.
     async fn get(&self, key: &str, range: Option<(u64, u64)>, if_match: &str) -> Result<Bytes>;
@@ -168,6 +183,11 @@ pub trait ObjectStore: Send + Sync {
 
     /// Owner and canned ACL of the object (empty where the provider has no ACLs).
     async fn access(&self, key: &str) -> Result<AccessInfo>;
+
+    /// False when the bucket has ACLs turned off (object ownership "bucket owner
+    /// enforced", S3's default since 2023) or the provider has no ACLs: then every object
+    /// is the bucket owner's and reading object ACLs tells nothing.
+    async fn acls_enabled(&self) -> Result<bool>;
 
     /// The object's tags (empty where the provider has no tagging).
     async fn tags(&self, key: &str) -> Result<Vec<(String, String)>>;

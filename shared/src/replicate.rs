@@ -20,7 +20,7 @@ use crate::ledger::{Freshness, freshness, normalize_sequencer};
 use crate::metrics;
 use crate::object_store::ObjectStore;
 use crate::retry::RetryPolicy;
-use crate::rule::{BucketRef, Rule};
+use crate::rule::{BucketRef, ResolvedCopyMode, Rule};
 use crate::state::{RealtimeCounters, StateStore, SuppressedDelete};
 
 /// Gives an `ObjectStore` for a rule's bucket (S3 clients in Lambda, memory in tests).
@@ -369,16 +369,25 @@ impl Replicator {
     /// announced the change, so a late event can never bring back an older version.
     async fn apply_current_state(&self, rule: &Rule, key: &str, action: Action) -> Result<Outcome> {
         let source = self.stores.store(&rule.source);
-        let current = source.head(key).await?;
+        let engine = &self.settings.engine;
+        // In stream mode the bytes travel through here anyway: one GET gives both the
+        // current state and the content of a small object, where HEAD + GET took two.
+        let current = match action {
+            Action::Copy if rule.resolved_copy_mode() == ResolvedCopyMode::Stream => source
+                .fetch(key, engine.multipart_threshold)
+                .await?
+                .map(|f| (f.info, f.body)),
+            _ => source.head(key).await?.map(|info| (info, None)),
+        };
         match (action, current) {
             (Action::Copy, None) => Ok(Outcome::Skipped("source_gone")),
-            (Action::Copy, Some(info)) if is_replica(&info) => Ok(Outcome::Skipped("replica_loop")),
-            (Action::Copy, Some(info)) => {
+            (Action::Copy, Some((info, _))) if is_replica(&info) => {
+                Ok(Outcome::Skipped("replica_loop"))
+            }
+            (Action::Copy, Some((info, body))) => {
                 let target = self.stores.store(&rule.target);
-                let done = self
-                    .settings
-                    .engine
-                    .copy_for_rule(rule, source.as_ref(), target.as_ref(), &info, None)
+                let done = engine
+                    .copy_for_rule(rule, source.as_ref(), target.as_ref(), &info, body, None)
                     .await?;
                 Ok(Outcome::Replicated { bytes: done.bytes })
             }
@@ -721,36 +730,35 @@ mod tests {
     /// S3 answers 503 SlowDown twice, then succeeds: the object is written exactly once.
     #[tokio::test]
     async fn slow_down_twice_then_success_writes_once() {
+        use aws_sdk_s3::operation::get_bucket_ownership_controls::GetBucketOwnershipControlsOutput;
         use aws_sdk_s3::operation::get_object::GetObjectOutput;
-        use aws_sdk_s3::operation::get_object_tagging::GetObjectTaggingOutput;
-        use aws_sdk_s3::operation::head_object::HeadObjectOutput;
         use aws_sdk_s3::operation::put_object::PutObjectOutput;
         use aws_sdk_s3::primitives::ByteStream;
+        use aws_sdk_s3::types::{ObjectOwnership, OwnershipControls, OwnershipControlsRule};
         use aws_smithy_mocks::{RuleMode, mock, mock_client};
 
         const SLOW_DOWN: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
         let md5 = "5d41402abc4b2a76b9719d911017c592"; // "hello"
-        let head = mock!(aws_sdk_s3::Client::head_object).then_output(move || {
-            HeadObjectOutput::builder()
-                .content_length(5)
-                .e_tag(format!("\"{md5}\""))
-                .build()
-        });
-        let acl = mock!(aws_sdk_s3::Client::get_object_acl).then_output(|| {
-            aws_sdk_s3::operation::get_object_acl::GetObjectAclOutput::builder().build()
-        });
-        let tags = mock!(aws_sdk_s3::Client::get_object_tagging).then_output(|| {
-            GetObjectTaggingOutput::builder()
-                .set_tag_set(Some(vec![]))
-                .build()
-                .unwrap()
-        });
+        // S3's default for new buckets: ACLs off, so no object ACL is read.
+        let ownership =
+            mock!(aws_sdk_s3::Client::get_bucket_ownership_controls).then_output(|| {
+                let rule = OwnershipControlsRule::builder()
+                    .object_ownership(ObjectOwnership::BucketOwnerEnforced)
+                    .build()
+                    .unwrap();
+                GetBucketOwnershipControlsOutput::builder()
+                    .ownership_controls(OwnershipControls::builder().rules(rule).build().unwrap())
+                    .build()
+            });
+        // One GET gives the object's metadata and bytes (no tags: no tagging count).
         let get = mock!(aws_sdk_s3::Client::get_object)
             .sequence()
             .http_status(503, Some(SLOW_DOWN.to_string()))
             .times(2)
-            .output(|| {
+            .output(move || {
                 GetObjectOutput::builder()
+                    .content_length(5)
+                    .e_tag(format!("\"{md5}\""))
                     .body(ByteStream::from_static(b"hello"))
                     .build()
             })
@@ -764,7 +772,7 @@ mod tests {
         let client = mock_client!(
             aws_sdk_s3,
             RuleMode::MatchAny,
-            [&head, &acl, &tags, &get, &put],
+            [&ownership, &get, &put],
             |c| c.retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
         );
 
@@ -798,6 +806,7 @@ mod tests {
         assert_eq!(out, json!({"batchItemFailures": []}));
         assert_eq!(get.num_calls(), 3);
         assert_eq!(put.num_calls(), 1);
+        assert_eq!(ownership.num_calls(), 1);
         assert_eq!(state.counters("r1").await.unwrap().replicated_objects, 1);
     }
 
