@@ -290,6 +290,7 @@ async fn racing_invocations_share_segments_and_a_dead_lease_is_taken_over() -> R
         copy_concurrency: 8,
         lease: Duration::from_secs(30),
         margin: Duration::ZERO,
+        ..BackfillSettings::default()
     };
     let bf = f.backfiller(settings.clone());
     // The counting pass only, then a lease of a "killed" invocation on segment 0.
@@ -412,6 +413,7 @@ async fn a_realtime_overwrite_during_the_backfill_is_not_reverted() -> Result<()
         copy_concurrency: 4,
         lease: Duration::from_secs(30),
         margin: Duration::ZERO,
+        ..BackfillSettings::default()
     });
     bf.start(&f.rule.id).await?;
     let replicator = Replicator::new(

@@ -56,6 +56,21 @@ enum Cmd {
         concurrency: usize,
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// Keys are `<prefix><index>`.
+        #[arg(long, default_value = "obj/")]
+        prefix: String,
+    },
+    /// Uploads one object of `size` bytes in parts of `part_size` (a large object without
+    /// holding it in memory).
+    Big {
+        #[command(flatten)]
+        at: BucketArgs,
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        size: u64,
+        #[arg(long, default_value_t = 16 * 1024 * 1024)]
+        part_size: u64,
     },
     /// Creates a bucket.
     Bucket {
@@ -157,10 +172,14 @@ async fn main() -> Result<()> {
             max,
             concurrency,
             seed,
+            prefix,
         } => {
             let s3 = plain_client(&sdk, &at.bucket_ref());
             let bucket = at.bucket;
-            create_bucket(&s3, &bucket, &at.region).await?;
+            // Several puts may fill one bucket (under different prefixes).
+            if s3.head_bucket().bucket(&bucket).send().await.is_err() {
+                create_bucket(&s3, &bucket, &at.region).await?;
+            }
             let mut rng = fastrand::Rng::with_seed(seed);
             let sizes: Vec<usize> = (0..count).map(|_| rng.usize(min..=max)).collect();
             let total: usize = sizes.iter().sum();
@@ -169,7 +188,7 @@ async fn main() -> Result<()> {
             let mut puts = futures::stream::iter(sizes.iter().enumerate().map(|(i, size)| {
                 s3.put_object()
                     .bucket(&bucket)
-                    .key(format!("obj/{i:07}"))
+                    .key(format!("{prefix}{i:07}"))
                     .body(ByteStream::from(body.slice(..*size)))
                     .send()
             }))
@@ -185,6 +204,22 @@ async fn main() -> Result<()> {
                     "objects_per_s": count as f64 / secs,
                     "mb_per_s": total as f64 / 1e6 / secs,
                 })
+            );
+        }
+        Cmd::Big {
+            at,
+            key,
+            size,
+            part_size,
+        } => {
+            let s3 = plain_client(&sdk, &at.bucket_ref());
+            create_bucket(&s3, &at.bucket, &at.region).await?;
+            let started = Instant::now();
+            let etag = upload_big(&s3, &at.bucket, &key, size, part_size).await?;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                json!({ "key": key, "bytes": size, "etag": etag, "seconds": secs })
             );
         }
         Cmd::Count { at } => {
@@ -226,6 +261,74 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A multipart upload of `size` bytes (a repeating pattern), four parts at a time.
+async fn upload_big(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    size: u64,
+    part_size: u64,
+) -> Result<String> {
+    use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+    let part_size = part_size.max(5 * 1024 * 1024);
+    let upload = s3
+        .create_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .context("CreateMultipartUpload")?;
+    let id = upload.upload_id().context("no upload id")?.to_string();
+    let pattern: Vec<u8> = (0..part_size).map(|i| (i % 251) as u8).collect();
+    let pattern = bytes::Bytes::from(pattern);
+    let count = size.div_ceil(part_size);
+    let mut parts: Vec<CompletedPart> = futures::stream::iter(0..count)
+        .map(|i| {
+            let len = (size - i * part_size).min(part_size) as usize;
+            let body = pattern.slice(..len);
+            let id = id.clone();
+            async move {
+                let number = i32::try_from(i + 1)?;
+                let out = s3
+                    .upload_part()
+                    .bucket(bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .part_number(number)
+                    .body(ByteStream::from(body))
+                    .send()
+                    .await
+                    .with_context(|| format!("UploadPart {number}"))?;
+                anyhow::Ok(
+                    CompletedPart::builder()
+                        .part_number(number)
+                        .set_e_tag(out.e_tag().map(str::to_string))
+                        .build(),
+                )
+            }
+        })
+        .buffer_unordered(4)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_>>()?;
+    parts.sort_by_key(|p| p.part_number());
+    let done = s3
+        .complete_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
+        .send()
+        .await
+        .context("CompleteMultipartUpload")?;
+    Ok(done.e_tag().unwrap_or_default().to_string())
 }
 
 /// Spawns `binary` as Lambda would, with a Runtime API that only notes the first request.

@@ -20,12 +20,13 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use crate::allowed::AllowedBuckets;
 use crate::copy::{CopyEngine, marker};
 use crate::error::{Error, Result};
 use crate::object_store::{ListedObject, ObjectInfo, ObjectStore, TargetPrecondition};
 use crate::replicate::StoreProvider;
 use crate::retry::RetryPolicy;
-use crate::rule::{OnConflict, Rule};
+use crate::rule::{OnConflict, Policy, Rule};
 use crate::state::RuleStore;
 
 /// Where a rule's historical migration stands.
@@ -188,6 +189,8 @@ pub struct BackfillSettings {
     pub lease: Duration,
     /// Time kept free before the deadline: no page starts inside it.
     pub margin: Duration,
+    /// Buckets this deployment may touch: a rule naming others fails its job.
+    pub allowed: AllowedBuckets,
 }
 
 impl Default for BackfillSettings {
@@ -199,6 +202,7 @@ impl Default for BackfillSettings {
             copy_concurrency: 16,
             lease: Duration::from_secs(120),
             margin: Duration::from_secs(20),
+            allowed: AllowedBuckets::default(),
         }
     }
 }
@@ -342,6 +346,8 @@ pub struct RunReport {
     pub skipped: u64,
     /// Copies given up because the target changed meanwhile (real-time replication won).
     pub yielded: u64,
+    /// Replicas removed again because the source object was deleted during their copy.
+    pub undone: u64,
     pub segments_finished: u64,
 }
 
@@ -454,7 +460,11 @@ impl Backfiller {
             if !matches!(job.state, JobState::Pending | JobState::Running) {
                 continue;
             }
-            match self.run_rule(&rule, job, owner, deadline).await {
+            let run = match self.settings.allowed.check(&rule) {
+                Ok(()) => self.run_rule(&rule, job, owner, deadline).await,
+                Err(e) => Err(e),
+            };
+            match run {
                 Ok(report) => reports.push(report),
                 Err(e) => {
                     // One rule's failure does not hold the others back. A permanent error
@@ -728,7 +738,7 @@ impl Backfiller {
                 in_range.len() < page.objects.len() || !page.truncated || page.objects.is_empty();
             let listed_target = match in_range.last() {
                 Some(last) => {
-                    self.list_target(
+                    self.list_range(
                         target.as_ref(),
                         &segment.prefix,
                         after.as_deref(),
@@ -742,9 +752,15 @@ impl Backfiller {
                 .map(|o| {
                     let (source, target) = (source.as_ref(), target.as_ref());
                     let seen = listed_target.get(&o.key);
-                    self.retry.run(Some(deadline), "backfill object", move || {
-                        self.backfill_object(rule, source, target, o, seen)
-                    })
+                    async move {
+                        let copied = self
+                            .retry
+                            .run(Some(deadline), "backfill object", move || {
+                                self.backfill_object(rule, source, target, o, seen)
+                            })
+                            .await;
+                        (o.key.as_str(), copied)
+                    }
                 })
                 .buffer_unordered(self.settings.copy_concurrency.max(1))
                 .collect::<Vec<_>>();
@@ -757,17 +773,34 @@ impl Backfiller {
                 return Ok(false);
             };
             let mut tally = PageTally::default();
-            for outcome in outcomes {
+            let mut created = Vec::new();
+            for (key, outcome) in outcomes {
                 // An object that still fails after retries stops the segment without a
                 // checkpoint: the page is examined again next time, nothing is skipped.
                 match outcome? {
                     Copied::Yes => tally.copied += 1,
+                    Copied::Created(etag) => {
+                        tally.copied += 1;
+                        created.push((key, etag));
+                    }
                     Copied::No => tally.skipped += 1,
                     Copied::Yielded => {
                         tally.skipped += 1;
                         report.yielded += 1;
                     }
                 }
+            }
+            if rule.policy == Policy::Full && !created.is_empty() {
+                report.undone += self
+                    .undo_deleted_meanwhile(
+                        rule,
+                        source.as_ref(),
+                        target.as_ref(),
+                        &segment.prefix,
+                        after.as_deref(),
+                        &created,
+                    )
+                    .await?;
             }
             tally.objects = in_range.len() as u64;
             tally.bytes = in_range.iter().map(|o| o.size).sum();
@@ -796,9 +829,43 @@ impl Backfiller {
         }
     }
 
-    /// The target's objects under `prefix` after `after`, up to `last` (inclusive): one
+    /// Closes the one gap the conditional write leaves: the source object deleted between
+    /// the backfill's read and its write, while the target had no such key. Real time then
+    /// found nothing to delete, and the write (`If-None-Match: *`) still went ahead. So
+    /// after each page the source is listed again over the keys the backfill created: one
+    /// listing per page, not a request per object. A key gone from it (and confirmed by
+    /// HEAD) loses the replica just written, if that replica is still the one written. A
+    /// delete after this listing has its event handled after the write, by real time.
+    async fn undo_deleted_meanwhile(
+        &self,
+        rule: &Rule,
+        source: &dyn ObjectStore,
+        target: &dyn ObjectStore,
+        prefix: &str,
+        after: Option<&str>,
+        created: &[(&str, String)],
+    ) -> Result<u64> {
+        let Some(last) = created.iter().map(|(k, _)| *k).max() else {
+            return Ok(0);
+        };
+        let present = self.list_range(source, prefix, after, last).await?;
+        let mut undone = 0;
+        for (key, etag) in created {
+            if present.contains_key(*key) || source.head(key).await?.is_some() {
+                continue;
+            }
+            if target.head(key).await?.is_some_and(|t| t.etag == *etag) {
+                tracing::info!(rule_id = %rule.id, key = %key, "source deleted while the backfill copied it; replica removed");
+                target.delete(key).await?;
+                undone += 1;
+            }
+        }
+        Ok(undone)
+    }
+
+    /// The objects of `store` under `prefix` after `after`, up to `last` (inclusive): one
     /// listing per page of the source instead of a HEAD per object.
-    async fn list_target(
+    async fn list_range(
         &self,
         target: &dyn ObjectStore,
         prefix: &str,
@@ -852,7 +919,8 @@ impl Backfiller {
             ObjectPlan::Skip(_) => return Ok(Copied::No),
             ObjectPlan::Copy { .. } => {}
         }
-        let Some(current) = source.head(&object.key).await? else {
+        let Some((current, body)) = self.engine.read_source(rule, source, &object.key).await?
+        else {
             return Ok(Copied::No); // deleted since listing: real-time handles deletes
         };
         if crate::copy::is_replica(&current) {
@@ -862,13 +930,17 @@ impl Backfiller {
             None => TargetPrecondition::Absent,
             Some(t) => TargetPrecondition::Etag(t.etag.clone()),
         };
+        let created = existing.is_none();
         match self
             .engine
-            .copy_for_rule(rule, source, target, &current, None, Some(precondition))
+            .copy_for_rule(rule, source, target, &current, body, Some(precondition))
             .await
         {
+            Ok(done) if created => Ok(Copied::Created(done.etag)),
             Ok(_) => Ok(Copied::Yes),
             Err(Error::Precondition { .. }) => Ok(Copied::Yielded),
+            // Deleted while being copied: real time handles deletes.
+            Err(Error::NotFound { .. }) => Ok(Copied::No),
             Err(e) => Err(e),
         }
     }
@@ -877,6 +949,8 @@ impl Backfiller {
 /// What became of one object.
 enum Copied {
     Yes,
+    /// Written where the target had no such key; the replica's ETag.
+    Created(String),
     No,
     Yielded,
 }

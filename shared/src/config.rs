@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::allowed::AllowedBuckets;
 use crate::backfill::BackfillSettings;
 use crate::copy::CopyEngine;
 use crate::error::{Error, Result};
@@ -13,7 +14,7 @@ pub struct FunctionConfig {
     /// DynamoDB table holding rules and state (`CRR_TABLE`).
     pub table: String,
     /// Copy engine tuning (`CRR_MULTIPART_THRESHOLD_MB`, `CRR_PART_SIZE_MB`,
-    /// `CRR_PARTS_IN_FLIGHT`).
+    /// `CRR_PARTS_IN_FLIGHT`, `CRR_STREAM_MEMORY_MB`).
     pub engine: CopyEngine,
     /// Dead-letter queue URL (`CRR_DLQ_URL`); without it, failures go back to SQS only.
     pub dlq_url: Option<String>,
@@ -47,6 +48,7 @@ impl FunctionConfig {
             margin: optional_number("CRR_BACKFILL_MARGIN_SECS")?
                 .map(Duration::from_secs)
                 .unwrap_or(d.margin),
+            allowed: AllowedBuckets::from_env(),
         })
     }
 
@@ -68,6 +70,7 @@ impl FunctionConfig {
         ReplicatorSettings {
             engine: self.engine.clone(),
             max_receives: self.max_receives,
+            allowed: AllowedBuckets::from_env(),
             ..ReplicatorSettings::default()
         }
     }
@@ -79,9 +82,18 @@ impl FunctionConfig {
 pub const DEPLOYMENT_ENV: &[(&str, &[&str])] = &[
     (
         "crr-replicate",
-        &["CRR_TABLE", "CRR_DLQ_URL", "CRR_MAX_RECEIVES"],
+        &[
+            "CRR_TABLE",
+            "CRR_DLQ_URL",
+            "CRR_MAX_RECEIVES",
+            "CRR_SOURCE_BUCKETS",
+            "CRR_TARGET_BUCKETS",
+        ],
     ),
-    ("crr-backfill", &["CRR_TABLE"]),
+    (
+        "crr-backfill",
+        &["CRR_TABLE", "CRR_SOURCE_BUCKETS", "CRR_TARGET_BUCKETS"],
+    ),
     (
         "crr-status",
         &[
@@ -113,6 +125,8 @@ impl FunctionConfig {
                 parts_in_flight: optional_number("CRR_PARTS_IN_FLIGHT")?
                     .map(|n| n as usize)
                     .unwrap_or(defaults.parts_in_flight),
+                stream_memory: optional_mb("CRR_STREAM_MEMORY_MB")?
+                    .unwrap_or(defaults.stream_memory),
                 ..defaults
             },
             dlq_url: std::env::var("CRR_DLQ_URL").ok().filter(|v| !v.is_empty()),

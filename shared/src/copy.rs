@@ -61,6 +61,9 @@ pub struct CopyEngine {
     pub part_size: u64,
     /// Parts transferred at once; memory in stream mode is bounded by this x `part_size`.
     pub parts_in_flight: usize,
+    /// Bytes of parts a stream copy holds at once: fewer parts are in flight when the part
+    /// size (the source's own, when reproduced) would exceed it; at least one always is.
+    pub stream_memory: u64,
 }
 
 impl Default for CopyEngine {
@@ -71,6 +74,7 @@ impl Default for CopyEngine {
             multipart_threshold: 64 * 1024 * 1024,
             part_size: 16 * 1024 * 1024,
             parts_in_flight: 4,
+            stream_memory: 128 * 1024 * 1024,
         }
     }
 }
@@ -185,9 +189,9 @@ struct PartLayout {
 impl CopyEngine {
     /// Copies `info` (as HEAD or GET saw it in `source`; `body`: its content, if that GET
     /// read it) to the same key in `target` as `rule` says: its copy mode, storage class
-    /// and KMS key; tags and ACL included. Reads only what the copy cannot carry itself:
-    /// tags when there are some and the copy is not one CopyObject (which keeps them), the
-    /// ACL only where the source bucket has ACLs turned on.
+    /// and KMS key; tags and ACL included. Reads only what is needed: tags when
+    /// `x-amz-tagging-count` says there are some, the ACL only where the source bucket
+    /// has ACLs turned on.
     pub async fn copy_for_rule(
         &self,
         rule: &Rule,
@@ -198,8 +202,7 @@ impl CopyEngine {
         precondition: Option<TargetPrecondition>,
     ) -> Result<CopyOutcome> {
         let mode = rule.resolved_copy_mode();
-        let one_copy_object = mode == ResolvedCopyMode::ServerSide && self.is_single(info);
-        let tags = if info.tag_count > 0 && !one_copy_object {
+        let tags = if info.tag_count > 0 {
             source.tags(&info.key).await?
         } else {
             Vec::new()
@@ -228,6 +231,24 @@ impl CopyEngine {
             }
             other => other,
         }
+    }
+
+    /// The source object's current state, and in stream mode its bytes too when it is
+    /// copied in one request: the bytes travel through here anyway, so one GET does what
+    /// HEAD + GET did. `None` when the object is gone.
+    pub async fn read_source(
+        &self,
+        rule: &Rule,
+        source: &dyn ObjectStore,
+        key: &str,
+    ) -> Result<Option<(ObjectInfo, Option<Bytes>)>> {
+        Ok(match rule.resolved_copy_mode() {
+            ResolvedCopyMode::Stream => source
+                .fetch(key, self.multipart_threshold.min(MAX_SINGLE_REQUEST))
+                .await?
+                .map(|f| (f.info, f.body)),
+            ResolvedCopyMode::ServerSide => source.head(key).await?.map(|info| (info, None)),
+        })
     }
 
     /// Whether `source` has ACLs turned on, asked once per bucket every
@@ -427,6 +448,19 @@ impl CopyEngine {
         })
     }
 
+    /// Parts in flight: `parts_in_flight`, fewer in stream mode where their bytes would
+    /// exceed `stream_memory` (server-side parts hold no bytes here).
+    fn parts_at_once(&self, part_size: u64, mode: ResolvedCopyMode) -> usize {
+        let wanted = self.parts_in_flight.max(1);
+        match mode {
+            ResolvedCopyMode::ServerSide => wanted,
+            ResolvedCopyMode::Stream => {
+                let fit = usize::try_from(self.stream_memory / part_size.max(1)).unwrap_or(1);
+                wanted.min(fit).max(1)
+            }
+        }
+    }
+
     /// Transfers every part, at most `parts_in_flight` at once, so stream-mode memory is
     /// bounded by `parts_in_flight x part_size` whatever the object's size.
     async fn upload_parts(
@@ -494,7 +528,7 @@ impl CopyEngine {
                     Ok((UploadedPart { part_number, etag }, digest))
                 }
             })
-            .buffer_unordered(self.parts_in_flight.max(1))
+            .buffer_unordered(self.parts_at_once(part_size, mode))
             .try_collect()
             .await?;
         done.sort_by_key(|(p, _)| p.part_number);

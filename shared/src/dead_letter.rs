@@ -76,9 +76,9 @@ fn text(value: &str) -> Result<MessageAttributeValue> {
 #[async_trait]
 impl DeadLetters for SqsDeadLetters {
     async fn dead_letter(&self, message_id: &str, body: &str, reason: &Error) -> Result<()> {
-        // SQS attribute values are limited in size; the reason is one line anyway.
-        let mut line = reason.to_string();
-        line.truncate(4000);
+        // SQS attribute values are limited in size; the reason is one line anyway (cut on
+        // a character boundary: keys may be any UTF-8).
+        let line = crate::error::clip(&reason.to_string(), 1000);
         self.client
             .send_message()
             .queue_url(&self.queue_url)

@@ -8,7 +8,7 @@
 //! | bucket claim  | `CLAIM#<bucket>` | `CLAIM`       | `rule_id`, `role`                  |
 //! | ledger entry  | `KEY#<rule>#<key>` | `LEDGER`    | `seq`, `etag`, `version`, TTL      |
 //! | counters      | `STATS#<rule>`   | `REALTIME`    | one number per counter             |
-//! | suppressed    | `SUPPRESSED#<rule>` | `<recorded_at>#<key>` | `key`, `event_time`, ... |
+//! | suppressed    | `SUPPRESSED#<rule>` | `<recorded_at>#<md5 of key>` | `key`, `event_time`, ... |
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -26,6 +26,7 @@ use aws_sdk_dynamodb::types::{
 };
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use md5::Digest;
 
 use crate::backfill::{BackfillStore, Checkpoint, Job, JobState, Segment};
 use crate::error::{Error, Result, dynamodb_permission, from_sdk};
@@ -584,9 +585,15 @@ impl StatsStore for DynamoStore {
         let recorded = delete
             .recorded_at
             .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        // A sort key holds at most 1024 bytes and an S3 key may take all of them: the key's
+        // digest keeps the item unique (the key itself is an attribute).
+        let digest: String = md5::Md5::digest(delete.key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let mut item = key_item(
             format!("SUPPRESSED#{rule_id}"),
-            format!("{recorded}#{}", delete.key),
+            format!("{recorded}#{digest}"),
         );
         item.insert("key".into(), s(delete.key.clone()));
         item.insert("recorded_at".into(), s(recorded));

@@ -35,6 +35,17 @@ pub enum Error {
     #[error("rule '{0}' is paused; its events wait for `crr rule resume` (then `crr redrive`)")]
     RulePaused(String),
 
+    /// A rule names a bucket the deployment may not touch.
+    #[error(
+        "rule '{rule_id}' names {role} bucket '{bucket}', which this deployment may not touch: add it to {variable} and redeploy"
+    )]
+    BucketNotAllowed {
+        rule_id: String,
+        role: &'static str,
+        bucket: String,
+        variable: &'static str,
+    },
+
     /// An incoming event could not be understood; never retried.
     #[error("malformed event: {0}")]
     MalformedEvent(String),
@@ -104,13 +115,38 @@ pub enum Error {
     Config(String),
 }
 
+/// Longest reason text kept, in bytes.
+const MAX_REASON: usize = 300;
+
+/// `text` cut to at most `max` bytes (on a character boundary), saying how much was cut.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &text[..end], text.len())
+}
+
 /// Result alias for the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// Whether doing the same thing again later may succeed. The only place this is decided.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Transient { .. } | Error::RulePaused(_))
+        // A failed precondition or integrity check is retried: the usual cause is the
+        // source changing under a copy (caught by If-Match, or, on servers that ignore
+        // copy-source If-Match, by the ETag check), else bytes damaged in transit; the next
+        // attempt reads the source's current state again.
+        matches!(
+            self,
+            Error::Transient { .. }
+                | Error::RulePaused(_)
+                | Error::Integrity { .. }
+                | Error::Precondition { .. }
+        )
     }
 
     /// Short machine-readable kind, used as the Lambda `errorType` and in DLQ reasons.
@@ -121,6 +157,7 @@ impl Error {
             Error::RuleExists(_) => "RuleExists",
             Error::RuleNotFound(_) => "RuleNotFound",
             Error::RulePaused(_) => "RulePaused",
+            Error::BucketNotAllowed { .. } => "BucketNotAllowed",
             Error::MalformedEvent(_) => "MalformedEvent",
             Error::AccessDenied { .. } => "AccessDenied",
             Error::NoSuchBucket { .. } => "NoSuchBucket",
@@ -132,6 +169,13 @@ impl Error {
             Error::Service { .. } => "Service",
             Error::Config(_) => "Config",
         }
+    }
+
+    /// A malformed-event error whose text is kept short: a hostile event may quote
+    /// kilobytes of itself in a parse error, and the reason travels in a DLQ message
+    /// attribute and a log line.
+    pub fn malformed(reason: impl Into<String>) -> Self {
+        Error::MalformedEvent(clip(&reason.into(), MAX_REASON))
     }
 
     pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, clip};
 
 /// What happened to an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,12 +88,12 @@ fn sqs_item(index: usize, record: &Value) -> Result<SqsItem> {
     let message_id = record
         .get("messageId")
         .and_then(Value::as_str)
-        .ok_or_else(|| Error::MalformedEvent(format!("SQS record {index} has no messageId")))?
+        .ok_or_else(|| Error::malformed(format!("SQS record {index} has no messageId")))?
         .to_string();
     let body = record.get("body").and_then(Value::as_str);
     let events = match body {
         Some(body) => parse_message_body(body),
-        None => Err(Error::MalformedEvent(format!(
+        None => Err(Error::malformed(format!(
             "SQS message {message_id} has no string body"
         ))),
     };
@@ -113,7 +113,7 @@ fn sqs_item(index: usize, record: &Value) -> Result<SqsItem> {
 /// Parses one SQS message body: an S3 notification, an S3 test event or an EventBridge event.
 pub fn parse_message_body(body: &str) -> Result<Vec<Incoming>> {
     let value: Value = serde_json::from_str(body)
-        .map_err(|e| Error::MalformedEvent(format!("body is not JSON: {e}")))?;
+        .map_err(|e| Error::malformed(format!("body is not JSON: {e}")))?;
     parse_body_value(&value)
 }
 
@@ -176,10 +176,16 @@ struct S3Object {
 }
 
 fn parse_s3_record(index: usize, record: &Value) -> Result<Incoming> {
-    let rec: S3Record = serde_json::from_value(record.clone())
-        .map_err(|e| Error::MalformedEvent(format!("S3 record {index}: {e}")))?;
+    if !record.is_object() {
+        return Err(Error::malformed(format!(
+            "S3 record {index} is {}, not an object",
+            json_kind(record)
+        )));
+    }
+    let rec: S3Record =
+        from_value_at(record).map_err(|e| Error::malformed(format!("S3 record {index}: {e}")))?;
     if !rec.event_version.starts_with("2.") {
-        return Err(Error::MalformedEvent(format!(
+        return Err(Error::malformed(format!(
             "S3 record {index}: unsupported eventVersion '{}' (2.x expected)",
             rec.event_version
         )));
@@ -196,7 +202,7 @@ fn parse_s3_record(index: usize, record: &Value) -> Result<Incoming> {
         });
     };
     let key = decode_key(&rec.s3.object.key)
-        .map_err(|reason| Error::MalformedEvent(format!("S3 record {index}: key {reason}")))?;
+        .map_err(|reason| Error::malformed(format!("S3 record {index}: key {reason}")))?;
     Ok(Incoming::Change(ReplicationEvent {
         bucket: rec.s3.bucket.name,
         key,
@@ -243,10 +249,10 @@ struct EventBridgeObject {
 }
 
 fn parse_eventbridge(value: &Value) -> Result<Incoming> {
-    let ev: EventBridgeEnvelope = serde_json::from_value(value.clone())
-        .map_err(|e| Error::MalformedEvent(format!("EventBridge event: {e}")))?;
+    let ev: EventBridgeEnvelope =
+        from_value_at(value).map_err(|e| Error::malformed(format!("EventBridge event: {e}")))?;
     if ev.source != "aws.s3" {
-        return Err(Error::MalformedEvent(format!(
+        return Err(Error::malformed(format!(
             "EventBridge event from '{}', expected aws.s3",
             ev.source
         )));
@@ -281,18 +287,59 @@ fn parse_eventbridge(value: &Value) -> Result<Incoming> {
     }))
 }
 
+/// What kind of JSON value `v` is, for messages.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Deserializes `value`, an error naming the field at fault (`s3.object.key: invalid
+/// type...`), so a bad event's reason says where it is wrong.
+fn from_value_at<T: serde::de::DeserializeOwned>(value: &Value) -> std::result::Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        }
+    })
+}
+
 /// Decodes a key as S3 notifications send it: form-URL-encoded, '+' standing for a space.
 pub fn decode_key(encoded: &str) -> std::result::Result<String, String> {
     let plus_as_space = encoded.replace('+', " ");
     let decoded = percent_encoding::percent_decode_str(&plus_as_space)
         .decode_utf8()
-        .map_err(|_| format!("'{encoded}' does not decode to UTF-8"))?
+        .map_err(|_| format!("does not decode to UTF-8: '{}'", clip(encoded, 100)))?
         .into_owned();
     if decoded.is_empty() {
         return Err("is empty".into());
     }
     if decoded.len() > 1024 {
         return Err(format!("is {} bytes long, S3 allows 1024", decoded.len()));
+    }
+    // Refused rather than risked: HTTP path normalisation may turn such a key into another
+    // one (or into the bucket itself) at the target.
+    if decoded.split('/').any(|s| s == "." || s == "..") {
+        return Err(format!(
+            "has a '.' or '..' path segment, which HTTP path normalisation could turn into another key: '{}'",
+            clip(&decoded.escape_default().to_string(), 100)
+        ));
+    }
+    if let Some(c) = decoded.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "holds the control character U+{:04X}, not replicated (XML 1.0, in which S3 lists keys, cannot hold most of them): '{}'",
+            u32::from(c),
+            clip(&decoded.escape_default().to_string(), 100)
+        ));
     }
     Ok(decoded)
 }
@@ -340,6 +387,14 @@ mod tests {
         );
         assert!(decode_key("%FF%FE").unwrap_err().contains("UTF-8"));
         assert!(decode_key("").is_err());
+        // Hostile keys: path segments that normalise away, control characters.
+        for bad in ["%2E%2E", ".", "a/../b", "a/./b", "x/.."] {
+            assert!(decode_key(bad).unwrap_err().contains("'..'"), "{bad}");
+        }
+        assert!(decode_key("a%01b").unwrap_err().contains("U+0001"));
+        assert!(decode_key("a%0Ab").unwrap_err().contains("U+000A"));
+        // Dots inside names are fine.
+        assert_eq!(decode_key("a/..b/c..").unwrap(), "a/..b/c..");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! [`object_store::ObjectStore`] and [`state::RuleStore`], implemented in [`s3`] and
 //! [`dynamo`] for AWS and in [`memory`] for tests.
 
+pub mod allowed;
 pub mod aws_clients;
 pub mod backfill;
 pub mod compat;

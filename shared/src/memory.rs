@@ -301,12 +301,8 @@ impl ObjectStore for MemoryObjectStore {
         let source = self.world.store(source_bucket);
         let data = source.get(key, None, if_match).await?;
         let etag = if_match.to_string();
-        // As S3's default tagging directive (COPY): no tags given, the source's are kept.
-        let mut attrs = attrs.clone();
-        if attrs.tags.is_empty() {
-            attrs.tags = source.tags(key).await?;
-        }
-        self.store_object(key, data, etag.clone(), &attrs, None);
+        // Tagging directive REPLACE, as `S3Store` asks: the given tags, none if none.
+        self.store_object(key, data, etag.clone(), attrs, None);
         Ok(etag)
     }
 

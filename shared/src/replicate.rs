@@ -11,6 +11,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+use crate::allowed::AllowedBuckets;
 use crate::copy::{CopyEngine, is_replica};
 use crate::dead_letter::DeadLetters;
 use crate::error::{Error, Result};
@@ -20,7 +21,7 @@ use crate::ledger::{Freshness, freshness, normalize_sequencer};
 use crate::metrics;
 use crate::object_store::ObjectStore;
 use crate::retry::RetryPolicy;
-use crate::rule::{BucketRef, ResolvedCopyMode, Rule};
+use crate::rule::{BucketRef, Rule};
 use crate::state::{RealtimeCounters, StateStore, SuppressedDelete};
 
 /// Gives an `ObjectStore` for a rule's bucket (S3 clients in Lambda, memory in tests).
@@ -69,6 +70,8 @@ pub struct ReplicatorSettings {
     /// Receives after which a still-failing message is sent to the DLQ with its reason;
     /// keep it below the queue's maxReceiveCount.
     pub max_receives: u32,
+    /// Buckets this deployment may touch.
+    pub allowed: AllowedBuckets,
 }
 
 impl Default for ReplicatorSettings {
@@ -77,6 +80,7 @@ impl Default for ReplicatorSettings {
             engine: CopyEngine::default(),
             retry: RetryPolicy::default(),
             max_receives: 4,
+            allowed: AllowedBuckets::default(),
         }
     }
 }
@@ -243,6 +247,13 @@ impl Replicator {
             tracing::info!(bucket = %event.bucket, key = %event.key, "no rule for this bucket, acknowledged");
             return Ok(Outcome::Skipped("no_rule"));
         };
+        self.settings
+            .allowed
+            .check(&rule)
+            .map_err(|error| Failure {
+                rule_id: Some(rule.id.clone()),
+                error,
+            })?;
         let result = self
             .settings
             .retry
@@ -370,13 +381,8 @@ impl Replicator {
     async fn apply_current_state(&self, rule: &Rule, key: &str, action: Action) -> Result<Outcome> {
         let source = self.stores.store(&rule.source);
         let engine = &self.settings.engine;
-        // In stream mode the bytes travel through here anyway: one GET gives both the
-        // current state and the content of a small object, where HEAD + GET took two.
         let current = match action {
-            Action::Copy if rule.resolved_copy_mode() == ResolvedCopyMode::Stream => source
-                .fetch(key, engine.multipart_threshold)
-                .await?
-                .map(|f| (f.info, f.body)),
+            Action::Copy => engine.read_source(rule, source.as_ref(), key).await?,
             _ => source.head(key).await?.map(|info| (info, None)),
         };
         match (action, current) {
@@ -386,10 +392,16 @@ impl Replicator {
             }
             (Action::Copy, Some((info, body))) => {
                 let target = self.stores.store(&rule.target);
-                let done = engine
+                match engine
                     .copy_for_rule(rule, source.as_ref(), target.as_ref(), &info, body, None)
-                    .await?;
-                Ok(Outcome::Replicated { bytes: done.bytes })
+                    .await
+                {
+                    Ok(done) => Ok(Outcome::Replicated { bytes: done.bytes }),
+                    // Deleted while being copied (its tags or bytes were gone): the delete's
+                    // own event brings the target along.
+                    Err(Error::NotFound { .. }) => Ok(Outcome::Skipped("source_gone")),
+                    Err(e) => Err(e),
+                }
             }
             // Re-created after the delete: the newer create wins.
             (Action::Delete, Some(_)) => Ok(Outcome::Skipped("recreated")),

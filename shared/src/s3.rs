@@ -497,7 +497,7 @@ impl ObjectStore for S3Store {
         attrs: &WriteAttrs,
     ) -> Result<String> {
         let (target_if_match, if_none_match) = precondition_headers(&attrs.precondition);
-        let mut req = self
+        let req = self
             .client
             .copy_object()
             .bucket(&self.bucket)
@@ -506,10 +506,11 @@ impl ObjectStore for S3Store {
             .copy_source_if_match(format!("\"{if_match}\""))
             .set_if_match(target_if_match)
             .set_if_none_match(if_none_match)
-            .metadata_directive(MetadataDirective::Replace);
-        if !attrs.tags.is_empty() {
-            req = req.tagging_directive(TaggingDirective::Replace);
-        }
+            .metadata_directive(MetadataDirective::Replace)
+            // Always REPLACE, with the tags read from the source (none when it has none):
+            // with COPY, moto leaves an overwritten replica's old tags in place when the
+            // source has none (found by tests/reliability.rs).
+            .tagging_directive(TaggingDirective::Replace);
         let out = with_attrs!(req, attrs)
             .send()
             .await

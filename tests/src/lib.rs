@@ -474,12 +474,33 @@ impl RunningFunction {
         timeout_secs: u64,
         env: &[String],
     ) -> Result<Self> {
+        Self::start_direct_logged(stack, function, table, timeout_secs, env, None)
+    }
+
+    /// As `start_direct`, with everything the function prints (its logs) written to
+    /// `log` when given.
+    pub fn start_direct_logged(
+        stack: &Stack,
+        function: &str,
+        table: &str,
+        timeout_secs: u64,
+        env: &[String],
+        log: Option<&std::path::Path>,
+    ) -> Result<Self> {
         let port = free_port()?;
-        let child = Self::command(stack, function, table, timeout_secs, env)?
-            .args(["--port", &port.to_string()])
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting crr local run-function")?;
+        let mut cmd = Self::command(stack, function, table, timeout_secs, env)?;
+        cmd.args(["--port", &port.to_string()]);
+        match log {
+            Some(path) => {
+                let file = std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                cmd.stdout(file.try_clone()?).stderr(file);
+            }
+            None => {
+                cmd.stdout(Stdio::null());
+            }
+        }
+        let child = cmd.spawn().context("starting crr local run-function")?;
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return Ok(Self { child, port });
@@ -574,3 +595,6 @@ pub async fn read_object(
         Err(e) => Err(e.into()),
     }
 }
+
+pub mod fault_proxy;
+pub mod perturb;

@@ -1,0 +1,366 @@
+//! A fault-injecting HTTP proxy between crr and an S3 server, on 127.0.0.1.
+//!
+//! Each request draws its fate from a seeded generator keyed by the request itself
+//! (method, path and query, and how many times that same request was seen), so the n-th
+//! attempt of a given request meets the same fault whatever the interleaving: a failing
+//! run is replayed with the same seed. Faults are what S3 and the network produce:
+//! - `503 SlowDown` with S3's XML body, before the request reaches the server;
+//! - `500 InternalError`, half the time after the server applied the request (the reply
+//!   is lost, the effect is not), half before;
+//! - a connection reset: the request is applied, then the connection dies before or
+//!   during the response body;
+//! - a truncated body: the response announces its full length and stops half-way;
+//! - added latency (up to `max_latency`) before the request is forwarded.
+//!
+//! The `Host` header and every signed header are forwarded untouched, so servers that
+//! check SigV4 (s3s-fs) still accept the requests.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+type ProxyBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// How often each fault happens, per request.
+#[derive(Debug, Clone)]
+pub struct FaultPlan {
+    pub seed: u64,
+    pub slow_down: f64,
+    pub internal_error: f64,
+    pub reset: f64,
+    pub truncate: f64,
+    pub latency: f64,
+    pub max_latency: Duration,
+}
+
+impl FaultPlan {
+    /// No faults at all.
+    pub fn none(seed: u64) -> Self {
+        Self {
+            seed,
+            slow_down: 0.0,
+            internal_error: 0.0,
+            reset: 0.0,
+            truncate: 0.0,
+            latency: 0.0,
+            max_latency: Duration::ZERO,
+        }
+    }
+
+    /// `rate` of all requests fail, spread over the four failure kinds, and as many again
+    /// are delayed by up to 50 ms.
+    pub fn failing(seed: u64, rate: f64) -> Self {
+        Self {
+            seed,
+            slow_down: rate * 0.4,
+            internal_error: rate * 0.2,
+            reset: rate * 0.2,
+            truncate: rate * 0.2,
+            latency: rate,
+            max_latency: Duration::from_millis(50),
+        }
+    }
+}
+
+/// What the proxy did, for the run's report.
+#[derive(Debug, Default)]
+pub struct FaultStats {
+    pub requests: AtomicU64,
+    pub slow_down: AtomicU64,
+    pub internal_error: AtomicU64,
+    pub reset: AtomicU64,
+    pub truncated: AtomicU64,
+    pub delayed: AtomicU64,
+}
+
+impl FaultStats {
+    /// Requests that failed (not counting delays).
+    pub fn faults(&self) -> u64 {
+        [
+            &self.slow_down,
+            &self.internal_error,
+            &self.reset,
+            &self.truncated,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
+    }
+
+    /// One line for logs and notes.
+    pub fn summary(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "{} requests: {} SlowDown, {} InternalError, {} resets, {} truncated bodies, {} delayed",
+            g(&self.requests),
+            g(&self.slow_down),
+            g(&self.internal_error),
+            g(&self.reset),
+            g(&self.truncated),
+            g(&self.delayed)
+        )
+    }
+}
+
+/// The fate of one request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fate {
+    Pass,
+    SlowDown,
+    InternalErrorBefore,
+    InternalErrorAfter,
+    Reset,
+    Truncate,
+    Delay(Duration),
+}
+
+struct Shared {
+    /// Faults only while on: setup and checks go through untouched.
+    active: std::sync::atomic::AtomicBool,
+    upstream: String,
+    plan: FaultPlan,
+    stats: Arc<FaultStats>,
+    seen: Mutex<HashMap<String, u64>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// A running proxy; stops when dropped.
+pub struct FaultProxy {
+    /// `http://127.0.0.1:PORT`: use it as the S3 endpoint.
+    pub endpoint: String,
+    pub stats: Arc<FaultStats>,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `upstream` (`http://host:port`) on a free loopback port.
+    pub async fn start(upstream: &str, plan: FaultPlan) -> Result<Self> {
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .context("binding the fault proxy")?;
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(FaultStats::default());
+        let shared = Arc::new(Shared {
+            active: std::sync::atomic::AtomicBool::new(false),
+            upstream: upstream.trim_end_matches('/').to_string(),
+            plan,
+            stats: stats.clone(),
+            seen: Mutex::new(HashMap::new()),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        });
+        let control = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let shared = shared.clone();
+                        async move { shared.handle(req).await }
+                    });
+                    // Errors here are the injected resets and truncations themselves.
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self {
+            endpoint: format!("http://{addr}"),
+            stats,
+            shared: control,
+            task,
+        })
+    }
+
+    /// Turns fault injection on or off (off when started).
+    pub fn set_faults(&self, on: bool) {
+        self.shared.active.store(on, Ordering::SeqCst);
+    }
+}
+
+fn xml_error(status: StatusCode, code: &str, message: &str) -> Response<ProxyBody> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message><RequestId>FAULTPROXY0000001</RequestId><HostId>fault-proxy</HostId></Error>"
+    );
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        "content-type",
+        "application/xml".parse().expect("static header"),
+    );
+    resp
+}
+
+impl Shared {
+    fn fate(&self, key: &str) -> Fate {
+        if !self.active.load(Ordering::SeqCst) {
+            return Fate::Pass;
+        }
+        let attempt = {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let n = seen.entry(key.to_string()).or_default();
+            *n += 1;
+            *n
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (self.plan.seed, key, attempt).hash(&mut h);
+        let mut rng = fastrand::Rng::with_seed(h.finish());
+        let p = &self.plan;
+        let x = rng.f64();
+        let mut edge = p.slow_down;
+        if x < edge {
+            return Fate::SlowDown;
+        }
+        edge += p.internal_error;
+        if x < edge {
+            return if rng.bool() {
+                Fate::InternalErrorAfter
+            } else {
+                Fate::InternalErrorBefore
+            };
+        }
+        edge += p.reset;
+        if x < edge {
+            return Fate::Reset;
+        }
+        edge += p.truncate;
+        if x < edge {
+            return Fate::Truncate;
+        }
+        if rng.f64() < p.latency && !p.max_latency.is_zero() {
+            let ms = u64::try_from(p.max_latency.as_millis()).unwrap_or(u64::MAX);
+            return Fate::Delay(Duration::from_millis(rng.u64(1..=ms.max(1))));
+        }
+        Fate::Pass
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        let fate = self.fate(&format!("{} {}", req.method(), path));
+        match fate {
+            Fate::SlowDown => {
+                self.stats.slow_down.fetch_add(1, Ordering::Relaxed);
+                return Ok(xml_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "SlowDown",
+                    "Please reduce your request rate.",
+                ));
+            }
+            Fate::InternalErrorBefore => {
+                self.stats.internal_error.fetch_add(1, Ordering::Relaxed);
+                return Ok(xml_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    "We encountered an internal error. Please try again.",
+                ));
+            }
+            Fate::Delay(d) => {
+                self.stats.delayed.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(d).await;
+            }
+            _ => {}
+        }
+        let upstream = match self.forward(req, &path).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                return Ok(xml_error(
+                    StatusCode::BAD_GATEWAY,
+                    "ProxyUpstreamError",
+                    &format!("fault proxy could not reach the server: {e}"),
+                ));
+            }
+        };
+        let (parts, body) = upstream;
+        match fate {
+            Fate::InternalErrorAfter => {
+                self.stats.internal_error.fetch_add(1, Ordering::Relaxed);
+                Ok(xml_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    "We encountered an internal error. Please try again.",
+                ))
+            }
+            Fate::Reset => {
+                self.stats.reset.fetch_add(1, Ordering::Relaxed);
+                // Headers, part of the body (if any), then the connection dies.
+                let head = body.slice(..body.len() / 3);
+                let frames = futures::stream::iter(vec![
+                    Ok(Frame::data(head)),
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "injected reset",
+                    )),
+                ]);
+                Ok(Response::from_parts(parts, StreamBody::new(frames).boxed()))
+            }
+            Fate::Truncate => {
+                self.stats.truncated.fetch_add(1, Ordering::Relaxed);
+                // The full length announced, half the bytes sent, then the end.
+                let half = body.slice(..body.len() / 2);
+                let frames = futures::stream::iter(vec![Ok(Frame::data(half))]);
+                Ok(Response::from_parts(parts, StreamBody::new(frames).boxed()))
+            }
+            _ => Ok(Response::from_parts(
+                parts,
+                Full::new(body).map_err(|never| match never {}).boxed(),
+            )),
+        }
+    }
+
+    /// Sends the request on unchanged (headers, Host included) and reads the whole reply.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        path: &str,
+    ) -> Result<(hyper::http::response::Parts, Bytes)> {
+        let (parts, body) = req.into_parts();
+        let body = body.collect().await?.to_bytes();
+        let mut out = Request::builder()
+            .method(parts.method)
+            .uri(format!("{}{}", self.upstream, path))
+            .version(hyper::Version::HTTP_11);
+        for (name, value) in &parts.headers {
+            out = out.header(name, value);
+        }
+        let resp = self.client.request(out.body(Full::new(body))?).await?;
+        let (mut parts, body) = resp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        // The body is re-sent whole: its framing is decided again on the way out.
+        parts.headers.remove("transfer-encoding");
+        parts.headers.remove("connection");
+        Ok((parts, body))
+    }
+}
