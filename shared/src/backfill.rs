@@ -10,6 +10,10 @@
 //! write. A crash loses at most the page in flight (those objects are examined again, and
 //! copied again if they were being copied); a lease left behind expires and the segment
 //! is taken over.
+//!
+//! Nothing waits that need not: workers start on the first segment as soon as the
+//! counting pass cuts it, and within a segment the next page is listed and the previous
+//! one checkpointed while the current one is copied.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -495,7 +499,7 @@ impl Backfiller {
         if job.planned {
             return Ok(job);
         }
-        self.plan(&rule, job, deadline).await
+        self.plan(&rule, job, deadline, None).await
     }
 
     fn time_left(&self, deadline: Instant) -> bool {
@@ -529,18 +533,30 @@ impl Backfiller {
         if job.state == JobState::Pending {
             self.jobs.set_job_state(&rule.id, JobState::Running).await?;
         }
-        if !job.planned {
-            self.plan(rule, job, deadline).await?;
-        }
-        let workers = (0..self.settings.workers.max(1)).map(|_| self.work(rule, owner, deadline));
-        for done in futures::future::join_all(workers).await {
+        // Copying starts with the first segment cut: the workers wait for cuts while the
+        // counting pass is still going, and stop once it is over and nothing is left.
+        let (cuts, counting) = tokio::sync::watch::channel(job.planned);
+        let plan = async {
+            if job.planned {
+                return Ok(());
+            }
+            let planned = self.plan(rule, job, deadline, Some(&cuts)).await;
+            cuts.send_replace(true);
+            planned.map(|_| ())
+        };
+        let workers = (0..self.settings.workers.max(1))
+            .map(|_| self.work(rule, owner, deadline, counting.clone()));
+        let (planned, worked) = tokio::join!(plan, futures::future::join_all(workers));
+        for done in worked {
             let done = done?;
             report.pages += done.pages;
             report.copied += done.copied;
             report.skipped += done.skipped;
             report.yielded += done.yielded;
+            report.undone += done.undone;
             report.segments_finished += done.segments_finished;
         }
+        planned?;
         let state = self.finish_if_done(rule).await?;
         report.state = state.as_str().to_string();
         Ok(report)
@@ -564,7 +580,13 @@ impl Backfiller {
     }
 
     /// The counting pass, resumable: each cut is written with the plan's position.
-    async fn plan(&self, rule: &Rule, mut job: Job, deadline: Instant) -> Result<Job> {
+    async fn plan(
+        &self,
+        rule: &Rule,
+        mut job: Job,
+        deadline: Instant,
+        cuts: Option<&tokio::sync::watch::Sender<bool>>,
+    ) -> Result<Job> {
         let source = self.stores.store(&rule.source);
         let prefixes = rule.listing_prefixes();
         // Counted since the last cut (not yet in `job`'s totals).
@@ -638,6 +660,9 @@ impl Backfiller {
                     .ok_or_else(|| Error::Config("backfill job vanished".into()));
             }
             job = next;
+            if let Some(cuts) = cuts {
+                cuts.send_modify(|_| ());
+            }
             objects = 0;
             bytes = 0;
             segment_start = job.plan_after.clone();
@@ -646,12 +671,23 @@ impl Backfiller {
         Ok(job)
     }
 
-    /// One worker: claims segments and works through them until none is left or time runs out.
-    async fn work(&self, rule: &Rule, owner: &str, deadline: Instant) -> Result<RunReport> {
+    /// One worker: claims segments and works through them until none is left (and the
+    /// counting pass, `counting` is `false` while it goes on, cuts no more) or time runs out.
+    async fn work(
+        &self,
+        rule: &Rule,
+        owner: &str,
+        deadline: Instant,
+        mut counting: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<RunReport> {
         let mut report = RunReport::default();
         while self.time_left(deadline) {
+            let counted = *counting.borrow_and_update();
             let Some(segment) = self.claim(rule, owner).await? else {
-                break;
+                if counted || counting.changed().await.is_err() {
+                    break;
+                }
+                continue;
             };
             let finished = self
                 .work_segment(rule, segment.clone(), owner, deadline, &mut report)
@@ -706,6 +742,11 @@ impl Backfiller {
 
     /// Works through one segment; `Ok(true)` when it is done, `Ok(false)` when stopped
     /// early (deadline, pause, or the lease was lost).
+    ///
+    /// Pages are pipelined: while page N is being copied, page N+1 is listed (source and
+    /// target) and page N-1 is settled (undo check, then checkpoint), so the copies never
+    /// wait on a listing or a DynamoDB write. Checkpoints stay in page order, each written
+    /// only after every copy of its page finished.
     async fn work_segment(
         &self,
         rule: &Rule,
@@ -716,117 +757,159 @@ impl Backfiller {
     ) -> Result<bool> {
         let source = self.stores.store(&rule.source);
         let target = self.stores.store(&rule.target);
+        let (source, target) = (source.as_ref(), target.as_ref());
+        let lane = Lane {
+            rule,
+            segment: &segment,
+            owner,
+            source,
+            target,
+        };
         let mut after = segment.checkpoint.clone().or(segment.start_after.clone());
+        if !self.time_left(deadline) {
+            return Ok(false);
+        }
+        let Some(mut page) = self.fetch_page(&lane, after.clone()).await? else {
+            return Ok(false);
+        };
+        let mut settling: Option<Settle> = None;
         loop {
-            if !self.time_left(deadline) {
-                return Ok(false);
-            }
-            if let Some(job) = self.jobs.job(&rule.id).await?
-                && job.state == JobState::Paused
-            {
-                return Ok(false);
-            }
-            let page = source
-                .list_page(&segment.prefix, after.as_deref(), self.settings.page_size)
-                .await?;
-            let in_range: Vec<&ListedObject> = page
-                .objects
-                .iter()
-                .filter(|o| segment.end.as_ref().is_none_or(|end| o.key <= *end))
-                .collect();
-            let reached_end =
-                in_range.len() < page.objects.len() || !page.truncated || page.objects.is_empty();
-            let listed_target = match in_range.last() {
-                Some(last) => {
-                    self.list_range(
-                        target.as_ref(),
-                        &segment.prefix,
-                        after.as_deref(),
-                        &last.key,
-                    )
-                    .await?
+            let last = page.objects.last().map(|o| o.key.clone()).or(after.clone());
+            let go_on = !page.reached_end && self.time_left(deadline);
+            let copies = tokio::time::timeout_at(
+                hard_stop(deadline).into(),
+                self.copy_page(&lane, &page, deadline),
+            );
+            let next = async {
+                match go_on {
+                    true => self.fetch_page(&lane, last.clone()).await,
+                    false => Ok(None),
                 }
-                None => HashMap::new(),
             };
-            let copies = futures::stream::iter(in_range.iter().copied())
-                .map(|o| {
-                    let (source, target) = (source.as_ref(), target.as_ref());
-                    let seen = listed_target.get(&o.key);
-                    async move {
-                        let copied = self
-                            .retry
-                            .run(Some(deadline), "backfill object", move || {
-                                self.backfill_object(rule, source, target, o, seen)
-                            })
-                            .await;
-                        (o.key.as_str(), copied)
-                    }
-                })
-                .buffer_unordered(self.settings.copy_concurrency.max(1))
-                .collect::<Vec<_>>();
+            let previous = settling.take();
+            let previous = async {
+                match previous {
+                    Some(s) => self.settle(&lane, s, report).await,
+                    None => Ok(true),
+                }
+            };
+            let (copied, next, kept) = tokio::join!(copies, next, previous);
+            if !kept? {
+                return Ok(false);
+            }
             // A page that cannot finish before the deadline is abandoned: no checkpoint,
             // so its objects are examined again by whoever takes the segment next (those
             // already copied are then found in place).
-            let Ok(outcomes) = tokio::time::timeout_at(hard_stop(deadline).into(), copies).await
-            else {
+            let Ok(outcomes) = copied else {
                 tracing::warn!(rule_id = %rule.id, segment = segment.index, "deadline: page abandoned");
                 return Ok(false);
             };
-            let mut tally = PageTally::default();
-            let mut created = Vec::new();
-            for (key, outcome) in outcomes {
-                // An object that still fails after retries stops the segment without a
-                // checkpoint: the page is examined again next time, nothing is skipped.
-                match outcome? {
-                    Copied::Yes => tally.copied += 1,
-                    Copied::Created(etag) => {
-                        tally.copied += 1;
-                        created.push((key, etag));
-                    }
-                    Copied::No => tally.skipped += 1,
-                    Copied::Yielded => {
-                        tally.skipped += 1;
-                        report.yielded += 1;
-                    }
+            let done = Settle::of_page(&page, after.take(), last.clone(), outcomes?);
+            let next = next?;
+            match next {
+                Some(following) if go_on => {
+                    settling = Some(done);
+                    page = following;
+                    after = last;
+                }
+                // The segment's end, the deadline, or a pause: this page is the last one.
+                _ => {
+                    let kept = self.settle(&lane, done, report).await?;
+                    return Ok(kept && page.reached_end);
                 }
             }
-            if rule.policy == Policy::Full && !created.is_empty() {
-                report.undone += self
-                    .undo_deleted_meanwhile(
-                        rule,
-                        source.as_ref(),
-                        target.as_ref(),
-                        &segment.prefix,
-                        after.as_deref(),
-                        &created,
-                    )
-                    .await?;
-            }
-            tally.objects = in_range.len() as u64;
-            tally.bytes = in_range.iter().map(|o| o.size).sum();
-            let last = in_range.last().map(|o| o.key.clone()).or(after.clone());
-            let checkpoint = Checkpoint {
-                last_key: last.clone(),
-                done: reached_end,
-                tally: tally.clone(),
-                lease_until: now_ms() + self.settings.lease.as_millis() as u64,
-            };
-            let kept = self
-                .jobs
-                .checkpoint_segment(&rule.id, segment.index, owner, &checkpoint)
-                .await?;
-            if !kept {
-                tracing::warn!(rule_id = %rule.id, segment = segment.index, owner, "lease lost; another invocation took the segment over");
-                return Ok(false);
-            }
-            report.pages += 1;
-            report.copied += tally.copied;
-            report.skipped += tally.skipped;
-            if reached_end {
-                return Ok(true);
-            }
-            after = last;
         }
+    }
+
+    /// Lists the page after `after` and what the target holds over the same keys;
+    /// `None` if the job was paused meanwhile.
+    async fn fetch_page(&self, lane: &Lane<'_>, after: Option<String>) -> Result<Option<Page>> {
+        if let Some(job) = self.jobs.job(&lane.rule.id).await?
+            && job.state == JobState::Paused
+        {
+            return Ok(None);
+        }
+        let segment = lane.segment;
+        let mut listed = lane
+            .source
+            .list_page(&segment.prefix, after.as_deref(), self.settings.page_size)
+            .await?;
+        let all = listed.objects.len();
+        listed
+            .objects
+            .retain(|o| segment.end.as_ref().is_none_or(|end| o.key <= *end));
+        let reached_end = listed.objects.len() < all || !listed.truncated || all == 0;
+        let target = match listed.objects.last() {
+            Some(last) => {
+                self.list_range(lane.target, &segment.prefix, after.as_deref(), &last.key)
+                    .await?
+            }
+            None => HashMap::new(),
+        };
+        Ok(Some(Page {
+            objects: listed.objects,
+            reached_end,
+            target,
+        }))
+    }
+
+    /// Copies what a page needs, `copy_concurrency` objects at a time; each outcome
+    /// (retried within the deadline) with its key.
+    async fn copy_page<'p>(
+        &self,
+        lane: &Lane<'_>,
+        page: &'p Page,
+        deadline: Instant,
+    ) -> Result<Vec<(&'p str, Copied)>> {
+        let copies = futures::stream::iter(page.objects.iter())
+            .map(|o| {
+                let seen = page.target.get(&o.key);
+                async move {
+                    let copied = self
+                        .retry
+                        .run(Some(deadline), "backfill object", move || {
+                            self.backfill_object(lane.rule, lane.source, lane.target, o, seen)
+                        })
+                        .await;
+                    copied.map(|c| (o.key.as_str(), c))
+                }
+            })
+            .buffer_unordered(self.settings.copy_concurrency.max(1))
+            .collect::<Vec<_>>()
+            .await;
+        // An object that still fails after retries stops the segment without a
+        // checkpoint: the page is examined again next time, nothing is skipped.
+        copies.into_iter().collect()
+    }
+
+    /// Finishes a copied page: removes replicas whose source vanished during their copy,
+    /// then writes the checkpoint. `Ok(false)` if the lease was lost.
+    async fn settle(&self, lane: &Lane<'_>, done: Settle, report: &mut RunReport) -> Result<bool> {
+        if lane.rule.policy == Policy::Full && !done.created.is_empty() {
+            report.undone += self
+                .undo_deleted_meanwhile(lane, done.after.as_deref(), &done.created)
+                .await?;
+        }
+        let checkpoint = Checkpoint {
+            last_key: done.last_key,
+            done: done.reached_end,
+            lease_until: now_ms() + self.settings.lease.as_millis() as u64,
+            tally: done.tally,
+        };
+        let index = lane.segment.index;
+        let kept = self
+            .jobs
+            .checkpoint_segment(&lane.rule.id, index, lane.owner, &checkpoint)
+            .await?;
+        if !kept {
+            tracing::warn!(rule_id = %lane.rule.id, segment = index, owner = lane.owner, "lease lost; another invocation took the segment over");
+            return Ok(false);
+        }
+        report.pages += 1;
+        report.copied += checkpoint.tally.copied;
+        report.skipped += checkpoint.tally.skipped;
+        report.yielded += done.yielded;
+        Ok(true)
     }
 
     /// Closes the one gap the conditional write leaves: the source object deleted between
@@ -838,24 +921,24 @@ impl Backfiller {
     /// delete after this listing has its event handled after the write, by real time.
     async fn undo_deleted_meanwhile(
         &self,
-        rule: &Rule,
-        source: &dyn ObjectStore,
-        target: &dyn ObjectStore,
-        prefix: &str,
+        lane: &Lane<'_>,
         after: Option<&str>,
-        created: &[(&str, String)],
+        created: &[(String, String)],
     ) -> Result<u64> {
-        let Some(last) = created.iter().map(|(k, _)| *k).max() else {
+        let Some(last) = created.iter().map(|(k, _)| k.as_str()).max() else {
             return Ok(0);
         };
-        let present = self.list_range(source, prefix, after, last).await?;
+        let (source, target) = (lane.source, lane.target);
+        let present = self
+            .list_range(source, &lane.segment.prefix, after, last)
+            .await?;
         let mut undone = 0;
         for (key, etag) in created {
-            if present.contains_key(*key) || source.head(key).await?.is_some() {
+            if present.contains_key(key) || source.head(key).await?.is_some() {
                 continue;
             }
             if target.head(key).await?.is_some_and(|t| t.etag == *etag) {
-                tracing::info!(rule_id = %rule.id, key = %key, "source deleted while the backfill copied it; replica removed");
+                tracing::info!(rule_id = %lane.rule.id, key = %key, "source deleted while the backfill copied it; replica removed");
                 target.delete(key).await?;
                 undone += 1;
             }
@@ -943,6 +1026,74 @@ impl Backfiller {
             Err(Error::NotFound { .. }) => Ok(Copied::No),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// One segment as a worker holds it: the rule, the range, the lease owner, both stores.
+struct Lane<'a> {
+    rule: &'a Rule,
+    segment: &'a Segment,
+    owner: &'a str,
+    source: &'a dyn ObjectStore,
+    target: &'a dyn ObjectStore,
+}
+
+/// One listed page of a segment.
+struct Page {
+    /// The page's objects within the segment's range.
+    objects: Vec<ListedObject>,
+    /// No key of the segment comes after this page.
+    reached_end: bool,
+    /// What the target holds over the page's keys.
+    target: HashMap<String, ListedObject>,
+}
+
+/// A copied page, waiting for its undo check and checkpoint.
+struct Settle {
+    /// Where the page's listing started (exclusive).
+    after: Option<String>,
+    last_key: Option<String>,
+    reached_end: bool,
+    tally: PageTally,
+    yielded: u64,
+    /// Keys the page wrote where the target had none, with the replicas' ETags.
+    created: Vec<(String, String)>,
+}
+
+impl Settle {
+    fn of_page(
+        page: &Page,
+        after: Option<String>,
+        last_key: Option<String>,
+        outcomes: Vec<(&str, Copied)>,
+    ) -> Self {
+        let mut done = Settle {
+            after,
+            last_key,
+            reached_end: page.reached_end,
+            tally: PageTally {
+                objects: page.objects.len() as u64,
+                bytes: page.objects.iter().map(|o| o.size).sum(),
+                ..PageTally::default()
+            },
+            yielded: 0,
+            created: Vec::new(),
+        };
+        for (key, outcome) in outcomes {
+            match outcome {
+                Copied::Yes => done.tally.copied += 1,
+                Copied::Created(etag) => {
+                    done.tally.copied += 1;
+                    done.created.push((key.to_string(), etag));
+                }
+                Copied::No => done.tally.skipped += 1,
+                Copied::Yielded => {
+                    done.tally.skipped += 1;
+                    done.yielded += 1;
+                }
+            }
+        }
+        done
     }
 }
 
