@@ -100,6 +100,9 @@ pub struct Segment {
     pub start_after: Option<String>,
     /// Inclusive upper bound (`None`: to the end of the prefix).
     pub end: Option<String>,
+    /// Objects the counting pass found in the range (0: not known). Only a hint for
+    /// sizing the last listing; keys added or deleted since are handled all the same.
+    pub planned_objects: u64,
     /// Last key examined; listing resumes after it.
     pub checkpoint: Option<String>,
     pub done: bool,
@@ -626,6 +629,7 @@ impl Backfiller {
                 prefix: prefix.clone(),
                 start_after: segment_start.clone(),
                 end: cut_at.clone(),
+                planned_objects: objects,
                 checkpoint: None,
                 done: false,
                 lease_owner: None,
@@ -769,9 +773,11 @@ impl Backfiller {
         if !self.time_left(deadline) {
             return Ok(false);
         }
-        let Some(mut page) = self.fetch_page(&lane, after.clone()).await? else {
+        let mut examined = segment.objects_done;
+        let Some(mut page) = self.fetch_page(&lane, after.clone(), examined).await? else {
             return Ok(false);
         };
+        examined += page.objects.len() as u64;
         let mut settling: Option<Settle> = None;
         loop {
             let last = page.objects.last().map(|o| o.key.clone()).or(after.clone());
@@ -782,7 +788,7 @@ impl Backfiller {
             );
             let next = async {
                 match go_on {
-                    true => self.fetch_page(&lane, last.clone()).await,
+                    true => self.fetch_page(&lane, last.clone(), examined).await,
                     false => Ok(None),
                 }
             };
@@ -808,6 +814,7 @@ impl Backfiller {
             let next = next?;
             match next {
                 Some(following) if go_on => {
+                    examined += following.objects.len() as u64;
                     settling = Some(done);
                     page = following;
                     after = last;
@@ -822,8 +829,14 @@ impl Backfiller {
     }
 
     /// Lists the page after `after` and what the target holds over the same keys;
-    /// `None` if the job was paused meanwhile.
-    async fn fetch_page(&self, lane: &Lane<'_>, after: Option<String>) -> Result<Option<Page>> {
+    /// `None` if the job was paused meanwhile. `examined`: the segment's objects seen so
+    /// far, which sizes the segment's last listing to what is left of it.
+    async fn fetch_page(
+        &self,
+        lane: &Lane<'_>,
+        after: Option<String>,
+        examined: u64,
+    ) -> Result<Option<Page>> {
         if let Some(job) = self.jobs.job(&lane.rule.id).await?
             && job.state == JobState::Paused
         {
@@ -832,7 +845,11 @@ impl Backfiller {
         let segment = lane.segment;
         let mut listed = lane
             .source
-            .list_page(&segment.prefix, after.as_deref(), self.settings.page_size)
+            .list_page(
+                &segment.prefix,
+                after.as_deref(),
+                self.listing_size(segment, examined),
+            )
             .await?;
         let all = listed.objects.len();
         listed
@@ -841,8 +858,15 @@ impl Backfiller {
         let reached_end = listed.objects.len() < all || !listed.truncated || all == 0;
         let target = match listed.objects.last() {
             Some(last) => {
-                self.list_range(lane.target, &segment.prefix, after.as_deref(), &last.key)
-                    .await?
+                let keys = self.keys_hint(listed.objects.len());
+                self.list_range(
+                    lane.target,
+                    &segment.prefix,
+                    after.as_deref(),
+                    &last.key,
+                    keys,
+                )
+                .await?
             }
             None => HashMap::new(),
         };
@@ -887,7 +911,12 @@ impl Backfiller {
     async fn settle(&self, lane: &Lane<'_>, done: Settle, report: &mut RunReport) -> Result<bool> {
         if lane.rule.policy == Policy::Full && !done.created.is_empty() {
             report.undone += self
-                .undo_deleted_meanwhile(lane, done.after.as_deref(), &done.created)
+                .undo_deleted_meanwhile(
+                    lane,
+                    done.after.as_deref(),
+                    &done.created,
+                    done.tally.objects,
+                )
                 .await?;
         }
         let checkpoint = Checkpoint {
@@ -924,13 +953,20 @@ impl Backfiller {
         lane: &Lane<'_>,
         after: Option<&str>,
         created: &[(String, String)],
+        listed: u64,
     ) -> Result<u64> {
         let Some(last) = created.iter().map(|(k, _)| k.as_str()).max() else {
             return Ok(0);
         };
         let (source, target) = (lane.source, lane.target);
         let present = self
-            .list_range(source, &lane.segment.prefix, after, last)
+            .list_range(
+                source,
+                &lane.segment.prefix,
+                after,
+                last,
+                self.keys_hint(listed),
+            )
             .await?;
         let mut undone = 0;
         for (key, etag) in created {
@@ -946,21 +982,42 @@ impl Backfiller {
         Ok(undone)
     }
 
+    /// Keys to ask for when listing a range known to hold `objects` keys: one more, to
+    /// see past its end (a range listed by this page size need not see past it).
+    fn keys_hint(&self, objects: impl TryInto<i32>) -> i32 {
+        let page = self.settings.page_size.max(1);
+        objects
+            .try_into()
+            .map_or(page, |n: i32| n.saturating_add(1).clamp(1, page))
+    }
+
+    /// Keys to ask for in a segment's next listing: a page, or only what is left of the
+    /// segment by the counting pass's figure plus one (to see past its end), so the
+    /// last listing of a segment does not read a page of the next one.
+    fn listing_size(&self, segment: &Segment, examined: u64) -> i32 {
+        match segment.planned_objects.checked_sub(examined) {
+            Some(left) if left > 0 => self.keys_hint(left),
+            _ => self.settings.page_size.max(1),
+        }
+    }
+
     /// The objects of `store` under `prefix` after `after`, up to `last` (inclusive): one
-    /// listing per page of the source instead of a HEAD per object.
+    /// listing per page of the source instead of a HEAD per object. `keys`: how many the
+    /// first listing asks for (the range's size when known, plus one to see past it).
     async fn list_range(
         &self,
         target: &dyn ObjectStore,
         prefix: &str,
         after: Option<&str>,
         last: &str,
+        keys: i32,
     ) -> Result<HashMap<String, ListedObject>> {
         let mut found = HashMap::new();
         let mut from = after.map(str::to_string);
+        let mut keys = keys;
         loop {
-            let page = target
-                .list_page(prefix, from.as_deref(), self.settings.page_size)
-                .await?;
+            let page = target.list_page(prefix, from.as_deref(), keys).await?;
+            keys = self.settings.page_size;
             let past_last = page.objects.last().is_none_or(|o| o.key.as_str() >= last);
             from = page.objects.last().map(|o| o.key.clone());
             for o in page.objects {

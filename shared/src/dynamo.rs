@@ -698,6 +698,7 @@ fn segment_from_item(item: &Item) -> Segment {
         prefix: opt_string(item, "prefix").unwrap_or_default(),
         start_after: opt_string(item, "start_after"),
         end: opt_string(item, "end_key"),
+        planned_objects: number_attr(item, "planned_objects"),
         checkpoint: opt_string(item, "checkpoint"),
         done: bool_attr(item, "done"),
         lease_owner: opt_string(item, "lease_owner"),
@@ -844,6 +845,7 @@ impl BackfillStore for DynamoStore {
         put_opt(&mut item, "prefix", &Some(segment.prefix.clone()));
         put_opt(&mut item, "start_after", &segment.start_after);
         put_opt(&mut item, "end_key", &segment.end);
+        item.insert("planned_objects".into(), n(segment.planned_objects));
         item.insert("done".into(), AttributeValue::Bool(false));
         item.insert("lease_until".into(), n(0));
         for name in ["objects_done", "bytes_done", "copied", "skipped"] {

@@ -686,6 +686,7 @@ mod tests {
             prefix: String::new(),
             start_after: None,
             end: None,
+            planned_objects: 0,
             checkpoint: None,
             done,
             lease_owner: None,
