@@ -370,8 +370,16 @@ async fn scenario(policy: Policy, mode: CopyMode, with_backfill: bool) -> Result
     let mut perturber = Perturber::new(PerturbPlan::hostile(p.seed));
     let mut receives: BTreeMap<String, u32> = BTreeMap::new();
     let mut rng = fastrand::Rng::with_seed(p.seed ^ 0x4b11);
-    // About one delivery round in (rounds / kills) kills a function mid-invocation.
-    let rounds = (operations * 2 / (10 * INSTANCES)).max(1);
+    // Every live operation makes an event and the perturber doubles each, while a round
+    // delivers at most INSTANCES x 10 messages: the run has at least `rounds` delivery
+    // rounds. The kills fall on rounds drawn at random within the first half of that
+    // bound, so every one of them happens.
+    let rounds = (ops.len() * 2 / (10 * INSTANCES) / 2).max(p.kills).max(1);
+    let mut kill_rounds = std::collections::BTreeSet::new();
+    while kill_rounds.len() < p.kills {
+        kill_rounds.insert(rng.usize(..rounds));
+    }
+    let mut round = 0usize;
     let mut kills = 0usize;
     loop {
         let finished = done.load(Ordering::SeqCst);
@@ -384,7 +392,7 @@ async fn scenario(policy: Policy, mode: CopyMode, with_backfill: bool) -> Result
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         }
-        let killer = if kills < p.kills && rng.usize(..rounds) < p.kills {
+        let killer = if kill_rounds.remove(&round) {
             kills += 1;
             let pids = instances[rng.usize(..INSTANCES)].function_pids();
             let after = Duration::from_millis(rng.u64(0..40));
@@ -399,6 +407,7 @@ async fn scenario(policy: Policy, mode: CopyMode, with_backfill: bool) -> Result
         } else {
             None
         };
+        round += 1;
         let failed = futures::future::try_join_all(
             instances
                 .iter()
@@ -514,6 +523,11 @@ async fn scenario(policy: Policy, mode: CopyMode, with_backfill: bool) -> Result
         drifts.is_empty() && !summary.has_drift() && summary.in_flux == 0,
         "seed {}: the target did not converge: {drifts:#?}",
         p.seed
+    );
+    ensure!(
+        kills == p.kills,
+        "{kills} of the {} planned SIGKILLs happened in {round} delivery rounds",
+        p.kills
     );
     ensure!(
         proxy_a.stats.faults() > 0,
