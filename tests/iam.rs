@@ -226,6 +226,7 @@ async fn replicate_operations(stack: &Stack, dir: &Path) -> Result<BTreeSet<Stri
             format!("CRR_DLQ_URL={dlq_url}"),
             "CRR_MAX_RECEIVES=1".into(),
             "CRR_MULTIPART_THRESHOLD_MB=5".into(),
+            "CRR_SERVER_SIDE_THRESHOLD_MB=5".into(),
             "CRR_PART_SIZE_MB=5".into(),
         ],
     )?;
@@ -315,7 +316,11 @@ async fn backfill_operations(stack: &Stack, dir: &Path) -> Result<BTreeSet<Strin
         "crr-backfill",
         &table,
         60,
-        &[log_env(&log), "CRR_MULTIPART_THRESHOLD_MB=5".into()],
+        &[
+            log_env(&log),
+            "CRR_MULTIPART_THRESHOLD_MB=5".into(),
+            "CRR_SERVER_SIDE_THRESHOLD_MB=5".into(),
+        ],
     )?;
     let started = Instant::now();
     loop {

@@ -97,6 +97,7 @@ async fn env(setup: Setup, configure: impl FnOnce(&mut Rule)) -> Result<Env> {
         // Small parts so multipart paths run on objects of a few MiB.
         engine: CopyEngine {
             multipart_threshold: 8 * 1024 * 1024,
+            server_side_threshold: 8 * 1024 * 1024,
             part_size: 5 * 1024 * 1024,
             parts_in_flight: 3,
             ..CopyEngine::default()

@@ -13,8 +13,8 @@ use crate::replicate::ReplicatorSettings;
 pub struct FunctionConfig {
     /// DynamoDB table holding rules and state (`CRR_TABLE`).
     pub table: String,
-    /// Copy engine tuning (`CRR_MULTIPART_THRESHOLD_MB`, `CRR_PART_SIZE_MB`,
-    /// `CRR_PARTS_IN_FLIGHT`, `CRR_STREAM_MEMORY_MB`).
+    /// Copy engine tuning (`CRR_MULTIPART_THRESHOLD_MB`, `CRR_SERVER_SIDE_THRESHOLD_MB`,
+    /// `CRR_PART_SIZE_MB`, `CRR_PARTS_IN_FLIGHT`, `CRR_STREAM_MEMORY_MB`).
     pub engine: CopyEngine,
     /// Dead-letter queue URL (`CRR_DLQ_URL`); without it, failures go back to SQS only.
     pub dlq_url: Option<String>,
@@ -121,6 +121,8 @@ impl FunctionConfig {
             engine: CopyEngine {
                 multipart_threshold: optional_mb("CRR_MULTIPART_THRESHOLD_MB")?
                     .unwrap_or(defaults.multipart_threshold),
+                server_side_threshold: optional_mb("CRR_SERVER_SIDE_THRESHOLD_MB")?
+                    .unwrap_or(defaults.server_side_threshold),
                 part_size: optional_mb("CRR_PART_SIZE_MB")?.unwrap_or(defaults.part_size),
                 parts_in_flight: optional_number("CRR_PARTS_IN_FLIGHT")?
                     .map(|n| n as usize)

@@ -55,8 +55,12 @@ pub struct CopyEngine {
     pub acl_refused: Arc<Mutex<HashSet<String>>>,
     /// Source buckets' ACL setting, with when it was read.
     pub acl_sources: Arc<tokio::sync::Mutex<HashMap<String, (Instant, bool)>>>,
-    /// Objects larger than this are copied in parts.
+    /// Objects larger than this are streamed in parts.
     pub multipart_threshold: u64,
+    /// Objects larger than this are copied server-side in parts (UploadPartCopy); up to
+    /// it, one CopyObject. Higher than the stream threshold: a CopyObject moves no bytes
+    /// through us and costs one request where parts cost two more than their number.
+    pub server_side_threshold: u64,
     /// Size of each part (grown automatically to stay within 10,000 parts).
     pub part_size: u64,
     /// Parts transferred at once; memory in stream mode is bounded by this x `part_size`.
@@ -72,6 +76,7 @@ impl Default for CopyEngine {
             acl_refused: Arc::default(),
             acl_sources: Arc::default(),
             multipart_threshold: 64 * 1024 * 1024,
+            server_side_threshold: 512 * 1024 * 1024,
             part_size: 16 * 1024 * 1024,
             parts_in_flight: 4,
             stream_memory: 128 * 1024 * 1024,
@@ -267,9 +272,13 @@ impl CopyEngine {
         Ok(enabled)
     }
 
-    /// True when `info` is copied in one request (PutObject or CopyObject).
-    fn is_single(&self, info: &ObjectInfo) -> bool {
-        info.size <= self.multipart_threshold && info.size <= MAX_SINGLE_REQUEST
+    /// True when `info` is copied in one request (PutObject or CopyObject) in `mode`.
+    fn is_single(&self, info: &ObjectInfo, mode: ResolvedCopyMode) -> bool {
+        let threshold = match mode {
+            ResolvedCopyMode::Stream => self.multipart_threshold,
+            ResolvedCopyMode::ServerSide => self.server_side_threshold,
+        };
+        info.size <= threshold && info.size <= MAX_SINGLE_REQUEST
     }
 
     fn lock_refused(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
@@ -291,7 +300,7 @@ impl CopyEngine {
         attrs: &WriteAttrs,
         mode: ResolvedCopyMode,
     ) -> Result<CopyOutcome> {
-        match (mode, self.is_single(info)) {
+        match (mode, self.is_single(info, mode)) {
             (ResolvedCopyMode::ServerSide, true) => {
                 self.server_side(source, target, info, attrs).await
             }
@@ -652,6 +661,7 @@ mod tests {
     fn small_parts() -> CopyEngine {
         CopyEngine {
             multipart_threshold: 5 * 1024 * 1024,
+            server_side_threshold: 5 * 1024 * 1024,
             part_size: 5 * 1024 * 1024,
             parts_in_flight: 3,
             ..CopyEngine::default()
@@ -673,6 +683,28 @@ mod tests {
         .unwrap();
         assert_eq!(out.method, CopyMethod::ServerSideMultipart);
         assert!(out.etag.ends_with("-3"), "{}", out.etag);
+        assert_eq!(dst.bytes("dir/a b.txt"), src.bytes("dir/a b.txt"));
+    }
+
+    #[tokio::test]
+    async fn server_side_copies_stay_single_up_to_their_own_threshold() {
+        // 11 MiB: above the stream threshold, below the server-side one.
+        let (src, info) = seeded(11 * 1024 * 1024).await;
+        let engine = CopyEngine {
+            server_side_threshold: 16 * 1024 * 1024,
+            ..small_parts()
+        };
+        let dst = src.world().store("dst");
+        let out = copy(&engine, &src, &dst, &info, ResolvedCopyMode::ServerSide)
+            .await
+            .unwrap();
+        assert_eq!(out.method, CopyMethod::ServerSide);
+        assert_eq!(out.etag, info.etag);
+        let dst = src.world().store("dst2");
+        let out = copy(&engine, &src, &dst, &info, ResolvedCopyMode::Stream)
+            .await
+            .unwrap();
+        assert_eq!(out.method, CopyMethod::StreamMultipart);
         assert_eq!(dst.bytes("dir/a b.txt"), src.bytes("dir/a b.txt"));
     }
 
