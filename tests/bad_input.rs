@@ -59,21 +59,6 @@ fn rejected(bucket: &str) -> Vec<(&'static str, String, &'static str)> {
             "not an object",
         ),
         (
-            "key decoding to '..'",
-            put(json!({"key": "%2E%2E", "size": 1})),
-            "'..'",
-        ),
-        (
-            "key with a '..' segment",
-            put(json!({"key": "a/../b", "size": 1})),
-            "'..'",
-        ),
-        (
-            "key with a control character",
-            put(json!({"key": "a%01b", "size": 1})),
-            "control character",
-        ),
-        (
             "non-UTF-8 percent escapes",
             put(json!({"key": "%FF%FE", "size": 1})),
             "UTF-8",

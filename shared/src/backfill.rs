@@ -1044,6 +1044,7 @@ impl Backfiller {
         object: &ListedObject,
         listed_target: Option<&ListedObject>,
     ) -> Result<Copied> {
+        crate::key::check_in(source.bucket(), &object.key)?;
         // The target's listing answers the common cases without a request: no such key
         // (the write below is conditional on that still being so), or the same size and
         // ETag. Otherwise HEAD tells the replica marker the plan needs (and an ETag, for
@@ -1063,8 +1064,10 @@ impl Backfiller {
         else {
             return Ok(Copied::No); // deleted since listing: real-time handles deletes
         };
-        if crate::copy::is_replica(&current) {
-            return Ok(Copied::No);
+        if crate::copy::source_state(&current, &rule.source.bucket)
+            != crate::filter::SourceState::Present
+        {
+            return Ok(Copied::No); // another bucket's replica: never replicated again
         }
         let precondition = match &existing {
             None => TargetPrecondition::Absent,

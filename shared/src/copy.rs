@@ -11,6 +11,7 @@ use md5::{Digest, Md5};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::error::{Error, Result};
+use crate::filter::SourceState;
 use crate::object_store::{
     Encryption, ObjectInfo, ObjectStore, TargetPrecondition, UploadedPart, WriteAttrs,
 };
@@ -148,10 +149,24 @@ pub fn replica_attrs(
     }
 }
 
-/// True when `info` describes an object crr itself wrote as a replica.
-pub fn is_replica(info: &ObjectInfo) -> bool {
-    info.metadata.contains_key(marker::SOURCE_BUCKET)
-        && info.metadata.contains_key(marker::SOURCE_ETAG)
+/// The bucket `info` is a replica of, when crr wrote it as one (its marker names it).
+pub fn replica_source(info: &ObjectInfo) -> Option<&str> {
+    if !info.metadata.contains_key(marker::SOURCE_ETAG) {
+        return None;
+    }
+    info.metadata.get(marker::SOURCE_BUCKET).map(String::as_str)
+}
+
+/// What `info`, read from `own_bucket`, is for replication out of that bucket: a replica
+/// crr wrote of *another* bucket's object is not replicated again (two deployments
+/// replicating into each other must not loop); an object whose marker names
+/// `own_bucket` itself was restored from this rule's target (failback) and is
+/// replicated like any other.
+pub fn source_state<'a>(info: &'a ObjectInfo, own_bucket: &str) -> SourceState<'a> {
+    match replica_source(info) {
+        Some(other) if other != own_bucket => SourceState::ReplicaOf(other),
+        _ => SourceState::Present,
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -606,8 +621,13 @@ mod tests {
         assert_eq!(replica.headers, info.headers);
         assert_eq!(replica.metadata["owner"], "alice");
         assert_eq!(replica.metadata[marker::SOURCE_BUCKET], "src");
-        assert!(is_replica(&replica));
-        assert!(!is_replica(&info));
+        assert_eq!(replica_source(&replica), Some("src"));
+        assert_eq!(replica_source(&info), None);
+        // Read back from the target bucket it is another bucket's replica; restored into
+        // "src" (failback) it is src's own object again.
+        assert_eq!(source_state(&replica, "dst"), SourceState::ReplicaOf("src"));
+        assert_eq!(source_state(&replica, "src"), SourceState::Present);
+        assert_eq!(source_state(&info, "src"), SourceState::Present);
         assert_eq!(dst.bytes("dir/a b.txt"), src.bytes("dir/a b.txt"));
     }
 

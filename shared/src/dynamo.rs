@@ -8,7 +8,7 @@
 //! | bucket claim  | `CLAIM#<bucket>` | `CLAIM`       | `rule_id`, `role`                  |
 //! | ledger entry  | `KEY#<rule>#<key>` | `LEDGER`    | `seq`, `etag`, `version`, TTL      |
 //! | counters      | `STATS#<rule>`   | `REALTIME`    | one number per counter             |
-//! | suppressed    | `SUPPRESSED#<rule>` | `<recorded_at>#<md5 of key>` | `key`, `event_time`, ... |
+//! | suppressed    | `SUPPRESSED#<rule>` | `<md5 of key>#<identity>` | `key`, `event_time`, `recorded_at`, ... |
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -581,19 +581,20 @@ impl StatsStore for DynamoStore {
         })
     }
 
-    async fn record_suppressed(&self, rule_id: &str, delete: &SuppressedDelete) -> Result<()> {
+    async fn record_suppressed(&self, rule_id: &str, delete: &SuppressedDelete) -> Result<bool> {
         let recorded = delete
             .recorded_at
             .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         // A sort key holds at most 1024 bytes and an S3 key may take all of them: the key's
-        // digest keeps the item unique (the key itself is an attribute).
+        // digest names the item (the key itself is an attribute). The delete's identity
+        // makes a redelivered event find its own record instead of adding one.
         let digest: String = md5::Md5::digest(delete.key.as_bytes())
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
         let mut item = key_item(
             format!("SUPPRESSED#{rule_id}"),
-            format!("{recorded}#{digest}"),
+            format!("{digest}#{}", delete.identity()),
         );
         item.insert("key".into(), s(delete.key.clone()));
         item.insert("recorded_at".into(), s(recorded));
@@ -607,21 +608,22 @@ impl StatsStore for DynamoStore {
         if let Some(seq) = &delete.sequencer {
             item.insert("sequencer".into(), s(seq.clone()));
         }
-        self.client
+        let sent = self
+            .client
             .put_item()
             .table_name(&self.table)
             .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
             .send()
-            .await
-            .map_err(|e| self.err("PutItem", e))?;
-        Ok(())
+            .await;
+        self.conditional("PutItem", sent)
     }
 
     async fn suppressed(&self, rule_id: &str) -> Result<Vec<SuppressedDelete>> {
         let items = self
             .query_all(format!("SUPPRESSED#{rule_id}"), None)
             .await?;
-        Ok(items
+        let mut found: Vec<SuppressedDelete> = items
             .iter()
             .map(|item| SuppressedDelete {
                 key: string_attr(item, "key").unwrap_or_default().to_string(),
@@ -634,7 +636,9 @@ impl StatsStore for DynamoStore {
                     .unwrap_or(false),
                 recorded_at: time_attr(item, "recorded_at").unwrap_or_default(),
             })
-            .collect())
+            .collect();
+        found.sort_by_key(|d| d.recorded_at);
+        Ok(found)
     }
 }
 

@@ -86,6 +86,14 @@ pub enum Error {
         resource: String,
     },
 
+    /// A key S3 cannot hold (empty, or over 1024 bytes), met in a listing or a request.
+    #[error("key in bucket '{bucket}' {reason}: '{key}'")]
+    InvalidKey {
+        bucket: String,
+        key: String,
+        reason: String,
+    },
+
     /// The replica's content does not match the source.
     #[error("integrity check failed for {resource}: {detail}")]
     Integrity { resource: String, detail: String },
@@ -164,6 +172,7 @@ impl Error {
             Error::NotFound { .. } => "NotFound",
             Error::Precondition { .. } => "Precondition",
             Error::Integrity { .. } => "Integrity",
+            Error::InvalidKey { .. } => "InvalidKey",
             Error::AclNotSupported { .. } => "AclNotSupported",
             Error::Transient { .. } => "Retryable",
             Error::Service { .. } => "Service",

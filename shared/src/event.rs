@@ -269,10 +269,17 @@ fn parse_eventbridge(value: &Value) -> Result<Incoming> {
         }
     };
     // EventBridge carries the key as stored (AWS's examples show ':' unescaped), unlike
-    // S3 notifications, so it is not URL-decoded here.
+    // S3 notifications, so it is not URL-decoded here; it is checked the same way.
+    let key = ev.detail.object.key;
+    crate::key::check(&key).map_err(|reason| {
+        Error::malformed(format!(
+            "EventBridge event: detail.object.key {reason}: '{}'",
+            clip(&key.escape_default().to_string(), 100)
+        ))
+    })?;
     Ok(Incoming::Change(ReplicationEvent {
         bucket: ev.detail.bucket.name,
-        key: ev.detail.object.key,
+        key,
         kind,
         sequencer: non_empty(ev.detail.object.sequencer),
         version_id: non_empty(ev.detail.object.version_id),
@@ -320,27 +327,12 @@ pub fn decode_key(encoded: &str) -> std::result::Result<String, String> {
         .decode_utf8()
         .map_err(|_| format!("does not decode to UTF-8: '{}'", clip(encoded, 100)))?
         .into_owned();
-    if decoded.is_empty() {
-        return Err("is empty".into());
-    }
-    if decoded.len() > 1024 {
-        return Err(format!("is {} bytes long, S3 allows 1024", decoded.len()));
-    }
-    // Refused rather than risked: HTTP path normalisation may turn such a key into another
-    // one (or into the bucket itself) at the target.
-    if decoded.split('/').any(|s| s == "." || s == "..") {
-        return Err(format!(
-            "has a '.' or '..' path segment, which HTTP path normalisation could turn into another key: '{}'",
+    crate::key::check(&decoded).map_err(|reason| {
+        format!(
+            "{reason}: '{}'",
             clip(&decoded.escape_default().to_string(), 100)
-        ));
-    }
-    if let Some(c) = decoded.chars().find(|c| c.is_control()) {
-        return Err(format!(
-            "holds the control character U+{:04X}, not replicated (XML 1.0, in which S3 lists keys, cannot hold most of them): '{}'",
-            u32::from(c),
-            clip(&decoded.escape_default().to_string(), 100)
-        ));
-    }
+        )
+    })?;
     Ok(decoded)
 }
 
@@ -386,15 +378,20 @@ mod tests {
             "dir/sub/日.txt"
         );
         assert!(decode_key("%FF%FE").unwrap_err().contains("UTF-8"));
-        assert!(decode_key("").is_err());
-        // Hostile keys: path segments that normalise away, control characters.
-        for bad in ["%2E%2E", ".", "a/../b", "a/./b", "x/.."] {
-            assert!(decode_key(bad).unwrap_err().contains("'..'"), "{bad}");
-        }
-        assert!(decode_key("a%01b").unwrap_err().contains("U+0001"));
-        assert!(decode_key("a%0Ab").unwrap_err().contains("U+000A"));
-        // Dots inside names are fine.
+        assert!(decode_key("").unwrap_err().contains("is empty"));
+        // Every key S3 accepts is replicated: dot segments, control characters, '//'.
+        assert_eq!(decode_key("%2E%2E").unwrap(), "..");
+        assert_eq!(decode_key("a%2F..%2Fb").unwrap(), "a/../b");
+        assert_eq!(decode_key("a/./b").unwrap(), "a/./b");
+        assert_eq!(decode_key("a%01b").unwrap(), "a\u{1}b");
+        assert_eq!(decode_key("a%0Ab%2F%2F").unwrap(), "a\nb//");
         assert_eq!(decode_key("a/..b/c..").unwrap(), "a/..b/c..");
+        let over = "%C3%A9".repeat(513);
+        assert!(
+            decode_key(&over)
+                .unwrap_err()
+                .starts_with("is 1026 bytes long, S3 allows 1024")
+        );
     }
 
     #[test]

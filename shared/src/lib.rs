@@ -18,6 +18,7 @@ pub mod dynamo;
 pub mod error;
 pub mod event;
 pub mod filter;
+pub mod key;
 pub mod ledger;
 pub mod memory;
 pub mod metrics;

@@ -450,12 +450,18 @@ impl StatsStore for MemoryState {
             .unwrap_or_default())
     }
 
-    async fn record_suppressed(&self, rule_id: &str, delete: &SuppressedDelete) -> Result<()> {
-        locked(&self.suppressed)
-            .entry(rule_id.to_string())
-            .or_default()
-            .push(delete.clone());
-        Ok(())
+    async fn record_suppressed(&self, rule_id: &str, delete: &SuppressedDelete) -> Result<bool> {
+        let mut all = locked(&self.suppressed);
+        let recorded = all.entry(rule_id.to_string()).or_default();
+        let id = delete.identity();
+        if recorded
+            .iter()
+            .any(|d| d.key == delete.key && d.identity() == id)
+        {
+            return Ok(false);
+        }
+        recorded.push(delete.clone());
+        Ok(true)
     }
 
     async fn suppressed(&self, rule_id: &str) -> Result<Vec<SuppressedDelete>> {

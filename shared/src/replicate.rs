@@ -12,11 +12,11 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::allowed::AllowedBuckets;
-use crate::copy::{CopyEngine, is_replica};
+use crate::copy::{CopyEngine, source_state};
 use crate::dead_letter::DeadLetters;
 use crate::error::{Error, Result};
 use crate::event::{EventKind, Incoming, Invocation, ReplicationEvent, SqsItem, parse_invocation};
-use crate::filter::{Action, SkipReason, decide};
+use crate::filter::{Skip, SourceState, Step, converge, outside_rule};
 use crate::ledger::{Freshness, freshness, normalize_sequencer};
 use crate::metrics;
 use crate::object_store::ObjectStore;
@@ -38,9 +38,14 @@ impl StoreProvider for crate::s3::S3Clients {
 /// What became of one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// The source's current object was copied to the target.
     Replicated { bytes: u64 },
+    /// The target object was removed (policy `full`, source absent).
     Deleted,
-    Skipped(&'static str),
+    /// A delete kept from the target by policy `write`, recorded for the first time.
+    Suppressed,
+    /// Nothing changed, for this reason.
+    Skipped(Skip),
 }
 
 impl Outcome {
@@ -48,7 +53,8 @@ impl Outcome {
         match self {
             Outcome::Replicated { .. } => "replicated",
             Outcome::Deleted => "deleted",
-            Outcome::Skipped(reason) => reason,
+            Outcome::Suppressed => "suppressed_delete",
+            Outcome::Skipped(skip) => skip.as_str(),
         }
     }
 }
@@ -61,6 +67,11 @@ const BATCH_CONCURRENCY: usize = 8;
 const REMOVED: &str = "(removed)";
 /// Commits tried for one event before it is failed (each lost race re-applies).
 const MAX_COMMITS: u32 = 5;
+/// Reads of the source for one application: a copy that finds something gone mid-way
+/// reads the source again and converges on what it holds then.
+const MAX_SOURCE_READS: u32 = 3;
+/// The ledger's sequencer for a key whose events carried none (older than any real one).
+const NO_SEQUENCER: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Settings of the replicate function.
 #[derive(Clone, Debug)]
@@ -245,7 +256,7 @@ impl Replicator {
             })?;
         let Some(rule) = rule else {
             tracing::info!(bucket = %event.bucket, key = %event.key, "no rule for this bucket, acknowledged");
-            return Ok(Outcome::Skipped("no_rule"));
+            return Ok(Outcome::Skipped(Skip::NoRule));
         };
         self.settings
             .allowed
@@ -280,8 +291,8 @@ impl Replicator {
                             c.replicated_bytes += bytes;
                         }
                         Outcome::Deleted => c.deletes += 1,
-                        Outcome::Skipped("suppressed_delete") => c.suppressed_deletes += 1,
-                        Outcome::Skipped("stale" | "duplicate") => c.skipped_stale += 1,
+                        Outcome::Suppressed => c.suppressed_deletes += 1,
+                        Outcome::Skipped(skip) if skip.is_stale() => c.skipped_stale += 1,
                         Outcome::Skipped(_) => c.skipped_other += 1,
                     }
                     c.newest_event_at = c.newest_event_at.max(event.event_time);
@@ -302,40 +313,19 @@ impl Replicator {
     }
 
     /// Applies one event under its rule, once (retries are the caller's).
+    ///
+    /// The event only names a key: what is done is what the source holds for that key now
+    /// (`filter::converge`). The sequencer lets a provably stale or duplicate event skip the
+    /// work; the ledger's version is the optimistic lock that makes a lost race re-apply,
+    /// with or without a sequencer.
     pub async fn apply_with_rule(&self, rule: &Rule, event: &ReplicationEvent) -> Result<Outcome> {
         if rule.paused {
             return Err(Error::RulePaused(rule.id.clone()));
         }
-        let action = match decide(rule, event) {
-            Action::Skip(SkipReason::SuppressedDelete) => {
-                let kind = event.kind;
-                self.state
-                    .record_suppressed(
-                        &rule.id,
-                        &SuppressedDelete {
-                            key: event.key.clone(),
-                            event_time: event.event_time,
-                            sequencer: event.sequencer.clone(),
-                            delete_marker: matches!(
-                                kind,
-                                crate::event::EventKind::Removed {
-                                    delete_marker: true
-                                }
-                            ),
-                            recorded_at: Utc::now(),
-                        },
-                    )
-                    .await?;
-                return Ok(Outcome::Skipped(SkipReason::SuppressedDelete.as_str()));
-            }
-            Action::Skip(reason) => return Ok(Outcome::Skipped(reason.as_str())),
-            action => action,
-        };
-        let Some(sequencer) = event.sequencer.as_deref().and_then(normalize_sequencer) else {
-            // No sequencer (moto's S3->SQS events, hand-made events): no order to check;
-            // applying the source's current state is still never older than the event.
-            return self.apply_current_state(rule, &event.key, action).await;
-        };
+        if let Some(skip) = outside_rule(rule, event) {
+            return Ok(Outcome::Skipped(skip));
+        }
+        let sequencer = event.sequencer.as_deref().and_then(normalize_sequencer);
         // What the event is about: the ETag it announced, or a removal. (S3's own delete
         // events carry no ETag; moto's carry the deleted object's.)
         let etag = match event.kind {
@@ -343,22 +333,27 @@ impl Replicator {
             EventKind::Removed { .. } => REMOVED.to_string(),
         };
         let mut entry = self.state.read_ledger(&rule.id, &event.key).await?;
-        match freshness(entry.as_ref(), &sequencer, &etag) {
-            Freshness::Stale => return Ok(Outcome::Skipped("stale")),
-            Freshness::Duplicate => return Ok(Outcome::Skipped("duplicate")),
-            Freshness::New => {}
+        if let Some(seq) = &sequencer {
+            match freshness(entry.as_ref(), seq, &etag) {
+                Freshness::Stale => return Ok(Outcome::Skipped(Skip::Stale)),
+                Freshness::Duplicate => return Ok(Outcome::Skipped(Skip::Duplicate)),
+                Freshness::New => {}
+            }
         }
         for _ in 0..MAX_COMMITS {
-            let outcome = self.apply_current_state(rule, &event.key, action).await?;
-            let newest = entry
-                .as_ref()
-                .map(|e| e.sequencer.clone())
-                .filter(|s| *s > sequencer)
-                .unwrap_or_else(|| sequencer.clone());
+            let outcome = self.converge_key(rule, event).await?;
+            // The entry keeps the newest event seen: ours when it is at least as new (an
+            // event without a sequencer only moves the version on).
+            let (newest, newest_etag) = match (&entry, &sequencer) {
+                (Some(e), Some(seq)) if e.sequencer > *seq => (e.sequencer.clone(), e.etag.clone()),
+                (_, Some(seq)) => (seq.clone(), etag.clone()),
+                (Some(e), None) => (e.sequencer.clone(), e.etag.clone()),
+                (None, None) => (NO_SEQUENCER.to_string(), etag.clone()),
+            };
             let expected = entry.as_ref().map(|e| e.version);
             if self
                 .state
-                .commit_ledger(&rule.id, &event.key, expected, &newest, &etag)
+                .commit_ledger(&rule.id, &event.key, expected, &newest, &newest_etag)
                 .await?
             {
                 return Ok(outcome);
@@ -376,40 +371,64 @@ impl Replicator {
         })
     }
 
-    /// Makes the target match the source's *current* state for `key`, whatever event
-    /// announced the change, so a late event can never bring back an older version.
-    async fn apply_current_state(&self, rule: &Rule, key: &str, action: Action) -> Result<Outcome> {
+    /// Makes the target match what the source holds for the event's key *now*, whatever
+    /// the event announced (see `filter::converge`), so a late or re-applied event can
+    /// never leave an older state behind.
+    async fn converge_key(&self, rule: &Rule, event: &ReplicationEvent) -> Result<Outcome> {
+        let key = event.key.as_str();
         let source = self.stores.store(&rule.source);
         let engine = &self.settings.engine;
-        let current = match action {
-            Action::Copy => engine.read_source(rule, source.as_ref(), key).await?,
-            _ => source.head(key).await?.map(|info| (info, None)),
-        };
-        match (action, current) {
-            (Action::Copy, None) => Ok(Outcome::Skipped("source_gone")),
-            (Action::Copy, Some((info, _))) if is_replica(&info) => {
-                Ok(Outcome::Skipped("replica_loop"))
-            }
-            (Action::Copy, Some((info, body))) => {
-                let target = self.stores.store(&rule.target);
-                match engine
-                    .copy_for_rule(rule, source.as_ref(), target.as_ref(), &info, body, None)
-                    .await
-                {
-                    Ok(done) => Ok(Outcome::Replicated { bytes: done.bytes }),
-                    // Deleted while being copied (its tags or bytes were gone): the delete's
-                    // own event brings the target along.
-                    Err(Error::NotFound { .. }) => Ok(Outcome::Skipped("source_gone")),
-                    Err(e) => Err(e),
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let current = engine.read_source(rule, source.as_ref(), key).await?;
+            let state = match &current {
+                None => SourceState::Absent,
+                Some((info, _)) => source_state(info, &rule.source.bucket),
+            };
+            match converge(rule.policy, event.kind, state) {
+                Step::Copy => {
+                    let Some((info, body)) = current else {
+                        return Err(Error::Config("copy step without a source object".into()));
+                    };
+                    let target = self.stores.store(&rule.target);
+                    match engine
+                        .copy_for_rule(rule, source.as_ref(), target.as_ref(), &info, body, None)
+                        .await
+                    {
+                        Ok(done) => return Ok(Outcome::Replicated { bytes: done.bytes }),
+                        // Something vanished mid-copy (the source deleted, its tags or bytes
+                        // gone): read the source again and converge on what it holds then.
+                        Err(Error::NotFound { .. }) if attempt < MAX_SOURCE_READS => continue,
+                        Err(e) => return Err(e),
+                    }
                 }
+                Step::DeleteTarget => {
+                    self.stores.store(&rule.target).delete(key).await?;
+                    return Ok(Outcome::Deleted);
+                }
+                Step::RecordSuppressed => {
+                    let delete = SuppressedDelete {
+                        key: key.to_string(),
+                        event_time: event.event_time,
+                        sequencer: event.sequencer.clone(),
+                        delete_marker: matches!(
+                            event.kind,
+                            EventKind::Removed {
+                                delete_marker: true
+                            }
+                        ),
+                        recorded_at: Utc::now(),
+                    };
+                    let first = self.state.record_suppressed(&rule.id, &delete).await?;
+                    return Ok(if first {
+                        Outcome::Suppressed
+                    } else {
+                        Outcome::Skipped(Skip::SuppressedBefore)
+                    });
+                }
+                Step::Leave(skip) => return Ok(Outcome::Skipped(skip)),
             }
-            // Re-created after the delete: the newer create wins.
-            (Action::Delete, Some(_)) => Ok(Outcome::Skipped("recreated")),
-            (Action::Delete, None) => {
-                self.stores.store(&rule.target).delete(key).await?;
-                Ok(Outcome::Deleted)
-            }
-            (Action::Skip(reason), _) => Ok(Outcome::Skipped(reason.as_str())),
         }
     }
 
@@ -735,7 +754,7 @@ mod tests {
         let r = s.state.get_rule("r1").await.unwrap().unwrap();
         assert_eq!(
             s.rep.apply_with_rule(&r, ev).await.unwrap(),
-            Outcome::Skipped("replica_loop")
+            Outcome::Skipped(Skip::ReplicaOfOther)
         );
     }
 
@@ -897,7 +916,7 @@ mod tests {
             async fn counters(&self, rule_id: &str) -> Result<RealtimeCounters> {
                 self.inner.counters(rule_id).await
             }
-            async fn record_suppressed(&self, rule_id: &str, d: &SuppressedDelete) -> Result<()> {
+            async fn record_suppressed(&self, rule_id: &str, d: &SuppressedDelete) -> Result<bool> {
                 self.inner.record_suppressed(rule_id, d).await
             }
             async fn suppressed(&self, rule_id: &str) -> Result<Vec<SuppressedDelete>> {

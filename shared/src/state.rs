@@ -167,6 +167,24 @@ pub struct SuppressedDelete {
     pub recorded_at: DateTime<Utc>,
 }
 
+impl SuppressedDelete {
+    /// What tells this delete from any other of the same key: its sequencer, else its
+    /// event time (moto's S3->SQS events carry no sequencer), else nothing (then every
+    /// delete of the key without either is one record).
+    pub fn identity(&self) -> String {
+        match (&self.sequencer, self.event_time) {
+            (Some(seq), _) => crate::ledger::normalize_sequencer(seq)
+                .map(|s| format!("seq:{}", s.trim_end_matches('0')))
+                .unwrap_or_else(|| format!("seq:{seq}")),
+            (None, Some(t)) => format!(
+                "time:{}",
+                t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            ),
+            (None, None) => "unknown".to_string(),
+        }
+    }
+}
+
 /// Counters and records the status function and the CLI read.
 #[async_trait]
 pub trait StatsStore: Send + Sync {
@@ -174,8 +192,9 @@ pub trait StatsStore: Send + Sync {
     async fn add_counters(&self, rule_id: &str, delta: &RealtimeCounters) -> Result<()>;
     /// The rule's counters so far.
     async fn counters(&self, rule_id: &str) -> Result<RealtimeCounters>;
-    /// Records one suppressed delete.
-    async fn record_suppressed(&self, rule_id: &str, delete: &SuppressedDelete) -> Result<()>;
+    /// Records one suppressed delete, once per [`SuppressedDelete::identity`]: `Ok(false)`
+    /// when that delete was recorded before (a redelivered or re-applied event).
+    async fn record_suppressed(&self, rule_id: &str, delete: &SuppressedDelete) -> Result<bool>;
     /// Suppressed deletes of the rule, oldest first.
     async fn suppressed(&self, rule_id: &str) -> Result<Vec<SuppressedDelete>>;
 }

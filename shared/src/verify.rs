@@ -242,7 +242,10 @@ fn spawn_listing(
             after = page.objects.last().map(|o| o.key.clone());
             listed.fetch_add(page.objects.len() as u64, Ordering::Relaxed);
             for o in page.objects {
-                if tx.send(Ok(o)).await.is_err() {
+                // The one key validation every path applies (a server listing a key S3
+                // could not hold is reported, not compared).
+                let checked = crate::key::check_in(store.bucket(), &o.key).map(|()| o);
+                if tx.send(checked).await.is_err() {
                     return;
                 }
             }

@@ -14,6 +14,10 @@
 //!
 //! The `Host` header and every signed header are forwarded untouched, so servers that
 //! check SigV4 (s3s-fs) still accept the requests.
+//!
+//! For race tests the proxy can also *hold* one chosen request ([`FaultProxy::hold`]):
+//! the request is read whole, then kept from the server until the test releases it, so a
+//! test decides exactly which of two concurrent writes lands last.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -128,7 +132,39 @@ enum Fate {
     Delay(Duration),
 }
 
+/// A request to hold when it comes: the first one with this method whose path (without
+/// the query) is `path`.
+struct PendingHold {
+    method: String,
+    path: String,
+    arrived: tokio::sync::oneshot::Sender<()>,
+    release: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// One held request, seen from the test.
+pub struct Held {
+    arrived: tokio::sync::oneshot::Receiver<()>,
+    release: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Held {
+    /// Waits (up to `timeout`) until the request has reached the proxy and is held there.
+    pub async fn arrived(&mut self, timeout: Duration) -> Result<()> {
+        tokio::time::timeout(timeout, &mut self.arrived)
+            .await
+            .context("the request to hold never came")?
+            .context("the proxy stopped before the request came")
+    }
+
+    /// Lets the held request go on to the server.
+    pub fn release(self) {
+        let _ = self.release.send(());
+    }
+}
+
 struct Shared {
+    /// Requests to hold, in the order they were asked for.
+    holds: Mutex<Vec<PendingHold>>,
     /// Faults only while on: setup and checks go through untouched.
     active: std::sync::atomic::AtomicBool,
     upstream: String,
@@ -162,6 +198,7 @@ impl FaultProxy {
         let addr = listener.local_addr()?;
         let stats = Arc::new(FaultStats::default());
         let shared = Arc::new(Shared {
+            holds: Mutex::new(Vec::new()),
             active: std::sync::atomic::AtomicBool::new(false),
             upstream: upstream.trim_end_matches('/').to_string(),
             plan,
@@ -194,6 +231,28 @@ impl FaultProxy {
             shared: control,
             task,
         })
+    }
+
+    /// Holds the next `method` request for `path` (as sent: `/bucket/percent-encoded-key`,
+    /// without the query) until [`Held::release`]; a held request dropped unreleased goes
+    /// on too.
+    pub fn hold(&self, method: &str, path: &str) -> Held {
+        let (arrived_tx, arrived_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel();
+        self.shared
+            .holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(PendingHold {
+                method: method.to_string(),
+                path: path.to_string(),
+                arrived: arrived_tx,
+                release: release_rx,
+            });
+        Held {
+            arrived: arrived_rx,
+            release: release_tx,
+        }
     }
 
     /// Turns fault injection on or off (off when started).
@@ -269,6 +328,19 @@ impl Shared {
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".into());
+        let hold = {
+            let mut holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+            let bare = path.split('?').next().unwrap_or_default();
+            holds
+                .iter()
+                .position(|h| h.method == req.method().as_str() && h.path == bare)
+                .map(|i| holds.remove(i))
+        };
+        if let Some(hold) = hold {
+            let _ = hold.arrived.send(());
+            // Released, or the test dropped its handle: either way the request goes on.
+            let _ = hold.release.await;
+        }
         let fate = self.fate(&format!("{} {}", req.method(), path));
         match fate {
             Fate::SlowDown => {
