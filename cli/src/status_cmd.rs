@@ -139,6 +139,12 @@ fn frame(report: &StatusReport) -> Vec<Line> {
             "{dead} failed event(s) in the dead-letter queue: see why with the DLQ, replay with `crr redrive`"
         )));
     }
+    if report.unattributed_failed > 0 {
+        lines.push(Line::Alert(format!(
+            "{} dead-lettered event(s) named no rule (malformed, or for a bucket no rule replicates)",
+            report.unattributed_failed
+        )));
+    }
     if report.rules.is_empty() {
         lines.push(Line::Text(
             "no rules (create one with `crr rule create`)".into(),

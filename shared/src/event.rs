@@ -306,6 +306,15 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
+/// The source bucket a message body names, read as loosely as possible: for counting a
+/// malformed event against its rule when only part of it is wrong.
+pub fn bucket_hint(body: &str) -> Option<String> {
+    let value: Value = serde_json::from_str(body).ok()?;
+    let named = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+    named(value.pointer("/Records/0/s3/bucket/name"))
+        .or_else(|| named(value.pointer("/detail/bucket/name")))
+}
+
 /// Deserializes `value`, an error naming the field at fault (`s3.object.key: invalid
 /// type...`), so a bad event's reason says where it is wrong.
 fn from_value_at<T: serde::de::DeserializeOwned>(value: &Value) -> std::result::Result<T, String> {
@@ -368,6 +377,16 @@ mod tests {
             Incoming::Change(e) => e,
             other => panic!("expected a change, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_malformed_body_still_names_its_bucket_where_it_can() {
+        let bad_key = json!({"Records": [s3_record("ObjectCreated:Put", "%FF", None)]});
+        assert_eq!(bucket_hint(&bad_key.to_string()).as_deref(), Some("src"));
+        let eb = json!({"detail": {"bucket": {"name": "b1"}, "object": {}}});
+        assert_eq!(bucket_hint(&eb.to_string()).as_deref(), Some("b1"));
+        assert_eq!(bucket_hint("{truncated"), None);
+        assert_eq!(bucket_hint("{\"Records\": 5}"), None);
     }
 
     #[test]

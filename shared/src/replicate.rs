@@ -22,7 +22,7 @@ use crate::metrics;
 use crate::object_store::ObjectStore;
 use crate::retry::RetryPolicy;
 use crate::rule::{BucketRef, Rule};
-use crate::state::{RealtimeCounters, StateStore, SuppressedDelete};
+use crate::state::{NO_RULE_COUNTERS, RealtimeCounters, StateStore, SuppressedDelete};
 
 /// Gives an `ObjectStore` for a rule's bucket (S3 clients in Lambda, memory in tests).
 pub trait StoreProvider: Send + Sync {
@@ -187,10 +187,14 @@ impl Replicator {
                 Ok(()) => return None,
                 Err(f) => f,
             },
-            Err(error) => Failure {
-                rule_id: None,
-                error,
-            },
+            Err(error) => {
+                // Malformed: counted against the rule of the bucket it names, if it names one.
+                let rule_id = match crate::event::bucket_hint(&item.body) {
+                    Some(bucket) => self.rule_for(&bucket).await.ok().flatten().map(|r| r.id),
+                    None => None,
+                };
+                Failure { rule_id, error }
+            }
         };
         let give_up =
             !failure.error.is_retryable() || item.receive_count >= self.settings.max_receives;
@@ -205,9 +209,8 @@ impl Replicator {
                 .await
             {
                 Ok(()) => {
-                    if let Some(rule_id) = &failure.rule_id {
-                        tally.add(rule_id, |c| c.failed += 1);
-                    }
+                    let rule_id = failure.rule_id.as_deref().unwrap_or(NO_RULE_COUNTERS);
+                    tally.add(rule_id, |c| c.failed += 1);
                     return None;
                 }
                 Err(e) => {
@@ -667,6 +670,20 @@ mod tests {
             dead[0].1
         );
         assert!(s.dst.bytes("good").is_some());
+        // It names no bucket: counted deployment-wide, not against a rule.
+        assert_eq!(s.state.counters(NO_RULE_COUNTERS).await.unwrap().failed, 1);
+        assert_eq!(s.state.counters("r1").await.unwrap().failed, 0);
+        // A bad key in an event for the rule's bucket counts against that rule.
+        let resp = s
+            .rep
+            .handle(
+                &sqs(&[("m4", notification("ObjectCreated:Put", "%FF"))]),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp, json!({"batchItemFailures": []}));
+        assert_eq!(s.state.counters("r1").await.unwrap().failed, 1);
     }
 
     #[tokio::test]

@@ -113,6 +113,10 @@ pub trait LedgerStore: Send + Sync {
     ) -> Result<bool>;
 }
 
+/// The counters row of events that name no rule (malformed, or for a bucket no rule
+/// replicates) and were dead-lettered: deployment-wide, not any rule's.
+pub const NO_RULE_COUNTERS: &str = "(no rule)";
+
 /// Increments of a rule's real-time counters, summed over one invocation so the table
 /// sees one counter write per invocation, not per object.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

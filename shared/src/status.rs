@@ -185,6 +185,10 @@ pub struct StatusReport {
     /// The event queue's backlog (`null` where no queue is configured).
     pub queue: Option<Backlog>,
     pub rules: Vec<RuleStatus>,
+    /// Events dead-lettered that name no rule (malformed beyond reading a bucket, or for a
+    /// bucket no rule replicates): deployment-wide, in no rule's `failed`.
+    #[serde(default)]
+    pub unattributed_failed: u64,
 }
 
 /// Reads and computes status reports.
@@ -248,10 +252,16 @@ impl StatusService {
                 now,
             ));
         }
+        let unattributed_failed = self
+            .stats
+            .counters(crate::state::NO_RULE_COUNTERS)
+            .await?
+            .failed;
         Ok(StatusReport {
             generated_at: now,
             queue,
             rules: statuses,
+            unattributed_failed,
         })
     }
 }

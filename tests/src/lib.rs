@@ -356,6 +356,59 @@ pub struct RunningFunction {
     pub port: u16,
 }
 
+/// A moto server of a test's own, on a free loopback port, stopped by PID when dropped.
+/// One moto process is one Python thread: heavy scenarios each get their own, so they do
+/// not queue behind each other on the stack's shared servers.
+pub struct OwnMoto {
+    pub server: S3Server,
+    child: Child,
+}
+
+impl OwnMoto {
+    /// Starts moto (S3, SQS, EventBridge) standing for `region`, and waits until it answers.
+    pub async fn start(region: &str) -> Result<Self> {
+        let port = free_port()?;
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context(
+                "starting a moto server (python3 -m moto.server; see scripts/install-tools)",
+            )?;
+        let own = Self {
+            server: S3Server {
+                endpoint: format!("http://127.0.0.1:{port}"),
+                region: region.to_string(),
+            },
+            child,
+        };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(own);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("moto did not start on port {port} within 60 s")
+    }
+}
+
+impl Drop for OwnMoto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A free port on 127.0.0.1 (bound, read, released).
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

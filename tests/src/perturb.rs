@@ -43,6 +43,21 @@ impl PerturbPlan {
     }
 }
 
+impl PerturbPlan {
+    /// Each event delivered exactly once, as S3 and SQS do almost always: no duplicate
+    /// added, no successful message redelivered; order still shuffled within 40 and 10%
+    /// held back. Only a failed (or killed) invocation's messages come back.
+    pub fn once(seed: u64) -> Self {
+        Self {
+            seed,
+            duplicates: 1,
+            window: 40,
+            delay: 0.1,
+            redeliver_success: 0.0,
+        }
+    }
+}
+
 /// One SQS message on its way to the function.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -54,6 +69,8 @@ pub struct Delivery {
 /// Counts of what the perturber did.
 #[derive(Debug, Default, Clone)]
 pub struct PerturbStats {
+    /// Messages taken from the queue (each may hold records, or be an S3 test event).
+    pub messages: u64,
     pub events: u64,
     pub delivered: u64,
     pub duplicates_added: u64,
@@ -110,6 +127,7 @@ impl Perturber {
             }
         }
         let body = event.to_string();
+        self.stats.messages += 1;
         for copy in 0..self.plan.duplicates.max(1) {
             if copy > 0 {
                 self.stats.duplicates_added += 1;
