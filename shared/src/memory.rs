@@ -12,7 +12,9 @@ use md5::{Digest, Md5};
 
 use crate::error::{Error, Result};
 use crate::ledger::LedgerEntry;
-use crate::object_store::{FetchedObject, ObjectInfo, ObjectStore, UploadedPart, WriteAttrs};
+use crate::object_store::{
+    FetchedObject, ObjectInfo, ObjectStore, TargetPrecondition, UploadedPart, WriteAttrs,
+};
 use crate::rule::Rule;
 use crate::state::{
     Claim, LedgerStore, RealtimeCounters, RuleStore, StatsStore, SuppressedDelete, claims_of,
@@ -66,6 +68,12 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Longest key S3 accepts, in bytes of UTF-8.
+const MAX_KEY_BYTES: usize = 1024;
+
+/// Smallest part S3 accepts before the last part of a multipart upload.
+const MIN_PART_BYTES: usize = 5 * 1024 * 1024;
+
 impl MemoryObjectStore {
     /// The world this bucket lives in.
     pub fn world(&self) -> MemoryWorld {
@@ -94,6 +102,54 @@ impl MemoryObjectStore {
 
     fn resource(&self, key: &str) -> String {
         format!("s3://{}/{}", self.bucket, key)
+    }
+
+    /// An error S3 answers with a 4xx code that has no variant of its own, as `S3Store`
+    /// reports it.
+    fn refused(&self, operation: &'static str, key: &str, code: &str, message: &str) -> Error {
+        Error::Service {
+            operation,
+            resource: self.resource(key),
+            detail: format!("{code}: {message}"),
+            source: format!("{code}: {message}").into(),
+        }
+    }
+
+    /// S3 refuses to create keys over 1024 bytes (KeyTooLongError).
+    fn check_key(&self, operation: &'static str, key: &str) -> Result<()> {
+        if key.len() > MAX_KEY_BYTES {
+            return Err(self.refused(operation, key, "KeyTooLongError", "Your key is too long"));
+        }
+        Ok(())
+    }
+
+    /// Whether a write may replace what `key` holds now, as S3 decides for
+    /// `If-None-Match: *` (412 if there is an object) and `If-Match` (412 if its ETag
+    /// differs, 404 NoSuchKey if there is no object).
+    fn check_target(
+        &self,
+        operation: &'static str,
+        key: &str,
+        precondition: Option<&TargetPrecondition>,
+    ) -> Result<()> {
+        let current = self.object(key).map(|o| o.info.etag);
+        match (precondition, current) {
+            (Some(TargetPrecondition::Etag(_)), None) => Err(Error::NotFound {
+                operation,
+                resource: self.resource(key),
+            }),
+            (Some(TargetPrecondition::Absent), Some(_)) => Err(Error::Precondition {
+                operation,
+                resource: self.resource(key),
+            }),
+            (Some(TargetPrecondition::Etag(want)), Some(etag)) if *want != etag => {
+                Err(Error::Precondition {
+                    operation,
+                    resource: self.resource(key),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     fn store_object(
@@ -183,31 +239,32 @@ impl ObjectStore for MemoryObjectStore {
                 resource: self.resource(key),
             });
         }
+        let len = obj.data.len() as u64;
         Ok(match range {
-            Some((start, end)) => obj.data.slice(start as usize..end as usize),
+            // S3 cuts a range that reaches past the end, and refuses one that starts there.
+            Some((start, _)) if start >= len => {
+                return Err(self.refused(
+                    "GetObject",
+                    key,
+                    "InvalidRange",
+                    "The requested range is not satisfiable",
+                ));
+            }
+            Some((start, end)) => obj.data.slice(start as usize..end.min(len) as usize),
             None => obj.data.clone(),
         })
     }
 
     async fn put(&self, key: &str, body: Bytes, attrs: &WriteAttrs) -> Result<String> {
-        let current = self.object(key).map(|o| o.info.etag);
-        let allowed = match &attrs.precondition {
-            None => true,
-            Some(crate::object_store::TargetPrecondition::Absent) => current.is_none(),
-            Some(crate::object_store::TargetPrecondition::Etag(e)) => current.as_ref() == Some(e),
-        };
-        if !allowed {
-            return Err(Error::Precondition {
-                operation: "PutObject",
-                resource: self.resource(key),
-            });
-        }
+        self.check_key("PutObject", key)?;
+        self.check_target("PutObject", key, attrs.precondition.as_ref())?;
         let etag = hex(&Md5::digest(&body));
         self.store_object(key, body, etag.clone(), attrs, None);
         Ok(etag)
     }
 
-    async fn create_multipart(&self, _key: &str, attrs: &WriteAttrs) -> Result<String> {
+    async fn create_multipart(&self, key: &str, attrs: &WriteAttrs) -> Result<String> {
+        self.check_key("CreateMultipartUpload", key)?;
         let mut world = self.world.lock();
         world.next_upload += 1;
         let id = format!("upload-{}", world.next_upload);
@@ -242,45 +299,46 @@ impl ObjectStore for MemoryObjectStore {
         key: &str,
         upload_id: &str,
         parts: &[UploadedPart],
-        precondition: Option<&crate::object_store::TargetPrecondition>,
+        precondition: Option<&TargetPrecondition>,
     ) -> Result<String> {
-        let current = self.object(key).map(|o| o.info.etag);
-        let allowed = match precondition {
-            None => true,
-            Some(crate::object_store::TargetPrecondition::Absent) => current.is_none(),
-            Some(crate::object_store::TargetPrecondition::Etag(e)) => current.as_ref() == Some(e),
-        };
-        if !allowed {
-            return Err(Error::Precondition {
+        self.check_target("CompleteMultipartUpload", key, precondition)?;
+        let (attrs, stored) = self
+            .world
+            .lock()
+            .uploads
+            .get(upload_id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound {
                 operation: "CompleteMultipartUpload",
                 resource: self.resource(key),
-            });
-        }
-        let (attrs, stored) =
-            self.world
-                .lock()
-                .uploads
-                .remove(upload_id)
-                .ok_or_else(|| Error::NotFound {
-                    operation: "CompleteMultipartUpload",
-                    resource: self.resource(key),
-                })?;
+            })?;
         let mut data = Vec::new();
         let mut digests = Md5::new();
         let first_part = parts
             .first()
             .and_then(|p| stored.get(&p.part_number))
             .map(|b| b.len() as u64);
-        for part in parts {
+        for (i, part) in parts.iter().enumerate() {
             let body = stored
                 .get(&part.part_number)
                 .ok_or_else(|| Error::Integrity {
                     resource: self.resource(key),
                     detail: format!("part {} was never uploaded", part.part_number),
                 })?;
+            // As S3: every part but the last has at least 5 MiB, and a refused completion
+            // leaves the upload in place for another try.
+            if i + 1 < parts.len() && body.len() < MIN_PART_BYTES {
+                return Err(self.refused(
+                    "CompleteMultipartUpload",
+                    key,
+                    "EntityTooSmall",
+                    "Your proposed upload is smaller than the minimum allowed object size.",
+                ));
+            }
             digests.update(Md5::digest(body));
             data.extend_from_slice(body);
         }
+        self.world.lock().uploads.remove(upload_id);
         let etag = format!("{}-{}", hex(&digests.finalize()), parts.len());
         self.store_object(key, Bytes::from(data), etag.clone(), &attrs, first_part);
         Ok(etag)
@@ -298,9 +356,13 @@ impl ObjectStore for MemoryObjectStore {
         if_match: &str,
         attrs: &WriteAttrs,
     ) -> Result<String> {
+        self.check_key("CopyObject", key)?;
         let source = self.world.store(source_bucket);
         let data = source.get(key, None, if_match).await?;
-        let etag = if_match.to_string();
+        self.check_target("CopyObject", key, attrs.precondition.as_ref())?;
+        // A copy is a new single-part object: its ETag is the MD5 of its content, whatever
+        // the source's (a multipart source's `<md5-of-md5s>-N` included), as S3 makes it.
+        let etag = hex(&Md5::digest(&data));
         // Tagging directive REPLACE, as `S3Store` asks: the given tags, none if none.
         self.store_object(key, data, etag.clone(), attrs, None);
         Ok(etag)
@@ -332,11 +394,21 @@ impl ObjectStore for MemoryObjectStore {
     }
 
     async fn tags(&self, key: &str) -> Result<Vec<(String, String)>> {
-        Ok(self.object(key).map(|o| o.tags).unwrap_or_default())
+        self.object(key)
+            .map(|o| o.tags)
+            .ok_or_else(|| Error::NotFound {
+                operation: "GetObjectTagging",
+                resource: self.resource(key),
+            })
     }
 
     async fn first_part_size(&self, key: &str) -> Result<Option<u64>> {
-        Ok(self.object(key).and_then(|o| o.first_part))
+        self.object(key)
+            .map(|o| o.first_part)
+            .ok_or_else(|| Error::NotFound {
+                operation: "HeadObject",
+                resource: self.resource(key),
+            })
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

@@ -86,9 +86,11 @@ pub struct WriteAttrs {
 /// overwriting what real-time replication wrote after the backfill looked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetPrecondition {
-    /// No object under the key (`If-None-Match: *`).
+    /// No object under the key (`If-None-Match: *`); else `Error::Precondition`.
     Absent,
-    /// The object with this ETag (`If-Match`).
+    /// The object with this ETag (`If-Match`); else `Error::Precondition`, or
+    /// `Error::NotFound` when there is no object at all (S3's 404; some S3-compatible
+    /// servers answer 412 there too).
     Etag(String),
 }
 
