@@ -77,7 +77,7 @@ fn profile() -> Profile {
         .unwrap_or_else(|| fastrand::u64(..));
     let (operations, keys, kills) = match name.as_str() {
         "long" => (10_000, 400, 20),
-        _ => (1_000, 60, 3),
+        _ => (600, 60, 3),
     };
     Profile {
         name,
