@@ -954,9 +954,14 @@ impl BackfillStore for DynamoStore {
             req = req.expression_attribute_values(":cp", s(key));
         }
         set.push_str(
-            " ADD objects_done :a, bytes_done :b, copied :c, fixed :f, in_place :i, skipped :k",
+            " ADD objects_done :a, bytes_done :b, copied :c, #fixed :f, in_place :i, skipped :k",
         );
-        let sent = req.update_expression(set).send().await;
+        let sent = req
+            .update_expression(set)
+            // FIXED is one of DynamoDB's reserved words.
+            .expression_attribute_names("#fixed", "fixed")
+            .send()
+            .await;
         self.conditional("UpdateItem", sent)
     }
 
