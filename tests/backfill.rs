@@ -8,12 +8,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use aws_sdk_s3::primitives::ByteStream;
-use crr_shared::backfill::{BackfillSettings, BackfillStore, Backfiller, JobState, dry_run};
+use crr_shared::backfill::{
+    BackfillSettings, BackfillStore, Backfiller, JobState, Segment, dry_run,
+};
 use crr_shared::copy::CopyEngine;
 use crr_shared::dynamo::DynamoStore;
 use crr_shared::replicate::{Replicator, ReplicatorSettings};
 use crr_shared::rule::{Notify, OnConflict, Rule};
 use crr_shared::rule_admin::create_rule;
+use crr_shared::verify::{DifferenceKind, VerifyOptions, verify};
 use crr_tests::{RunningFunction, Stack, invoke, list_all, rule, seed, unique};
 use serde_json::json;
 
@@ -124,6 +127,100 @@ impl Fixture {
     async fn job_state(&self) -> Result<Option<JobState>> {
         Ok(self.state.job(&self.rule.id).await?.map(|j| j.state))
     }
+
+    /// The job's counters over all segments: (objects, copied, fixed, in place, skipped).
+    async fn counters(&self) -> Result<(u64, u64, u64, u64, u64)> {
+        let segments = self.state.segments(&self.rule.id).await?;
+        let sum = |f: fn(&Segment) -> u64| segments.iter().map(f).sum::<u64>();
+        Ok((
+            sum(|s| s.objects_done),
+            sum(|s| s.copied),
+            sum(|s| s.fixed),
+            sum(|s| s.in_place),
+            sum(|s| s.skipped),
+        ))
+    }
+
+    /// `crr verify`'s comparison of the whole rule (bytes, headers, metadata, tags):
+    /// (matching, drifts).
+    async fn verified(&self) -> Result<(u64, Vec<String>)> {
+        let clients = self.stack.s3_clients();
+        let mut drifts = Vec::new();
+        let summary = verify(
+            &self.rule,
+            Arc::new(clients.store(&self.rule.source)),
+            Arc::new(clients.store(&self.rule.target)),
+            &VerifyOptions::default(),
+            |d| drifts.push(format!("{}: {}", d.key, d.reason)),
+            |_| {},
+        )
+        .await?;
+        Ok((summary.matching, drifts))
+    }
+}
+
+/// Puts `key` into `bucket` with a content type, user metadata and tags (`k=v&...`).
+async fn put_with(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    body: &'static [u8],
+    content_type: &str,
+    metadata: &[(&str, &str)],
+    tagging: &str,
+) -> Result<()> {
+    let mut req = s3
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(ByteStream::from_static(body))
+        .content_type(content_type);
+    for (k, v) in metadata {
+        req = req.metadata(*k, *v);
+    }
+    if !tagging.is_empty() {
+        req = req.tagging(tagging);
+    }
+    req.send().await.with_context(|| format!("putting {key}"))?;
+    Ok(())
+}
+
+/// What a target object shows of itself: ETag, content type, user metadata (crr's
+/// markers aside) and tags.
+async fn described(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+) -> Result<(
+    String,
+    String,
+    BTreeMap<String, String>,
+    Vec<(String, String)>,
+)> {
+    let head = s3.head_object().bucket(bucket).key(key).send().await?;
+    let tags = s3
+        .get_object_tagging()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await?;
+    Ok((
+        head.e_tag()
+            .unwrap_or_default()
+            .trim_matches('"')
+            .to_string(),
+        head.content_type().unwrap_or_default().to_string(),
+        head.metadata()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| !k.starts_with("crr-source-"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        tags.tag_set()
+            .iter()
+            .map(|t| (t.key().to_string(), t.value().to_string()))
+            .collect(),
+    ))
 }
 
 fn objects(prefix: &str, n: usize) -> Vec<(String, Vec<u8>)> {
@@ -174,6 +271,9 @@ async fn five_thousand_objects_in_three_prefixes_over_many_invocations() -> Resu
     let segments = f.state.segments(&f.rule.id).await?;
     assert_eq!(segments.iter().map(|s| s.objects_done).sum::<u64>(), 5000);
     assert!(segments.len() >= 10, "{} segments", segments.len());
+    // Pages cut off by the deadline copied objects without a checkpoint: examined again,
+    // they count as the copies they were, not as objects found in place.
+    assert_eq!(f.counters().await?, (5000, 5000, 0, 0, 0));
     Ok(())
 }
 
@@ -276,6 +376,9 @@ async fn sigkill_at_random_points_still_completes_to_an_exact_copy() -> Result<(
         "objects written more than once: {twice} of {}",
         writes.len()
     );
+    // Every key was written, and counted once as copied, whichever page wrote it.
+    assert_eq!(writes.len(), 2000);
+    assert_eq!(f.counters().await?, (2000, 2000, 0, 0, 0));
     Ok(())
 }
 
@@ -466,5 +569,277 @@ async fn a_realtime_overwrite_during_the_backfill_is_not_reverted() -> Result<()
             "{key} was reverted"
         );
     }
+    Ok(())
+}
+
+/// Source objects of the metadata scenario, and the target objects seeded beside them:
+/// the same bytes with another content type, other user metadata, other tags (as many),
+/// no tags where the source has some; a precise copy; other bytes; and one key missing.
+async fn seed_same_bytes_other_metadata(f: &Fixture) -> Result<()> {
+    let (s3a, s3b) = (f.stack.s3(&f.stack.a), f.stack.s3(&f.stack.b));
+    let (src, dst) = (f.source(), f.target());
+    let red = [("color", "red")];
+    for key in [
+        "m/type",
+        "m/meta",
+        "m/tags",
+        "m/untagged",
+        "m/same",
+        "m/bytes",
+        "m/new",
+    ] {
+        put_with(
+            &s3a,
+            src,
+            key,
+            b"the same bytes",
+            "text/plain",
+            &red,
+            "team=data",
+        )
+        .await?;
+    }
+    let body = b"the same bytes";
+    put_with(
+        &s3b,
+        dst,
+        "m/type",
+        body,
+        "application/octet-stream",
+        &red,
+        "team=data",
+    )
+    .await?;
+    put_with(
+        &s3b,
+        dst,
+        "m/meta",
+        body,
+        "text/plain",
+        &[("color", "blue")],
+        "team=data",
+    )
+    .await?;
+    put_with(&s3b, dst, "m/tags", body, "text/plain", &red, "team=other").await?;
+    put_with(&s3b, dst, "m/untagged", body, "text/plain", &red, "").await?;
+    put_with(&s3b, dst, "m/same", body, "text/plain", &red, "team=data").await?;
+    put_with(
+        &s3b,
+        dst,
+        "m/bytes",
+        b"other bytes, same",
+        "text/plain",
+        &red,
+        "team=data",
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn same_bytes_with_other_metadata_is_overwritten_listed_by_the_plan_and_kept_under_skip()
+-> Result<()> {
+    // on_conflict = overwrite (the default): listed by the plan, then made precise.
+    let f = fixture(&["m/"], |_| {}).await?;
+    seed_same_bytes_other_metadata(&f).await?;
+    let clients = f.stack.s3_clients();
+    let (src, dst) = (clients.store(&f.rule.source), clients.store(&f.rule.target));
+    let report = dry_run(&f.rule, &src, &dst, 3).await?;
+    let listed: Vec<(&str, DifferenceKind)> = report
+        .overwrites
+        .iter()
+        .map(|c| (c.key.as_str(), c.reason))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("m/bytes", DifferenceKind::Bytes),
+            ("m/meta", DifferenceKind::Metadata),
+            ("m/tags", DifferenceKind::Tags),
+            ("m/type", DifferenceKind::Headers),
+            ("m/untagged", DifferenceKind::Tags),
+        ]
+    );
+    assert_eq!(
+        (
+            report.objects,
+            report.to_copy,
+            report.to_fix,
+            report.in_place,
+            report.kept
+        ),
+        (7, 2, 4, 1, 0)
+    );
+    let out = f
+        .stack
+        .crr(&f.table, &["backfill", "plan", &f.rule.id, "--json"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let reasons: Vec<(String, String)> = v["overwrites"]
+        .as_array()
+        .context("overwrites")?
+        .iter()
+        .map(|c| (c["key"].to_string(), c["reason"].to_string()))
+        .collect();
+    assert_eq!(reasons.len(), 5, "{out}");
+    assert!(
+        reasons.contains(&("\"m/type\"".into(), "\"headers\"".into())),
+        "{reasons:?}"
+    );
+    assert_eq!(v["to_fix"], 4);
+
+    let s3b = f.stack.s3(&f.stack.b);
+    let before = described(&s3b, f.target(), "m/meta").await?;
+    let bf = f.backfiller(BackfillSettings {
+        page_size: 3,
+        margin: Duration::ZERO,
+        ..BackfillSettings::default()
+    });
+    bf.start(&f.rule.id).await?;
+    let runs = bf
+        .run(
+            Some(&f.rule.id),
+            "bf",
+            Instant::now() + Duration::from_secs(120),
+        )
+        .await?;
+    assert_eq!(f.job_state().await?, Some(JobState::Completed));
+    // New and other bytes copied; same bytes fixed in place; the precise copy left alone.
+    assert_eq!(f.counters().await?, (7, 2, 4, 1, 0), "{runs:?}");
+    let run = &runs[0];
+    assert_eq!(
+        (run.copied, run.fixed, run.in_place, run.skipped),
+        (2, 4, 1, 0)
+    );
+    let (matching, drifts) = f.verified().await?;
+    assert!(drifts.is_empty(), "{drifts:?}");
+    assert_eq!(matching, 7);
+    // The fix rewrote the metadata, not the bytes: the ETag is the one it had.
+    let after = described(&s3b, f.target(), "m/meta").await?;
+    assert_eq!(after.0, before.0);
+    assert_eq!(after.2.get("color").map(String::as_str), Some("red"));
+    let typed = described(&s3b, f.target(), "m/type").await?;
+    assert_eq!(typed.1, "text/plain");
+    for key in ["m/tags", "m/untagged"] {
+        let tags = described(&s3b, f.target(), key).await?.3;
+        assert_eq!(tags, vec![("team".into(), "data".into())], "{key}");
+    }
+    // A second look finds every object in place, and lists nothing.
+    let report = dry_run(&f.rule, &src, &dst, 1000).await?;
+    assert_eq!((report.in_place, report.overwrites.len()), (7, 0));
+
+    // on_conflict = skip: nothing but the missing key is written; the conflicts are kept.
+    let f = fixture(&["m/"], |r| r.on_conflict = OnConflict::Skip).await?;
+    seed_same_bytes_other_metadata(&f).await?;
+    let clients = f.stack.s3_clients();
+    let (src, dst) = (clients.store(&f.rule.source), clients.store(&f.rule.target));
+    let report = dry_run(&f.rule, &src, &dst, 1000).await?;
+    assert!(report.overwrites.is_empty(), "{:?}", report.overwrites);
+    assert_eq!(
+        (report.to_copy, report.to_fix, report.in_place, report.kept),
+        (1, 0, 1, 5)
+    );
+    let s3b = f.stack.s3(&f.stack.b);
+    let mut kept = BTreeMap::new();
+    for key in ["m/type", "m/meta", "m/tags", "m/untagged", "m/bytes"] {
+        kept.insert(key, described(&s3b, f.target(), key).await?);
+    }
+    let bf = f.backfiller(BackfillSettings {
+        margin: Duration::ZERO,
+        ..BackfillSettings::default()
+    });
+    bf.start(&f.rule.id).await?;
+    bf.run(
+        Some(&f.rule.id),
+        "bf",
+        Instant::now() + Duration::from_secs(120),
+    )
+    .await?;
+    assert_eq!(f.job_state().await?, Some(JobState::Completed));
+    assert_eq!(f.counters().await?, (7, 1, 0, 1, 5));
+    for (key, was) in kept {
+        assert_eq!(
+            described(&s3b, f.target(), key).await?,
+            was,
+            "{key} was changed"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn counters_add_up_after_a_page_killed_mid_way_and_resumed() -> Result<()> {
+    let f = fixture(&[], |_| {}).await?;
+    let all = objects("k/", 300);
+    f.seed(all.clone()).await?;
+    // In the target already: 20 precise copies and 20 with the bytes but another type.
+    let s3b = f.stack.s3(&f.stack.b);
+    for (i, (key, body)) in all.iter().enumerate().take(40) {
+        let mut req = s3b
+            .put_object()
+            .bucket(f.target())
+            .key(key)
+            .body(ByteStream::from(body.clone()));
+        if i % 2 == 1 {
+            req = req.content_type("text/html");
+        }
+        req.send().await?;
+    }
+    let settings = BackfillSettings {
+        // The whole segment is one page: nothing is checkpointed before it is over.
+        page_size: 1000,
+        segment_objects: 1000,
+        workers: 1,
+        copy_concurrency: 1,
+        lease: Duration::from_secs(2),
+        margin: Duration::ZERO,
+        ..BackfillSettings::default()
+    };
+    let bf = f.backfiller(settings.clone());
+    bf.start(&f.rule.id).await?;
+    // Killed (its future dropped mid-page, as a SIGKILL would stop it) once it wrote some
+    // of the page.
+    let run = bf.run(
+        Some(&f.rule.id),
+        "killed",
+        Instant::now() + Duration::from_secs(300),
+    );
+    let some_written = crr_tests::eventually(Duration::from_secs(60), "some copies", || async {
+        let n = list_all(&s3b, f.target()).await?.len();
+        Ok((n >= 40 + 30).then_some(n))
+    });
+    let written = tokio::select! {
+        done = run => anyhow::bail!("the run ended before it was killed: {done:?}"),
+        written = some_written => written?,
+    };
+    let (objects, copied, ..) = f.counters().await?;
+    ensure!(
+        (objects, copied) == (0, 0),
+        "the page was checkpointed before the kill ({objects} objects): the test needs it unfinished"
+    );
+    println!("killed after {} new objects were written", written - 40);
+
+    // The lease expires; another invocation takes the segment over and finishes it.
+    tokio::time::sleep(settings.lease + Duration::from_millis(500)).await;
+    let runs = f
+        .backfiller(settings)
+        .run(
+            Some(&f.rule.id),
+            "resumed",
+            Instant::now() + Duration::from_secs(300),
+        )
+        .await?;
+    assert_eq!(f.job_state().await?, Some(JobState::Completed));
+    let (objects, copied, fixed, in_place, skipped) = f.counters().await?;
+    // What the killed page wrote counts as written, once: not as in place.
+    assert_eq!(
+        (objects, copied, fixed, in_place, skipped),
+        (300, 260, 20, 20, 0),
+        "{runs:?}"
+    );
+    assert_eq!(copied + fixed + in_place + skipped, objects);
+    f.assert_exact_copy().await?;
+    let (matching, drifts) = f.verified().await?;
+    assert!(drifts.is_empty(), "{drifts:?}");
+    assert_eq!(matching, 300);
     Ok(())
 }

@@ -213,15 +213,16 @@ async fn copy_racing_a_delete(mode: Mode, policy: Policy) -> Result<()> {
     let (x, y) = (w.instance(), w.instance());
     let create = w.record("ObjectCreated:Put", key, &etag, None);
     let mut held = w.proxy.hold("PUT", &w.target_path(key));
-    let x_task = tokio::spawn(async move {
-        let r = handle(&x, &create).await;
-        (x, r)
-    });
-    held.arrived(ARRIVAL).await?;
-    w.delete(key).await?;
-    handle(&y, &w.record("ObjectRemoved:Delete", key, "", None)).await?;
-    held.release();
-    let (_x, applied) = x_task.await?;
+    // X and the rest run concurrently on this task: X waits at the proxy meanwhile.
+    let meanwhile = async {
+        held.arrived(ARRIVAL).await?;
+        w.delete(key).await?;
+        handle(&y, &w.record("ObjectRemoved:Delete", key, "", None)).await?;
+        held.release();
+        anyhow::Ok(())
+    };
+    let (applied, meanwhile) = tokio::join!(handle(&x, &create), meanwhile);
+    meanwhile?;
     applied?;
 
     let replica = w.replica_bytes(key).await?;
@@ -274,15 +275,15 @@ async fn delete_racing_a_recreate(mode: Mode, policy: Policy) -> Result<()> {
         handle(&x, &w.record("ObjectCreated:Put", key, &etag, None)).await?;
     } else {
         let mut held = w.proxy.hold("DELETE", &w.target_path(key));
-        let y_task = tokio::spawn(async move {
-            let r = handle(&y, &remove).await;
-            (y, r)
-        });
-        held.arrived(ARRIVAL).await?;
-        let etag = w.put(key, b"second life", &[]).await?;
-        handle(&x, &w.record("ObjectCreated:Put", key, &etag, None)).await?;
-        held.release();
-        let (_y, applied) = y_task.await?;
+        let meanwhile = async {
+            held.arrived(ARRIVAL).await?;
+            let etag = w.put(key, b"second life", &[]).await?;
+            handle(&x, &w.record("ObjectCreated:Put", key, &etag, None)).await?;
+            held.release();
+            anyhow::Ok(())
+        };
+        let (applied, meanwhile) = tokio::join!(handle(&y, &remove), meanwhile);
+        meanwhile?;
         applied?;
     }
     let replica = w.replica_bytes(key).await?;

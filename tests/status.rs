@@ -205,12 +205,12 @@ async fn status_reports_a_known_scenario_alike_in_the_cli_and_the_function() -> 
         rt.lag_seconds
     );
     // The backfill examined 2 old objects (one was deleted) and the 3 live ones, which
-    // real time had already copied.
+    // real time had already copied: precise copies, in place.
     let h = &good.historical;
     assert_eq!(h.state, "completed");
     assert_eq!((h.objects_done, h.objects_total), (5, 5));
     assert_eq!((h.bytes_done, h.bytes_total), (560, 560));
-    assert_eq!((h.copied, h.skipped), (2, 3));
+    assert_eq!((h.copied, h.fixed, h.in_place, h.skipped), (2, 0, 3, 0));
     assert_eq!(
         (h.percent_objects, h.percent_bytes),
         (Some(100.0), Some(100.0))

@@ -80,13 +80,15 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
             let started = std::time::Instant::now();
             backfiller.start(&rule).await?;
             let owner = format!("crr-cli-{}", uuid::Uuid::new_v4().simple());
-            let (mut copied, mut skipped) = (0, 0);
+            let mut total = crr_shared::backfill::RunReport::default();
             loop {
                 // Long "invocations": the deadline only bounds how long a lease is held.
                 let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
                 for report in backfiller.run(Some(&rule), &owner, deadline).await? {
-                    copied += report.copied;
-                    skipped += report.skipped;
+                    total.copied += report.copied;
+                    total.fixed += report.fixed;
+                    total.in_place += report.in_place;
+                    total.skipped += report.skipped;
                 }
                 match state.job(&rule).await?.map(|j| j.state) {
                     Some(JobState::Completed) => break,
@@ -95,9 +97,14 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
                 }
             }
             let secs = started.elapsed().as_secs_f64();
+            let objects = total.copied + total.fixed + total.in_place + total.skipped;
             println!(
-                "backfill of rule {rule}: completed in {secs:.2} s, {copied} copied, {skipped} in place ({:.0} objects/s)",
-                (copied + skipped) as f64 / secs.max(1e-9)
+                "backfill of rule {rule}: completed in {secs:.2} s, {} copied, {} fixed, {} in place, {} skipped ({:.0} objects/s)",
+                total.copied,
+                total.fixed,
+                total.in_place,
+                total.skipped,
+                objects as f64 / secs.max(1e-9)
             );
         }
         BackfillCommand::Start { rule } => {
@@ -127,11 +134,12 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
                 return Ok(());
             }
             println!(
-                "{} objects ({} bytes) in scope: {} to copy ({} bytes), {} already in place, {} conflicts kept (on_conflict {:?})",
+                "{} objects ({} bytes) in scope: {} to copy ({} bytes), {} to fix (metadata only), {} already in place, {} conflicts kept (on_conflict {:?})",
                 report.objects,
                 report.bytes,
                 report.to_copy,
                 report.bytes_to_copy,
+                report.to_fix,
                 report.in_place,
                 report.kept,
                 rule.on_conflict
@@ -144,8 +152,9 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
                     report.overwrites.len()
                 );
                 println!(
-                    "{:<40} {:>12} {:>12}  {:<34} {:<34} {:<25} {:<25}",
+                    "{:<40} {:<8} {:>12} {:>12}  {:<34} {:<34} {:<25} {:<25}  first difference",
                     "key",
+                    "differs",
                     "source size",
                     "target size",
                     "source etag",
@@ -158,14 +167,16 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
                         d.map(|d| d.to_rfc3339()).unwrap_or_else(|| "-".into())
                     };
                     println!(
-                        "{:<40} {:>12} {:>12}  {:<34} {:<34} {:<25} {:<25}",
+                        "{:<40} {:<8} {:>12} {:>12}  {:<34} {:<34} {:<25} {:<25}  {}",
                         c.key,
+                        c.reason.as_str(),
                         c.source_size,
                         c.target_size,
                         c.source_etag,
                         c.target_etag,
                         t(c.source_last_modified),
-                        t(c.target_last_modified)
+                        t(c.target_last_modified),
+                        c.detail
                     );
                 }
             }

@@ -240,7 +240,7 @@ fn historical_line(h: &HistoricalStatus) -> Line {
                 label,
                 percent: h.percent_objects,
                 message: format!(
-                    "{}: objects {}/{} ({:.1}%), bytes {}/{} ({:.1}%), {} copied, {} in place{eta}",
+                    "{}: objects {}/{} ({:.1}%), bytes {}/{} ({:.1}%), {} copied, {} fixed, {} in place, {} skipped{eta}",
                     h.state,
                     h.objects_done,
                     h.objects_total,
@@ -249,6 +249,8 @@ fn historical_line(h: &HistoricalStatus) -> Line {
                     bytes(h.bytes_total),
                     h.percent_bytes.unwrap_or(0.0),
                     h.copied,
+                    h.fixed,
+                    h.in_place,
                     h.skipped,
                 ),
             }

@@ -33,6 +33,10 @@ pub mod marker {
     pub const SOURCE_LAST_MODIFIED: &str = "crr-source-last-modified";
     /// Canonical user id of the source object's owner (S3 makes the writer the owner).
     pub const SOURCE_OWNER: &str = "crr-source-owner";
+    /// Written by the backfill only: which job wrote the replica and how (see
+    /// `backfill::JobMark`), so a page re-examined after it was abandoned counts its
+    /// writes as writes, not as objects found in place.
+    pub const BACKFILL: &str = "crr-source-backfill";
 
     /// True for metadata names written by crr rather than by the user.
     pub fn is_marker(name: &str) -> bool {
@@ -221,15 +225,33 @@ impl CopyEngine {
         body: Option<Bytes>,
         precondition: Option<TargetPrecondition>,
     ) -> Result<CopyOutcome> {
-        let mode = rule.resolved_copy_mode();
-        let tags = if info.tag_count > 0 {
-            source.tags(&info.key).await?
-        } else {
-            Vec::new()
-        };
-        let mut attrs = replica_attrs(Some(rule), source.bucket(), info, tags);
+        let mut attrs = self
+            .attrs_for_rule(rule, source, target, info, None)
+            .await?;
         // Honoured by PutObject, CopyObject and CompleteMultipartUpload.
         attrs.precondition = precondition;
+        self.copy_with_attrs(rule, source, target, info, body, attrs)
+            .await
+    }
+
+    /// What a replica of `info` is written with under `rule`: `replica_attrs` with the
+    /// source's tags (`tags` when the caller read them already, else read where
+    /// `x-amz-tagging-count` says there are some), and the owner marker and canned ACL
+    /// where the rule carries ACLs and the source bucket has them turned on.
+    pub async fn attrs_for_rule(
+        &self,
+        rule: &Rule,
+        source: &dyn ObjectStore,
+        target: &dyn ObjectStore,
+        info: &ObjectInfo,
+        tags: Option<Vec<(String, String)>>,
+    ) -> Result<WriteAttrs> {
+        let tags = match tags {
+            Some(tags) => tags,
+            None if info.tag_count > 0 => source.tags(&info.key).await?,
+            None => Vec::new(),
+        };
+        let mut attrs = replica_attrs(Some(rule), source.bucket(), info, tags);
         if rule.copy_acl && self.source_acls_enabled(source).await? {
             let access = source.access(&info.key).await?;
             if let Some(owner) = access.owner_id {
@@ -239,15 +261,71 @@ impl CopyEngine {
                 attrs.acl = access.canned_acl;
             }
         }
-        match self
-            .copy(source, target, info, body.clone(), &attrs, mode)
-            .await
+        Ok(attrs)
+    }
+
+    /// Copies `info` to the same key in `target` in `rule`'s copy mode, writing `attrs`
+    /// (from `attrs_for_rule`).
+    pub async fn copy_with_attrs(
+        &self,
+        rule: &Rule,
+        source: &dyn ObjectStore,
+        target: &dyn ObjectStore,
+        info: &ObjectInfo,
+        body: Option<Bytes>,
+        attrs: WriteAttrs,
+    ) -> Result<CopyOutcome> {
+        let mode = rule.resolved_copy_mode();
+        self.with_acl_fallback(target, attrs, async |attrs: &WriteAttrs| {
+            self.copy(source, target, info, body.clone(), attrs, mode)
+                .await
+        })
+        .await
+    }
+
+    /// Gives `target`'s object `current` the metadata `attrs` (headers, user metadata,
+    /// tags, ACL) without moving its bytes: a CopyObject of the object onto itself with
+    /// `REPLACE`, if it is still `current` (If-Match, on both sides of the copy). For a
+    /// replica that holds its source's bytes already but not all its metadata. Returns
+    /// the object's new ETag; a single-part object must keep its own (checked).
+    pub async fn rewrite_metadata(
+        &self,
+        target: &dyn ObjectStore,
+        current: &ObjectInfo,
+        mut attrs: WriteAttrs,
+    ) -> Result<String> {
+        attrs.precondition = Some(TargetPrecondition::Etag(current.etag.clone()));
+        let etag = self
+            .with_acl_fallback(target, attrs.clone(), async |attrs: &WriteAttrs| {
+                target
+                    .copy_from(target.bucket(), &current.key, &current.etag, attrs)
+                    .await
+            })
+            .await?;
+        if !current.etag.contains('-')
+            && source_etag_is_md5(current)
+            && attrs.etag_is_md5()
+            && etag != current.etag
         {
+            return Err(integrity(target, &current.key, &current.etag, &etag));
+        }
+        Ok(etag)
+    }
+
+    /// Runs `write`; if the target bucket refuses ACLs (bucket owner enforced), remembers
+    /// that and writes again without the ACL.
+    async fn with_acl_fallback<T>(
+        &self,
+        target: &dyn ObjectStore,
+        mut attrs: WriteAttrs,
+        write: impl AsyncFn(&WriteAttrs) -> Result<T>,
+    ) -> Result<T> {
+        match write(&attrs).await {
             Err(Error::AclNotSupported { .. }) if attrs.acl.is_some() => {
                 tracing::warn!(bucket = %target.bucket(), "target bucket does not accept ACLs (bucket owner enforced): replicas get the bucket's own access rules");
                 self.lock_refused().insert(target.bucket().to_string());
                 attrs.acl = None;
-                self.copy(source, target, info, body, &attrs, mode).await
+                write(&attrs).await
             }
             other => other,
         }
@@ -788,6 +866,34 @@ mod tests {
         );
         assert!(!attrs.etag_is_md5());
         let _ = src;
+    }
+
+    #[tokio::test]
+    async fn a_metadata_rewrite_keeps_the_bytes_and_refuses_a_changed_object() {
+        let (src, info) = seeded(100).await;
+        let mut attrs = replica_attrs(None, "src", &info, vec![("k".into(), "v".into())]);
+        attrs.headers.content_type = Some("application/json".into());
+        let etag = CopyEngine::default()
+            .rewrite_metadata(&src, &info, attrs.clone())
+            .await
+            .unwrap();
+        assert_eq!(etag, info.etag);
+        let after = src.head(&info.key).await.unwrap().unwrap();
+        assert_eq!(
+            after.headers.content_type.as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(after.metadata[marker::SOURCE_ETAG], info.etag);
+        assert_eq!(src.tags(&info.key).await.unwrap(), attrs.tags);
+        assert_eq!(src.bytes(&info.key).unwrap().len(), 100);
+        // Only the object as it was seen is rewritten.
+        let mut stale = info.clone();
+        stale.etag = "0123456789abcdef0123456789abcdef".into();
+        let err = CopyEngine::default()
+            .rewrite_metadata(&src, &stale, attrs)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Precondition { .. }), "{err}");
     }
 
     #[tokio::test]

@@ -710,6 +710,8 @@ fn segment_from_item(item: &Item) -> Segment {
         objects_done: number_attr(item, "objects_done"),
         bytes_done: number_attr(item, "bytes_done"),
         copied: number_attr(item, "copied"),
+        fixed: number_attr(item, "fixed"),
+        in_place: number_attr(item, "in_place"),
         skipped: number_attr(item, "skipped"),
         updated_at: time_attr(item, "updated_at"),
     }
@@ -852,7 +854,14 @@ impl BackfillStore for DynamoStore {
         item.insert("planned_objects".into(), n(segment.planned_objects));
         item.insert("done".into(), AttributeValue::Bool(false));
         item.insert("lease_until".into(), n(0));
-        for name in ["objects_done", "bytes_done", "copied", "skipped"] {
+        for name in [
+            "objects_done",
+            "bytes_done",
+            "copied",
+            "fixed",
+            "in_place",
+            "skipped",
+        ] {
             item.insert(name.into(), n(0));
         }
         let put = self.put_if_absent(item)?;
@@ -940,14 +949,23 @@ impl BackfillStore for DynamoStore {
             .expression_attribute_values(":a", n(checkpoint.tally.objects))
             .expression_attribute_values(":b", n(checkpoint.tally.bytes))
             .expression_attribute_values(":c", n(checkpoint.tally.copied))
+            .expression_attribute_values(":f", n(checkpoint.tally.fixed))
+            .expression_attribute_values(":i", n(checkpoint.tally.in_place))
             .expression_attribute_values(":k", n(checkpoint.tally.skipped))
             .expression_attribute_values(":now", rfc3339(Utc::now()));
         if let Some(key) = checkpoint.last_key.as_deref().filter(|k| !k.is_empty()) {
             set.push_str(", checkpoint = :cp");
             req = req.expression_attribute_values(":cp", s(key));
         }
-        set.push_str(" ADD objects_done :a, bytes_done :b, copied :c, skipped :k");
-        let sent = req.update_expression(set).send().await;
+        set.push_str(
+            " ADD objects_done :a, bytes_done :b, copied :c, #fixed :f, in_place :i, skipped :k",
+        );
+        let sent = req
+            .update_expression(set)
+            // FIXED is one of DynamoDB's reserved words.
+            .expression_attribute_names("#fixed", "fixed")
+            .send()
+            .await;
         self.conditional("UpdateItem", sent)
     }
 

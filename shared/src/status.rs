@@ -132,11 +132,19 @@ pub struct HistoricalStatus {
     /// `counting` (the totals are being measured), `copying`, or `done`; `null` when not
     /// requested.
     pub phase: Option<String>,
-    /// Objects and bytes examined: copied, or found already in place.
+    /// Objects and bytes examined: `copied + fixed + in_place + skipped` objects.
     pub objects_done: u64,
     pub bytes_done: u64,
-    /// Of those, copied to the target, and found in place or kept by `on_conflict`.
+    /// Of those: written whole to the target (new, or its bytes differed).
     pub copied: u64,
+    /// The target held the bytes but other headers, metadata or tags: metadata rewritten.
+    #[serde(default)]
+    pub fixed: u64,
+    /// Found precise copies already (bytes, headers, metadata, tags: as `crr verify`).
+    #[serde(default)]
+    pub in_place: u64,
+    /// Left alone otherwise: conflicts kept by `on_conflict`, writes yielded to real-time
+    /// replication, objects gone from the source meanwhile, replicas of another bucket.
     pub skipped: u64,
     /// Objects and bytes to examine (the counting pass's measure).
     pub objects_total: u64,
@@ -344,6 +352,8 @@ pub fn historical_status(
             objects_done: 0,
             bytes_done: 0,
             copied: 0,
+            fixed: 0,
+            in_place: 0,
             skipped: 0,
             objects_total: 0,
             bytes_total: 0,
@@ -404,6 +414,8 @@ pub fn historical_status(
         objects_done,
         bytes_done,
         copied: sum(|s| s.copied),
+        fixed: sum(|s| s.fixed),
+        in_place: sum(|s| s.in_place),
         skipped: sum(|s| s.skipped),
         objects_total,
         bytes_total,
@@ -704,6 +716,8 @@ mod tests {
             objects_done: objects,
             bytes_done: bytes,
             copied: objects,
+            fixed: 0,
+            in_place: 0,
             skipped: 0,
             updated_at: None,
         }

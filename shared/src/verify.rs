@@ -12,6 +12,14 @@
 //!   with `checksum`, unless the contents' MD5s agree; with `metadata` (the default),
 //!   also when content headers, user metadata (crr's own markers aside) or tags differ.
 //!
+//! That comparison is `replica_difference`, the one answer to "is this replica a precise
+//! copy of this source": the backfill asks it too before it counts an object in place.
+//! Tags are read only where HEAD's `x-amz-tagging-count` says one side has some and the
+//! counts agree (`read_tags`): two untagged objects cost no tag request.
+//! Not compared: ACLs (crr carries a canned ACL where both buckets allow them; reading it
+//! back would cost two more requests per object), storage class and encryption (the
+//! rule may set them on purpose).
+//!
 //! Objects that change while being compared (deleted, or overwritten between the
 //! listing and the read) are counted as `in_flux`, not as drift: real-time replication
 //! has their events in hand.
@@ -32,8 +40,8 @@ use crate::rule::{Policy, Rule};
 /// What to compare beyond keys, sizes and ETags.
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
-    /// Compare content headers, user metadata and tags (two HEADs and two tag reads per
-    /// object present on both sides).
+    /// Compare content headers, user metadata and tags (two HEADs per object present on
+    /// both sides, and two tag reads where both have the same number of tags, not zero).
     pub metadata: bool,
     /// Read both objects and compare their MD5s where the ETags cannot tell (multipart
     /// objects, SSE-KMS, differing part layouts).
@@ -83,6 +91,59 @@ pub struct Drift {
     pub target_size: Option<u64>,
     /// What differs, in words (`size 10 != 12`, `metadata 'color'`...).
     pub reason: String,
+}
+
+/// What part of a replica differs from its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DifferenceKind {
+    /// The content: size, ETag (or crr's marker, or the checksum) tell it.
+    Bytes,
+    /// Content headers: type, encoding, disposition, language, cache-control, expires.
+    Headers,
+    /// User metadata, crr's `crr-source-*` markers aside.
+    Metadata,
+    Tags,
+}
+
+impl DifferenceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DifferenceKind::Bytes => "bytes",
+            DifferenceKind::Headers => "headers",
+            DifferenceKind::Metadata => "metadata",
+            DifferenceKind::Tags => "tags",
+        }
+    }
+}
+
+/// The first thing found to differ between a source object and its replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Difference {
+    pub kind: DifferenceKind,
+    /// In words: `etag a != b`, `content-type text/plain != (none)`, `metadata 'color'`...
+    pub detail: String,
+}
+
+impl Difference {
+    fn new(kind: DifferenceKind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Both objects' tags, as far as they had to be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tags {
+    /// Not read: HEAD's tag counts decide (they differ, or both are zero).
+    Counted,
+    /// Read from both sides (same non-zero count).
+    Read {
+        source: Vec<(String, String)>,
+        target: Vec<(String, String)>,
+    },
 }
 
 /// Totals of a verification.
@@ -360,40 +421,27 @@ async fn judge(
     // Some S3-compatible servers (s3s-fs) list no ETags: HEAD tells them.
     let listed_etags = !s.etag.is_empty() && !t.etag.is_empty();
     let need_heads = options.metadata || !listed_etags || s.etag != t.etag;
-    let (src_info, dst_info) = if need_heads {
+    let heads = if need_heads {
         let (a, b) = futures::join!(source.head(&pair.key), target.head(&pair.key));
         let unchanged = |info: &ObjectInfo, listed: &ListedObject| {
             info.size == listed.size && (listed.etag.is_empty() || info.etag == listed.etag)
         };
         match (a?, b?) {
-            (Some(a), Some(b)) if unchanged(&a, s) && unchanged(&b, t) => (Some(a), Some(b)),
+            (Some(a), Some(b)) if unchanged(&a, s) && unchanged(&b, t) => Some((a, b)),
             // Changed since it was listed.
             _ => return Ok(Verdict::InFlux),
         }
     } else {
-        (None, None)
+        None
     };
-    let etag_of = |info: &Option<ObjectInfo>, listed: &ListedObject| match info {
-        Some(i) => i.etag.clone(),
-        None => listed.etag.clone(),
+    let (source_etag, target_etag) = match &heads {
+        Some((a, b)) => (a.etag.clone(), b.etag.clone()),
+        None => (s.etag.clone(), t.etag.clone()),
     };
-    let (source_etag, target_etag) = (etag_of(&src_info, s), etag_of(&dst_info, t));
-    let etags_equal = source_etag == target_etag;
-    let plain_md5s = etags_equal && !source_etag.contains('-');
-    if !etags_equal {
-        let vouched = dst_info
-            .as_ref()
-            .and_then(|d| d.metadata.get(marker::SOURCE_ETAG))
-            .is_some_and(|e| *e == source_etag);
-        if !vouched && !options.checksum {
-            return Ok(drift(
-                DriftKind::Different,
-                pair,
-                format!("etag {source_etag} != {target_etag}"),
-            ));
-        }
-    }
-    if options.checksum && !plain_md5s {
+    // With `checksum`, the contents themselves are compared wherever equal ETags do not
+    // prove them equal (multipart objects, other part layouts, SSE-KMS).
+    let plain_md5s = source_etag == target_etag && !source_etag.contains('-');
+    let content_confirmed = if options.checksum && !plain_md5s {
         let size = s.size;
         let (a, b) = futures::join!(
             content_md5(source, &pair.key, size, &source_etag),
@@ -408,26 +456,83 @@ async fn judge(
                     format!("content md5 {a} != {b}"),
                 ));
             }
-            Some(_) => {}
+            Some(_) => true,
         }
+    } else {
+        false
+    };
+    // Listed with equal ETags, and nothing more to compare.
+    let Some((a, b)) = &heads else {
+        return Ok(Verdict::Matching);
+    };
+    let difference = if options.metadata {
+        let tags = read_tags(source, target, a, b).await?;
+        replica_difference(a, b, &tags, content_confirmed)
+    } else if content_confirmed {
+        None
+    } else {
+        content_difference(a.size, &a.etag, b)
+    };
+    Ok(match difference {
+        Some(d) => drift(DriftKind::Different, pair, d.detail),
+        None => Verdict::Matching,
+    })
+}
+
+/// Whether `target` is a precise copy of `source`: the first difference, in the order
+/// bytes, headers, metadata, tags, or `None`. The one comparison of crr: `crr verify`
+/// reports what it finds as drift, the backfill copies (or fixes) what it finds and
+/// counts the rest in place. Pure: from both HEADs and the tags `read_tags` gave.
+/// `content_confirmed`: the caller read both contents and found them equal, so the
+/// ETags need not agree (`crr verify --checksum`).
+pub fn replica_difference(
+    source: &ObjectInfo,
+    target: &ObjectInfo,
+    tags: &Tags,
+    content_confirmed: bool,
+) -> Option<Difference> {
+    let content = match content_confirmed {
+        true => None,
+        false => content_difference(source.size, &source.etag, target),
+    };
+    content
+        .or_else(|| metadata_difference(source, target))
+        .or_else(|| tags_difference(source, target, tags))
+}
+
+/// Whether the replica's bytes are the source's, as far as their HEADs tell: same size,
+/// and the same ETag or a `crr-source-etag` marker naming the source's ETag (a multipart
+/// replica with another part layout, or an SSE-KMS object, whose content the copy
+/// verified when it wrote it).
+/// `source_size` and `source_etag` may come from a listing.
+pub fn content_difference(
+    source_size: u64,
+    source_etag: &str,
+    target: &ObjectInfo,
+) -> Option<Difference> {
+    if source_size != target.size {
+        return Some(Difference::new(
+            DifferenceKind::Bytes,
+            format!("size {source_size} != {}", target.size),
+        ));
     }
-    if let (Some(a), Some(b)) = (&src_info, &dst_info) {
-        if let Some(what) = metadata_difference(a, b) {
-            return Ok(drift(DriftKind::Different, pair, what));
-        }
-        let (ta, tb) = futures::join!(source.tags(&pair.key), target.tags(&pair.key));
-        let (mut ta, mut tb) = (ta?, tb?);
-        ta.sort();
-        tb.sort();
-        if ta != tb {
-            return Ok(drift(DriftKind::Different, pair, "tags"));
-        }
+    let vouched = || {
+        target
+            .metadata
+            .get(marker::SOURCE_ETAG)
+            .is_some_and(|e| e == source_etag)
+    };
+    if source_etag != target.etag && !vouched() {
+        return Some(Difference::new(
+            DifferenceKind::Bytes,
+            format!("etag {source_etag} != {}", target.etag),
+        ));
     }
-    Ok(Verdict::Matching)
+    None
 }
 
 /// The first difference in content headers or user metadata (crr's markers aside).
-pub fn metadata_difference(source: &ObjectInfo, target: &ObjectInfo) -> Option<String> {
+pub fn metadata_difference(source: &ObjectInfo, target: &ObjectInfo) -> Option<Difference> {
     let (a, b) = (&source.headers, &target.headers);
     let headers = [
         ("content-type", &a.content_type, &b.content_type),
@@ -443,10 +548,13 @@ pub fn metadata_difference(source: &ObjectInfo, target: &ObjectInfo) -> Option<S
     ];
     for (name, x, y) in headers {
         if x != y {
-            return Some(format!(
-                "{name} {} != {}",
-                x.as_deref().unwrap_or("(none)"),
-                y.as_deref().unwrap_or("(none)")
+            return Some(Difference::new(
+                DifferenceKind::Headers,
+                format!(
+                    "{name} {} != {}",
+                    x.as_deref().unwrap_or("(none)"),
+                    y.as_deref().unwrap_or("(none)")
+                ),
             ));
         }
     }
@@ -464,9 +572,52 @@ pub fn metadata_difference(source: &ObjectInfo, target: &ObjectInfo) -> Option<S
             .find(|kv| !x.contains(kv) || !y.contains(kv))
             .map(|(k, _)| k.clone())
             .unwrap_or_default();
-        return Some(format!("metadata '{name}'"));
+        return Some(Difference::new(
+            DifferenceKind::Metadata,
+            format!("metadata '{name}'"),
+        ));
     }
     None
+}
+
+/// Whether the tags differ: by HEAD's counts, then by the tags read (in any order).
+fn tags_difference(source: &ObjectInfo, target: &ObjectInfo, tags: &Tags) -> Option<Difference> {
+    if source.tag_count != target.tag_count {
+        return Some(Difference::new(
+            DifferenceKind::Tags,
+            format!("tags: {} != {}", source.tag_count, target.tag_count),
+        ));
+    }
+    match tags {
+        Tags::Counted => None,
+        Tags::Read { source, target } => {
+            let (mut a, mut b) = (source.clone(), target.clone());
+            a.sort();
+            b.sort();
+            (a != b).then(|| Difference::new(DifferenceKind::Tags, "tags"))
+        }
+    }
+}
+
+/// Both objects' tags where HEAD's counts cannot decide (the same number, not zero);
+/// otherwise no request.
+pub async fn read_tags(
+    source_store: &dyn ObjectStore,
+    target_store: &dyn ObjectStore,
+    source: &ObjectInfo,
+    target: &ObjectInfo,
+) -> Result<Tags> {
+    if source.tag_count != target.tag_count || source.tag_count == 0 {
+        return Ok(Tags::Counted);
+    }
+    let (a, b) = futures::join!(
+        source_store.tags(&source.key),
+        target_store.tags(&target.key)
+    );
+    Ok(Tags::Read {
+        source: a?,
+        target: b?,
+    })
 }
 
 /// Bytes read per request when computing checksums.
@@ -597,6 +748,54 @@ mod tests {
             run(&rule("r", "src", "dst"), &world, VerifyOptions::default()).await;
         assert!(drifts.is_empty() && !summary.has_drift());
         assert_eq!(summary.matching, 2);
+    }
+
+    #[tokio::test]
+    async fn tags_are_read_only_where_the_counts_cannot_tell() {
+        let world = MemoryWorld::default();
+        let (src, dst) = (world.store("src"), world.store("dst"));
+        let tagged = |tags: &[(&str, &str)]| WriteAttrs {
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..WriteAttrs::default()
+        };
+        for (key, a, b) in [
+            ("none", vec![], vec![]),
+            ("count", vec![("t", "1")], vec![]),
+            ("value", vec![("t", "1")], vec![("t", "2")]),
+            (
+                "order",
+                vec![("a", "1"), ("b", "2")],
+                vec![("b", "2"), ("a", "1")],
+            ),
+        ] {
+            src.put(key, Bytes::from_static(b"x"), &tagged(&a))
+                .await
+                .unwrap();
+            dst.put(key, Bytes::from_static(b"x"), &tagged(&b))
+                .await
+                .unwrap();
+        }
+        let mut found = vec![];
+        for key in ["none", "count", "value", "order"] {
+            let a = src.head(key).await.unwrap().unwrap();
+            let b = dst.head(key).await.unwrap().unwrap();
+            let tags = read_tags(&src, &dst, &a, &b).await.unwrap();
+            let read = matches!(tags, Tags::Read { .. });
+            let difference = replica_difference(&a, &b, &tags, false).map(|d| d.kind);
+            found.push((key, read, difference));
+        }
+        assert_eq!(
+            found,
+            vec![
+                ("none", false, None),
+                ("count", false, Some(DifferenceKind::Tags)),
+                ("value", true, Some(DifferenceKind::Tags)),
+                ("order", true, None),
+            ]
+        );
     }
 
     #[tokio::test]
