@@ -36,10 +36,11 @@
 //! - no such key in the target: none; the copy follows (stream mode: GET + PUT;
 //!   server-side: HEAD + CopyObject), conditional on the key still being absent;
 //! - listed with the source's size and ETag: a HEAD of each side (at once), plus
-//!   GetObjectTagging on each side where both HEADs count the same number of tags, not
-//!   zero (differing counts already differ; two untagged objects need no read). Found
-//!   equal: nothing more. Metadata differs: one CopyObject (the fix), the source's tags
-//!   already read;
+//!   GetObjectTagging on each side where nothing else differs and both HEADs count the
+//!   same number of tags, not zero (differing counts already differ; two untagged objects
+//!   need no read). Found equal: nothing more. Metadata differs: one CopyObject (the
+//!   fix), plus what the copy engine reads for any replica: the source's tags if it has
+//!   some and they were not read yet, its ACL where the rule carries ACLs;
 //! - listed otherwise: a HEAD of the target (its marker may vouch for the bytes, and it
 //!   tells what a conflict would replace); if it vouches, as above with a HEAD of the
 //!   source; if not, the copy.
@@ -80,7 +81,8 @@ use crate::retry::RetryPolicy;
 use crate::rule::{OnConflict, Policy, Rule};
 use crate::state::RuleStore;
 use crate::verify::{
-    Difference, DifferenceKind, Tags, content_difference, read_tags, replica_difference,
+    Difference, DifferenceKind, Tags, content_difference, metadata_difference, read_tags,
+    replica_difference,
 };
 
 /// Where a rule's historical migration stands.
@@ -469,8 +471,10 @@ async fn examine(
             return Ok(examined);
         }
         Some(Some(s)) => {
-            let content = content_difference(s.size, &s.etag, &t);
-            if content.is_none() {
+            // Tags are read only where nothing else differs already.
+            if content_difference(s.size, &s.etag, &t).is_none()
+                && metadata_difference(&s, &t).is_none()
+            {
                 examined.tags = read_tags(source, target, &s, &t).await?;
             }
             let difference = replica_difference(&s, &t, &examined.tags, false);
