@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use aws_sdk_s3::primitives::ByteStream;
 use crr_shared::backfill::{
-    BackfillSettings, BackfillStore, Backfiller, JobState, Segment, dry_run,
+    BackfillSettings, BackfillStore, Backfiller, JobState, RunReport, Segment, dry_run,
 };
 use crr_shared::copy::CopyEngine;
 use crr_shared::dynamo::DynamoStore;
@@ -132,6 +132,23 @@ impl Fixture {
             "CRR_BACKFILL_MARGIN_SECS=1".to_string(),
             "CRR_BACKFILL_WORKERS=4".to_string(),
         ]
+    }
+
+    /// Runs the backfill in this process until the job completes (or a minute passes).
+    async fn backfill_to_end(&self, settings: BackfillSettings) -> Result<Vec<RunReport>> {
+        // No margin: the deadline is far, and a margin would only hold pages back.
+        let bf = self.backfiller(BackfillSettings {
+            margin: Duration::ZERO,
+            ..settings
+        });
+        bf.start(&self.rule.id).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let runs = bf.run(Some(&self.rule.id), "bf", deadline).await?;
+        ensure!(
+            self.job_state().await? == Some(JobState::Completed),
+            "not completed: {runs:?}"
+        );
+        Ok(runs)
     }
 
     async fn job_state(&self) -> Result<Option<JobState>> {
@@ -728,20 +745,12 @@ async fn same_bytes_with_other_metadata_is_overwritten_listed_by_the_plan_and_ke
 
     let s3b = f.stack.s3(&f.stack.b);
     let before = described(&s3b, f.target(), "m/meta").await?;
-    let bf = f.backfiller(BackfillSettings {
-        page_size: 3,
-        margin: Duration::ZERO,
-        ..BackfillSettings::default()
-    });
-    bf.start(&f.rule.id).await?;
-    let runs = bf
-        .run(
-            Some(&f.rule.id),
-            "bf",
-            Instant::now() + Duration::from_secs(120),
-        )
+    let runs = f
+        .backfill_to_end(BackfillSettings {
+            page_size: 3,
+            ..BackfillSettings::default()
+        })
         .await?;
-    assert_eq!(f.job_state().await?, Some(JobState::Completed));
     // New and other bytes copied; same bytes fixed in place; the precise copy left alone.
     assert_eq!(f.counters().await?, (7, 2, 4, 1, 0), "{runs:?}");
     let run = &runs[0];
@@ -782,18 +791,7 @@ async fn same_bytes_with_other_metadata_is_overwritten_listed_by_the_plan_and_ke
     for key in ["m/type", "m/meta", "m/tags", "m/untagged", "m/bytes"] {
         kept.insert(key, described(&s3b, f.target(), key).await?);
     }
-    let bf = f.backfiller(BackfillSettings {
-        margin: Duration::ZERO,
-        ..BackfillSettings::default()
-    });
-    bf.start(&f.rule.id).await?;
-    bf.run(
-        Some(&f.rule.id),
-        "bf",
-        Instant::now() + Duration::from_secs(120),
-    )
-    .await?;
-    assert_eq!(f.job_state().await?, Some(JobState::Completed));
+    f.backfill_to_end(BackfillSettings::default()).await?;
     assert_eq!(f.counters().await?, (7, 1, 0, 1, 5));
     for (key, was) in kept {
         assert_eq!(
@@ -925,18 +923,7 @@ async fn a_metadata_only_fix_works_on_s3s_fs_too() -> Result<()> {
             .send()
             .await?,
     );
-    let bf = f.backfiller(BackfillSettings {
-        margin: Duration::ZERO,
-        ..BackfillSettings::default()
-    });
-    bf.start(&f.rule.id).await?;
-    bf.run(
-        Some(&f.rule.id),
-        "bf",
-        Instant::now() + Duration::from_secs(60),
-    )
-    .await?;
-    assert_eq!(f.job_state().await?, Some(JobState::Completed));
+    f.backfill_to_end(BackfillSettings::default()).await?;
     assert_eq!(f.counters().await?, (3, 0, 2, 1, 0));
     let (matching, drifts) = f.verified().await?;
     assert!(drifts.is_empty(), "{drifts:?}");
