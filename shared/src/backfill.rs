@@ -52,8 +52,8 @@
 //!
 //! Each object of a checkpointed page is counted once, in exactly one of `copied`,
 //! `fixed`, `in_place` and `skipped` (conflicts kept by `on_conflict`, writes yielded to
-//! real time, objects gone from the source or replicas of another bucket): they add up to
-//! `objects_done`. A page that is abandoned (deadline, lost lease, SIGKILL) writes no
+//! real time, objects deleted meanwhile, replicas of another bucket: `Skip`): they add up
+//! to `objects_done`. A page that is abandoned (deadline, lost lease, SIGKILL) writes no
 //! checkpoint, so its objects are examined again, and the ones it wrote are then found
 //! equal. To count those as the writes they were, without a DynamoDB write per object,
 //! every replica the backfill writes carries `crr-source-backfill: <job>/copied` (or
@@ -75,7 +75,7 @@ use serde::{Deserialize, Serialize};
 use crate::allowed::AllowedBuckets;
 use crate::copy::{CopyEngine, MAX_SINGLE_REQUEST, marker};
 use crate::error::{Error, Result};
-use crate::object_store::{ListedObject, ObjectInfo, ObjectStore, TargetPrecondition};
+use crate::object_store::{ListedObject, ObjectInfo, ObjectStore, TargetPrecondition, WriteAttrs};
 use crate::replicate::StoreProvider;
 use crate::retry::RetryPolicy;
 use crate::rule::{OnConflict, Policy, Rule};
@@ -308,6 +308,9 @@ pub enum Skip {
     /// The target changed after the backfill looked (real time wrote it): the conditional
     /// write was refused, and the backfill yields.
     Yielded,
+    /// One side went while the two were being compared: left to real time, whose event
+    /// for it is in hand (`crr verify` counts such objects in flux).
+    InFlux,
 }
 
 /// What the backfill should do with one source object.
@@ -475,7 +478,14 @@ async fn examine(
             if content_difference(s.size, &s.etag, &t).is_none()
                 && metadata_difference(&s, &t).is_none()
             {
-                examined.tags = read_tags(source, target, &s, &t).await?;
+                examined.tags = match read_tags(source, target, &s, &t).await {
+                    Ok(tags) => tags,
+                    Err(Error::NotFound { .. }) => {
+                        examined.plan = ObjectPlan::Skip(Skip::InFlux);
+                        return Ok(examined);
+                    }
+                    Err(e) => return Err(e),
+                };
             }
             let difference = replica_difference(&s, &t, &examined.tags, false);
             let as_seen = ListedObject {
@@ -1385,13 +1395,9 @@ impl Backfiller {
         if crate::copy::is_replica(&current) {
             return Ok(Outcome::Skipped(Skip::Replica));
         }
-        let mut attrs = self
-            .engine
-            .attrs_for_rule(rule, source, target, &current, None)
-            .await?;
-        attrs
-            .metadata
-            .insert(marker::BACKFILL.into(), lane.mark.value(Write::Copy));
+        let Some(mut attrs) = self.attrs(lane, &current, None, Write::Copy).await? else {
+            return Ok(Outcome::Skipped(Skip::SourceGone));
+        };
         attrs.precondition = Some(match &existing {
             None => TargetPrecondition::Absent,
             Some(t) => TargetPrecondition::Etag(t.etag.clone()),
@@ -1421,7 +1427,6 @@ impl Backfiller {
         replica: ObjectInfo,
         tags: Tags,
     ) -> Result<Outcome> {
-        let (rule, source, target) = (lane.rule, lane.source, lane.target);
         if crate::copy::is_replica(&current) {
             return Ok(Outcome::Skipped(Skip::Replica));
         }
@@ -1432,23 +1437,49 @@ impl Backfiller {
             Tags::Read { source, .. } => Some(source),
             Tags::Counted => None,
         };
-        let mut attrs = self
+        let Some(attrs) = self.attrs(lane, &current, tags, Write::Fix).await? else {
+            return Ok(Outcome::Skipped(Skip::SourceGone));
+        };
+        match self
             .engine
-            .attrs_for_rule(rule, source, target, &current, tags)
-            .await?;
-        attrs
-            .metadata
-            .insert(marker::BACKFILL.into(), lane.mark.value(Write::Fix));
-        match self.engine.rewrite_metadata(target, &replica, attrs).await {
+            .rewrite_metadata(lane.target, &replica, attrs)
+            .await
+        {
             Ok(_) => Ok(Outcome::Fixed),
             // The replica changed, or went, since it was looked at: real time wrote it.
             Err(Error::Precondition { .. } | Error::NotFound { .. }) => {
                 Ok(Outcome::Skipped(Skip::Yielded))
             }
             Err(e @ Error::Service { .. }) => {
-                tracing::warn!(rule_id = %rule.id, key = %replica.key, error = %e, "metadata-only copy refused; copying the object again");
+                tracing::warn!(rule_id = %lane.rule.id, key = %replica.key, error = %e, "metadata-only copy refused; copying the object again");
                 self.copy(lane, &current.key, Some(replica)).await
             }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What a replica of `current` is written with (`tags`: the source's, if read
+    /// already), marked as this job's write `how`; `None` if the source object went
+    /// while its tags or ACL were read (real time handles deletes).
+    async fn attrs(
+        &self,
+        lane: &Lane<'_>,
+        current: &ObjectInfo,
+        tags: Option<Vec<(String, String)>>,
+        how: Write,
+    ) -> Result<Option<WriteAttrs>> {
+        let attrs = self
+            .engine
+            .attrs_for_rule(lane.rule, lane.source, lane.target, current, tags)
+            .await;
+        match attrs {
+            Ok(mut attrs) => {
+                attrs
+                    .metadata
+                    .insert(marker::BACKFILL.into(), lane.mark.value(how));
+                Ok(Some(attrs))
+            }
+            Err(Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
