@@ -36,10 +36,11 @@
 //! - no such key in the target: none; the copy follows (stream mode: GET + PUT;
 //!   server-side: HEAD + CopyObject), conditional on the key still being absent;
 //! - listed with the source's size and ETag: a HEAD of each side (at once), plus
-//!   GetObjectTagging on each side where both HEADs count the same number of tags, not
-//!   zero (differing counts already differ; two untagged objects need no read). Found
-//!   equal: nothing more. Metadata differs: one CopyObject (the fix), the source's tags
-//!   already read;
+//!   GetObjectTagging on each side where nothing else differs and both HEADs count the
+//!   same number of tags, not zero (differing counts already differ; two untagged objects
+//!   need no read). Found equal: nothing more. Metadata differs: one CopyObject (the
+//!   fix), plus what the copy engine reads for any replica: the source's tags if it has
+//!   some and they were not read yet, its ACL where the rule carries ACLs;
 //! - listed otherwise: a HEAD of the target (its marker may vouch for the bytes, and it
 //!   tells what a conflict would replace); if it vouches, as above with a HEAD of the
 //!   source; if not, the copy.
@@ -51,8 +52,8 @@
 //!
 //! Each object of a checkpointed page is counted once, in exactly one of `copied`,
 //! `fixed`, `in_place` and `skipped` (conflicts kept by `on_conflict`, writes yielded to
-//! real time, objects gone from the source or replicas of another bucket): they add up to
-//! `objects_done`. A page that is abandoned (deadline, lost lease, SIGKILL) writes no
+//! real time, objects deleted meanwhile, replicas of another bucket: `Skip`): they add up
+//! to `objects_done`. A page that is abandoned (deadline, lost lease, SIGKILL) writes no
 //! checkpoint, so its objects are examined again, and the ones it wrote are then found
 //! equal. To count those as the writes they were, without a DynamoDB write per object,
 //! every replica the backfill writes carries `crr-source-backfill: <job>/copied` (or
@@ -74,13 +75,14 @@ use serde::{Deserialize, Serialize};
 use crate::allowed::AllowedBuckets;
 use crate::copy::{CopyEngine, MAX_SINGLE_REQUEST, marker};
 use crate::error::{Error, Result};
-use crate::object_store::{ListedObject, ObjectInfo, ObjectStore, TargetPrecondition};
+use crate::object_store::{ListedObject, ObjectInfo, ObjectStore, TargetPrecondition, WriteAttrs};
 use crate::replicate::StoreProvider;
 use crate::retry::RetryPolicy;
 use crate::rule::{OnConflict, Policy, Rule};
 use crate::state::RuleStore;
 use crate::verify::{
-    Difference, DifferenceKind, Tags, content_difference, read_tags, replica_difference,
+    Difference, DifferenceKind, Tags, content_difference, metadata_difference, read_tags,
+    replica_difference,
 };
 
 /// Where a rule's historical migration stands.
@@ -306,6 +308,9 @@ pub enum Skip {
     /// The target changed after the backfill looked (real time wrote it): the conditional
     /// write was refused, and the backfill yields.
     Yielded,
+    /// One side went while the two were being compared: left to real time, whose event
+    /// for it is in hand (`crr verify` counts such objects in flux).
+    InFlux,
 }
 
 /// What the backfill should do with one source object.
@@ -469,9 +474,18 @@ async fn examine(
             return Ok(examined);
         }
         Some(Some(s)) => {
-            let content = content_difference(s.size, &s.etag, &t);
-            if content.is_none() {
-                examined.tags = read_tags(source, target, &s, &t).await?;
+            // Tags are read only where nothing else differs already.
+            if content_difference(s.size, &s.etag, &t).is_none()
+                && metadata_difference(&s, &t).is_none()
+            {
+                examined.tags = match read_tags(source, target, &s, &t).await {
+                    Ok(tags) => tags,
+                    Err(Error::NotFound { .. }) => {
+                        examined.plan = ObjectPlan::Skip(Skip::InFlux);
+                        return Ok(examined);
+                    }
+                    Err(e) => return Err(e),
+                };
             }
             let difference = replica_difference(&s, &t, &examined.tags, false);
             let as_seen = ListedObject {
@@ -1386,13 +1400,9 @@ impl Backfiller {
             // marker names this source, are).
             return Ok(Outcome::Skipped(Skip::Replica));
         }
-        let mut attrs = self
-            .engine
-            .attrs_for_rule(rule, source, target, &current, None)
-            .await?;
-        attrs
-            .metadata
-            .insert(marker::BACKFILL.into(), lane.mark.value(Write::Copy));
+        let Some(mut attrs) = self.attrs(lane, &current, None, Write::Copy).await? else {
+            return Ok(Outcome::Skipped(Skip::SourceGone));
+        };
         attrs.precondition = Some(match &existing {
             None => TargetPrecondition::Absent,
             Some(t) => TargetPrecondition::Etag(t.etag.clone()),
@@ -1422,8 +1432,7 @@ impl Backfiller {
         replica: ObjectInfo,
         tags: Tags,
     ) -> Result<Outcome> {
-        let (rule, source, target) = (lane.rule, lane.source, lane.target);
-        if crate::copy::source_state(&current, &rule.source.bucket)
+        if crate::copy::source_state(&current, &lane.rule.source.bucket)
             != crate::filter::SourceState::Present
         {
             // Another bucket's replica: never replicated again (failback objects, whose
@@ -1437,23 +1446,49 @@ impl Backfiller {
             Tags::Read { source, .. } => Some(source),
             Tags::Counted => None,
         };
-        let mut attrs = self
+        let Some(attrs) = self.attrs(lane, &current, tags, Write::Fix).await? else {
+            return Ok(Outcome::Skipped(Skip::SourceGone));
+        };
+        match self
             .engine
-            .attrs_for_rule(rule, source, target, &current, tags)
-            .await?;
-        attrs
-            .metadata
-            .insert(marker::BACKFILL.into(), lane.mark.value(Write::Fix));
-        match self.engine.rewrite_metadata(target, &replica, attrs).await {
+            .rewrite_metadata(lane.target, &replica, attrs)
+            .await
+        {
             Ok(_) => Ok(Outcome::Fixed),
             // The replica changed, or went, since it was looked at: real time wrote it.
             Err(Error::Precondition { .. } | Error::NotFound { .. }) => {
                 Ok(Outcome::Skipped(Skip::Yielded))
             }
             Err(e @ Error::Service { .. }) => {
-                tracing::warn!(rule_id = %rule.id, key = %replica.key, error = %e, "metadata-only copy refused; copying the object again");
+                tracing::warn!(rule_id = %lane.rule.id, key = %replica.key, error = %e, "metadata-only copy refused; copying the object again");
                 self.copy(lane, &current.key, Some(replica)).await
             }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What a replica of `current` is written with (`tags`: the source's, if read
+    /// already), marked as this job's write `how`; `None` if the source object went
+    /// while its tags or ACL were read (real time handles deletes).
+    async fn attrs(
+        &self,
+        lane: &Lane<'_>,
+        current: &ObjectInfo,
+        tags: Option<Vec<(String, String)>>,
+        how: Write,
+    ) -> Result<Option<WriteAttrs>> {
+        let attrs = self
+            .engine
+            .attrs_for_rule(lane.rule, lane.source, lane.target, current, tags)
+            .await;
+        match attrs {
+            Ok(mut attrs) => {
+                attrs
+                    .metadata
+                    .insert(marker::BACKFILL.into(), lane.mark.value(how));
+                Ok(Some(attrs))
+            }
+            Err(Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }

@@ -284,9 +284,9 @@ impl CopyEngine {
     }
 
     /// Gives `target`'s object `current` the metadata `attrs` (headers, user metadata,
-    /// tags, ACL) without moving its bytes: a CopyObject of the object onto itself with
-    /// `REPLACE`, if it is still `current` (If-Match, on both sides of the copy). For a
-    /// replica that holds its source's bytes already but not all its metadata. Returns
+    /// tags, ACL) without moving its bytes: a server-side copy of the object onto itself
+    /// with `REPLACE`, if it is still `current` (If-Match, on both sides of the copy). For
+    /// a replica that holds its source's bytes already but not all its metadata. Returns
     /// the object's new ETag; a single-part object must keep its own (checked).
     pub async fn rewrite_metadata(
         &self,
@@ -295,21 +295,12 @@ impl CopyEngine {
         mut attrs: WriteAttrs,
     ) -> Result<String> {
         attrs.precondition = Some(TargetPrecondition::Etag(current.etag.clone()));
-        let etag = self
-            .with_acl_fallback(target, attrs.clone(), async |attrs: &WriteAttrs| {
-                target
-                    .copy_from(target.bucket(), &current.key, &current.etag, attrs)
-                    .await
+        let done = self
+            .with_acl_fallback(target, attrs, async |attrs: &WriteAttrs| {
+                self.server_side(target, target, current, attrs).await
             })
             .await?;
-        if !current.etag.contains('-')
-            && source_etag_is_md5(current)
-            && attrs.etag_is_md5()
-            && etag != current.etag
-        {
-            return Err(integrity(target, &current.key, &current.etag, &etag));
-        }
-        Ok(etag)
+        Ok(done.etag)
     }
 
     /// Runs `write`; if the target bucket refuses ACLs (bucket owner enforced), remembers

@@ -144,7 +144,7 @@ pub struct HistoricalStatus {
     #[serde(default)]
     pub in_place: u64,
     /// Left alone otherwise: conflicts kept by `on_conflict`, writes yielded to real-time
-    /// replication, objects gone from the source meanwhile, replicas of another bucket.
+    /// replication, objects deleted meanwhile, replicas of another bucket.
     pub skipped: u64,
     /// Objects and bytes to examine (the counting pass's measure).
     pub objects_total: u64,
