@@ -12,7 +12,6 @@
 //! since moto's S3->SQS records carry no sequencer. Each is delivered once.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -24,7 +23,7 @@ use crr_shared::rule::{CopyMode, Notify, Policy, Rule};
 use crr_shared::rule_admin::create_rule;
 use crr_shared::state::StatsStore;
 use crr_tests::fault_proxy::{FaultPlan, FaultProxy};
-use crr_tests::{S3Server, Stack, encode_key_like_s3, read_object, rule, unique};
+use crr_tests::{S3Server, Sequencers, Stack, read_object, rule, s3_notification, unique};
 use serde_json::{Value, json};
 
 /// How long a test waits for a held request to reach the proxy.
@@ -48,7 +47,7 @@ struct World {
     proxy: FaultProxy,
     rule: Rule,
     state: crr_shared::dynamo::DynamoStore,
-    sequencer: AtomicU64,
+    sequencer: Sequencers,
 }
 
 impl World {
@@ -98,7 +97,7 @@ impl World {
             proxy,
             rule: r,
             state,
-            sequencer: AtomicU64::new(0x0055_AED6_DCD9_0281),
+            sequencer: Sequencers::default(),
         })
     }
 
@@ -151,23 +150,18 @@ impl World {
         Ok(())
     }
 
-    /// The next sequencer: increasing, as S3's are for one key.
-    fn next_sequencer(&self) -> String {
-        format!("{:018X}", self.sequencer.fetch_add(1, Ordering::SeqCst))
-    }
-
-    /// One S3 notification record for `key`, with the next sequencer.
+    /// One S3 notification for `key`, with the next sequencer.
     fn record(&self, name: &str, key: &str, etag: &str, version: Option<&str>) -> Value {
-        let seq = self.next_sequencer();
-        let mut object = json!({"key": encode_key_like_s3(key), "eTag": etag, "sequencer": seq});
-        if let Some(v) = version {
-            object["versionId"] = json!(v);
-        }
-        json!({"Records": [{
-            "eventVersion": "2.4", "eventSource": "aws:s3", "awsRegion": self.src.region,
-            "eventTime": chrono::Utc::now().to_rfc3339(), "eventName": name,
-            "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": self.source()}, "object": object}
-        }]})
+        let seq = self.sequencer.next();
+        s3_notification(
+            &self.src.region,
+            self.source(),
+            name,
+            key,
+            etag,
+            Some(&seq),
+            version,
+        )
     }
 
     /// The replica's bytes and user metadata, read from the target server directly.
@@ -518,7 +512,7 @@ async fn every_key_is_replicated(mode: Mode) -> Result<()> {
             json!({"version": "0", "detail-type": "Object Created", "source": "aws.s3",
                 "time": chrono::Utc::now().to_rfc3339(),
                 "detail": {"bucket": {"name": w.source()},
-                    "object": {"key": key, "etag": etag, "sequencer": w.next_sequencer()}}})
+                    "object": {"key": key, "etag": etag, "sequencer": w.sequencer.next()}}})
         };
         handle(&rep, &event)
             .await
@@ -605,10 +599,15 @@ async fn keys_a_file_system_server_cannot_hold_fail_with_the_servers_reason() ->
             .unwrap_or_default()
             .trim_matches('"')
             .to_string();
-        let event = json!({"Records": [{
-            "eventVersion": "2.4", "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
-            "eventTime": chrono::Utc::now().to_rfc3339(),
-            "s3": {"bucket": {"name": sb}, "object": {"key": encode_key_like_s3(key), "eTag": etag}}}]});
+        let event = s3_notification(
+            &stack.a.region,
+            &sb,
+            "ObjectCreated:Put",
+            key,
+            &etag,
+            None,
+            None,
+        );
         match rep.handle(&event, None).await {
             Ok(_) => {
                 let got = read_object(&dst, &tb, key).await?.map(|(b, _)| b);

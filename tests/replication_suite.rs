@@ -17,7 +17,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use aws_sdk_s3::primitives::{ByteStream, DateTime, DateTimeFormat};
@@ -28,8 +27,9 @@ use crr_shared::replicate::{Replicator, ReplicatorSettings};
 use crr_shared::rule::{Policy, Rule};
 use crr_shared::rule_admin::create_rule;
 use crr_shared::state::StatsStore;
-use crr_tests::{S3Server, Stack, encode_key_like_s3, read_object, rule, unique};
-use serde_json::json;
+use crr_tests::{
+    S3Server, Sequencers, Stack, encode_key_like_s3, read_object, rule, s3_notification, unique,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Setup {
@@ -69,7 +69,7 @@ struct Env {
     rule: Rule,
     state: crr_shared::dynamo::DynamoStore,
     replicator: Replicator,
-    sequencer: AtomicU64,
+    sequencer: Sequencers,
 }
 
 async fn env(setup: Setup, configure: impl FnOnce(&mut Rule)) -> Result<Env> {
@@ -113,7 +113,7 @@ async fn env(setup: Setup, configure: impl FnOnce(&mut Rule)) -> Result<Env> {
         rule: r,
         state,
         replicator,
-        sequencer: AtomicU64::new(0x0055_AED6_DCD9_0281),
+        sequencer: Sequencers::default(),
     })
 }
 
@@ -199,20 +199,21 @@ impl Env {
     }
 
     fn next_sequencer(&self) -> String {
-        format!("{:018X}", self.sequencer.fetch_add(1, Ordering::SeqCst))
+        self.sequencer.next()
     }
 
     /// Delivers one S3 notification record, as a direct invocation.
     async fn deliver(&self, name: &str, key: &str, sequencer: &str, etag: &str) -> Result<()> {
-        let record = json!({
-            "eventVersion": "2.4", "eventSource": "aws:s3", "awsRegion": self.src.region,
-            "eventTime": chrono::Utc::now().to_rfc3339(), "eventName": name,
-            "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": self.source()},
-                   "object": {"key": encode_key_like_s3(key), "eTag": etag, "sequencer": sequencer}}
-        });
-        self.replicator
-            .handle(&json!({"Records": [record]}), None)
-            .await?;
+        let event = s3_notification(
+            &self.src.region,
+            self.source(),
+            name,
+            key,
+            etag,
+            Some(sequencer),
+            None,
+        );
+        self.replicator.handle(&event, None).await?;
         Ok(())
     }
 

@@ -367,8 +367,7 @@ impl JobMark {
 
 /// True when `target` is a replica crr wrote of an object of the rule's source bucket.
 fn is_own_replica(rule: &Rule, target: &ObjectInfo) -> bool {
-    target.metadata.contains_key(marker::SOURCE_ETAG)
-        && target.metadata.get(marker::SOURCE_BUCKET) == Some(&rule.source.bucket)
+    crate::copy::replica_source(target) == Some(rule.source.bucket.as_str())
 }
 
 /// The decision for one object (pure): from the source as listed (or as HEAD saw it),

@@ -51,7 +51,7 @@ const ACL_SETTING_TTL: Duration = Duration::from_secs(300);
 /// S3's limit on parts per multipart upload.
 const MAX_PARTS: u64 = 10_000;
 /// S3's smallest part (all but the last).
-const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 
 /// Tuning of the copy engine.
 #[derive(Debug, Clone)]

@@ -274,7 +274,7 @@ fn parse_eventbridge(value: &Value) -> Result<Incoming> {
     crate::key::check(&key).map_err(|reason| {
         Error::malformed(format!(
             "EventBridge event: detail.object.key {reason}: '{}'",
-            clip(&key.escape_default().to_string(), 100)
+            crate::key::shown(&key)
         ))
     })?;
     Ok(Incoming::Change(ReplicationEvent {
@@ -331,17 +331,10 @@ fn from_value_at<T: serde::de::DeserializeOwned>(value: &Value) -> std::result::
 
 /// Decodes a key as S3 notifications send it: form-URL-encoded, '+' standing for a space.
 pub fn decode_key(encoded: &str) -> std::result::Result<String, String> {
-    let plus_as_space = encoded.replace('+', " ");
-    let decoded = percent_encoding::percent_decode_str(&plus_as_space)
-        .decode_utf8()
-        .map_err(|_| format!("does not decode to UTF-8: '{}'", clip(encoded, 100)))?
-        .into_owned();
-    crate::key::check(&decoded).map_err(|reason| {
-        format!(
-            "{reason}: '{}'",
-            clip(&decoded.escape_default().to_string(), 100)
-        )
-    })?;
+    let decoded = crate::key::form_decode(encoded)
+        .map_err(|_| format!("does not decode to UTF-8: '{}'", clip(encoded, 100)))?;
+    crate::key::check(&decoded)
+        .map_err(|reason| format!("{reason}: '{}'", crate::key::shown(&decoded)))?;
     Ok(decoded)
 }
 

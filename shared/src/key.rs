@@ -26,12 +26,25 @@ pub fn check(key: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Decodes a form-URL-encoded key ('+' standing for a space), as S3 writes keys in
+/// notifications and in listings asked for with `encoding-type=url`.
+pub fn form_decode(encoded: &str) -> std::result::Result<String, std::str::Utf8Error> {
+    percent_encoding::percent_decode_str(&encoded.replace('+', " "))
+        .decode_utf8()
+        .map(|k| k.into_owned())
+}
+
+/// `key` as a one-line message shows it: control characters escaped, clipped.
+pub fn shown(key: &str) -> String {
+    crate::error::clip(&key.escape_default().to_string(), 100)
+}
+
 /// [`check`] for a key of `bucket` met outside an event (a listing, a request): the error
 /// names the bucket and shows the key on one line.
 pub fn check_in(bucket: &str, key: &str) -> crate::Result<()> {
     check(key).map_err(|reason| crate::Error::InvalidKey {
         bucket: bucket.to_string(),
-        key: crate::error::clip(&key.escape_default().to_string(), 100),
+        key: shown(key),
         reason,
     })
 }

@@ -43,6 +43,24 @@ pub fn normalize_sequencer(seq: &str) -> Option<String> {
     Some(s)
 }
 
+/// What an application commits to the ledger: the newest event seen for the key, as
+/// (sequencer, ETag). The applied event's own when it is at least as new as the entry's;
+/// the entry's when the event is older (a re-apply after a lost race) or carried no
+/// sequencer (then only the version moves on: it still guards the race); for a first
+/// event without one, a sequencer older than any S3 writes.
+pub fn newest_applied(
+    entry: Option<&LedgerEntry>,
+    sequencer: Option<&str>,
+    etag: &str,
+) -> (String, String) {
+    match (entry, sequencer) {
+        (Some(e), Some(seq)) if e.sequencer.as_str() > seq => (e.sequencer.clone(), e.etag.clone()),
+        (_, Some(seq)) => (seq.to_string(), etag.to_string()),
+        (Some(e), None) => (e.sequencer.clone(), e.etag.clone()),
+        (None, None) => ("0".repeat(SEQUENCER_WIDTH), etag.to_string()),
+    }
+}
+
 /// How an event relates to what the ledger has applied for its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Freshness {

@@ -68,12 +68,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Longest key S3 accepts, in bytes of UTF-8.
-const MAX_KEY_BYTES: usize = 1024;
-
-/// Smallest part S3 accepts before the last part of a multipart upload.
-const MIN_PART_BYTES: usize = 5 * 1024 * 1024;
-
 impl MemoryObjectStore {
     /// The world this bucket lives in.
     pub fn world(&self) -> MemoryWorld {
@@ -117,7 +111,7 @@ impl MemoryObjectStore {
 
     /// S3 refuses to create keys over 1024 bytes (KeyTooLongError).
     fn check_key(&self, operation: &'static str, key: &str) -> Result<()> {
-        if key.len() > MAX_KEY_BYTES {
+        if key.len() > crate::key::MAX_KEY_BYTES {
             return Err(self.refused(operation, key, "KeyTooLongError", "Your key is too long"));
         }
         Ok(())
@@ -327,7 +321,7 @@ impl ObjectStore for MemoryObjectStore {
                 })?;
             // As S3: every part but the last has at least 5 MiB, and a refused completion
             // leaves the upload in place for another try.
-            if i + 1 < parts.len() && body.len() < MIN_PART_BYTES {
+            if i + 1 < parts.len() && (body.len() as u64) < crate::copy::MIN_PART_SIZE {
                 return Err(self.refused(
                     "CompleteMultipartUpload",
                     key,

@@ -17,7 +17,7 @@ use crate::dead_letter::DeadLetters;
 use crate::error::{Error, Result};
 use crate::event::{EventKind, Incoming, Invocation, ReplicationEvent, SqsItem, parse_invocation};
 use crate::filter::{Skip, SourceState, Step, converge, outside_rule};
-use crate::ledger::{Freshness, freshness, normalize_sequencer};
+use crate::ledger::{Freshness, freshness, newest_applied, normalize_sequencer};
 use crate::metrics;
 use crate::object_store::ObjectStore;
 use crate::retry::RetryPolicy;
@@ -70,8 +70,6 @@ const MAX_COMMITS: u32 = 5;
 /// Reads of the source for one application: a copy that finds something gone mid-way
 /// reads the source again and converges on what it holds then.
 const MAX_SOURCE_READS: u32 = 3;
-/// The ledger's sequencer for a key whose events carried none (older than any real one).
-const NO_SEQUENCER: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Settings of the replicate function.
 #[derive(Clone, Debug)]
@@ -345,14 +343,7 @@ impl Replicator {
         }
         for _ in 0..MAX_COMMITS {
             let outcome = self.converge_key(rule, event).await?;
-            // The entry keeps the newest event seen: ours when it is at least as new (an
-            // event without a sequencer only moves the version on).
-            let (newest, newest_etag) = match (&entry, &sequencer) {
-                (Some(e), Some(seq)) if e.sequencer > *seq => (e.sequencer.clone(), e.etag.clone()),
-                (_, Some(seq)) => (seq.clone(), etag.clone()),
-                (Some(e), None) => (e.sequencer.clone(), e.etag.clone()),
-                (None, None) => (NO_SEQUENCER.to_string(), etag.clone()),
-            };
+            let (newest, newest_etag) = newest_applied(entry.as_ref(), sequencer.as_deref(), &etag);
             let expected = entry.as_ref().map(|e| e.version);
             if self
                 .state

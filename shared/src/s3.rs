@@ -18,7 +18,7 @@ use aws_sdk_s3::types::{
 };
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::compat;
 use crate::error::{Error, Result, from_sdk, s3_permission};
@@ -156,15 +156,12 @@ impl S3Store {
     /// standing for a space, as AWS's own SDKs read it (moto writes a space as %20 and a
     /// '+' as %2B, which reads the same way).
     fn url_decoded(&self, encoded: &str) -> Result<String> {
-        percent_decode_str(&encoded.replace('+', " "))
-            .decode_utf8()
-            .map(|k| k.into_owned())
-            .map_err(|e| Error::Service {
-                operation: "ListObjectsV2",
-                resource: format!("s3://{}", self.bucket),
-                detail: format!("listed key {encoded:?} is not URL-encoded UTF-8: {e}"),
-                source: Box::new(e),
-            })
+        crate::key::form_decode(encoded).map_err(|e| Error::Service {
+            operation: "ListObjectsV2",
+            resource: format!("s3://{}", self.bucket),
+            detail: format!("listed key {encoded:?} is not URL-encoded UTF-8: {e}"),
+            source: Box::new(e),
+        })
     }
 
     fn err<E, R>(&self, operation: &'static str, key: &str, err: SdkError<E, R>) -> Error

@@ -177,9 +177,11 @@ impl SuppressedDelete {
     /// delete of the key without either is one record).
     pub fn identity(&self) -> String {
         match (&self.sequencer, self.event_time) {
-            (Some(seq), _) => crate::ledger::normalize_sequencer(seq)
-                .map(|s| format!("seq:{}", s.trim_end_matches('0')))
-                .unwrap_or_else(|| format!("seq:{seq}")),
+            // Normalised: the same sequencer written with or without trailing zeros.
+            (Some(seq), _) => format!(
+                "seq:{}",
+                crate::ledger::normalize_sequencer(seq).unwrap_or_else(|| seq.clone())
+            ),
             (None, Some(t)) => format!(
                 "time:{}",
                 t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)

@@ -356,6 +356,48 @@ pub struct RunningFunction {
     pub port: u16,
 }
 
+/// Increasing sequencers, as S3 writes them into the events of one key (upper-case hex).
+pub struct Sequencers(std::sync::atomic::AtomicU64);
+
+impl Default for Sequencers {
+    fn default() -> Self {
+        Self(std::sync::atomic::AtomicU64::new(0x0055_AED6_DCD9_0281))
+    }
+}
+
+impl Sequencers {
+    pub fn next(&self) -> String {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        format!("{n:018X}")
+    }
+}
+
+/// One S3 event notification (`{"Records": [..]}`) for `key` of `bucket`, made the way S3
+/// makes it: eventVersion 2.4, the key URL-encoded, the sequencer and version id when
+/// given (moto's own S3->SQS records carry neither).
+pub fn s3_notification(
+    region: &str,
+    bucket: &str,
+    event_name: &str,
+    key: &str,
+    etag: &str,
+    sequencer: Option<&str>,
+    version_id: Option<&str>,
+) -> serde_json::Value {
+    let mut object = serde_json::json!({"key": encode_key_like_s3(key), "eTag": etag});
+    if let Some(seq) = sequencer {
+        object["sequencer"] = seq.into();
+    }
+    if let Some(v) = version_id {
+        object["versionId"] = v.into();
+    }
+    serde_json::json!({"Records": [{
+        "eventVersion": "2.4", "eventSource": "aws:s3", "awsRegion": region,
+        "eventTime": chrono::Utc::now().to_rfc3339(), "eventName": event_name,
+        "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": bucket}, "object": object}
+    }]})
+}
+
 /// A moto server of a test's own, on a free loopback port, stopped by PID when dropped.
 /// One moto process is one Python thread: heavy scenarios each get their own, so they do
 /// not queue behind each other on the stack's shared servers.
