@@ -1,0 +1,224 @@
+//! Historical migration: copies what existed in the source before the rule, in key-range
+//! segments claimed through leases, checkpointed page by page, deadline-aware.
+//!
+//! A job is planned by a counting pass over the rule's prefixes, which measures the total
+//! (objects, bytes) and cuts the key space into segments of about `segment_objects`
+//! objects. Workers (several per invocation, any number of invocations) claim a segment
+//! with a conditional write on its lease, list it page by page, copy what the target
+//! lacks or holds differently, and write the page's checkpoint (last key, counters) only
+//! after every copy of the page finished, extending the lease in the same conditional
+//! write. A crash loses at most the page in flight (those objects are examined again, and
+//! copied again if they were being copied); a lease left behind expires and the segment
+//! is taken over.
+//!
+//! Nothing waits that need not: workers start on the first segment as soon as the
+//! counting pass cuts it, and within a segment the next page is listed and the previous
+//! one checkpointed while the current one is copied.
+//!
+//! The feature in three files: this one (the job's model and the `BackfillStore` port),
+//! `plan` (what to do with each listed object, the dry run, range listings) and `worker`
+//! (the `Backfiller`: claiming segments, copying pages, checkpoints).
+
+mod plan;
+mod worker;
+
+pub use plan::*;
+pub use worker::*;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::allowed::AllowedBuckets;
+use crate::error::Result;
+
+/// Where a rule's historical migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Requested, no object examined yet.
+    Pending,
+    /// Some segment has been worked on.
+    Running,
+    Completed,
+    Failed,
+    Paused,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Paused => "paused",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => JobState::Pending,
+            "running" => JobState::Running,
+            "completed" => JobState::Completed,
+            "failed" => JobState::Failed,
+            "paused" => JobState::Paused,
+            _ => return None,
+        })
+    }
+}
+
+/// A rule's backfill job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub rule_id: String,
+    pub state: JobState,
+    /// The counting pass is over: totals are final and every segment exists.
+    pub planned: bool,
+    /// Counting pass position: index into the rule's prefixes, and last key counted.
+    pub plan_prefix: usize,
+    pub plan_after: Option<String>,
+    /// Objects and bytes counted so far (final once `planned`).
+    pub total_objects: u64,
+    pub total_bytes: u64,
+    /// Segments cut so far.
+    pub segments: u32,
+    pub started_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+    /// Why the job is `Failed` (a permanent error: missing bucket, access denied...).
+    pub last_error: Option<String>,
+}
+
+/// A key range `(start_after, end]` under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub index: u32,
+    pub prefix: String,
+    /// Exclusive lower bound (`None`: from the start of the prefix).
+    pub start_after: Option<String>,
+    /// Inclusive upper bound (`None`: to the end of the prefix).
+    pub end: Option<String>,
+    /// Objects the counting pass found in the range (0: not known). Only a hint for
+    /// sizing the last listing; keys added or deleted since are handled all the same.
+    pub planned_objects: u64,
+    /// Last key examined; listing resumes after it.
+    pub checkpoint: Option<String>,
+    pub done: bool,
+    pub lease_owner: Option<String>,
+    /// Epoch milliseconds.
+    pub lease_until: u64,
+    /// Objects and bytes examined: `copied + fixed + in_place + skipped` objects.
+    pub objects_done: u64,
+    pub bytes_done: u64,
+    /// Objects written whole (new, or bytes differed).
+    pub copied: u64,
+    /// Objects whose target held the bytes but not all the metadata: metadata rewritten.
+    pub fixed: u64,
+    /// Objects found precise copies already.
+    pub in_place: u64,
+    /// Objects left alone otherwise (see `Skip`).
+    pub skipped: u64,
+    /// Time of the last checkpoint.
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// What one checkpoint adds to a segment (`Segment` says what each counter means).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageTally {
+    pub objects: u64,
+    pub bytes: u64,
+    pub copied: u64,
+    pub fixed: u64,
+    pub in_place: u64,
+    pub skipped: u64,
+}
+
+/// A page finished: where the segment stands after it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Last key examined (listing resumes after it).
+    pub last_key: Option<String>,
+    /// The segment has no more keys.
+    pub done: bool,
+    /// What the page added.
+    pub tally: PageTally,
+    /// The lease's new expiry (epoch ms).
+    pub lease_until: u64,
+}
+
+/// Backfill jobs and segments in the state table.
+#[async_trait]
+pub trait BackfillStore: Send + Sync {
+    async fn job(&self, rule_id: &str) -> Result<Option<Job>>;
+    /// Creates the job if there is none; `Ok(false)` if one exists.
+    async fn create_job(&self, job: &Job) -> Result<bool>;
+    /// Sets the job's state (and `completed_at` for `Completed`); clears `last_error`.
+    async fn set_job_state(&self, rule_id: &str, state: JobState) -> Result<()>;
+    /// Marks the job `Failed` with the reason; `crr backfill start` resumes it.
+    async fn fail_job(&self, rule_id: &str, reason: &str) -> Result<()>;
+    /// Records a cut of the counting pass: the new segment and the job's plan position
+    /// and totals, atomically, if the plan is still at `expected_segments` segments.
+    async fn add_segment(
+        &self,
+        rule_id: &str,
+        segment: &Segment,
+        job: &Job,
+        expected_segments: u32,
+    ) -> Result<bool>;
+    async fn segments(&self, rule_id: &str) -> Result<Vec<Segment>>;
+    /// Takes the segment's lease if it is free or expired and the segment is not done.
+    async fn claim_segment(
+        &self,
+        rule_id: &str,
+        index: u32,
+        owner: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<bool>;
+    /// Writes a page's checkpoint and extends the lease, if `owner` still holds it.
+    async fn checkpoint_segment(
+        &self,
+        rule_id: &str,
+        index: u32,
+        owner: &str,
+        checkpoint: &Checkpoint,
+    ) -> Result<bool>;
+    /// Gives the lease up (if `owner` holds it).
+    async fn release_segment(&self, rule_id: &str, index: u32, owner: &str) -> Result<()>;
+}
+
+/// Tuning of the backfill.
+#[derive(Debug, Clone)]
+pub struct BackfillSettings {
+    /// Keys per ListObjectsV2 page, and so per checkpoint.
+    pub page_size: i32,
+    /// Objects per segment cut by the counting pass.
+    pub segment_objects: u64,
+    /// Segments worked on at once within one invocation.
+    pub workers: usize,
+    /// Objects copied at once within one page.
+    pub copy_concurrency: usize,
+    /// How long a lease lasts without a checkpoint.
+    pub lease: Duration,
+    /// Time kept free before the deadline: no page starts inside it.
+    pub margin: Duration,
+    /// Buckets this deployment may touch: a rule naming others fails its job.
+    pub allowed: AllowedBuckets,
+}
+
+impl Default for BackfillSettings {
+    fn default() -> Self {
+        Self {
+            page_size: 1000,
+            segment_objects: 10_000,
+            workers: 4,
+            copy_concurrency: 16,
+            lease: Duration::from_secs(120),
+            margin: Duration::from_secs(20),
+            allowed: AllowedBuckets::default(),
+        }
+    }
+}

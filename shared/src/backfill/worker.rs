@@ -1,0 +1,925 @@
+//! The `Backfiller`: invocations claim segments, copy their pages, checkpoint them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::copy::{CopyEngine, MAX_SINGLE_REQUEST, marker};
+use crate::error::{Error, Result};
+use crate::object_store::{ListedObject, ObjectInfo, ObjectStore, TargetPrecondition, WriteAttrs};
+use crate::replicate::StoreProvider;
+use crate::retry::RetryPolicy;
+use crate::rule::{Policy, Rule};
+use crate::state::RuleStore;
+use crate::verify::Tags;
+
+use super::*;
+
+/// When page work is cut off: enough before the deadline to release the lease and answer.
+fn hard_stop(deadline: Instant) -> Instant {
+    deadline
+        .checked_sub(Duration::from_millis(700))
+        .unwrap_or(deadline)
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
+}
+
+/// What one invocation did for one rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RunReport {
+    pub rule_id: String,
+    pub state: String,
+    /// Pages checkpointed; the counters below are theirs (see `Segment`).
+    pub pages: u64,
+    pub copied: u64,
+    pub fixed: u64,
+    pub in_place: u64,
+    pub skipped: u64,
+    /// Of `skipped`: writes given up because the target changed meanwhile (real-time
+    /// replication won).
+    pub yielded: u64,
+    /// Replicas removed again because the source object was deleted during their copy.
+    pub undone: u64,
+    pub segments_finished: u64,
+}
+
+/// The backfill function's logic.
+pub struct Backfiller {
+    rules: Arc<dyn RuleStore>,
+    jobs: Arc<dyn BackfillStore>,
+    stores: Arc<dyn StoreProvider>,
+    engine: CopyEngine,
+    settings: BackfillSettings,
+    retry: RetryPolicy,
+}
+
+impl Backfiller {
+    pub fn new(
+        rules: Arc<dyn RuleStore>,
+        jobs: Arc<dyn BackfillStore>,
+        stores: Arc<dyn StoreProvider>,
+        engine: CopyEngine,
+        settings: BackfillSettings,
+    ) -> Self {
+        Self {
+            rules,
+            jobs,
+            stores,
+            engine,
+            settings,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// Requests (or resumes) the backfill of a rule.
+    pub async fn start(&self, rule_id: &str) -> Result<Job> {
+        self.rules
+            .get_rule(rule_id)
+            .await?
+            .ok_or_else(|| Error::RuleNotFound(rule_id.to_string()))?;
+        let now = Utc::now();
+        let fresh = Job {
+            rule_id: rule_id.to_string(),
+            state: JobState::Pending,
+            planned: false,
+            plan_prefix: 0,
+            plan_after: None,
+            total_objects: 0,
+            total_bytes: 0,
+            segments: 0,
+            started_at: now,
+            updated_at: now,
+            completed_at: None,
+            last_error: None,
+        };
+        if !self.jobs.create_job(&fresh).await? {
+            let job = self.jobs.job(rule_id).await?.unwrap_or(fresh.clone());
+            if matches!(job.state, JobState::Paused | JobState::Failed) {
+                self.jobs.set_job_state(rule_id, JobState::Running).await?;
+            }
+        }
+        Ok(self.jobs.job(rule_id).await?.unwrap_or(fresh))
+    }
+
+    /// Pauses a rule's backfill: workers stop after their current page.
+    pub async fn pause(&self, rule_id: &str) -> Result<()> {
+        match self.jobs.job(rule_id).await? {
+            Some(job) if job.state != JobState::Completed => {
+                self.jobs.set_job_state(rule_id, JobState::Paused).await
+            }
+            Some(_) => Ok(()),
+            None => Err(Error::invalid(
+                "rule",
+                format!("rule '{rule_id}' has no backfill to pause"),
+            )),
+        }
+    }
+
+    /// One invocation: every rule asked for (or, if none, every rule with historical sync
+    /// on) gets work done until `deadline`.
+    pub async fn run(
+        &self,
+        only: Option<&str>,
+        owner: &str,
+        deadline: Instant,
+    ) -> Result<Vec<RunReport>> {
+        let rules: Vec<Rule> = match only {
+            Some(id) => vec![
+                self.rules
+                    .get_rule(id)
+                    .await?
+                    .ok_or_else(|| Error::RuleNotFound(id.to_string()))?,
+            ],
+            None => self
+                .rules
+                .list_rules()
+                .await?
+                .into_iter()
+                .filter(|r| r.historical)
+                .collect(),
+        };
+        let mut reports = Vec::new();
+        let mut first_error = None;
+        for rule in rules {
+            if rule.paused {
+                continue;
+            }
+            let job = match self.jobs.job(&rule.id).await? {
+                Some(job) => job,
+                None if rule.historical => self.start(&rule.id).await?,
+                None => continue,
+            };
+            if !matches!(job.state, JobState::Pending | JobState::Running) {
+                continue;
+            }
+            let run = match self.settings.allowed.check(&rule) {
+                Ok(()) => self.run_rule(&rule, job, owner, deadline).await,
+                Err(e) => Err(e),
+            };
+            match run {
+                Ok(report) => reports.push(report),
+                Err(e) => {
+                    // One rule's failure does not hold the others back. A permanent error
+                    // fails the job (the status shows why); a transient one is retried by
+                    // the next invocation from the last checkpoint.
+                    tracing::error!(rule_id = %rule.id, error = %e, retryable = e.is_retryable(), "backfill of the rule failed");
+                    if !e.is_retryable() {
+                        self.jobs.fail_job(&rule.id, &e.to_string()).await?;
+                    }
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(reports),
+        }
+    }
+
+    /// Runs (or continues) only the counting pass of a rule's job, until `deadline`.
+    pub async fn count(&self, rule_id: &str, deadline: Instant) -> Result<Job> {
+        let rule = self
+            .rules
+            .get_rule(rule_id)
+            .await?
+            .ok_or_else(|| Error::RuleNotFound(rule_id.to_string()))?;
+        let job = self.start(rule_id).await?;
+        if job.planned {
+            return Ok(job);
+        }
+        self.plan(&rule, job, deadline, None).await
+    }
+
+    fn time_left(&self, deadline: Instant) -> bool {
+        Instant::now() + self.settings.margin < deadline
+    }
+
+    /// Handles one invocation: `{}` (the schedule: every rule with historical sync) or
+    /// `{"rule_id": "..."}` (on demand).
+    pub async fn handle(
+        &self,
+        payload: &serde_json::Value,
+        owner: &str,
+        deadline: Instant,
+    ) -> Result<serde_json::Value> {
+        let only = payload.get("rule_id").and_then(serde_json::Value::as_str);
+        let reports = self.run(only, owner, deadline).await?;
+        serde_json::to_value(reports).map_err(|e| Error::Config(format!("report: {e}")))
+    }
+
+    async fn run_rule(
+        &self,
+        rule: &Rule,
+        job: Job,
+        owner: &str,
+        deadline: Instant,
+    ) -> Result<RunReport> {
+        let mut report = RunReport {
+            rule_id: rule.id.clone(),
+            ..RunReport::default()
+        };
+        if job.state == JobState::Pending {
+            self.jobs.set_job_state(&rule.id, JobState::Running).await?;
+        }
+        let mark = JobMark::of(&job);
+        // Copying starts with the first segment cut: the workers wait for cuts while the
+        // counting pass is still going, and stop once it is over and nothing is left.
+        let (cuts, counting) = tokio::sync::watch::channel(job.planned);
+        let plan = async {
+            if job.planned {
+                return Ok(());
+            }
+            let planned = self.plan(rule, job, deadline, Some(&cuts)).await;
+            cuts.send_replace(true);
+            planned.map(|_| ())
+        };
+        let workers = (0..self.settings.workers.max(1))
+            .map(|_| self.work(rule, &mark, owner, deadline, counting.clone()));
+        let (planned, worked) = tokio::join!(plan, futures::future::join_all(workers));
+        for done in worked {
+            let done = done?;
+            report.pages += done.pages;
+            report.copied += done.copied;
+            report.fixed += done.fixed;
+            report.in_place += done.in_place;
+            report.skipped += done.skipped;
+            report.yielded += done.yielded;
+            report.undone += done.undone;
+            report.segments_finished += done.segments_finished;
+        }
+        planned?;
+        let state = self.finish_if_done(rule).await?;
+        report.state = state.as_str().to_string();
+        Ok(report)
+    }
+
+    /// Marks the job completed once it is planned and every segment is done.
+    async fn finish_if_done(&self, rule: &Rule) -> Result<JobState> {
+        let Some(job) = self.jobs.job(&rule.id).await? else {
+            return Ok(JobState::Pending);
+        };
+        if job.state == JobState::Running && job.planned {
+            let segments = self.jobs.segments(&rule.id).await?;
+            if segments.iter().all(|s| s.done) {
+                self.jobs
+                    .set_job_state(&rule.id, JobState::Completed)
+                    .await?;
+                return Ok(JobState::Completed);
+            }
+        }
+        Ok(job.state)
+    }
+
+    /// The counting pass, resumable: each cut is written with the plan's position.
+    async fn plan(
+        &self,
+        rule: &Rule,
+        mut job: Job,
+        deadline: Instant,
+        cuts: Option<&tokio::sync::watch::Sender<bool>>,
+    ) -> Result<Job> {
+        let source = self.stores.store(&rule.source);
+        let prefixes = rule.listing_prefixes();
+        // Counted since the last cut (not yet in `job`'s totals).
+        let (mut objects, mut bytes) = (0u64, 0u64);
+        let mut segment_start = job.plan_after.clone();
+        let mut after = job.plan_after.clone();
+        while job.plan_prefix < prefixes.len() {
+            if !self.time_left(deadline) {
+                return Ok(job);
+            }
+            let prefix = &prefixes[job.plan_prefix];
+            let page = source
+                .list_page(prefix, after.as_deref(), self.settings.page_size)
+                .await?;
+            let mut cut_at: Option<String> = None;
+            let mut rest_of_page = false;
+            for (i, o) in page.objects.iter().enumerate() {
+                objects += 1;
+                bytes += o.size;
+                after = Some(o.key.clone());
+                if objects >= self.settings.segment_objects {
+                    cut_at = Some(o.key.clone());
+                    rest_of_page = i + 1 < page.objects.len();
+                    break;
+                }
+            }
+            // A cut on the prefix's very last key ends the prefix: no empty segment after it.
+            if cut_at.is_some() && !rest_of_page && !page.truncated {
+                cut_at = None;
+            }
+            let prefix_done = cut_at.is_none() && !page.truncated;
+            if cut_at.is_none() && !prefix_done {
+                continue;
+            }
+            let segment = Segment {
+                index: job.segments,
+                prefix: prefix.clone(),
+                start_after: segment_start.clone(),
+                end: cut_at.clone(),
+                planned_objects: objects,
+                checkpoint: None,
+                done: false,
+                lease_owner: None,
+                lease_until: 0,
+                objects_done: 0,
+                bytes_done: 0,
+                copied: 0,
+                fixed: 0,
+                in_place: 0,
+                skipped: 0,
+                updated_at: None,
+            };
+            let mut next = job.clone();
+            next.segments += 1;
+            next.total_objects += objects;
+            next.total_bytes += bytes;
+            if prefix_done {
+                next.plan_prefix += 1;
+                next.plan_after = None;
+            } else {
+                next.plan_after = cut_at.clone();
+            }
+            next.planned = next.plan_prefix >= prefixes.len();
+            if !self
+                .jobs
+                .add_segment(&rule.id, &segment, &next, job.segments)
+                .await?
+            {
+                // Another invocation is counting too and cut first: take its progress.
+                return self
+                    .jobs
+                    .job(&rule.id)
+                    .await?
+                    .ok_or_else(|| Error::Config("backfill job vanished".into()));
+            }
+            job = next;
+            if let Some(cuts) = cuts {
+                cuts.send_modify(|_| ());
+            }
+            objects = 0;
+            bytes = 0;
+            segment_start = job.plan_after.clone();
+            after = job.plan_after.clone();
+        }
+        Ok(job)
+    }
+
+    /// One worker: claims segments and works through them until none is left (and the
+    /// counting pass, `counting` is `false` while it goes on, cuts no more) or time runs out.
+    async fn work(
+        &self,
+        rule: &Rule,
+        mark: &JobMark,
+        owner: &str,
+        deadline: Instant,
+        mut counting: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<RunReport> {
+        let mut report = RunReport::default();
+        while self.time_left(deadline) {
+            let counted = *counting.borrow_and_update();
+            let Some(segment) = self.claim(rule, owner).await? else {
+                if counted || counting.changed().await.is_err() {
+                    break;
+                }
+                continue;
+            };
+            let finished = self
+                .work_segment(rule, mark, segment.clone(), owner, deadline, &mut report)
+                .await;
+            match finished {
+                Ok(true) => report.segments_finished += 1,
+                Ok(false) => {
+                    self.jobs
+                        .release_segment(&rule.id, segment.index, owner)
+                        .await?;
+                }
+                Err(e) => {
+                    // Free the segment at once so the next invocation can retry it.
+                    if let Err(release) = self
+                        .jobs
+                        .release_segment(&rule.id, segment.index, owner)
+                        .await
+                    {
+                        tracing::warn!(rule_id = %rule.id, segment = segment.index, error = %release, "lease not released; it will expire");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    async fn claim(&self, rule: &Rule, owner: &str) -> Result<Option<Segment>> {
+        let now = now_ms();
+        let mut free: Vec<Segment> = self
+            .jobs
+            .segments(&rule.id)
+            .await?
+            .into_iter()
+            .filter(|s| !s.done && (s.lease_owner.is_none() || s.lease_until < now))
+            .collect();
+        // Spread workers over segments rather than all racing for the first one.
+        fastrand::shuffle(&mut free);
+        let until = now + self.settings.lease.as_millis() as u64;
+        for segment in free {
+            if self
+                .jobs
+                .claim_segment(&rule.id, segment.index, owner, now, until)
+                .await?
+            {
+                tracing::info!(rule_id = %rule.id, segment = segment.index, owner, "segment claimed");
+                return Ok(Some(segment));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Works through one segment; `Ok(true)` when it is done, `Ok(false)` when stopped
+    /// early (deadline, pause, or the lease was lost).
+    ///
+    /// Pages are pipelined: while page N is being copied, page N+1 is listed (source and
+    /// target) and page N-1 is settled (undo check, then checkpoint), so the copies never
+    /// wait on a listing or a DynamoDB write. Checkpoints stay in page order, each written
+    /// only after every copy of its page finished.
+    async fn work_segment(
+        &self,
+        rule: &Rule,
+        mark: &JobMark,
+        segment: Segment,
+        owner: &str,
+        deadline: Instant,
+        report: &mut RunReport,
+    ) -> Result<bool> {
+        let source = self.stores.store(&rule.source);
+        let target = self.stores.store(&rule.target);
+        let (source, target) = (source.as_ref(), target.as_ref());
+        let lane = Lane {
+            rule,
+            mark,
+            segment: &segment,
+            owner,
+            source,
+            target,
+        };
+        let mut after = segment.checkpoint.clone().or(segment.start_after.clone());
+        if !self.time_left(deadline) {
+            return Ok(false);
+        }
+        let mut examined = segment.objects_done;
+        let Some(mut page) = self.fetch_page(&lane, after.clone(), examined).await? else {
+            return Ok(false);
+        };
+        examined += page.objects.len() as u64;
+        let mut settling: Option<Settle> = None;
+        loop {
+            let last = page.objects.last().map(|o| o.key.clone()).or(after.clone());
+            let go_on = !page.reached_end && self.time_left(deadline);
+            let copies = tokio::time::timeout_at(
+                hard_stop(deadline).into(),
+                self.copy_page(&lane, &page, deadline),
+            );
+            let next = async {
+                match go_on {
+                    true => self.fetch_page(&lane, last.clone(), examined).await,
+                    false => Ok(None),
+                }
+            };
+            let previous = settling.take();
+            let previous = async {
+                match previous {
+                    Some(s) => self.settle(&lane, s, report).await,
+                    None => Ok(true),
+                }
+            };
+            let (copied, next, kept) = tokio::join!(copies, next, previous);
+            if !kept? {
+                return Ok(false);
+            }
+            // A page that cannot finish before the deadline is abandoned: no checkpoint,
+            // so its objects are examined again by whoever takes the segment next (those
+            // already written are then recognised by the job's mark and counted so).
+            let Ok(outcomes) = copied else {
+                tracing::warn!(rule_id = %rule.id, segment = segment.index, "deadline: page abandoned");
+                return Ok(false);
+            };
+            let done = Settle::of_page(&page, after.take(), last.clone(), outcomes?);
+            let next = next?;
+            match next {
+                Some(following) if go_on => {
+                    examined += following.objects.len() as u64;
+                    settling = Some(done);
+                    page = following;
+                    after = last;
+                }
+                // The segment's end, the deadline, or a pause: this page is the last one.
+                _ => {
+                    let kept = self.settle(&lane, done, report).await?;
+                    return Ok(kept && page.reached_end);
+                }
+            }
+        }
+    }
+
+    /// Lists the page after `after` and what the target holds over the same keys;
+    /// `None` if the job was paused meanwhile. `examined`: the segment's objects seen so
+    /// far, which sizes the segment's last listing to what is left of it.
+    async fn fetch_page(
+        &self,
+        lane: &Lane<'_>,
+        after: Option<String>,
+        examined: u64,
+    ) -> Result<Option<Page>> {
+        if let Some(job) = self.jobs.job(&lane.rule.id).await?
+            && job.state == JobState::Paused
+        {
+            return Ok(None);
+        }
+        let segment = lane.segment;
+        let mut listed = lane
+            .source
+            .list_page(
+                &segment.prefix,
+                after.as_deref(),
+                self.listing_size(segment, examined),
+            )
+            .await?;
+        let all = listed.objects.len();
+        listed
+            .objects
+            .retain(|o| segment.end.as_ref().is_none_or(|end| o.key <= *end));
+        let reached_end = listed.objects.len() < all || !listed.truncated || all == 0;
+        let target = match listed.objects.last() {
+            Some(last) => {
+                list_range(
+                    lane.target,
+                    &segment.prefix,
+                    after.as_deref(),
+                    &last.key,
+                    self.keys_hint(listed.objects.len()),
+                    self.settings.page_size,
+                )
+                .await?
+            }
+            None => HashMap::new(),
+        };
+        Ok(Some(Page {
+            objects: listed.objects,
+            reached_end,
+            target,
+        }))
+    }
+
+    /// Copies what a page needs, `copy_concurrency` objects at a time; each outcome
+    /// (retried within the deadline) with its key.
+    async fn copy_page<'p>(
+        &self,
+        lane: &Lane<'_>,
+        page: &'p Page,
+        deadline: Instant,
+    ) -> Result<Vec<(&'p str, Outcome)>> {
+        let copies = futures::stream::iter(page.objects.iter())
+            .map(|o| {
+                let seen = page.target.get(&o.key);
+                async move {
+                    let copied = self
+                        .retry
+                        .run(Some(deadline), "backfill object", move || {
+                            self.backfill_object(lane, o, seen)
+                        })
+                        .await;
+                    copied.map(|c| (o.key.as_str(), c))
+                }
+            })
+            .buffer_unordered(self.settings.copy_concurrency.max(1))
+            .collect::<Vec<_>>()
+            .await;
+        // An object that still fails after retries stops the segment without a
+        // checkpoint: the page is examined again next time, nothing is skipped.
+        copies.into_iter().collect()
+    }
+
+    /// Finishes a copied page: removes replicas whose source vanished during their copy,
+    /// then writes the checkpoint. `Ok(false)` if the lease was lost.
+    async fn settle(&self, lane: &Lane<'_>, done: Settle, report: &mut RunReport) -> Result<bool> {
+        if lane.rule.policy == Policy::Full && !done.created.is_empty() {
+            report.undone += self
+                .undo_deleted_meanwhile(
+                    lane,
+                    done.after.as_deref(),
+                    &done.created,
+                    done.tally.objects,
+                )
+                .await?;
+        }
+        let checkpoint = Checkpoint {
+            last_key: done.last_key,
+            done: done.reached_end,
+            lease_until: now_ms() + self.settings.lease.as_millis() as u64,
+            tally: done.tally,
+        };
+        let index = lane.segment.index;
+        let kept = self
+            .jobs
+            .checkpoint_segment(&lane.rule.id, index, lane.owner, &checkpoint)
+            .await?;
+        if !kept {
+            tracing::warn!(rule_id = %lane.rule.id, segment = index, owner = lane.owner, "lease lost; another invocation took the segment over");
+            return Ok(false);
+        }
+        report.pages += 1;
+        report.copied += checkpoint.tally.copied;
+        report.fixed += checkpoint.tally.fixed;
+        report.in_place += checkpoint.tally.in_place;
+        report.skipped += checkpoint.tally.skipped;
+        report.yielded += done.yielded;
+        Ok(true)
+    }
+
+    /// Closes the one gap the conditional write leaves: the source object deleted between
+    /// the backfill's read and its write, while the target had no such key. Real time then
+    /// found nothing to delete, and the write (`If-None-Match: *`) still went ahead. So
+    /// after each page the source is listed again over the keys the backfill created: one
+    /// listing per page, not a request per object. A key gone from it (and confirmed by
+    /// HEAD) loses the replica just written, if that replica is still the one written. A
+    /// delete after this listing has its event handled after the write, by real time.
+    async fn undo_deleted_meanwhile(
+        &self,
+        lane: &Lane<'_>,
+        after: Option<&str>,
+        created: &[(String, String)],
+        listed: u64,
+    ) -> Result<u64> {
+        let Some(last) = created.iter().map(|(k, _)| k.as_str()).max() else {
+            return Ok(0);
+        };
+        let (source, target) = (lane.source, lane.target);
+        let present = list_range(
+            source,
+            &lane.segment.prefix,
+            after,
+            last,
+            self.keys_hint(listed),
+            self.settings.page_size,
+        )
+        .await?;
+        let mut undone = 0;
+        for (key, etag) in created {
+            if present.contains_key(key) || source.head(key).await?.is_some() {
+                continue;
+            }
+            if target.head(key).await?.is_some_and(|t| t.etag == *etag) {
+                tracing::info!(rule_id = %lane.rule.id, key = %key, "source deleted while the backfill copied it; replica removed");
+                target.delete(key).await?;
+                undone += 1;
+            }
+        }
+        Ok(undone)
+    }
+
+    fn keys_hint(&self, objects: impl TryInto<i32>) -> i32 {
+        keys_hint(objects, self.settings.page_size)
+    }
+
+    /// Keys to ask for in a segment's next listing: a page, or only what is left of the
+    /// segment by the counting pass's figure plus one (to see past its end), so the
+    /// last listing of a segment does not read a page of the next one.
+    fn listing_size(&self, segment: &Segment, examined: u64) -> i32 {
+        match segment.planned_objects.checked_sub(examined) {
+            Some(left) if left > 0 => self.keys_hint(left),
+            _ => self.settings.page_size.max(1),
+        }
+    }
+
+    /// Examines one listed object and writes what the plan says: the whole object, or its
+    /// metadata only. Every write reads the source's current state (so an object real-time
+    /// replication changed meanwhile is written as it is now, never as listed), and is
+    /// conditional on the target being as the backfill saw it: if real-time replication
+    /// wrote the key after that, the write is refused (412) and the backfill yields, so it
+    /// can never revert a newer replica.
+    async fn backfill_object(
+        &self,
+        lane: &Lane<'_>,
+        object: &ListedObject,
+        listed: Option<&ListedObject>,
+    ) -> Result<Outcome> {
+        let (rule, source, target) = (lane.rule, lane.source, lane.target);
+        crate::key::check_in(source.bucket(), &object.key)?;
+        let examined = examine(rule, Some(lane.mark), source, target, object, listed).await?;
+        match examined.plan {
+            ObjectPlan::InPlace => Ok(Outcome::InPlace),
+            ObjectPlan::Written(how) => Ok(Outcome::Written(how)),
+            ObjectPlan::Skip(why) => Ok(Outcome::Skipped(why)),
+            ObjectPlan::Copy { .. } => self.copy(lane, &object.key, examined.target).await,
+            ObjectPlan::Fix { .. } => match (examined.source, examined.target) {
+                (Some(current), Some(replica)) => {
+                    self.fix(lane, current, replica, examined.tags).await
+                }
+                (_, replica) => self.copy(lane, &object.key, replica).await,
+            },
+        }
+    }
+
+    /// Writes the source object `key` whole over `existing` (`None`: where there is none).
+    async fn copy(
+        &self,
+        lane: &Lane<'_>,
+        key: &str,
+        existing: Option<ObjectInfo>,
+    ) -> Result<Outcome> {
+        let (rule, source, target) = (lane.rule, lane.source, lane.target);
+        let Some((current, body)) = self.engine.read_source(rule, source, key).await? else {
+            return Ok(Outcome::Skipped(Skip::SourceGone));
+        };
+        if crate::copy::source_state(&current, &rule.source.bucket)
+            != crate::filter::SourceState::Present
+        {
+            // Another bucket's replica: never replicated again (failback objects, whose
+            // marker names this source, are).
+            return Ok(Outcome::Skipped(Skip::Replica));
+        }
+        let Some(mut attrs) = self.attrs(lane, &current, None, Write::Copy).await? else {
+            return Ok(Outcome::Skipped(Skip::SourceGone));
+        };
+        attrs.precondition = Some(match &existing {
+            None => TargetPrecondition::Absent,
+            Some(t) => TargetPrecondition::Etag(t.etag.clone()),
+        });
+        match self
+            .engine
+            .copy_with_attrs(rule, source, target, &current, body, attrs)
+            .await
+        {
+            Ok(done) if existing.is_none() => Ok(Outcome::Created(done.etag)),
+            Ok(_) => Ok(Outcome::Copied),
+            Err(Error::Precondition { .. }) => Ok(Outcome::Skipped(Skip::Yielded)),
+            // Deleted while being copied: real time handles deletes.
+            Err(Error::NotFound { .. }) => Ok(Outcome::Skipped(Skip::SourceGone)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Gives `replica`, whose bytes are `current`'s already, `current`'s metadata: a
+    /// CopyObject of the replica onto itself, no byte moved (`tags`: both sides' tags, if
+    /// the comparison read them). Where one request cannot rewrite it (above 5 GiB), or
+    /// the provider refuses, the object is copied again instead.
+    async fn fix(
+        &self,
+        lane: &Lane<'_>,
+        current: ObjectInfo,
+        replica: ObjectInfo,
+        tags: Tags,
+    ) -> Result<Outcome> {
+        if crate::copy::source_state(&current, &lane.rule.source.bucket)
+            != crate::filter::SourceState::Present
+        {
+            // Another bucket's replica: never replicated again (failback objects, whose
+            // marker names this source, are).
+            return Ok(Outcome::Skipped(Skip::Replica));
+        }
+        if replica.size > MAX_SINGLE_REQUEST {
+            return self.copy(lane, &current.key, Some(replica)).await;
+        }
+        let tags = match tags {
+            Tags::Read { source, .. } => Some(source),
+            Tags::Counted => None,
+        };
+        let Some(attrs) = self.attrs(lane, &current, tags, Write::Fix).await? else {
+            return Ok(Outcome::Skipped(Skip::SourceGone));
+        };
+        match self
+            .engine
+            .rewrite_metadata(lane.target, &replica, attrs)
+            .await
+        {
+            Ok(_) => Ok(Outcome::Fixed),
+            // The replica changed, or went, since it was looked at: real time wrote it.
+            Err(Error::Precondition { .. } | Error::NotFound { .. }) => {
+                Ok(Outcome::Skipped(Skip::Yielded))
+            }
+            Err(e @ Error::Service { .. }) => {
+                tracing::warn!(rule_id = %lane.rule.id, key = %replica.key, error = %e, "metadata-only copy refused; copying the object again");
+                self.copy(lane, &current.key, Some(replica)).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What a replica of `current` is written with (`tags`: the source's, if read
+    /// already), marked as this job's write `how`; `None` if the source object went
+    /// while its tags or ACL were read (real time handles deletes).
+    async fn attrs(
+        &self,
+        lane: &Lane<'_>,
+        current: &ObjectInfo,
+        tags: Option<Vec<(String, String)>>,
+        how: Write,
+    ) -> Result<Option<WriteAttrs>> {
+        let attrs = self
+            .engine
+            .attrs_for_rule(lane.rule, lane.source, lane.target, current, tags)
+            .await;
+        match attrs {
+            Ok(mut attrs) => {
+                attrs
+                    .metadata
+                    .insert(marker::BACKFILL.into(), lane.mark.value(how));
+                Ok(Some(attrs))
+            }
+            Err(Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// One segment as a worker holds it: the rule, the range, the lease owner, both stores.
+struct Lane<'a> {
+    rule: &'a Rule,
+    /// The job's mark on what it writes.
+    mark: &'a JobMark,
+    segment: &'a Segment,
+    owner: &'a str,
+    source: &'a dyn ObjectStore,
+    target: &'a dyn ObjectStore,
+}
+
+/// One listed page of a segment.
+struct Page {
+    /// The page's objects within the segment's range.
+    objects: Vec<ListedObject>,
+    /// No key of the segment comes after this page.
+    reached_end: bool,
+    /// What the target holds over the page's keys.
+    target: HashMap<String, ListedObject>,
+}
+
+/// A copied page, waiting for its undo check and checkpoint.
+struct Settle {
+    /// Where the page's listing started (exclusive).
+    after: Option<String>,
+    last_key: Option<String>,
+    reached_end: bool,
+    tally: PageTally,
+    yielded: u64,
+    /// Keys the page wrote where the target had none, with the replicas' ETags.
+    created: Vec<(String, String)>,
+}
+
+impl Settle {
+    fn of_page(
+        page: &Page,
+        after: Option<String>,
+        last_key: Option<String>,
+        outcomes: Vec<(&str, Outcome)>,
+    ) -> Self {
+        let mut done = Settle {
+            after,
+            last_key,
+            reached_end: page.reached_end,
+            tally: PageTally {
+                objects: page.objects.len() as u64,
+                bytes: page.objects.iter().map(|o| o.size).sum(),
+                ..PageTally::default()
+            },
+            yielded: 0,
+            created: Vec::new(),
+        };
+        for (key, outcome) in outcomes {
+            let counter = match outcome {
+                Outcome::Copied | Outcome::Written(Write::Copy) => &mut done.tally.copied,
+                Outcome::Created(etag) => {
+                    done.created.push((key.to_string(), etag));
+                    &mut done.tally.copied
+                }
+                Outcome::Fixed | Outcome::Written(Write::Fix) => &mut done.tally.fixed,
+                Outcome::InPlace => &mut done.tally.in_place,
+                Outcome::Skipped(why) => {
+                    done.yielded += u64::from(why == Skip::Yielded);
+                    &mut done.tally.skipped
+                }
+            };
+            *counter += 1;
+        }
+        done
+    }
+}
+
+/// What became of one object: each adds to exactly one counter of its page.
+enum Outcome {
+    /// Written whole over an existing target object.
+    Copied,
+    /// Written whole where the target had no such key; the replica's ETag.
+    Created(String),
+    /// Metadata rewritten onto bytes that were the source's already.
+    Fixed,
+    InPlace,
+    /// Found written by this job in a page that was never checkpointed.
+    Written(Write),
+    Skipped(Skip),
+}
