@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::notification;
 use crate::object_store::ObjectStore;
+use crate::resumable::{UploadStore, abort_recorded};
 use crate::rule::{Notify, Rule};
 use crate::s3::S3Clients;
 use crate::state::RuleStore;
@@ -58,14 +59,20 @@ pub async fn create_rule(rules: &dyn RuleStore, s3: &S3Clients, mut rule: Rule) 
     Ok(rule)
 }
 
-/// Removes a rule: its notification configuration on the source, then the rule and its
-/// claims. A source bucket that no longer exists does not block the removal.
-pub async fn delete_rule(rules: &dyn RuleStore, s3: &S3Clients, id: &str) -> Result<Rule> {
+/// Removes a rule: its notification configuration on the source, the multipart uploads
+/// its large copies left in progress (aborted, their records deleted), then the rule and
+/// its claims. A source bucket that no longer exists does not block the removal.
+pub async fn delete_rule<S: RuleStore + UploadStore>(
+    rules: &S,
+    s3: &S3Clients,
+    id: &str,
+) -> Result<Rule> {
     let rule = rules
         .get_rule(id)
         .await?
         .ok_or_else(|| Error::RuleNotFound(id.to_string()))?;
     if rule.notify == Notify::External {
+        abort_uploads(rules, s3, &rule).await?;
         rules.delete_rule(&rule).await?;
         return Ok(rule);
     }
@@ -84,6 +91,21 @@ pub async fn delete_rule(rules: &dyn RuleStore, s3: &S3Clients, id: &str) -> Res
         Ok(()) | Err(Error::NoSuchBucket { .. }) => {}
         Err(e) => return Err(e),
     }
+    abort_uploads(rules, s3, &rule).await?;
     rules.delete_rule(&rule).await?;
     Ok(rule)
+}
+
+/// Aborts the rule's recorded multipart uploads; a target bucket that no longer exists
+/// holds none.
+async fn abort_uploads(uploads: &dyn UploadStore, s3: &S3Clients, rule: &Rule) -> Result<()> {
+    let target = s3.store(&rule.target);
+    match abort_recorded(uploads, &target, &rule.id).await {
+        Ok(n) if n > 0 => {
+            tracing::info!(rule_id = %rule.id, uploads = n, "multipart uploads in progress aborted")
+        }
+        Ok(_) | Err(Error::NoSuchBucket { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(())
 }
