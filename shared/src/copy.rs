@@ -526,12 +526,29 @@ impl CopyEngine {
             // copy's own error is what matters.
             Err(e) => return Err(run.failed(target, &mut upload, Some(&clock), e).await),
         };
+        // Completing can take as long as a part (the server assembles the object): left
+        // to the next invocation, first thing, rather than cut off by the deadline.
+        if !clock.may_start() {
+            let resource = format!("s3://{}/{}", target.bucket(), info.key);
+            return Err(run.stopped(&mut upload, &clock, &resource).await);
+        }
         let upload_id = upload.state.upload_id.clone();
         let completed = target
             .complete_multipart(&info.key, &upload_id, &parts, attrs.precondition.as_ref())
             .await;
         let etag = match completed {
             Ok(etag) => etag,
+            // The upload is gone but the target holds what its parts make: completed by an
+            // invocation that was cut off while it waited for the answer.
+            Err(Error::NotFound { .. })
+                if attrs.etag_is_md5()
+                    && self
+                        .completed_before(target, info, &digests)
+                        .await
+                        .unwrap_or(false) =>
+            {
+                multipart_etag(&digests)
+            }
             Err(e) => return Err(run.failed(target, &mut upload, None, e).await),
         };
         run.forget(&upload).await;
@@ -555,6 +572,20 @@ impl CopyEngine {
                 ResolvedCopyMode::Stream => CopyMethod::StreamMultipart,
             },
         })
+    }
+
+    /// Whether `target` holds the object the parts `digests` make, written as a replica
+    /// of `info` (a completion whose answer was lost).
+    async fn completed_before(
+        &self,
+        target: &dyn ObjectStore,
+        info: &ObjectInfo,
+        digests: &[[u8; 16]],
+    ) -> Result<bool> {
+        Ok(target.head(&info.key).await?.is_some_and(|t| {
+            t.etag == multipart_etag(digests)
+                && t.metadata.get(marker::SOURCE_ETAG) == Some(&info.etag)
+        }))
     }
 
     /// Parts in flight: `parts_in_flight`, fewer in stream mode where their bytes would

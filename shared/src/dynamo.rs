@@ -1015,12 +1015,15 @@ fn upload_item(state: &UploadState) -> Item {
         AttributeValue::Bool(state.matches_source),
     );
     item.insert("attrs".into(), s(state.attrs.clone()));
-    item.insert(
-        "parts".into(),
-        AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(
-            state.packed_parts(),
-        )),
-    );
+    // DynamoDB refuses an empty binary: no parts, no attribute.
+    if !state.parts.is_empty() {
+        item.insert(
+            "parts".into(),
+            AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(
+                state.packed_parts(),
+            )),
+        );
+    }
     item.insert("parts_done".into(), n(state.parts.len() as u64));
     item.insert("slowest_part_ms".into(), n(state.slowest_part_ms));
     item.insert("invocations".into(), n(u64::from(state.invocations)));

@@ -412,6 +412,13 @@ impl Backfiller {
                         .release_segment(&rule.id, segment.index, owner)
                         .await?;
                 }
+                // A large copy stopped for the deadline: this invocation's time is up.
+                Err(e) if e.continues_later() => {
+                    self.jobs
+                        .release_segment(&rule.id, segment.index, owner)
+                        .await?;
+                    break;
+                }
                 Err(e) => {
                     // Free the segment at once so the next invocation can retry it.
                     if let Err(release) = self
@@ -523,15 +530,14 @@ impl Backfiller {
                 return Ok(false);
             };
             // A large copy stopped for the deadline with its parts checkpointed: the page
-            // is abandoned the same way, and the next run continues that copy.
-            let outcomes = match outcomes {
-                Err(e) if e.continues_later() => {
-                    tracing::warn!(rule_id = %rule.id, segment = segment.index, progress = %e, "deadline: page abandoned, its large copy continues next run");
-                    return Ok(false);
-                }
-                other => other?,
-            };
-            let done = Settle::of_page(&page, after.take(), last.clone(), outcomes);
+            // is abandoned the same way (the error stops the worker), and the next run
+            // continues that copy.
+            if let Err(e) = &outcomes
+                && e.continues_later()
+            {
+                tracing::warn!(rule_id = %rule.id, segment = segment.index, progress = %e, "deadline: page abandoned, its large copy continues next run");
+            }
+            let done = Settle::of_page(&page, after.take(), last.clone(), outcomes?);
             let next = next?;
             match next {
                 Some(following) if go_on => {
