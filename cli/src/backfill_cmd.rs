@@ -64,6 +64,8 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
             copy_concurrency: (*copy_concurrency).max(1),
             segment_objects: (*segment_objects).max(1),
             page_size: (*page_size).clamp(1, 1000),
+            // Held to the deployment as the backfill function is.
+            allowed: crate::deployment_cmd::known(&state).await?.allowed(),
             ..BackfillSettings::default()
         },
         _ => BackfillSettings::default(),

@@ -1,6 +1,7 @@
 //! Creating and removing rules: validation, access checks, the atomic bucket claims and
 //! the source bucket's notifications, all or nothing.
 
+use crate::deployment::Deployment;
 use crate::error::{Error, Result};
 use crate::notification;
 use crate::object_store::ObjectStore;
@@ -13,11 +14,59 @@ pub fn probe_key(rule_id: &str) -> String {
     format!(".crr-probe/{rule_id}")
 }
 
-/// Creates a rule: validates it, checks the source can be read and the target written,
-/// claims both buckets in one transaction, then turns on the source's notifications.
-/// If a step fails, what earlier steps made is undone.
-pub async fn create_rule(rules: &dyn RuleStore, s3: &S3Clients, mut rule: Rule) -> Result<Rule> {
+/// How a rule is held to its deployment at creation.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// Create a rule whose source lies outside the deployment's region or bucket lists
+    /// (with warnings) instead of refusing it. Endpoints are never forced.
+    pub force: bool,
+    /// What to hold the rule to when the table has no deployment record (the CLI: the
+    /// endpoints of its own `CRR_ALLOWED_ENDPOINTS`); `None`: nothing.
+    pub fallback: Option<Deployment>,
+}
+
+/// A created rule, with what `--force` let through.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub rule: Rule,
+    pub warnings: Vec<String>,
+}
+
+/// Creates a rule, held to the table's deployment record if there is one (see
+/// `create_rule_with`).
+pub async fn create_rule(rules: &dyn RuleStore, s3: &S3Clients, rule: Rule) -> Result<Rule> {
+    Ok(create_rule_with(rules, s3, rule, &CreateOptions::default())
+        .await?
+        .rule)
+}
+
+/// Creates a rule: validates it, holds it to the deployment (the table's record, else
+/// `options.fallback`: its region, bucket lists and allowed endpoints), checks the source
+/// can be read and the target written, claims both buckets in one transaction, then turns
+/// on the source's notifications. If a step fails, what earlier steps made is undone.
+pub async fn create_rule_with(
+    rules: &dyn RuleStore,
+    s3: &S3Clients,
+    rule: Rule,
+    options: &CreateOptions,
+) -> Result<Created> {
     rule.validate()?;
+    let warnings = match rules
+        .deployment()
+        .await?
+        .or_else(|| options.fallback.clone())
+    {
+        Some(deployment) => deployment.admit(&rule, options.force)?,
+        None => vec![],
+    };
+    for warning in &warnings {
+        tracing::warn!(rule_id = %rule.id, warning = %warning, "rule created with --force");
+    }
+    let rule = create_admitted(rules, s3, rule).await?;
+    Ok(Created { rule, warnings })
+}
+
+async fn create_admitted(rules: &dyn RuleStore, s3: &S3Clients, mut rule: Rule) -> Result<Rule> {
     if rule.created_at.is_empty() {
         rule.created_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     }
