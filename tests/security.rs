@@ -310,6 +310,26 @@ async fn a_rule_naming_an_endpoint_not_allowed_is_refused_without_a_request() ->
         list_all(&stack.s3(&stack.b), &target).await?.is_empty(),
         "the real target was written"
     );
+
+    // Removing such a rule does not contact its endpoint either (the source's notification
+    // configuration would be read and written there).
+    let mut planted = rule(
+        &unique("planted"),
+        S3Server {
+            endpoint: attacker.endpoint.clone(),
+            region: stack.a.region.clone(),
+        }
+        .bucket(&unique("src")),
+        stack.b.bucket(&unique("dst")),
+    );
+    planted.notify = Notify::Queue { arn: queue_arn };
+    state.create_rule(&planted).await?;
+    stack.crr(&table, &["rule", "delete", &planted.id])?;
+    ensure!(state.get_rule(&planted.id).await?.is_none(), "not deleted");
+    ensure!(
+        attacker.count() == 1,
+        "deleting the rule contacted the endpoint that is not allowed"
+    );
     Ok(())
 }
 

@@ -122,6 +122,7 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
                 .get_rule(&rule)
                 .await?
                 .ok_or_else(|| crr_shared::Error::RuleNotFound(rule.clone()))?;
+            crate::deployment_cmd::check_endpoints(&state, &rule).await?;
             let source = clients.store(&rule.source);
             let target = clients.store(&rule.target);
             let report = dry_run(

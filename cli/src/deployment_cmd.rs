@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use crr_shared::allowed::{ALLOWED_ENDPOINTS_ENV, AllowedEndpoints};
 use crr_shared::deployment::Deployment;
 use crr_shared::dynamo::DynamoStore;
+use crr_shared::rule::Rule;
 use crr_shared::state::RuleStore;
 
 use crate::AwsArgs;
@@ -92,6 +93,13 @@ pub async fn known(state: &DynamoStore) -> Result<Deployment> {
         return Ok(recorded);
     }
     fallback()
+}
+
+/// Refuses, before any request, a rule naming an endpoint the deployment does not allow:
+/// the CLI contacts a rule's endpoints with the operator's credentials.
+pub async fn check_endpoints(state: &DynamoStore, rule: &Rule) -> Result<()> {
+    known(state).await?.endpoints().check(rule)?;
+    Ok(())
 }
 
 /// The CLI's own view when the table holds no record.

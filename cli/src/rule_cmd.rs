@@ -239,7 +239,8 @@ pub async fn run(aws: &AwsArgs, cmd: RuleCommand) -> Result<()> {
         RuleCommand::Resume { id } => set_paused(&state, &id, false).await?,
         RuleCommand::Delete { id } => {
             let s3 = S3Clients::new(sdk);
-            let rule = rule_admin::delete_rule(&state, &s3, &id).await?;
+            let fallback = crate::deployment_cmd::fallback()?;
+            let rule = rule_admin::delete_rule_with(&state, &s3, &id, Some(fallback)).await?;
             println!("deleted rule {}", rule.id);
         }
     }

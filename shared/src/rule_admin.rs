@@ -1,6 +1,7 @@
 //! Creating and removing rules: validation, access checks, the atomic bucket claims and
 //! the source bucket's notifications, all or nothing.
 
+use crate::allowed::Side;
 use crate::deployment::Deployment;
 use crate::error::{Error, Result};
 use crate::notification;
@@ -110,11 +111,30 @@ async fn create_admitted(rules: &dyn RuleStore, s3: &S3Clients, mut rule: Rule) 
 /// Removes a rule: its notification configuration on the source, then the rule and its
 /// claims. A source bucket that no longer exists does not block the removal.
 pub async fn delete_rule(rules: &dyn RuleStore, s3: &S3Clients, id: &str) -> Result<Rule> {
+    delete_rule_with(rules, s3, id, None).await
+}
+
+/// As `delete_rule`; a source endpoint the deployment (the table's record, else
+/// `fallback`) does not allow is not contacted: the rule goes, its notification
+/// configuration there is left alone.
+pub async fn delete_rule_with(
+    rules: &dyn RuleStore,
+    s3: &S3Clients,
+    id: &str,
+    fallback: Option<Deployment>,
+) -> Result<Rule> {
     let rule = rules
         .get_rule(id)
         .await?
         .ok_or_else(|| Error::RuleNotFound(id.to_string()))?;
-    if rule.notify == Notify::External {
+    let refused = match rules.deployment().await?.or(fallback) {
+        Some(d) => d.endpoints().check_side(&rule, Side::Source).err(),
+        None => None,
+    };
+    if let Some(e) = &refused {
+        tracing::warn!(rule_id = %rule.id, error = %e, "source not contacted: its notification configuration is left as it is");
+    }
+    if rule.notify == Notify::External || refused.is_some() {
         rules.delete_rule(&rule).await?;
         return Ok(rule);
     }

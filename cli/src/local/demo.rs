@@ -106,6 +106,8 @@ pub async fn run(aws: &AwsArgs) -> Result<()> {
         format!("CRR_TABLE={}", aws.table),
         format!("CRR_DLQ_URL={dlq_url}"),
         format!("AWS_ENDPOINT_URL_SQS={a_url}"),
+        // The demo's rule names the two local servers; the functions refuse other endpoints.
+        format!("CRR_ALLOWED_ENDPOINTS={a_url},{b_url}"),
     ];
     let _replicate = run_function(
         &exe,
