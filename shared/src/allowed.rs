@@ -133,17 +133,26 @@ impl AllowedEndpoints {
     /// parse allows nothing (and is logged); `FunctionConfig::from_env` refuses to start
     /// with one, so a deployment never runs with it.
     pub fn from_env() -> Self {
-        let value = std::env::var(ALLOWED_ENDPOINTS_ENV).unwrap_or_default();
-        match Self::parse(&value) {
-            Ok(allowed) => allowed,
-            Err(e) => {
-                tracing::error!(error = %e, "{ALLOWED_ENDPOINTS_ENV} has entries that do not parse; they allow nothing");
-                let entries = value
-                    .split(',')
-                    .filter_map(|e| EndpointPattern::parse(e).ok());
-                AllowedEndpoints::Only(entries.collect())
+        Self::lenient(
+            std::env::var(ALLOWED_ENDPOINTS_ENV)
+                .unwrap_or_default()
+                .split(','),
+        )
+    }
+
+    /// From entries, an entry that does not parse allowing nothing (it is logged).
+    pub fn lenient<'a>(entries: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut patterns = Vec::new();
+        for entry in entries.into_iter().map(str::trim).filter(|e| !e.is_empty()) {
+            match EndpointPattern::parse(entry) {
+                Ok(pattern) => patterns.push(pattern),
+                Err(reason) => tracing::error!(
+                    entry = %crate::error::clip(entry, 200), reason = %reason,
+                    "an allowed-endpoint entry does not parse; it allows nothing"
+                ),
             }
         }
+        AllowedEndpoints::Only(patterns)
     }
 
     /// Parses a comma-separated list of entries (empty: AWS only); the error names the
@@ -489,6 +498,10 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+        // Read leniently (a deployment record, an environment at run time), a bad entry
+        // allows nothing and the others still apply.
+        let lenient = AllowedEndpoints::lenient(["https://ok.example", "ok.example", "http://*"]);
+        assert_eq!(lenient.entries(), ["https://ok.example"]);
         let allowed = AllowedEndpoints::parse("https://a.example, http://b:1 ").unwrap();
         assert_eq!(allowed.entries(), ["https://a.example", "http://b:1"]);
         assert_eq!(

@@ -78,15 +78,7 @@ impl Deployment {
 
     /// The endpoints allowed; an entry that does not parse allows nothing.
     pub fn endpoints(&self) -> AllowedEndpoints {
-        AllowedEndpoints::from_entries(self.allowed_endpoints.iter().map(String::as_str))
-            .unwrap_or_else(|_| {
-                AllowedEndpoints::Only(
-                    self.allowed_endpoints
-                        .iter()
-                        .filter_map(|e| crate::allowed::EndpointPattern::parse(e).ok())
-                        .collect(),
-                )
-            })
+        AllowedEndpoints::lenient(self.allowed_endpoints.iter().map(String::as_str))
     }
 
     /// The buckets and endpoints allowed, as the functions check them.
