@@ -120,8 +120,13 @@ impl ObjectStore for Counted {
     async fn head(&self, key: &str) -> crr_shared::Result<Option<ObjectInfo>> {
         self.inner.head(key).await
     }
-    async fn fetch(&self, key: &str, limit: u64) -> crr_shared::Result<Option<FetchedObject>> {
-        self.inner.fetch(key, limit).await
+    async fn fetch(
+        &self,
+        key: &str,
+        limit: u64,
+        budget: &crr_shared::memory_budget::MemoryBudget,
+    ) -> crr_shared::Result<Option<FetchedObject>> {
+        self.inner.fetch(key, limit, budget).await
     }
     async fn get(
         &self,
