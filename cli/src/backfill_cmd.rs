@@ -79,7 +79,8 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
             ..CopyEngine::default()
         },
         settings,
-    );
+    )
+    .with_uploads(state.clone());
     match cmd {
         BackfillCommand::Run { rule, .. } => {
             let started = std::time::Instant::now();

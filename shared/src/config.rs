@@ -23,6 +23,9 @@ pub struct FunctionConfig {
     /// Receives before a failing message is dead-lettered with its reason
     /// (`CRR_MAX_RECEIVES`, default 4; keep it below the queue's maxReceiveCount).
     pub max_receives: u32,
+    /// The event queue (`CRR_QUEUE_URL`): the replicate function sends a message whose
+    /// large copy continues back to it (`resumable.rs`).
+    pub queue_url: Option<String>,
 }
 
 impl FunctionConfig {
@@ -87,6 +90,7 @@ pub const DEPLOYMENT_ENV: &[(&str, &[&str])] = &[
         &[
             "CRR_TABLE",
             "CRR_DLQ_URL",
+            "CRR_QUEUE_URL",
             "CRR_MAX_RECEIVES",
             "CRR_SOURCE_BUCKETS",
             "CRR_TARGET_BUCKETS",
@@ -149,6 +153,9 @@ impl FunctionConfig {
             max_receives: optional_number("CRR_MAX_RECEIVES")?
                 .map(|n| n.clamp(1, 1000) as u32)
                 .unwrap_or(4),
+            queue_url: std::env::var("CRR_QUEUE_URL")
+                .ok()
+                .filter(|v| !v.is_empty()),
         })
     }
 }

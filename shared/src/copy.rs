@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use md5::{Digest, Md5};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 
@@ -16,6 +16,7 @@ use crate::memory_budget::{HeldBytes, MemoryBudget};
 use crate::object_store::{
     Encryption, ObjectInfo, ObjectStore, TargetPrecondition, UploadedPart, WriteAttrs,
 };
+use crate::resumable::{CopyRun, PartClock, Upload};
 use crate::rule::{ResolvedCopyMode, Rule};
 
 /// User-metadata names of the replica marker. They name where a replica came from, so
@@ -220,7 +221,8 @@ impl CopyEngine {
     /// read it) to the same key in `target` as `rule` says: its copy mode, storage class
     /// and KMS key; tags and ACL included. Reads only what is needed: tags when
     /// `x-amz-tagging-count` says there are some, the ACL only where the source bucket
-    /// has ACLs turned on.
+    /// has ACLs turned on. A multipart copy runs within `run` (deadline, checkpoints).
+    #[allow(clippy::too_many_arguments)]
     pub async fn copy_for_rule(
         &self,
         rule: &Rule,
@@ -229,13 +231,14 @@ impl CopyEngine {
         info: &ObjectInfo,
         body: Option<HeldBytes>,
         precondition: Option<TargetPrecondition>,
+        run: CopyRun<'_>,
     ) -> Result<CopyOutcome> {
         let mut attrs = self
             .attrs_for_rule(rule, source, target, info, None)
             .await?;
         // Honoured by PutObject, CopyObject and CompleteMultipartUpload.
         attrs.precondition = precondition;
-        self.copy_with_attrs(rule, source, target, info, body, attrs)
+        self.copy_with_attrs(rule, source, target, info, body, attrs, run)
             .await
     }
 
@@ -270,7 +273,8 @@ impl CopyEngine {
     }
 
     /// Copies `info` to the same key in `target` in `rule`'s copy mode, writing `attrs`
-    /// (from `attrs_for_rule`).
+    /// (from `attrs_for_rule`), within `run`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn copy_with_attrs(
         &self,
         rule: &Rule,
@@ -279,10 +283,11 @@ impl CopyEngine {
         info: &ObjectInfo,
         body: Option<HeldBytes>,
         attrs: WriteAttrs,
+        run: CopyRun<'_>,
     ) -> Result<CopyOutcome> {
         let mode = rule.resolved_copy_mode();
         self.with_acl_fallback(target, attrs, async |attrs: &WriteAttrs| {
-            self.copy(source, target, info, body.as_ref(), attrs, mode)
+            self.copy(source, target, info, body.as_ref(), attrs, mode, run)
                 .await
         })
         .await
@@ -386,7 +391,9 @@ impl CopyEngine {
     }
 
     /// Copies the object `info` to the same key in `target`, writing `attrs`; `body` is
-    /// its content when already read.
+    /// its content when already read. A multipart copy stops before `run`'s deadline and
+    /// continues next time from its checkpoint (`resumable.rs`).
+    #[allow(clippy::too_many_arguments)]
     pub async fn copy(
         &self,
         source: &dyn ObjectStore,
@@ -395,6 +402,7 @@ impl CopyEngine {
         body: Option<&HeldBytes>,
         attrs: &WriteAttrs,
         mode: ResolvedCopyMode,
+        run: CopyRun<'_>,
     ) -> Result<CopyOutcome> {
         match (mode, self.is_single(info, mode)) {
             (ResolvedCopyMode::ServerSide, true) => {
@@ -405,7 +413,7 @@ impl CopyEngine {
             }
             (mode, false) => {
                 let layout = self.layout(source, info).await?;
-                self.multipart(source, target, info, attrs, mode, layout)
+                self.multipart(source, target, info, attrs, mode, layout, run)
                     .await
             }
         }
@@ -500,6 +508,7 @@ impl CopyEngine {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn multipart(
         &self,
         source: &dyn ObjectStore,
@@ -508,33 +517,57 @@ impl CopyEngine {
         attrs: &WriteAttrs,
         mode: ResolvedCopyMode,
         layout: PartLayout,
+        run: CopyRun<'_>,
     ) -> Result<CopyOutcome> {
-        let upload_id = target.create_multipart(&info.key, attrs).await?;
+        // A new upload, or the one an earlier invocation checkpointed for this same source.
+        let mut upload = run
+            .open(
+                target,
+                info,
+                attrs,
+                mode,
+                layout.part_size,
+                layout.matches_source,
+            )
+            .await?;
+        let clock = run.clock(&upload, self.parts_at_once(layout.part_size, mode));
         let result = self
-            .upload_parts(source, target, info, &upload_id, layout.part_size, mode)
+            .upload_parts(source, target, info, &mut upload, mode, &run, &clock)
             .await;
         let (parts, digests) = match result {
             Ok(done) => done,
-            Err(e) => {
-                // Leave no orphaned parts behind; the copy's own error is what matters.
-                if let Err(abort) = target.abort_multipart(&info.key, &upload_id).await {
-                    tracing::warn!(key = %info.key, error = %abort, "abort of multipart upload failed");
-                }
-                return Err(e);
-            }
+            // Stopped for the deadline with its state saved: the upload stays.
+            Err(e) if e.continues_later() => return Err(e),
+            // Leave no orphaned parts behind (unless a retry is to continue them); the
+            // copy's own error is what matters.
+            Err(e) => return Err(run.failed(target, &mut upload, Some(&clock), e).await),
         };
+        // Completing can take as long as a part (the server assembles the object): left
+        // to the next invocation, first thing, rather than cut off by the deadline.
+        if !clock.may_start() {
+            let resource = format!("s3://{}/{}", target.bucket(), info.key);
+            return Err(run.stopped(&mut upload, &clock, &resource).await);
+        }
+        let upload_id = upload.state.upload_id.clone();
         let completed = target
             .complete_multipart(&info.key, &upload_id, &parts, attrs.precondition.as_ref())
             .await;
         let etag = match completed {
             Ok(etag) => etag,
-            Err(e) => {
-                if let Err(abort) = target.abort_multipart(&info.key, &upload_id).await {
-                    tracing::warn!(key = %info.key, error = %abort, "abort of multipart upload failed");
-                }
-                return Err(e);
+            // The upload is gone but the target holds what its parts make: completed by an
+            // invocation that was cut off while it waited for the answer.
+            Err(Error::NotFound { .. })
+                if attrs.etag_is_md5()
+                    && self
+                        .completed_before(target, info, &digests)
+                        .await
+                        .unwrap_or(false) =>
+            {
+                multipart_etag(&digests)
             }
+            Err(e) => return Err(run.failed(target, &mut upload, None, e).await),
         };
+        run.forget(&upload).await;
         if attrs.etag_is_md5() {
             // Part-wise verification: the ETag S3 computed from the parts it stored must
             // be the one computed from the parts we sent (stream) or S3 reported (copy),
@@ -557,6 +590,20 @@ impl CopyEngine {
         })
     }
 
+    /// Whether `target` holds the object the parts `digests` make, written as a replica
+    /// of `info` (a completion whose answer was lost).
+    async fn completed_before(
+        &self,
+        target: &dyn ObjectStore,
+        info: &ObjectInfo,
+        digests: &[[u8; 16]],
+    ) -> Result<bool> {
+        Ok(target.head(&info.key).await?.is_some_and(|t| {
+            t.etag == multipart_etag(digests)
+                && t.metadata.get(marker::SOURCE_ETAG) == Some(&info.etag)
+        }))
+    }
+
     /// Parts in flight: `parts_in_flight`, fewer in stream mode where their bytes would
     /// exceed `stream_memory` (server-side parts hold no bytes here).
     fn parts_at_once(&self, part_size: u64, mode: ResolvedCopyMode) -> usize {
@@ -570,23 +617,32 @@ impl CopyEngine {
         }
     }
 
-    /// Transfers every part, at most `parts_in_flight` at once, so stream-mode memory is
-    /// bounded by `parts_in_flight x part_size` whatever the object's size.
+    /// Transfers every part `upload` lacks, at most `parts_in_flight` at once, so
+    /// stream-mode memory is bounded by `parts_in_flight x part_size` whatever the
+    /// object's size. Parts are started only while `clock` says they can finish before the
+    /// deadline; each finished part is recorded in `upload` (checkpointed now and then by
+    /// `run`). Returns every part of the object, or `Error::CopyContinues` if the deadline
+    /// came first.
+    #[allow(clippy::too_many_arguments)]
     async fn upload_parts(
         &self,
         source: &dyn ObjectStore,
         target: &dyn ObjectStore,
         info: &ObjectInfo,
-        upload_id: &str,
-        part_size: u64,
+        upload: &mut Upload,
         mode: ResolvedCopyMode,
+        run: &CopyRun<'_>,
+        clock: &PartClock,
     ) -> Result<(Vec<UploadedPart>, Vec<[u8; 16]>)> {
-        let count = info.size.div_ceil(part_size).max(1);
+        let part_size = upload.state.part_size;
+        let upload_id = upload.state.upload_id.clone();
+        let upload_id = upload_id.as_str();
         let resource = format!("s3://{}/{}", target.bucket(), info.key);
-        let mut done: Vec<(UploadedPart, [u8; 16])> = futures::stream::iter(0..count)
+        let mut transfers = futures::stream::iter(upload.missing())
+            .take_while(|_| std::future::ready(clock.may_start()))
             .map(|i| {
                 let resource = resource.clone();
-                async move {
+                clock.bounded(async move {
                     let start = i * part_size;
                     let end = (start + part_size).min(info.size);
                     let part_number = i32::try_from(i + 1).map_err(|_| Error::Integrity {
@@ -637,13 +693,22 @@ impl CopyEngine {
                         }
                     };
                     Ok((UploadedPart { part_number, etag }, digest))
-                }
+                })
             })
-            .buffer_unordered(self.parts_at_once(part_size, mode))
-            .try_collect()
-            .await?;
-        done.sort_by_key(|(p, _)| p.part_number);
-        Ok(done.into_iter().unzip())
+            .buffer_unordered(self.parts_at_once(part_size, mode));
+        while let Some(transferred) = transfers.next().await {
+            match transferred {
+                Some(Ok((part, digest))) => run.part_done(upload, part.part_number, digest).await?,
+                Some(Err(e)) => return Err(e),
+                // Cut off at the deadline: not recorded, transferred again next time.
+                None => {}
+            }
+        }
+        drop(transfers);
+        if !upload.is_complete() {
+            return Err(run.stopped(upload, clock, &resource).await);
+        }
+        Ok(upload.state.uploaded())
     }
 }
 
@@ -673,7 +738,9 @@ mod tests {
     ) -> Result<CopyOutcome> {
         let tags = src.tags(&info.key).await?;
         let attrs = replica_attrs(None, src.bucket(), info, tags);
-        engine.copy(src, dst, info, None, &attrs, mode).await
+        engine
+            .copy(src, dst, info, None, &attrs, mode, CopyRun::unbounded())
+            .await
     }
 
     async fn seeded(size: usize) -> (MemoryObjectStore, ObjectInfo) {
@@ -921,7 +988,15 @@ mod tests {
             let mut attrs = replica_attrs(None, "src", &info, vec![]);
             attrs.precondition = Some(TargetPrecondition::Absent);
             let err = small_parts()
-                .copy(&src, &dst, &info, None, &attrs, ResolvedCopyMode::Stream)
+                .copy(
+                    &src,
+                    &dst,
+                    &info,
+                    None,
+                    &attrs,
+                    ResolvedCopyMode::Stream,
+                    CopyRun::unbounded(),
+                )
                 .await
                 .unwrap_err();
             assert!(matches!(err, Error::Precondition { .. }), "{size}: {err}");

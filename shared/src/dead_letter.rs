@@ -93,6 +93,35 @@ impl DeadLetters for SqsDeadLetters {
     }
 }
 
+/// The event queue, taking back a message whose copy continues (`resumable.rs`).
+pub struct SqsContinuations {
+    client: Client,
+    queue_url: String,
+}
+
+impl SqsContinuations {
+    pub fn new(client: Client, queue_url: impl Into<String>) -> Self {
+        Self {
+            client,
+            queue_url: queue_url.into(),
+        }
+    }
+}
+
+#[async_trait]
+impl crate::resumable::Continuations for SqsContinuations {
+    async fn continue_later(&self, body: &str) -> Result<()> {
+        self.client
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(body)
+            .send()
+            .await
+            .map_err(|e| sqs_error("SendMessage", &self.queue_url, e))?;
+        Ok(())
+    }
+}
+
 /// A message found in the dead-letter queue.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {

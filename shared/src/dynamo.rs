@@ -9,6 +9,7 @@
 //! | ledger entry  | `KEY#<rule>#<key>` | `LEDGER`    | `seq`, `etag`, `version`, TTL      |
 //! | counters      | `STATS#<rule>`   | `REALTIME`    | one number per counter             |
 //! | suppressed    | `SUPPRESSED#<rule>` | `<md5 of key>#<identity>` | `key`, `event_time`, `recorded_at`, ... |
+//! | upload        | `UPLOAD#<rule>`  | `<writer>#<md5 of key>` | `key`, `upload_id`, `source_etag`, `parts` (binary), ..., TTL |
 //! | deployment    | `DEPLOYMENT`     | `DEPLOYMENT`  | `deployment` (JSON)                |
 
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use crate::backfill::{BackfillStore, Checkpoint, Job, JobState, Segment};
 use crate::deployment::Deployment;
 use crate::error::{Error, Result, dynamodb_permission, from_sdk};
 use crate::ledger::{LEDGER_TTL_DAYS, LedgerEntry};
+use crate::resumable::{UPLOAD_TTL_DAYS, UploadState, UploadStore, Writer, mode_str, parse_mode};
 use crate::rule::Rule;
 use crate::state::{
     Claim, LedgerStore, RealtimeCounters, Role, RuleStore, StatsStore, SuppressedDelete, claims_of,
@@ -445,12 +447,14 @@ impl RuleStore for DynamoStore {
             .await
             .map_err(|e| self.err("TransactWriteItems", e))?;
         // What the rule left behind goes too, so a new rule of the same id starts afresh:
-        // counters, suppressed deletes, backfill job and segments. Ledger entries (one per
+        // counters, suppressed deletes, backfill job and segments, upload records (their
+        // uploads are aborted by `rule_admin` first). Ledger entries (one per
         // key) expire by their TTL; their sequencers stay valid for the same bucket.
         for pk in [
             format!("STATS#{}", rule.id),
             format!("SUPPRESSED#{}", rule.id),
             backfill_pk(&rule.id),
+            upload_pk(&rule.id),
         ] {
             self.purge_partition(pk).await?;
         }
@@ -1014,5 +1018,125 @@ impl BackfillStore for DynamoStore {
             .send()
             .await;
         self.conditional("UpdateItem", sent).map(|_| ())
+    }
+}
+
+fn upload_pk(rule_id: &str) -> String {
+    format!("UPLOAD#{rule_id}")
+}
+
+fn upload_key(rule_id: &str, writer: Writer, key: &str) -> Item {
+    let digest: String = md5::Md5::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    key_item(upload_pk(rule_id), format!("{}#{digest}", writer.as_str()))
+}
+
+/// The one place upload records are mapped to and from items.
+fn upload_item(state: &UploadState) -> Item {
+    let mut item = upload_key(&state.rule_id, state.writer, &state.key);
+    item.insert("key".into(), s(state.key.clone()));
+    item.insert("upload_id".into(), s(state.upload_id.clone()));
+    item.insert("source_etag".into(), s(state.source_etag.clone()));
+    item.insert("size".into(), n(state.size));
+    item.insert("part_size".into(), n(state.part_size));
+    item.insert("mode".into(), s(mode_str(state.mode)));
+    item.insert(
+        "matches_source".into(),
+        AttributeValue::Bool(state.matches_source),
+    );
+    item.insert("attrs".into(), s(state.attrs.clone()));
+    // DynamoDB refuses an empty binary: no parts, no attribute.
+    if !state.parts.is_empty() {
+        item.insert(
+            "parts".into(),
+            AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(
+                state.packed_parts(),
+            )),
+        );
+    }
+    item.insert("parts_done".into(), n(state.parts.len() as u64));
+    item.insert("slowest_part_ms".into(), n(state.slowest_part_ms));
+    item.insert("invocations".into(), n(u64::from(state.invocations)));
+    item.insert("started_at".into(), rfc3339(state.started_at));
+    item.insert("updated_at".into(), rfc3339(Utc::now()));
+    item.insert(TTL_ATTRIBUTE.into(), ttl_in_days(UPLOAD_TTL_DAYS));
+    item
+}
+
+fn upload_from_item(rule_id: &str, item: &Item) -> Result<UploadState> {
+    let bad = |what: &str| Error::Config(format!("upload record of rule {rule_id}: {what}"));
+    let writer = string_attr(item, "sk")
+        .and_then(|sk| sk.split_once('#'))
+        .and_then(|(w, _)| Writer::parse(w))
+        .ok_or_else(|| bad("unknown writer"))?;
+    let packed = item
+        .get("parts")
+        .and_then(|v| v.as_b().ok())
+        .map(|b| b.as_ref())
+        .unwrap_or_default();
+    Ok(UploadState {
+        rule_id: rule_id.to_string(),
+        writer,
+        key: opt_string(item, "key").ok_or_else(|| bad("no key"))?,
+        upload_id: opt_string(item, "upload_id").ok_or_else(|| bad("no upload id"))?,
+        source_etag: opt_string(item, "source_etag").unwrap_or_default(),
+        size: number_attr(item, "size"),
+        part_size: number_attr(item, "part_size"),
+        mode: string_attr(item, "mode")
+            .and_then(parse_mode)
+            .ok_or_else(|| bad("unknown copy mode"))?,
+        matches_source: bool_attr(item, "matches_source"),
+        attrs: opt_string(item, "attrs").unwrap_or_default(),
+        parts: UploadState::unpack_parts(packed)?,
+        slowest_part_ms: number_attr(item, "slowest_part_ms"),
+        invocations: number_attr(item, "invocations") as u32,
+        started_at: time_attr(item, "started_at").unwrap_or_default(),
+    })
+}
+
+#[async_trait]
+impl UploadStore for DynamoStore {
+    async fn load_upload(
+        &self,
+        rule_id: &str,
+        writer: Writer,
+        key: &str,
+    ) -> Result<Option<UploadState>> {
+        match self.get(upload_key(rule_id, writer, key)).await? {
+            Some(item) => Ok(Some(upload_from_item(rule_id, &item)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn save_upload(&self, state: &UploadState) -> Result<()> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(upload_item(state)))
+            .send()
+            .await
+            .map_err(|e| self.err("PutItem", e))?;
+        Ok(())
+    }
+
+    async fn delete_upload(&self, rule_id: &str, writer: Writer, key: &str) -> Result<()> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(upload_key(rule_id, writer, key)))
+            .send()
+            .await
+            .map_err(|e| self.err("DeleteItem", e))?;
+        Ok(())
+    }
+
+    async fn uploads(&self, rule_id: &str) -> Result<Vec<UploadState>> {
+        self.query_all(upload_pk(rule_id), None)
+            .await?
+            .iter()
+            .map(|item| upload_from_item(rule_id, item))
+            .collect()
     }
 }

@@ -119,6 +119,18 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// A multipart copy stopped before the invocation's deadline with its progress saved
+    /// (`resumable.rs`): not a failure. The next invocation (the message delivered again,
+    /// the backfill's next run) continues it from the parts done.
+    #[error(
+        "{resource}: copy continues in the next invocation ({parts_done} of {parts} parts done)"
+    )]
+    CopyContinues {
+        resource: String,
+        parts_done: u64,
+        parts: u64,
+    },
+
     /// Any other service failure that repeating will not fix.
     #[error("{operation} on {resource} failed: {detail}")]
     Service {
@@ -165,7 +177,14 @@ impl Error {
                 | Error::RulePaused(_)
                 | Error::Integrity { .. }
                 | Error::Precondition { .. }
+                | Error::CopyContinues { .. }
         )
+    }
+
+    /// Whether the work outlasted this invocation and goes on in the next one: retryable,
+    /// but not within this invocation (no time is left), and progress, not a failed try.
+    pub fn continues_later(&self) -> bool {
+        matches!(self, Error::CopyContinues { .. })
     }
 
     /// Short machine-readable kind, used as the Lambda `errorType` and in DLQ reasons.
@@ -187,6 +206,7 @@ impl Error {
             Error::InvalidKey { .. } => "InvalidKey",
             Error::AclNotSupported { .. } => "AclNotSupported",
             Error::Transient { .. } => "Retryable",
+            Error::CopyContinues { .. } => "CopyContinues",
             Error::Service { .. } => "Service",
             Error::Config(_) => "Config",
         }

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod notification;
 pub mod object_store;
 pub mod replicate;
+pub mod resumable;
 pub mod retry;
 pub mod rule;
 pub mod rule_admin;

@@ -16,6 +16,7 @@ use crate::memory_budget::{HeldBytes, MemoryBudget};
 use crate::object_store::{
     FetchedObject, ObjectInfo, ObjectStore, TargetPrecondition, UploadedPart, WriteAttrs,
 };
+use crate::resumable::{UploadState, UploadStore, Writer};
 use crate::rule::Rule;
 use crate::state::{
     Claim, LedgerStore, RealtimeCounters, RuleStore, StatsStore, SuppressedDelete, claims_of,
@@ -35,6 +36,10 @@ struct World {
     buckets: HashMap<String, BTreeMap<String, StoredObject>>,
     uploads: HashMap<String, (WriteAttrs, BTreeMap<i32, Bytes>)>,
     next_upload: u64,
+    /// How long each part upload (or part copy) takes, to test deadlines.
+    part_delay: std::time::Duration,
+    /// Parts uploaded or copied, in all.
+    parts_uploaded: u64,
 }
 
 /// A set of in-memory buckets that can copy between each other server-side.
@@ -51,6 +56,21 @@ impl MemoryWorld {
             world: self.clone(),
             bucket: bucket.to_string(),
         }
+    }
+
+    /// Makes every part upload (or part copy) take `delay`.
+    pub fn set_part_delay(&self, delay: std::time::Duration) {
+        self.lock().part_delay = delay;
+    }
+
+    /// Parts uploaded or copied so far, in every bucket.
+    pub fn parts_uploaded(&self) -> u64 {
+        self.lock().parts_uploaded
+    }
+
+    /// Multipart uploads started and neither completed nor aborted.
+    pub fn open_uploads(&self) -> usize {
+        self.lock().uploads.len()
     }
 
     fn lock(&self) -> MutexGuard<'_, World> {
@@ -283,7 +303,12 @@ impl ObjectStore for MemoryObjectStore {
         body: Bytes,
     ) -> Result<String> {
         let etag = hex(&Md5::digest(&body));
+        let delay = self.world.lock().part_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let mut world = self.world.lock();
+        world.parts_uploaded += 1;
         let upload = world
             .uploads
             .get_mut(upload_id)
@@ -465,7 +490,11 @@ pub struct MemoryState {
     ledger: Arc<Mutex<HashMap<(String, String), LedgerEntry>>>,
     counters: Arc<Mutex<HashMap<String, RealtimeCounters>>>,
     suppressed: Arc<Mutex<HashMap<String, Vec<SuppressedDelete>>>>,
+    uploads: Arc<Mutex<BTreeMap<UploadSlot, UploadState>>>,
 }
+
+/// An upload record's identity: rule, writer, key.
+type UploadSlot = (String, &'static str, String);
 
 type RulesAndClaims = (BTreeMap<String, Rule>, HashMap<String, Claim>);
 
@@ -612,6 +641,7 @@ impl RuleStore for MemoryState {
         drop(guard);
         locked(&self.counters).remove(&rule.id);
         locked(&self.suppressed).remove(&rule.id);
+        locked(&self.uploads).retain(|(id, _, _), _| *id != rule.id);
         Ok(())
     }
 
@@ -622,5 +652,42 @@ impl RuleStore for MemoryState {
             .values()
             .find(|r| r.source.bucket == bucket)
             .cloned())
+    }
+}
+
+#[async_trait]
+impl UploadStore for MemoryState {
+    async fn load_upload(
+        &self,
+        rule_id: &str,
+        writer: Writer,
+        key: &str,
+    ) -> Result<Option<UploadState>> {
+        Ok(locked(&self.uploads)
+            .get(&(rule_id.to_string(), writer.as_str(), key.to_string()))
+            .cloned())
+    }
+
+    async fn save_upload(&self, state: &UploadState) -> Result<()> {
+        let slot = (
+            state.rule_id.clone(),
+            state.writer.as_str(),
+            state.key.clone(),
+        );
+        locked(&self.uploads).insert(slot, state.clone());
+        Ok(())
+    }
+
+    async fn delete_upload(&self, rule_id: &str, writer: Writer, key: &str) -> Result<()> {
+        locked(&self.uploads).remove(&(rule_id.to_string(), writer.as_str(), key.to_string()));
+        Ok(())
+    }
+
+    async fn uploads(&self, rule_id: &str) -> Result<Vec<UploadState>> {
+        Ok(locked(&self.uploads)
+            .iter()
+            .filter(|((id, _, _), _)| id == rule_id)
+            .map(|(_, u)| u.clone())
+            .collect())
     }
 }

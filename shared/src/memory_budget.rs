@@ -362,7 +362,15 @@ mod tests {
                     .unwrap()
                     .unwrap();
                 let done = engine
-                    .copy_for_rule(rule, source, target, &info, body, None)
+                    .copy_for_rule(
+                        rule,
+                        source,
+                        target,
+                        &info,
+                        body,
+                        None,
+                        crate::resumable::CopyRun::unbounded(),
+                    )
                     .await
                     .unwrap();
                 assert_eq!(target.inner.bytes(&key), source.inner.bytes(&key));

@@ -20,6 +20,7 @@ use crate::filter::{Skip, SourceState, Step, converge, outside_rule};
 use crate::ledger::{Freshness, freshness, newest_applied, normalize_sequencer};
 use crate::metrics;
 use crate::object_store::ObjectStore;
+use crate::resumable::{Continuations, CopyRun, UploadStore, Writer};
 use crate::retry::RetryPolicy;
 use crate::rule::{BucketRef, Rule};
 use crate::state::{NO_RULE_COUNTERS, RealtimeCounters, StateStore, SuppressedDelete};
@@ -101,6 +102,10 @@ pub struct Replicator {
     dead_letters: Option<Arc<dyn DeadLetters>>,
     settings: ReplicatorSettings,
     cache: Mutex<HashMap<String, (Instant, Option<Rule>)>>,
+    /// Where large copies checkpoint their parts, to continue in the next invocation.
+    uploads: Option<Arc<dyn UploadStore>>,
+    /// Where a message whose copy continues is sent again as a fresh message.
+    continuations: Option<Arc<dyn Continuations>>,
 }
 
 /// Counters of one invocation, per rule.
@@ -137,7 +142,25 @@ impl Replicator {
             dead_letters,
             settings,
             cache: Mutex::default(),
+            uploads: None,
+            continuations: None,
         }
+    }
+
+    /// Multipart copies checkpoint their parts in `uploads`: one that reaches the
+    /// invocation's deadline stops, saves its state and continues when its message comes
+    /// again (`resumable.rs`). Without it, such a copy is aborted at the deadline.
+    pub fn with_uploads(mut self, uploads: Arc<dyn UploadStore>) -> Self {
+        self.uploads = Some(uploads);
+        self
+    }
+
+    /// A message whose copy continues is sent to `queue` again as a new message (its
+    /// receive count starts over: progress is no failed try) and acknowledged; without
+    /// it, the message is reported failed and comes back after its visibility timeout.
+    pub fn with_continuations(mut self, queue: Arc<dyn Continuations>) -> Self {
+        self.continuations = Some(queue);
+        self
     }
 
     /// Handles one invocation. SQS batches answer with the ids of failed messages (partial
@@ -194,8 +217,26 @@ impl Replicator {
                 Failure { rule_id, error }
             }
         };
-        let give_up =
-            !failure.error.is_retryable() || item.receive_count >= self.settings.max_receives;
+        if failure.error.continues_later()
+            && let Some(queue) = &self.continuations
+        {
+            // Progress, not a failed try: a fresh message (receive count 1, visible at
+            // once) carries the copy on, and this one is acknowledged.
+            match queue.continue_later(&item.body).await {
+                Ok(()) => {
+                    tracing::info!(message_id = %item.message_id, error = %failure.error, "copy continues: message sent again");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::warn!(message_id = %item.message_id, error = %e, "could not send the continuing message; SQS delivers it again")
+                }
+            }
+        }
+        // A copy that made progress is never given up on for its receive count (only the
+        // queue's own maxReceiveCount bounds it, see docs/deploy.md).
+        let give_up = !failure.error.is_retryable()
+            || (item.receive_count >= self.settings.max_receives
+                && !failure.error.continues_later());
         tracing::error!(
             message_id = %item.message_id, receive_count = item.receive_count,
             error_kind = failure.error.kind(), give_up, error = %failure.error,
@@ -270,7 +311,7 @@ impl Replicator {
             .settings
             .retry
             .run(deadline, "apply event", || {
-                self.apply_with_rule(&rule, event)
+                self.apply_until(&rule, event, deadline)
             })
             .await;
         let latency = started.elapsed().as_millis() as u64;
@@ -299,6 +340,13 @@ impl Replicator {
                     c.newest_event_at = c.newest_event_at.max(event.event_time);
                 });
             }
+            Err(e) if e.continues_later() => {
+                tracing::info!(
+                    rule_id = %rule.id, bucket = %event.bucket, key = %event.key, event_name = %event.event_name,
+                    elapsed_ms = latency, progress = %e, "copy continues in the next invocation"
+                );
+                metrics::emit_event(&rule.id, "copy_continues", latency, 0, false);
+            }
             Err(e) => {
                 tracing::warn!(
                     rule_id = %rule.id, bucket = %event.bucket, key = %event.key, event_name = %event.event_name,
@@ -320,6 +368,17 @@ impl Replicator {
     /// work; the ledger's version is the optimistic lock that makes a lost race re-apply,
     /// with or without a sequencer.
     pub async fn apply_with_rule(&self, rule: &Rule, event: &ReplicationEvent) -> Result<Outcome> {
+        self.apply_until(rule, event, None).await
+    }
+
+    /// `apply_with_rule` within an invocation ending at `deadline`: a large copy that
+    /// cannot finish by then stops with its progress saved (`Error::CopyContinues`).
+    pub async fn apply_until(
+        &self,
+        rule: &Rule,
+        event: &ReplicationEvent,
+        deadline: Option<Instant>,
+    ) -> Result<Outcome> {
         if rule.paused {
             return Err(Error::RulePaused(rule.id.clone()));
         }
@@ -342,7 +401,7 @@ impl Replicator {
             }
         }
         for _ in 0..MAX_COMMITS {
-            let outcome = self.converge_key(rule, event).await?;
+            let outcome = self.converge_key(rule, event, deadline).await?;
             let (newest, newest_etag) = newest_applied(entry.as_ref(), sequencer.as_deref(), &etag);
             let expected = entry.as_ref().map(|e| e.version);
             if self
@@ -368,8 +427,19 @@ impl Replicator {
     /// Makes the target match what the source holds for the event's key *now*, whatever
     /// the event announced (see `filter::converge`), so a late or re-applied event can
     /// never leave an older state behind.
-    async fn converge_key(&self, rule: &Rule, event: &ReplicationEvent) -> Result<Outcome> {
+    async fn converge_key(
+        &self,
+        rule: &Rule,
+        event: &ReplicationEvent,
+        deadline: Option<Instant>,
+    ) -> Result<Outcome> {
         let key = event.key.as_str();
+        let run = CopyRun::new(
+            self.uploads.as_deref(),
+            &rule.id,
+            Writer::Realtime,
+            deadline,
+        );
         let source = self.stores.store(&rule.source);
         let engine = &self.settings.engine;
         let mut attempt = 0;
@@ -387,7 +457,15 @@ impl Replicator {
                     };
                     let target = self.stores.store(&rule.target);
                     match engine
-                        .copy_for_rule(rule, source.as_ref(), target.as_ref(), &info, body, None)
+                        .copy_for_rule(
+                            rule,
+                            source.as_ref(),
+                            target.as_ref(),
+                            &info,
+                            body,
+                            None,
+                            run,
+                        )
                         .await
                     {
                         Ok(done) => return Ok(Outcome::Replicated { bytes: done.bytes }),

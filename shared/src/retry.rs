@@ -65,6 +65,8 @@ impl RetryPolicy {
         loop {
             match op().await {
                 Ok(v) => return Ok(v),
+                // Stopped for the deadline with its progress saved: nothing to retry here.
+                Err(e) if e.continues_later() => return Err(e),
                 Err(e) if e.is_retryable() && attempt < self.max_attempts => {
                     let wait = self.backoff(attempt);
                     let out_of_time =

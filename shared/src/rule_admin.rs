@@ -6,6 +6,7 @@ use crate::deployment::Deployment;
 use crate::error::{Error, Result};
 use crate::notification;
 use crate::object_store::ObjectStore;
+use crate::resumable::{UploadStore, abort_recorded};
 use crate::rule::{Notify, Rule};
 use crate::s3::S3Clients;
 use crate::state::RuleStore;
@@ -108,17 +109,23 @@ async fn create_admitted(rules: &dyn RuleStore, s3: &S3Clients, mut rule: Rule) 
     Ok(rule)
 }
 
-/// Removes a rule: its notification configuration on the source, then the rule and its
-/// claims. A source bucket that no longer exists does not block the removal.
-pub async fn delete_rule(rules: &dyn RuleStore, s3: &S3Clients, id: &str) -> Result<Rule> {
+/// Removes a rule: its notification configuration on the source, the multipart uploads
+/// its large copies left in progress (aborted, their records deleted), then the rule and
+/// its claims. A source bucket that no longer exists does not block the removal.
+pub async fn delete_rule<S: RuleStore + UploadStore>(
+    rules: &S,
+    s3: &S3Clients,
+    id: &str,
+) -> Result<Rule> {
     delete_rule_with(rules, s3, id, None).await
 }
 
-/// As `delete_rule`; a source endpoint the deployment (the table's record, else
-/// `fallback`) does not allow is not contacted: the rule goes, its notification
-/// configuration there is left alone.
-pub async fn delete_rule_with(
-    rules: &dyn RuleStore,
+/// As `delete_rule`; an endpoint the deployment (the table's record, else `fallback`)
+/// does not allow is not contacted: the rule goes, its notification configuration on a
+/// refused source and its uploads on a refused target are left alone (the target's
+/// lifecycle rule removes those).
+pub async fn delete_rule_with<S: RuleStore + UploadStore>(
+    rules: &S,
     s3: &S3Clients,
     id: &str,
     fallback: Option<Deployment>,
@@ -127,12 +134,19 @@ pub async fn delete_rule_with(
         .get_rule(id)
         .await?
         .ok_or_else(|| Error::RuleNotFound(id.to_string()))?;
-    let refused = match rules.deployment().await?.or(fallback) {
+    let deployment = rules.deployment().await?.or(fallback);
+    let refused = match &deployment {
         Some(d) => d.endpoints().check_side(&rule, Side::Source).err(),
         None => None,
     };
     if let Some(e) = &refused {
         tracing::warn!(rule_id = %rule.id, error = %e, "source not contacted: its notification configuration is left as it is");
+    }
+    let target_allowed = deployment
+        .as_ref()
+        .is_none_or(|d| d.endpoints().check_side(&rule, Side::Target).is_ok());
+    if target_allowed {
+        abort_uploads(rules, s3, &rule).await?;
     }
     if rule.notify == Notify::External || refused.is_some() {
         rules.delete_rule(&rule).await?;
@@ -155,4 +169,18 @@ pub async fn delete_rule_with(
     }
     rules.delete_rule(&rule).await?;
     Ok(rule)
+}
+
+/// Aborts the rule's recorded multipart uploads; a target bucket that no longer exists
+/// holds none.
+async fn abort_uploads(uploads: &dyn UploadStore, s3: &S3Clients, rule: &Rule) -> Result<()> {
+    let target = s3.store(&rule.target);
+    match abort_recorded(uploads, &target, &rule.id).await {
+        Ok(n) if n > 0 => {
+            tracing::info!(rule_id = %rule.id, uploads = n, "multipart uploads in progress aborted")
+        }
+        Ok(_) | Err(Error::NoSuchBucket { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(())
 }

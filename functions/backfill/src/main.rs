@@ -27,13 +27,16 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         crr_shared::aws_clients::dynamodb(&aws),
         config.table.clone(),
     ));
-    let backfiller = Arc::new(Backfiller::new(
-        state.clone(),
-        state,
-        Arc::new(S3Clients::new(aws)),
-        config.engine,
-        settings,
-    ));
+    let backfiller = Arc::new(
+        Backfiller::new(
+            state.clone(),
+            state.clone(),
+            Arc::new(S3Clients::new(aws)),
+            config.engine,
+            settings,
+        )
+        .with_uploads(state),
+    );
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
         let backfiller = Arc::clone(&backfiller);
         async move {

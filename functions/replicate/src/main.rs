@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crr_shared::aws_clients;
 use crr_shared::config::FunctionConfig;
-use crr_shared::dead_letter::{DeadLetters, SqsDeadLetters};
+use crr_shared::dead_letter::{DeadLetters, SqsContinuations, SqsDeadLetters};
 use crr_shared::dynamo::DynamoStore;
 use crr_shared::replicate::{Replicator, diagnostic};
 use crr_shared::retry::instant_of;
@@ -22,16 +22,25 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         "memory budget for object bytes"
     );
     let aws = aws_config::load_from_env().await;
-    let state = DynamoStore::new(aws_clients::dynamodb(&aws), config.table.clone());
+    let state = Arc::new(DynamoStore::new(
+        aws_clients::dynamodb(&aws),
+        config.table.clone(),
+    ));
     let dead_letters = config.dlq_url.as_ref().map(|url| {
         Arc::new(SqsDeadLetters::new(aws_clients::sqs(&aws), url)) as Arc<dyn DeadLetters>
     });
-    let replicator = Arc::new(Replicator::new(
-        Arc::new(state),
-        Arc::new(S3Clients::new(aws)),
+    let mut replicator = Replicator::new(
+        state.clone(),
+        Arc::new(S3Clients::new(aws.clone())),
         dead_letters,
         config.replicator(),
-    ));
+    )
+    .with_uploads(state);
+    if let Some(url) = &config.queue_url {
+        replicator = replicator
+            .with_continuations(Arc::new(SqsContinuations::new(aws_clients::sqs(&aws), url)));
+    }
+    let replicator = Arc::new(replicator);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
         let replicator = Arc::clone(&replicator);
         async move {

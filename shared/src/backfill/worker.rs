@@ -12,6 +12,7 @@ use crate::copy::{CopyEngine, MAX_SINGLE_REQUEST, marker};
 use crate::error::{Error, Result};
 use crate::object_store::{ListedObject, ObjectInfo, ObjectStore, TargetPrecondition, WriteAttrs};
 use crate::replicate::StoreProvider;
+use crate::resumable::{CopyRun, UploadStore, Writer};
 use crate::retry::RetryPolicy;
 use crate::rule::{Policy, Rule};
 use crate::state::RuleStore;
@@ -57,6 +58,8 @@ pub struct Backfiller {
     engine: CopyEngine,
     settings: BackfillSettings,
     retry: RetryPolicy,
+    /// Where large copies checkpoint their parts, to continue in the next run.
+    uploads: Option<Arc<dyn UploadStore>>,
 }
 
 impl Backfiller {
@@ -74,7 +77,16 @@ impl Backfiller {
             engine,
             settings,
             retry: RetryPolicy::default(),
+            uploads: None,
         }
+    }
+
+    /// Multipart copies checkpoint their parts in `uploads`: one still going at the hard
+    /// stop saves its state (its page is abandoned, as any unfinished page) and the next
+    /// run continues it (`resumable.rs`). Without it, such a copy is aborted.
+    pub fn with_uploads(mut self, uploads: Arc<dyn UploadStore>) -> Self {
+        self.uploads = Some(uploads);
+        self
     }
 
     /// Requests (or resumes) the backfill of a rule.
@@ -401,6 +413,13 @@ impl Backfiller {
                         .release_segment(&rule.id, segment.index, owner)
                         .await?;
                 }
+                // A large copy stopped for the deadline: this invocation's time is up.
+                Err(e) if e.continues_later() => {
+                    self.jobs
+                        .release_segment(&rule.id, segment.index, owner)
+                        .await?;
+                    break;
+                }
                 Err(e) => {
                     // Free the segment at once so the next invocation can retry it.
                     if let Err(release) = self
@@ -468,6 +487,7 @@ impl Backfiller {
             owner,
             source,
             target,
+            deadline,
         };
         let mut after = segment.checkpoint.clone().or(segment.start_after.clone());
         if !self.time_left(deadline) {
@@ -510,6 +530,14 @@ impl Backfiller {
                 tracing::warn!(rule_id = %rule.id, segment = segment.index, "deadline: page abandoned");
                 return Ok(false);
             };
+            // A large copy stopped for the deadline with its parts checkpointed: the page
+            // is abandoned the same way (the error stops the worker), and the next run
+            // continues that copy.
+            if let Err(e) = &outcomes
+                && e.continues_later()
+            {
+                tracing::warn!(rule_id = %rule.id, segment = segment.index, progress = %e, "deadline: page abandoned, its large copy continues next run");
+            }
             let done = Settle::of_page(&page, after.take(), last.clone(), outcomes?);
             let next = next?;
             match next {
@@ -752,9 +780,16 @@ impl Backfiller {
             None => TargetPrecondition::Absent,
             Some(t) => TargetPrecondition::Etag(t.etag.clone()),
         });
+        // Parts must be checkpointed before the hard stop drops the page's copies.
+        let run = CopyRun::new(
+            self.uploads.as_deref(),
+            &rule.id,
+            Writer::Backfill,
+            Some(hard_stop(lane.deadline)),
+        );
         match self
             .engine
-            .copy_with_attrs(rule, source, target, &current, body, attrs)
+            .copy_with_attrs(rule, source, target, &current, body, attrs, run)
             .await
         {
             Ok(done) if existing.is_none() => Ok(Outcome::Created(done.etag)),
@@ -848,6 +883,8 @@ struct Lane<'a> {
     owner: &'a str,
     source: &'a dyn ObjectStore,
     target: &'a dyn ObjectStore,
+    /// When the invocation ends.
+    deadline: Instant,
 }
 
 /// One listed page of a segment.
