@@ -208,6 +208,12 @@ fn rule_lines(rule: &RuleStatus) -> Vec<Line> {
         Line::Text(counts)
     });
     lines.push(historical_line(&rule.historical));
+    if rule.historical.failed_objects > 0 {
+        lines.push(Line::Alert(format!(
+            "              backfill: {} failed object(s), skipped: `crr backfill failures {}`",
+            rule.historical.failed_objects, rule.rule_id
+        )));
+    }
     if let Some(error) = &rule.historical.error {
         lines.push(Line::Alert(format!(
             "              backfill failed: {error}"
@@ -240,7 +246,7 @@ fn historical_line(h: &HistoricalStatus) -> Line {
                 label,
                 percent: h.percent_objects,
                 message: format!(
-                    "{}: objects {}/{} ({:.1}%), bytes {}/{} ({:.1}%), {} copied, {} fixed, {} in place, {} skipped{eta}",
+                    "{}: objects {}/{} ({:.1}%), bytes {}/{} ({:.1}%), {} copied, {} fixed, {} in place, {} skipped, {} failed{eta}",
                     h.state,
                     h.objects_done,
                     h.objects_total,
@@ -252,6 +258,7 @@ fn historical_line(h: &HistoricalStatus) -> Line {
                     h.fixed,
                     h.in_place,
                     h.skipped,
+                    h.failed,
                 ),
             }
         }

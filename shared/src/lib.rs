@@ -17,6 +17,7 @@ pub mod dead_letter;
 pub mod dynamo;
 pub mod error;
 pub mod event;
+pub mod failure_reason;
 pub mod filter;
 pub mod key;
 pub mod ledger;
