@@ -237,6 +237,12 @@ fn historical_line(h: &HistoricalStatus) -> Line {
             ),
         },
         Some(_) => {
+            // Failed when examined; of those, still in the list now (retries take them off).
+            let failed = match (h.failed, h.failed_objects) {
+                (0, 0) => String::new(),
+                (f, listed) if f == listed => format!(", {f} failed"),
+                (f, listed) => format!(", {f} failed ({listed} still listed)"),
+            };
             let eta = match h.eta_seconds {
                 Some(0) => String::new(),
                 Some(s) => format!(", ETA {}", duration(s)),
@@ -246,7 +252,7 @@ fn historical_line(h: &HistoricalStatus) -> Line {
                 label,
                 percent: h.percent_objects,
                 message: format!(
-                    "{}: objects {}/{} ({:.1}%), bytes {}/{} ({:.1}%), {} copied, {} fixed, {} in place, {} skipped, {} failed{eta}",
+                    "{}: objects {}/{} ({:.1}%), bytes {}/{} ({:.1}%), {} copied, {} fixed, {} in place, {} skipped{failed}{eta}",
                     h.state,
                     h.objects_done,
                     h.objects_total,
@@ -258,7 +264,6 @@ fn historical_line(h: &HistoricalStatus) -> Line {
                     h.fixed,
                     h.in_place,
                     h.skipped,
-                    h.failed,
                 ),
             }
         }

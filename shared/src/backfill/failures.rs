@@ -113,13 +113,13 @@ impl Backfiller {
         for (f, tried) in tries {
             match tried {
                 Ok(()) => {
-                    tracing::info!(rule_id, key = %f.key, reason = %f.reason, "failed object replicated on retry");
+                    tracing::info!(rule_id = %rule_id, key = %f.key, reason = %f.reason, "failed object replicated on retry");
                     self.jobs.remove_failure(rule_id, &f.key).await?;
                     report.succeeded += 1;
                 }
                 Err(e) => match FailureReason::of(&e, &rule) {
                     Some(reason) => {
-                        tracing::warn!(rule_id, key = %f.key, %reason, error = %e, "failed object failed again");
+                        tracing::warn!(rule_id = %rule_id, key = %f.key, %reason, error = %e, "failed object failed again");
                         again.push(FailedObject::new(&f.key, f.size, reason, &e));
                     }
                     None => {
