@@ -172,6 +172,7 @@ impl FailureReason {
             | Error::RuleNotFound(_)
             | Error::RulePaused(_)
             | Error::BucketNotAllowed { .. }
+            | Error::EndpointNotAllowed { .. }
             | Error::MalformedEvent(_)
             | Error::NoSuchBucket { .. }
             | Error::Config(_) => None,
