@@ -1,4 +1,5 @@
-//! `crr backfill start|pause|plan`: the historical migration of a rule.
+//! `crr backfill start|pause|run|plan|failures|retry-failed`: the historical migration of
+//! a rule.
 
 use std::sync::Arc;
 
@@ -37,6 +38,25 @@ pub enum BackfillCommand {
         /// Keys per listing page.
         #[arg(long, default_value_t = 1000)]
         page_size: i32,
+    },
+    /// List the objects the migration could not copy, with their reason codes (README
+    /// "Failure reasons").
+    #[command(after_help = "Example:\n  crr backfill failures photos --json")]
+    Failures {
+        rule: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Try the failed objects again in this process (after a restore, or a permission
+    /// fixed): those copied leave the list; a job `completed_with_failures` whose list
+    /// empties becomes `completed`.
+    #[command(after_help = "Example:\n  crr backfill retry-failed photos")]
+    RetryFailed {
+        rule: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Dry run: what would be copied, and which target objects would be overwritten.
     #[command(after_help = "Example:\n  crr backfill plan photos --json")]
@@ -95,23 +115,29 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
                     total.fixed += report.fixed;
                     total.in_place += report.in_place;
                     total.skipped += report.skipped;
+                    total.failed += report.failed;
                 }
                 match state.job(&rule).await?.map(|j| j.state) {
-                    Some(JobState::Completed) => break,
+                    Some(s) if s.is_finished() => break,
                     Some(JobState::Paused) => anyhow::bail!("the backfill of {rule} was paused"),
                     _ => {}
                 }
             }
             let secs = started.elapsed().as_secs_f64();
-            let objects = total.copied + total.fixed + total.in_place + total.skipped;
+            let objects =
+                total.copied + total.fixed + total.in_place + total.skipped + total.failed;
             println!(
-                "backfill of rule {rule}: completed in {secs:.2} s, {} copied, {} fixed, {} in place, {} skipped ({:.0} objects/s)",
+                "backfill of rule {rule}: completed in {secs:.2} s, {} copied, {} fixed, {} in place, {} skipped, {} failed ({:.0} objects/s)",
                 total.copied,
                 total.fixed,
                 total.in_place,
                 total.skipped,
+                total.failed,
                 objects as f64 / secs.max(1e-9)
             );
+            if total.failed > 0 {
+                println!("failed objects: `crr backfill failures {rule}`");
+            }
         }
         BackfillCommand::Start { rule } => {
             let job = backfiller.start(&rule).await?;
@@ -120,6 +146,56 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
         BackfillCommand::Pause { rule } => {
             backfiller.pause(&rule).await?;
             println!("backfill of rule {rule}: paused");
+        }
+        BackfillCommand::Failures { rule, json } => {
+            state
+                .get_rule(&rule)
+                .await?
+                .ok_or_else(|| crr_shared::Error::RuleNotFound(rule.clone()))?;
+            let failed = state.failures(&rule).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&failed)?);
+                return Ok(());
+            }
+            if failed.is_empty() {
+                println!("backfill of rule {rule}: no failed objects");
+                return Ok(());
+            }
+            println!(
+                "{:<40} {:>12} {:<32} {:>8}  {:<24}  message",
+                "key", "size", "reason", "attempts", "last try"
+            );
+            for f in &failed {
+                println!(
+                    "{:<40} {:>12} {:<32} {:>8}  {:<24}  {}",
+                    f.key,
+                    f.size,
+                    f.reason.as_str(),
+                    f.attempts,
+                    f.last_try
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    f.message
+                );
+            }
+            println!(
+                "{} failed object(s); `crr backfill retry-failed {rule}` tries them again",
+                failed.len()
+            );
+        }
+        BackfillCommand::RetryFailed { rule, json } => {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+            let report = backfiller.retry_failed(&rule, deadline).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(());
+            }
+            println!(
+                "backfill of rule {rule}: {} failed object(s) tried again, {} replicated, {} still failing; job {}",
+                report.tried, report.succeeded, report.still_failed, report.state
+            );
+            if report.still_failed > 0 {
+                println!("see why: `crr backfill failures {rule}`");
+            }
         }
         BackfillCommand::Plan { rule, json } => {
             let rule = state

@@ -212,6 +212,12 @@ fn rule_lines(rule: &RuleStatus) -> Vec<Line> {
         Line::Text(counts)
     });
     lines.push(historical_line(&rule.historical));
+    if rule.historical.failed_objects > 0 {
+        lines.push(Line::Alert(format!(
+            "              backfill: {} failed object(s), skipped: `crr backfill failures {}`",
+            rule.historical.failed_objects, rule.rule_id
+        )));
+    }
     if let Some(error) = &rule.historical.error {
         lines.push(Line::Alert(format!(
             "              backfill failed: {error}"
@@ -235,6 +241,12 @@ fn historical_line(h: &HistoricalStatus) -> Line {
             ),
         },
         Some(_) => {
+            // Failed when examined; of those, still in the list now (retries take them off).
+            let failed = match (h.failed, h.failed_objects) {
+                (0, 0) => String::new(),
+                (f, listed) if f == listed => format!(", {f} failed"),
+                (f, listed) => format!(", {f} failed ({listed} still listed)"),
+            };
             let eta = match h.eta_seconds {
                 Some(0) => String::new(),
                 Some(s) => format!(", ETA {}", duration(s)),
@@ -244,7 +256,7 @@ fn historical_line(h: &HistoricalStatus) -> Line {
                 label,
                 percent: h.percent_objects,
                 message: format!(
-                    "{}: objects {}/{} ({:.1}%), bytes {}/{} ({:.1}%), {} copied, {} fixed, {} in place, {} skipped{eta}",
+                    "{}: objects {}/{} ({:.1}%), bytes {}/{} ({:.1}%), {} copied, {} fixed, {} in place, {} skipped{failed}{eta}",
                     h.state,
                     h.objects_done,
                     h.objects_total,

@@ -11,6 +11,9 @@
 //! | suppressed    | `SUPPRESSED#<rule>` | `<md5 of key>#<identity>` | `key`, `event_time`, `recorded_at`, ... |
 //! | upload        | `UPLOAD#<rule>`  | `<writer>#<md5 of key>` | `key`, `upload_id`, `source_etag`, `parts` (binary), ..., TTL |
 //! | deployment    | `DEPLOYMENT`     | `DEPLOYMENT`  | `deployment` (JSON)                |
+//! | backfill job  | `BACKFILL#<rule>` | `JOB`        | state, plan position, totals       |
+//! | segment       | `BACKFILL#<rule>` | `SEG#<index>` | range, checkpoint, lease, counters |
+//! | failed object | `BACKFILL#<rule>` | `FAIL#<md5 of key>` | `key`, `size`, `reason`, `message`, `attempts`, `last_try`, ... |
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -30,7 +33,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use md5::Digest;
 
-use crate::backfill::{BackfillStore, Checkpoint, Job, JobState, Segment};
+use crate::backfill::{BackfillStore, Checkpoint, FailedObject, Job, JobState, Segment};
 use crate::deployment::Deployment;
 use crate::error::{Error, Result, dynamodb_permission, from_sdk};
 use crate::ledger::{LEDGER_TTL_DAYS, LedgerEntry};
@@ -749,8 +752,32 @@ fn segment_from_item(item: &Item) -> Segment {
         fixed: number_attr(item, "fixed"),
         in_place: number_attr(item, "in_place"),
         skipped: number_attr(item, "skipped"),
+        failed: number_attr(item, "failed"),
         updated_at: time_attr(item, "updated_at"),
     }
+}
+
+/// A failed object's sort key: a digest of the key (a sort key holds at most 1024 bytes,
+/// and an S3 key may take all of them; the key itself is an attribute).
+fn failure_sk(key: &str) -> String {
+    let digest: String = md5::Md5::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("FAIL#{digest}")
+}
+
+fn failure_from_item(item: &Item) -> Option<FailedObject> {
+    Some(FailedObject {
+        key: string_attr(item, "key")?.to_string(),
+        size: number_attr(item, "size"),
+        reason: crate::failure_reason::FailureReason::parse(string_attr(item, "reason")?)?,
+        message: opt_string(item, "message").unwrap_or_default(),
+        retryable: bool_attr(item, "retryable"),
+        attempts: u32::try_from(number_attr(item, "attempts")).unwrap_or(u32::MAX),
+        first_failed_at: time_attr(item, "first_failed_at").unwrap_or_default(),
+        last_try: time_attr(item, "last_try").unwrap_or_default(),
+    })
 }
 
 /// Operation errors that say "the write's condition did not hold", told by their named
@@ -840,7 +867,7 @@ impl BackfillStore for DynamoStore {
 
     async fn set_job_state(&self, rule_id: &str, state: JobState) -> Result<()> {
         let mut expr = "SET #st = :st, updated_at = :now".to_string();
-        if state == JobState::Completed {
+        if state.is_finished() {
             expr.push_str(", completed_at = :now");
         }
         expr.push_str(" REMOVE last_error");
@@ -897,6 +924,7 @@ impl BackfillStore for DynamoStore {
             "fixed",
             "in_place",
             "skipped",
+            "failed",
         ] {
             item.insert(name.into(), n(0));
         }
@@ -988,13 +1016,14 @@ impl BackfillStore for DynamoStore {
             .expression_attribute_values(":f", n(checkpoint.tally.fixed))
             .expression_attribute_values(":i", n(checkpoint.tally.in_place))
             .expression_attribute_values(":k", n(checkpoint.tally.skipped))
+            .expression_attribute_values(":x", n(checkpoint.tally.failed))
             .expression_attribute_values(":now", rfc3339(Utc::now()));
         if let Some(key) = checkpoint.last_key.as_deref().filter(|k| !k.is_empty()) {
             set.push_str(", checkpoint = :cp");
             req = req.expression_attribute_values(":cp", s(key));
         }
         set.push_str(
-            " ADD objects_done :a, bytes_done :b, copied :c, #fixed :f, in_place :i, skipped :k",
+            " ADD objects_done :a, bytes_done :b, copied :c, #fixed :f, in_place :i, skipped :k, failed :x",
         );
         let sent = req
             .update_expression(set)
@@ -1018,6 +1047,85 @@ impl BackfillStore for DynamoStore {
             .send()
             .await;
         self.conditional("UpdateItem", sent).map(|_| ())
+    }
+
+    async fn record_failures(&self, rule_id: &str, failed: &[FailedObject]) -> Result<()> {
+        let writes: Vec<_> = failed
+            .iter()
+            .map(|f| {
+                self.client
+                    .update_item()
+                    .table_name(&self.table)
+                    .set_key(Some(key_item(backfill_pk(rule_id), failure_sk(&f.key))))
+                    .update_expression(
+                        "SET #key = :key, #size = :size, reason = :reason, #message = :message, \
+                     retryable = :retryable, last_try = :last, \
+                     first_failed_at = if_not_exists(first_failed_at, :first) \
+                     ADD attempts :one",
+                    )
+                    // KEY, SIZE and MESSAGE are among DynamoDB's reserved words.
+                    .expression_attribute_names("#key", "key")
+                    .expression_attribute_names("#size", "size")
+                    .expression_attribute_names("#message", "message")
+                    .expression_attribute_values(":key", s(f.key.clone()))
+                    .expression_attribute_values(":size", n(f.size))
+                    .expression_attribute_values(":reason", s(f.reason.as_str()))
+                    .expression_attribute_values(":message", s(f.message.clone()))
+                    .expression_attribute_values(":retryable", AttributeValue::Bool(f.retryable))
+                    .expression_attribute_values(":last", rfc3339(f.last_try))
+                    .expression_attribute_values(":first", rfc3339(f.first_failed_at))
+                    .expression_attribute_values(":one", n(u64::from(f.attempts.max(1))))
+            })
+            .collect();
+        let sends = writes.into_iter().map(|w| w.send());
+        let mut running = futures::stream::iter(sends).buffer_unordered(16);
+        while let Some(done) = running.next().await {
+            done.map_err(|e| self.err("UpdateItem", e))?;
+        }
+        Ok(())
+    }
+
+    async fn failures(&self, rule_id: &str) -> Result<Vec<FailedObject>> {
+        let items = self.query_all(backfill_pk(rule_id), Some("FAIL#")).await?;
+        let mut found: Vec<FailedObject> = items.iter().filter_map(failure_from_item).collect();
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
+    }
+
+    async fn failure_count(&self, rule_id: &str) -> Result<u64> {
+        let mut count = 0u64;
+        let mut start: Option<Item> = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :skp)")
+                .expression_attribute_values(":pk", s(backfill_pk(rule_id)))
+                .expression_attribute_values(":skp", s("FAIL#"))
+                .select(aws_sdk_dynamodb::types::Select::Count)
+                .set_exclusive_start_key(start)
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(|e| self.err("Query", e))?;
+            count += u64::try_from(out.count()).unwrap_or(0);
+            match out.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => return Ok(count),
+            }
+        }
+    }
+
+    async fn remove_failure(&self, rule_id: &str, key: &str) -> Result<()> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(key_item(backfill_pk(rule_id), failure_sk(key))))
+            .send()
+            .await
+            .map_err(|e| self.err("DeleteItem", e))?;
+        Ok(())
     }
 }
 

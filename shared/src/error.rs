@@ -69,6 +69,17 @@ pub enum Error {
         permission: &'static str,
     },
 
+    /// The source object sits in an archive storage class (S3 Glacier Flexible Retrieval,
+    /// Deep Archive, or an Intelligent-Tiering archive tier): it must be restored before
+    /// its bytes can be read. Not a permission problem, and repeating will not help.
+    #[error(
+        "{resource} is archived (GLACIER, DEEP_ARCHIVE or an Intelligent-Tiering archive tier) and must be restored before it can be copied ({operation})"
+    )]
+    ObjectArchived {
+        operation: &'static str,
+        resource: String,
+    },
+
     /// The bucket does not exist (or is not visible at that endpoint).
     #[error("bucket '{bucket}' does not exist ({operation})")]
     NoSuchBucket {
@@ -199,6 +210,7 @@ impl Error {
             Error::EndpointNotAllowed { .. } => "EndpointNotAllowed",
             Error::MalformedEvent(_) => "MalformedEvent",
             Error::AccessDenied { .. } => "AccessDenied",
+            Error::ObjectArchived { .. } => "ObjectArchived",
             Error::NoSuchBucket { .. } => "NoSuchBucket",
             Error::NotFound { .. } => "NotFound",
             Error::Precondition { .. } => "Precondition",
@@ -233,6 +245,8 @@ impl Error {
 pub enum FailureClass {
     Retryable,
     AccessDenied,
+    /// The object is in an archive tier (`InvalidObjectState`, `ObjectNotInActiveTierError`).
+    ObjectArchived,
     NoSuchBucket,
     NotFound,
     Precondition,
@@ -258,6 +272,32 @@ const RETRYABLE_CODES: &[&str] = &[
     "InternalServerError",
     "ServiceUnavailable",
     "TransactionInProgressException",
+    // 409s S3 asks callers to repeat: a concurrent conditional write or bucket-level
+    // operation got in the way.
+    "ConditionalRequestConflict",
+    "OperationAborted",
+    // A token that expired in flight or a skewed clock: the SDK refreshes credentials and
+    // corrects the skew on the next attempt.
+    "ExpiredToken",
+    "RequestTimeTooSkewed",
+];
+
+/// Error codes meaning "the object is archived; restore it first". `InvalidObjectState` is
+/// what GetObject answers (403), `ObjectNotInActiveTierError` what CopyObject and
+/// UploadPartCopy answer for an archived source.
+const ARCHIVED_CODES: &[&str] = &["InvalidObjectState", "ObjectNotInActiveTierError"];
+
+/// Error codes meaning "this caller may not": no permission, or credentials the service
+/// does not accept. HEAD responses carry no body, so a bare 403 there has no code (or the
+/// SDK's generic `Forbidden`). A 403 with any other code (a disabled account, a
+/// requester-pays bucket...) is not a missing permission: it is reported with its code.
+const DENIED_CODES: &[&str] = &[
+    "AccessDenied",
+    "AccessDeniedException",
+    "Forbidden",
+    "SignatureDoesNotMatch",
+    "InvalidAccessKeyId",
+    "InvalidToken",
 ];
 
 /// Classifies any SDK error. Shared by S3 and DynamoDB calls (both use the same
@@ -287,7 +327,9 @@ where
                 || code == "TransactionCanceledException"
             {
                 FailureClass::ConditionFailed
-            } else if status == 403 || code == "AccessDenied" || code == "AccessDeniedException" {
+            } else if ARCHIVED_CODES.contains(&code) {
+                FailureClass::ObjectArchived
+            } else if DENIED_CODES.contains(&code) || (status == 403 && code.is_empty()) {
                 FailureClass::AccessDenied
             } else if status == 404 || code == "NoSuchKey" || code == "NotFound" {
                 FailureClass::NotFound
@@ -371,6 +413,10 @@ where
             operation,
             resource,
             permission,
+        },
+        FailureClass::ObjectArchived => Error::ObjectArchived {
+            operation,
+            resource,
         },
         FailureClass::NoSuchBucket => Error::NoSuchBucket {
             operation,
@@ -469,6 +515,207 @@ mod tests {
         assert_eq!(
             classify(&service_error(400, "InvalidArgument")),
             FailureClass::Permanent
+        );
+    }
+
+    /// S3 clients whose every GET, HEAD, PUT and CopyObject answers `status` with the
+    /// error document of `code` (no body at all for HEAD, as S3 does), through the real
+    /// SDK's response parsing: what S3 answers, not a hand-built error.
+    mod answered {
+        use crate::object_store::{ObjectStore, WriteAttrs};
+        use crate::s3::S3Store;
+        use aws_smithy_mocks::{RuleMode, mock, mock_client};
+        use bytes::Bytes;
+
+        fn document(code: &str) -> String {
+            format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>said by the mock</Message></Error>"
+            )
+        }
+
+        fn store(status: u16, code: &str) -> S3Store {
+            let body = document(code);
+            let (b1, b2, b3) = (body.clone(), body.clone(), body);
+            let get = mock!(aws_sdk_s3::Client::get_object)
+                .then_http_response(move || http_response(status, &b1));
+            let put = mock!(aws_sdk_s3::Client::put_object)
+                .then_http_response(move || http_response(status, &b2));
+            let copy = mock!(aws_sdk_s3::Client::copy_object)
+                .then_http_response(move || http_response(status, &b3));
+            let head = mock!(aws_sdk_s3::Client::head_object)
+                .then_http_response(move || http_response(status, ""));
+            let client = mock_client!(
+                aws_sdk_s3,
+                RuleMode::MatchAny,
+                [&get, &put, &copy, &head],
+                |c| c.retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+            );
+            S3Store::new(client, "b".into())
+        }
+
+        fn http_response(status: u16, body: &str) -> aws_smithy_runtime_api::http::Response {
+            aws_smithy_runtime_api::http::Response::new(
+                aws_smithy_runtime_api::http::StatusCode::try_from(status).unwrap(),
+                aws_smithy_types::body::SdkBody::from(body.to_string()),
+            )
+        }
+
+        async fn get(status: u16, code: &str) -> super::Error {
+            store(status, code).get("k", None, "e").await.unwrap_err()
+        }
+
+        async fn put(status: u16, code: &str) -> super::Error {
+            let attrs = WriteAttrs::default();
+            store(status, code)
+                .put("k", Bytes::from_static(b"x"), &attrs)
+                .await
+                .unwrap_err()
+        }
+
+        #[tokio::test]
+        async fn access_denied_403_is_a_missing_permission() {
+            let err = get(403, "AccessDenied").await;
+            assert!(
+                matches!(
+                    err,
+                    super::Error::AccessDenied {
+                        permission: "s3:GetObject",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert!(!err.is_retryable());
+        }
+
+        #[tokio::test]
+        async fn a_bare_403_on_head_is_a_missing_permission() {
+            let err = store(403, "AccessDenied").head("k").await.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    super::Error::AccessDenied {
+                        operation: "HeadObject",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+        }
+
+        #[tokio::test]
+        async fn invalid_object_state_403_is_an_archived_object_not_a_permission() {
+            let err = get(403, "InvalidObjectState").await;
+            assert!(
+                matches!(
+                    err,
+                    super::Error::ObjectArchived {
+                        operation: "GetObject",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert!(!err.is_retryable());
+            assert_eq!(err.kind(), "ObjectArchived");
+            assert!(err.to_string().contains("s3://b/k is archived"), "{err}");
+            assert!(!err.to_string().contains("permission"), "{err}");
+        }
+
+        #[tokio::test]
+        async fn object_not_in_active_tier_403_on_copy_is_an_archived_source() {
+            let err = store(403, "ObjectNotInActiveTierError")
+                .copy_from("src", "k", "e", &WriteAttrs::default())
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    super::Error::ObjectArchived {
+                        operation: "CopyObject",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert!(!err.is_retryable());
+        }
+
+        #[tokio::test]
+        async fn other_403s_are_reported_with_their_code() {
+            for code in ["AccountProblem", "InvalidPayer", "AllAccessDisabled"] {
+                let err = get(403, code).await;
+                assert!(
+                    matches!(err, super::Error::Service { .. }),
+                    "{code}: {err:?}"
+                );
+                assert!(!err.is_retryable(), "{code}");
+                assert!(err.to_string().contains(code), "{err}");
+            }
+        }
+
+        #[tokio::test]
+        async fn credentials_refused_403_is_access_denied() {
+            for code in ["SignatureDoesNotMatch", "InvalidAccessKeyId"] {
+                let err = get(403, code).await;
+                assert!(
+                    matches!(err, super::Error::AccessDenied { .. }),
+                    "{code}: {err:?}"
+                );
+            }
+        }
+
+        #[tokio::test]
+        async fn conditional_request_conflict_409_is_retryable() {
+            let err = put(409, "ConditionalRequestConflict").await;
+            assert!(
+                matches!(
+                    err,
+                    super::Error::Transient {
+                        operation: "PutObject",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert!(err.is_retryable());
+        }
+
+        #[tokio::test]
+        async fn operation_aborted_409_is_retryable() {
+            let err = put(409, "OperationAborted").await;
+            assert!(err.is_retryable(), "{err:?}");
+        }
+
+        #[tokio::test]
+        async fn other_409s_are_permanent() {
+            let err = put(409, "BucketAlreadyExists").await;
+            assert!(matches!(err, super::Error::Service { .. }), "{err:?}");
+            assert!(!err.is_retryable());
+        }
+    }
+
+    #[test]
+    fn invalid_object_state_is_not_access_denied() {
+        assert_eq!(
+            classify(&service_error(403, "InvalidObjectState")),
+            FailureClass::ObjectArchived
+        );
+        assert_eq!(
+            classify(&service_error(403, "AllAccessDisabled")),
+            FailureClass::Permanent
+        );
+        assert_eq!(
+            classify(&service_error(403, "SignatureDoesNotMatch")),
+            FailureClass::AccessDenied
+        );
+        assert_eq!(
+            classify(&service_error(409, "ConditionalRequestConflict")),
+            FailureClass::Retryable
+        );
+        assert_eq!(
+            classify(&service_error(409, "OperationAborted")),
+            FailureClass::Retryable
         );
     }
 

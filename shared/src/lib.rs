@@ -18,6 +18,7 @@ pub mod deployment;
 pub mod dynamo;
 pub mod error;
 pub mod event;
+pub mod failure_reason;
 pub mod filter;
 pub mod key;
 pub mod ledger;

@@ -49,6 +49,12 @@ impl RetryPolicy {
         ceiling.mul_f64(fastrand::f64())
     }
 
+    /// Whether `run` may have given up for lack of time rather than of attempts: the
+    /// longest backoff and the margin no longer fit before `deadline`.
+    pub fn out_of_time(&self, deadline: Instant) -> bool {
+        Instant::now() + self.cap + self.margin >= deadline
+    }
+
     /// Runs `op` until it succeeds, fails permanently, runs out of attempts, or the next
     /// attempt could not finish before `deadline`.
     pub async fn run<T, F, Fut>(

@@ -134,12 +134,13 @@ pub struct RealtimeStatus {
 /// Historical migration (backfill) of one rule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoricalStatus {
-    /// `not_requested`, `pending`, `running`, `completed`, `failed` or `paused`.
+    /// `not_requested`, `pending`, `running`, `completed`, `completed_with_failures`
+    /// (every object examined, some in the failed-objects list), `failed` or `paused`.
     pub state: String,
     /// `counting` (the totals are being measured), `copying`, or `done`; `null` when not
     /// requested.
     pub phase: Option<String>,
-    /// Objects and bytes examined: `copied + fixed + in_place + skipped` objects.
+    /// Objects and bytes examined: `copied + fixed + in_place + skipped + failed` objects.
     pub objects_done: u64,
     pub bytes_done: u64,
     /// Of those: written whole to the target (new, or its bytes differed).
@@ -153,6 +154,14 @@ pub struct HistoricalStatus {
     /// Left alone otherwise: conflicts kept by `on_conflict`, writes yielded to real-time
     /// replication, objects deleted meanwhile, replicas of another bucket.
     pub skipped: u64,
+    /// Failed when their page was examined, recorded in the job's failed-objects list and
+    /// skipped.
+    #[serde(default)]
+    pub failed: u64,
+    /// Objects in the failed-objects list now (`crr backfill failures` lists them,
+    /// `crr backfill retry-failed` takes those it copies off the list).
+    #[serde(default)]
+    pub failed_objects: u64,
     /// Objects and bytes to examine (the counting pass's measure).
     pub objects_total: u64,
     pub bytes_total: u64,
@@ -267,9 +276,12 @@ impl StatusService {
         for rule in &rules {
             let counters = self.stats.counters(&rule.id).await?;
             let job = self.jobs.job(&rule.id).await?;
-            let segments = match &job {
-                Some(_) => self.jobs.segments(&rule.id).await?,
-                None => vec![],
+            let (segments, failed_objects) = match &job {
+                Some(_) => (
+                    self.jobs.segments(&rule.id).await?,
+                    self.jobs.failure_count(&rule.id).await?,
+                ),
+                None => (vec![], 0),
             };
             let mut status = rule_status(
                 rule,
@@ -280,6 +292,7 @@ impl StatusService {
                 self.settle,
                 now,
             );
+            status.historical.failed_objects = failed_objects;
             if let Some(d) = &deployment {
                 outside_deployment(&mut status.realtime, &d.findings(rule));
             }
@@ -401,6 +414,8 @@ pub fn historical_status(
             fixed: 0,
             in_place: 0,
             skipped: 0,
+            failed: 0,
+            failed_objects: 0,
             objects_total: 0,
             bytes_total: 0,
             total_final: false,
@@ -419,7 +434,7 @@ pub fn historical_status(
     let sum = |f: fn(&Segment) -> u64| segments.iter().map(f).sum::<u64>();
     let objects_done = sum(|s| s.objects_done);
     let bytes_done = sum(|s| s.bytes_done);
-    let completed = job.state == JobState::Completed;
+    let completed = job.state.is_finished();
     // Objects written under the last segment after the count are examined too, and once
     // the job is complete the totals are what it examined (objects deleted meanwhile gone).
     let (objects_total, bytes_total) = if completed {
@@ -463,6 +478,9 @@ pub fn historical_status(
         fixed: sum(|s| s.fixed),
         in_place: sum(|s| s.in_place),
         skipped: sum(|s| s.skipped),
+        failed: sum(|s| s.failed),
+        // Read apart from the job and segments (`StatusService::report`).
+        failed_objects: 0,
         objects_total,
         bytes_total,
         total_final: job.planned,
@@ -499,7 +517,7 @@ pub fn eta_seconds(
     now: DateTime<Utc>,
 ) -> Option<u64> {
     match job.state {
-        JobState::Completed => return Some(0),
+        JobState::Completed | JobState::CompletedWithFailures => return Some(0),
         JobState::Running if job.planned => {}
         _ => return None,
     }
@@ -765,6 +783,7 @@ mod tests {
             fixed: 0,
             in_place: 0,
             skipped: 0,
+            failed: 0,
             updated_at: None,
         }
     }
@@ -858,6 +877,20 @@ mod tests {
         assert_eq!(h.eta_seconds, Some(3 * 3600));
         assert_eq!((h.segments, h.segments_done), (2, 0));
         assert_eq!(h.phase.as_deref(), Some("copying"));
+    }
+
+    #[test]
+    fn a_job_completed_with_failures_is_done_and_counts_them() {
+        let mut done = job(JobState::CompletedWithFailures, true, 10, 100);
+        done.completed_at = Some(at("2026-11-22T09:40:00Z"));
+        let mut seg = segment(0, 10, 100, true);
+        seg.copied = 8;
+        seg.failed = 2;
+        let h = historical_status(Some(&done), &[seg], at("2026-11-22T10:00:00Z"));
+        assert_eq!(h.state, "completed_with_failures");
+        assert_eq!(h.phase.as_deref(), Some("done"));
+        assert_eq!((h.percent_objects, h.eta_seconds), (Some(100.0), Some(0)));
+        assert_eq!((h.objects_done, h.copied, h.failed), (10, 8, 2));
     }
 
     #[test]

@@ -15,6 +15,11 @@
 //! The `Host` header and every signed header are forwarded untouched, so servers that
 //! check SigV4 (s3s-fs) still accept the requests.
 //!
+//! For failure tests the proxy can *refuse* chosen requests ([`FaultProxy::refuse`]): every
+//! request of a method whose path starts with a prefix gets a given S3 error (403
+//! AccessDenied, 500 InternalError...) until [`FaultProxy::allow_all`], whether faults are
+//! on or not.
+//!
 //! For race tests the proxy can also *hold* one chosen request ([`FaultProxy::hold`]):
 //! the request is read whole, then kept from the server until the test releases it, so a
 //! test decides exactly which of two concurrent writes lands last.
@@ -162,9 +167,18 @@ impl Held {
     }
 }
 
+/// Requests answered with an error instead of being forwarded.
+struct Refusal {
+    method: String,
+    path_prefix: String,
+    status: StatusCode,
+    code: String,
+}
+
 struct Shared {
     /// Requests to hold, in the order they were asked for.
     holds: Mutex<Vec<PendingHold>>,
+    refusals: Mutex<Vec<Refusal>>,
     /// Faults only while on: setup and checks go through untouched.
     active: std::sync::atomic::AtomicBool,
     upstream: String,
@@ -199,6 +213,7 @@ impl FaultProxy {
         let stats = Arc::new(FaultStats::default());
         let shared = Arc::new(Shared {
             holds: Mutex::new(Vec::new()),
+            refusals: Mutex::new(Vec::new()),
             active: std::sync::atomic::AtomicBool::new(false),
             upstream: upstream.trim_end_matches('/').to_string(),
             plan,
@@ -253,6 +268,30 @@ impl FaultProxy {
             arrived: arrived_rx,
             release: release_tx,
         }
+    }
+
+    /// Answers every `method` request whose path (as sent, without the query) starts with
+    /// `path_prefix` with `status` and the S3 error `code`, until [`FaultProxy::allow_all`].
+    pub fn refuse(&self, method: &str, path_prefix: &str, status: u16, code: &str) {
+        self.shared
+            .refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Refusal {
+                method: method.to_string(),
+                path_prefix: path_prefix.to_string(),
+                status: StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN),
+                code: code.to_string(),
+            });
+    }
+
+    /// Ends every [`FaultProxy::refuse`].
+    pub fn allow_all(&self) {
+        self.shared
+            .refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Turns fault injection on or off (off when started).
@@ -340,6 +379,17 @@ impl Shared {
             let _ = hold.arrived.send(());
             // Released, or the test dropped its handle: either way the request goes on.
             let _ = hold.release.await;
+        }
+        let refused = {
+            let refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            let bare = path.split('?').next().unwrap_or_default();
+            refusals
+                .iter()
+                .find(|r| r.method == req.method().as_str() && bare.starts_with(&r.path_prefix))
+                .map(|r| (r.status, r.code.clone()))
+        };
+        if let Some((status, code)) = refused {
+            return Ok(xml_error(status, &code, "refused by the fault proxy"));
         }
         let fate = self.fate(&format!("{} {}", req.method(), path));
         match fate {

@@ -15,13 +15,16 @@
 //! counting pass cuts it, and within a segment the next page is listed and the previous
 //! one checkpointed while the current one is copied.
 //!
-//! The feature in three files: this one (the job's model and the `BackfillStore` port),
-//! `plan` (what to do with each listed object, the dry run, range listings) and `worker`
-//! (the `Backfiller`: claiming segments, copying pages, checkpoints).
+//! The feature in four files: this one (the job's model and the `BackfillStore` port),
+//! `plan` (what to do with each listed object, the dry run, range listings), `worker`
+//! (the `Backfiller`: claiming segments, copying pages, checkpoints) and `failures` (the
+//! objects that failed: recorded, listed, tried again).
 
+mod failures;
 mod plan;
 mod worker;
 
+pub use failures::*;
 pub use plan::*;
 pub use worker::*;
 
@@ -43,6 +46,9 @@ pub enum JobState {
     /// Some segment has been worked on.
     Running,
     Completed,
+    /// Every segment is done, and some objects failed: they are in the job's failed-objects
+    /// list (`crr backfill failures`), and `crr backfill retry-failed` tries them again.
+    CompletedWithFailures,
     Failed,
     Paused,
 }
@@ -53,6 +59,7 @@ impl JobState {
             JobState::Pending => "pending",
             JobState::Running => "running",
             JobState::Completed => "completed",
+            JobState::CompletedWithFailures => "completed_with_failures",
             JobState::Failed => "failed",
             JobState::Paused => "paused",
         }
@@ -63,10 +70,16 @@ impl JobState {
             "pending" => JobState::Pending,
             "running" => JobState::Running,
             "completed" => JobState::Completed,
+            "completed_with_failures" => JobState::CompletedWithFailures,
             "failed" => JobState::Failed,
             "paused" => JobState::Paused,
             _ => return None,
         })
+    }
+
+    /// Every segment is done (with or without failed objects).
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobState::Completed | JobState::CompletedWithFailures)
     }
 }
 
@@ -93,7 +106,7 @@ pub struct Job {
 }
 
 /// A key range `(start_after, end]` under one prefix.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Segment {
     pub index: u32,
     pub prefix: String,
@@ -110,7 +123,7 @@ pub struct Segment {
     pub lease_owner: Option<String>,
     /// Epoch milliseconds.
     pub lease_until: u64,
-    /// Objects and bytes examined: `copied + fixed + in_place + skipped` objects.
+    /// Objects and bytes examined: `copied + fixed + in_place + skipped + failed` objects.
     pub objects_done: u64,
     pub bytes_done: u64,
     /// Objects written whole (new, or bytes differed).
@@ -121,6 +134,8 @@ pub struct Segment {
     pub in_place: u64,
     /// Objects left alone otherwise (see `Skip`).
     pub skipped: u64,
+    /// Objects that failed and were recorded in the job's failed-objects list.
+    pub failed: u64,
     /// Time of the last checkpoint.
     pub updated_at: Option<DateTime<Utc>>,
 }
@@ -134,6 +149,7 @@ pub struct PageTally {
     pub fixed: u64,
     pub in_place: u64,
     pub skipped: u64,
+    pub failed: u64,
 }
 
 /// A page finished: where the segment stands after it.
@@ -188,6 +204,15 @@ pub trait BackfillStore: Send + Sync {
     ) -> Result<bool>;
     /// Gives the lease up (if `owner` holds it).
     async fn release_segment(&self, rule_id: &str, index: u32, owner: &str) -> Result<()>;
+    /// Records failed objects in the job's list: a key already there gets the new reason,
+    /// message, size and time, and one more attempt.
+    async fn record_failures(&self, rule_id: &str, failed: &[FailedObject]) -> Result<()>;
+    /// The job's failed objects, in key order.
+    async fn failures(&self, rule_id: &str) -> Result<Vec<FailedObject>>;
+    /// How many objects the job's list holds.
+    async fn failure_count(&self, rule_id: &str) -> Result<u64>;
+    /// Takes `key` off the job's list (it was copied, or is gone).
+    async fn remove_failure(&self, rule_id: &str, key: &str) -> Result<()>;
 }
 
 /// Tuning of the backfill.

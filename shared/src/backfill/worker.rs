@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::copy::{CopyEngine, MAX_SINGLE_REQUEST, marker};
 use crate::error::{Error, Result};
+use crate::failure_reason::FailureReason;
 use crate::object_store::{ListedObject, ObjectInfo, ObjectStore, TargetPrecondition, WriteAttrs};
 use crate::replicate::StoreProvider;
 use crate::resumable::{CopyRun, UploadStore, Writer};
@@ -19,6 +20,10 @@ use crate::state::RuleStore;
 use crate::verify::Tags;
 
 use super::*;
+
+/// Objects of one page that must all be refused, for the same permission, before the
+/// refusal is taken for the deployment's rather than the objects' (see `page_failure`).
+const PAGE_REFUSED_MIN: usize = 10;
 
 /// When page work is cut off: enough before the deadline to release the lease and answer.
 fn hard_stop(deadline: Instant) -> Instant {
@@ -42,6 +47,8 @@ pub struct RunReport {
     pub fixed: u64,
     pub in_place: u64,
     pub skipped: u64,
+    /// Objects that failed and were recorded in the job's failed-objects list.
+    pub failed: u64,
     /// Of `skipped`: writes given up because the target changed meanwhile (real-time
     /// replication won).
     pub yielded: u64,
@@ -52,11 +59,11 @@ pub struct RunReport {
 
 /// The backfill function's logic.
 pub struct Backfiller {
-    rules: Arc<dyn RuleStore>,
-    jobs: Arc<dyn BackfillStore>,
+    pub(super) rules: Arc<dyn RuleStore>,
+    pub(super) jobs: Arc<dyn BackfillStore>,
     stores: Arc<dyn StoreProvider>,
     engine: CopyEngine,
-    settings: BackfillSettings,
+    pub(super) settings: BackfillSettings,
     retry: RetryPolicy,
     /// Where large copies checkpoint their parts, to continue in the next run.
     uploads: Option<Arc<dyn UploadStore>>,
@@ -122,7 +129,7 @@ impl Backfiller {
     /// Pauses a rule's backfill: workers stop after their current page.
     pub async fn pause(&self, rule_id: &str) -> Result<()> {
         match self.jobs.job(rule_id).await? {
-            Some(job) if job.state != JobState::Completed => {
+            Some(job) if !job.state.is_finished() => {
                 self.jobs.set_job_state(rule_id, JobState::Paused).await
             }
             Some(_) => Ok(()),
@@ -213,8 +220,9 @@ impl Backfiller {
         Instant::now() + self.settings.margin < deadline
     }
 
-    /// Handles one invocation: `{}` (the schedule: every rule with historical sync) or
-    /// `{"rule_id": "..."}` (on demand).
+    /// Handles one invocation: `{}` (the schedule: every rule with historical sync),
+    /// `{"rule_id": "..."}` (on demand), or `{"rule_id": "...", "retry_failed": true}` (the
+    /// job's failed objects tried again).
     pub async fn handle(
         &self,
         payload: &serde_json::Value,
@@ -222,6 +230,15 @@ impl Backfiller {
         deadline: Instant,
     ) -> Result<serde_json::Value> {
         let only = payload.get("rule_id").and_then(serde_json::Value::as_str);
+        if let (Some(rule_id), Some(true)) = (
+            only,
+            payload
+                .get("retry_failed")
+                .and_then(serde_json::Value::as_bool),
+        ) {
+            let report = self.retry_failed(rule_id, deadline).await?;
+            return serde_json::to_value(report).map_err(|e| Error::Config(format!("report: {e}")));
+        }
         let reports = self.run(only, owner, deadline).await?;
         serde_json::to_value(reports).map_err(|e| Error::Config(format!("report: {e}")))
     }
@@ -262,6 +279,7 @@ impl Backfiller {
             report.fixed += done.fixed;
             report.in_place += done.in_place;
             report.skipped += done.skipped;
+            report.failed += done.failed;
             report.yielded += done.yielded;
             report.undone += done.undone;
             report.segments_finished += done.segments_finished;
@@ -272,7 +290,8 @@ impl Backfiller {
         Ok(report)
     }
 
-    /// Marks the job completed once it is planned and every segment is done.
+    /// Marks the job completed once it is planned and every segment is done: `completed`,
+    /// or `completed_with_failures` while its failed-objects list holds any.
     async fn finish_if_done(&self, rule: &Rule) -> Result<JobState> {
         let Some(job) = self.jobs.job(&rule.id).await? else {
             return Ok(JobState::Pending);
@@ -280,10 +299,15 @@ impl Backfiller {
         if job.state == JobState::Running && job.planned {
             let segments = self.jobs.segments(&rule.id).await?;
             if segments.iter().all(|s| s.done) {
-                self.jobs
-                    .set_job_state(&rule.id, JobState::Completed)
-                    .await?;
-                return Ok(JobState::Completed);
+                let state = match self.jobs.failure_count(&rule.id).await? {
+                    0 => JobState::Completed,
+                    failed => {
+                        tracing::warn!(rule_id = %rule.id, failed, "backfill completed with failed objects (`crr backfill failures`)");
+                        JobState::CompletedWithFailures
+                    }
+                };
+                self.jobs.set_job_state(&rule.id, state).await?;
+                return Ok(state);
             }
         }
         Ok(job.state)
@@ -347,6 +371,7 @@ impl Backfiller {
                 fixed: 0,
                 in_place: 0,
                 skipped: 0,
+                failed: 0,
                 updated_at: None,
             };
             let mut next = job.clone();
@@ -606,7 +631,9 @@ impl Backfiller {
     }
 
     /// Copies what a page needs, `copy_concurrency` objects at a time; each outcome
-    /// (retried within the deadline) with its key.
+    /// (retried within the deadline) with its key. An object that still fails is recorded
+    /// (`Outcome::Failed`) and the page goes on without it, unless the failure is not the
+    /// object's own (see `FailureReason::of` and `page_failure`).
     async fn copy_page<'p>(
         &self,
         lane: &Lane<'_>,
@@ -623,20 +650,91 @@ impl Backfiller {
                             self.backfill_object(lane, o, seen)
                         })
                         .await;
-                    copied.map(|c| (o.key.as_str(), c))
+                    (o, copied)
                 }
             })
             .buffer_unordered(self.settings.copy_concurrency.max(1))
             .collect::<Vec<_>>()
             .await;
-        // An object that still fails after retries stops the segment without a
-        // checkpoint: the page is examined again next time, nothing is skipped.
-        copies.into_iter().collect()
+        let succeeded = copies.iter().filter(|(_, c)| c.is_ok()).count();
+        let mut outcomes = Vec::with_capacity(copies.len());
+        let mut failed = Vec::new();
+        for (o, copied) in copies {
+            match copied {
+                Ok(outcome) => outcomes.push((o.key.as_str(), outcome)),
+                Err(e) => failed.push((o, e)),
+            }
+        }
+        if let Some(e) = self.page_failure(lane.rule, &mut failed, succeeded, deadline) {
+            // No checkpoint: the page is examined again by the next invocation (or, for an
+            // error of the whole rule, the job stops with it).
+            return Err(e);
+        }
+        for (o, e) in failed {
+            if let Some(reason) = FailureReason::of(&e, lane.rule) {
+                tracing::warn!(rule_id = %lane.rule.id, key = %o.key, %reason, error = %e, "object failed; recorded and skipped");
+                let record = FailedObject::new(&o.key, o.size, reason, &e);
+                outcomes.push((o.key.as_str(), Outcome::Failed(record)));
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// The error that stops a page instead of being recorded object by object, if any
+    /// (`failed`: the page's objects that failed after their retries; `succeeded`: how many
+    /// did not):
+    /// - an error of the whole rule (a missing bucket, a refused bucket-level request);
+    /// - a retryable error (throttling, 5xx, timeouts) when time ran out, or when no object
+    ///   of the page got through: the service is struggling, not the object, and the page
+    ///   is tried again next time. A retryable error of one object among others that
+    ///   succeed is the object's (a key that keeps failing) and is recorded;
+    /// - the same refused permission for every object of a page of at least
+    ///   `PAGE_REFUSED_MIN`: the deployment's IAM, not the objects. Recording a whole
+    ///   bucket's keys one by one would only hide it; the job fails with the reason and
+    ///   `crr backfill start` resumes it once the permission is granted.
+    fn page_failure(
+        &self,
+        rule: &Rule,
+        failed: &mut Vec<(&ListedObject, Error)>,
+        succeeded: usize,
+        deadline: Instant,
+    ) -> Option<Error> {
+        let reasons: Vec<Option<FailureReason>> = failed
+            .iter()
+            .map(|(_, e)| FailureReason::of(e, rule))
+            .collect();
+        let stop = reasons
+            .iter()
+            .zip(failed.iter())
+            .position(|(reason, (_, e))| {
+                reason.is_none()
+                    || (e.is_retryable() && (succeeded == 0 || self.retry.out_of_time(deadline)))
+            });
+        if let Some(i) = stop {
+            return Some(failed.swap_remove(i).1);
+        }
+        let refused = reasons.first().copied().flatten();
+        let all_refused = succeeded == 0
+            && failed.len() >= PAGE_REFUSED_MIN
+            && refused.is_some_and(FailureReason::is_permission)
+            && reasons.iter().all(|r| *r == refused);
+        if all_refused {
+            tracing::error!(rule_id = %rule.id, reason = ?refused, objects = failed.len(), "every object of the page refused: a permission of the deployment");
+            return Some(failed.swap_remove(0).1);
+        }
+        None
     }
 
     /// Finishes a copied page: removes replicas whose source vanished during their copy,
-    /// then writes the checkpoint. `Ok(false)` if the lease was lost.
+    /// records its failed objects, then writes the checkpoint. `Ok(false)` if the lease was
+    /// lost (failed objects recorded by then are recorded again, one attempt more, by
+    /// whoever examines the page again).
     async fn settle(&self, lane: &Lane<'_>, done: Settle, report: &mut RunReport) -> Result<bool> {
+        if !done.failed.is_empty() {
+            self.jobs
+                .record_failures(&lane.rule.id, &done.failed)
+                .await?;
+        }
         if lane.rule.policy == Policy::Full && !done.created.is_empty() {
             report.undone += self
                 .undo_deleted_meanwhile(
@@ -667,6 +765,7 @@ impl Backfiller {
         report.fixed += checkpoint.tally.fixed;
         report.in_place += checkpoint.tally.in_place;
         report.skipped += checkpoint.tally.skipped;
+        report.failed += checkpoint.tally.failed;
         report.yielded += done.yielded;
         Ok(true)
     }
@@ -724,6 +823,61 @@ impl Backfiller {
             Some(left) if left > 0 => self.keys_hint(left),
             _ => self.settings.page_size.max(1),
         }
+    }
+
+    /// Examines `key` again as its page would, and writes what the plan says (retrying a
+    /// failed object). A key gone from the source needs nothing more. A replica created
+    /// here gets no undo check: a source deleted meanwhile has its event applied by real
+    /// time after this write.
+    pub(super) async fn retry_object(
+        &self,
+        rule: &Rule,
+        mark: &JobMark,
+        key: &str,
+        deadline: Instant,
+    ) -> Result<()> {
+        let source = self.stores.store(&rule.source);
+        let target = self.stores.store(&rule.target);
+        let (source, target) = (source.as_ref(), target.as_ref());
+        let listed = |o: ObjectInfo| ListedObject {
+            key: o.key,
+            size: o.size,
+            etag: o.etag,
+            last_modified: o.last_modified,
+        };
+        let current = self
+            .retry
+            .run(Some(deadline), "head source", || source.head(key))
+            .await?;
+        let Some(current) = current else {
+            return Ok(());
+        };
+        let seen = self
+            .retry
+            .run(Some(deadline), "head target", || target.head(key))
+            .await?
+            .map(listed);
+        let object = listed(current);
+        let segment = Segment {
+            prefix: String::new(),
+            ..Segment::default()
+        };
+        let lane = Lane {
+            rule,
+            mark,
+            segment: &segment,
+            owner: "retry-failed",
+            source,
+            target,
+            deadline,
+        };
+        let (lane, object, seen) = (&lane, &object, seen.as_ref());
+        self.retry
+            .run(Some(deadline), "retry failed object", move || {
+                self.backfill_object(lane, object, seen)
+            })
+            .await
+            .map(|_| ())
     }
 
     /// Examines one listed object and writes what the plan says: the whole object, or its
@@ -907,6 +1061,8 @@ struct Settle {
     yielded: u64,
     /// Keys the page wrote where the target had none, with the replicas' ETags.
     created: Vec<(String, String)>,
+    /// Objects that failed, to record in the job's list.
+    failed: Vec<FailedObject>,
 }
 
 impl Settle {
@@ -927,6 +1083,7 @@ impl Settle {
             },
             yielded: 0,
             created: Vec::new(),
+            failed: Vec::new(),
         };
         for (key, outcome) in outcomes {
             let counter = match outcome {
@@ -940,6 +1097,10 @@ impl Settle {
                 Outcome::Skipped(why) => {
                     done.yielded += u64::from(why == Skip::Yielded);
                     &mut done.tally.skipped
+                }
+                Outcome::Failed(record) => {
+                    done.failed.push(record);
+                    &mut done.tally.failed
                 }
             };
             *counter += 1;
@@ -960,4 +1121,6 @@ enum Outcome {
     /// Found written by this job in a page that was never checkpointed.
     Written(Write),
     Skipped(Skip),
+    /// Failed after its retries: recorded in the job's failed-objects list, and skipped.
+    Failed(FailedObject),
 }
