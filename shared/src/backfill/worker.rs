@@ -26,7 +26,7 @@ fn hard_stop(deadline: Instant) -> Instant {
         .unwrap_or(deadline)
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
 }
 
@@ -225,7 +225,11 @@ impl Backfiller {
             ..RunReport::default()
         };
         if job.state == JobState::Pending {
-            self.jobs.set_job_state(&rule.id, JobState::Running).await?;
+            // Only from pending: another invocation may have finished the job since it
+            // was read, and a completed job stays completed.
+            self.jobs
+                .advance_job(&rule.id, JobState::Pending, JobState::Running)
+                .await?;
         }
         let mark = JobMark::of(&job);
         // Copying starts with the first segment cut: the workers wait for cuts while the
@@ -240,7 +244,7 @@ impl Backfiller {
             planned.map(|_| ())
         };
         let workers = (0..self.settings.workers.max(1))
-            .map(|_| self.work(rule, &mark, owner, deadline, counting.clone()));
+            .map(|n| self.work(rule, &mark, owner, n, deadline, counting.clone()));
         let (planned, worked) = tokio::join!(plan, futures::future::join_all(workers));
         for done in worked {
             let done = done?;
@@ -259,7 +263,10 @@ impl Backfiller {
         Ok(report)
     }
 
-    /// Marks the job completed once it is planned and every segment is done.
+    /// Marks the job completed once it is planned and every segment is done. A done
+    /// segment stays done (its checkpoints are refused, it cannot be claimed), so the
+    /// job is complete from then on; of several invocations that see it, one moves it
+    /// from running to completed (completed once, `completed_at` written once).
     async fn finish_if_done(&self, rule: &Rule) -> Result<JobState> {
         let Some(job) = self.jobs.job(&rule.id).await? else {
             return Ok(JobState::Pending);
@@ -267,10 +274,17 @@ impl Backfiller {
         if job.state == JobState::Running && job.planned {
             let segments = self.jobs.segments(&rule.id).await?;
             if segments.iter().all(|s| s.done) {
-                self.jobs
-                    .set_job_state(&rule.id, JobState::Completed)
-                    .await?;
-                return Ok(JobState::Completed);
+                if self
+                    .jobs
+                    .advance_job(&rule.id, JobState::Running, JobState::Completed)
+                    .await?
+                {
+                    tracing::info!(rule_id = %rule.id, "backfill completed");
+                    return Ok(JobState::Completed);
+                }
+                // Completed by another invocation meanwhile (or paused): as it is now.
+                let now = self.jobs.job(&rule.id).await?;
+                return Ok(now.map_or(JobState::Completed, |j| j.state));
             }
         }
         Ok(job.state)
@@ -371,19 +385,25 @@ impl Backfiller {
         Ok(job)
     }
 
-    /// One worker: claims segments and works through them until none is left (and the
-    /// counting pass, `counting` is `false` while it goes on, cuts no more) or time runs out.
+    /// One worker (number `worker` of invocation `invocation`): claims segments and works
+    /// through them until none is left (and the counting pass, `counting` is `false` while
+    /// it goes on, cuts no more) or time runs out.
     async fn work(
         &self,
         rule: &Rule,
         mark: &JobMark,
-        owner: &str,
+        invocation: &str,
+        worker: usize,
         deadline: Instant,
         mut counting: tokio::sync::watch::Receiver<bool>,
     ) -> Result<RunReport> {
         let mut report = RunReport::default();
         while self.time_left(deadline) {
             let counted = *counting.borrow_and_update();
+            // Each claim under an owner of its own: no sibling worker, and no earlier claim
+            // of this one, can write on the lease.
+            let owner = &super::lease::owner(invocation, worker);
+            let held_until = Instant::now() + self.settings.lease;
             let Some(segment) = self.claim(rule, owner).await? else {
                 if counted || counting.changed().await.is_err() {
                     break;
@@ -391,7 +411,15 @@ impl Backfiller {
                 continue;
             };
             let finished = self
-                .work_segment(rule, mark, segment.clone(), owner, deadline, &mut report)
+                .work_segment(
+                    rule,
+                    mark,
+                    segment.clone(),
+                    owner,
+                    held_until,
+                    deadline,
+                    &mut report,
+                )
                 .await;
             match finished {
                 Ok(true) => report.segments_finished += 1,
@@ -429,26 +457,63 @@ impl Backfiller {
         fastrand::shuffle(&mut free);
         let until = now + self.settings.lease.as_millis() as u64;
         for segment in free {
-            if self
+            // Work resumes from the segment as the claim found it: since the listing above,
+            // another worker may have checkpointed pages of it and let it go.
+            if let Some(claimed) = self
                 .jobs
                 .claim_segment(&rule.id, segment.index, owner, now, until)
                 .await?
             {
                 tracing::info!(rule_id = %rule.id, segment = segment.index, owner, "segment claimed");
-                return Ok(Some(segment));
+                return Ok(Some(claimed));
             }
         }
         Ok(None)
     }
 
-    /// Works through one segment; `Ok(true)` when it is done, `Ok(false)` when stopped
-    /// early (deadline, pause, or the lease was lost).
+    /// Works through one segment under `owner`'s lease (held until `held_until` unless
+    /// extended), its heartbeat beside it; `Ok(true)` when it is done, `Ok(false)` when
+    /// stopped early (deadline, pause, or the lease was lost).
+    #[allow(clippy::too_many_arguments)]
+    async fn work_segment(
+        &self,
+        rule: &Rule,
+        mark: &JobMark,
+        segment: Segment,
+        owner: &str,
+        held_until: Instant,
+        deadline: Instant,
+        report: &mut RunReport,
+    ) -> Result<bool> {
+        let index = segment.index;
+        let pages = self.work_pages(rule, mark, segment, owner, deadline, report);
+        let heartbeat = super::lease::heartbeat(
+            self.jobs.as_ref(),
+            &rule.id,
+            index,
+            owner,
+            self.settings.lease,
+            held_until,
+        );
+        tokio::select! {
+            worked = pages => worked,
+            lost = heartbeat => {
+                // The page in flight is dropped unfinished: no checkpoint (it would be
+                // refused), and whoever holds the segment now examines that page again.
+                tracing::warn!(rule_id = %rule.id, segment = index, owner, lost = ?lost, "lease lost; segment work stopped");
+                Ok(false)
+            }
+        }
+    }
+
+    /// The pages of one segment, from its checkpoint on; `Ok(true)` when it is done,
+    /// `Ok(false)` when stopped early (deadline, pause, or the lease was lost).
     ///
     /// Pages are pipelined: while page N is being copied, page N+1 is listed (source and
     /// target) and page N-1 is settled (undo check, then checkpoint), so the copies never
     /// wait on a listing or a DynamoDB write. Checkpoints stay in page order, each written
     /// only after every copy of its page finished.
-    async fn work_segment(
+    async fn work_pages(
         &self,
         rule: &Rule,
         mark: &JobMark,
@@ -630,7 +695,7 @@ impl Backfiller {
             .checkpoint_segment(&lane.rule.id, index, lane.owner, &checkpoint)
             .await?;
         if !kept {
-            tracing::warn!(rule_id = %lane.rule.id, segment = index, owner = lane.owner, "lease lost; another invocation took the segment over");
+            tracing::warn!(rule_id = %lane.rule.id, segment = index, owner = lane.owner, "checkpoint refused: the lease was lost (another worker took the segment over)");
             return Ok(false);
         }
         report.pages += 1;
