@@ -204,6 +204,12 @@ mod tests {
         assert_eq!(world.store("dst").keys().len(), OBJECTS);
         let job = state.job("r").await.unwrap().unwrap();
         assert_eq!(job.state, JobState::Completed);
+        // Completed once, and it stays so: a pause or a later run changes nothing.
+        a.pause("r").await.unwrap();
+        let later = b.run(Some("r"), "inv-c", deadline).await.unwrap();
+        assert!(later.is_empty(), "{later:?}");
+        assert_eq!(state.job("r").await.unwrap().unwrap(), job);
+        assert_eq!(state.segments("r").await.unwrap(), segments);
     }
 
     /// The state table, but the first claim's heartbeats fail: they hang (the table does

@@ -109,16 +109,31 @@ impl Backfiller {
 
     /// Pauses a rule's backfill: workers stop after their current page.
     pub async fn pause(&self, rule_id: &str) -> Result<()> {
-        match self.jobs.job(rule_id).await? {
-            Some(job) if job.state != JobState::Completed => {
-                self.jobs.set_job_state(rule_id, JobState::Paused).await
+        for _ in 0..8 {
+            match self.jobs.job(rule_id).await? {
+                Some(job) if !matches!(job.state, JobState::Completed | JobState::Paused) => {
+                    // From the state it was read in only (a job completed meanwhile stays
+                    // completed); moved meanwhile: read again.
+                    if self
+                        .jobs
+                        .advance_job(rule_id, job.state, JobState::Paused)
+                        .await?
+                    {
+                        return Ok(());
+                    }
+                }
+                Some(_) => return Ok(()),
+                None => {
+                    return Err(Error::invalid(
+                        "rule",
+                        format!("rule '{rule_id}' has no backfill to pause"),
+                    ));
+                }
             }
-            Some(_) => Ok(()),
-            None => Err(Error::invalid(
-                "rule",
-                format!("rule '{rule_id}' has no backfill to pause"),
-            )),
         }
+        Err(Error::Config(format!(
+            "the backfill of '{rule_id}' kept changing state while it was paused; try again"
+        )))
     }
 
     /// One invocation: every rule asked for (or, if none, every rule with historical sync
