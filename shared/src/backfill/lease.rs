@@ -29,6 +29,11 @@ pub(super) fn owner(invocation: &str, worker: usize) -> String {
     )
 }
 
+/// Taken by every write on one lease (heartbeat, checkpoint): a heartbeat never races a
+/// checkpoint, whose outcome decides. The segment's last checkpoint marks it done, after
+/// which every heartbeat is refused; the work ends on that checkpoint, not on the refusal.
+pub(super) type LeaseWrites = tokio::sync::Mutex<()>;
+
 /// Why a lease ended while its segment was being worked on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseLost {
@@ -48,6 +53,7 @@ pub(super) async fn heartbeat(
     rule_id: &str,
     index: u32,
     owner: &str,
+    writes: &LeaseWrites,
     lease: Duration,
     mut held_until: Instant,
 ) -> LeaseLost {
@@ -60,11 +66,13 @@ pub(super) async fn heartbeat(
         // stopped before anyone else may claim the segment.
         let give_up = held_until.checked_sub(every).unwrap_or(sent);
         let now = now_ms();
-        let extended = tokio::time::timeout_at(
-            give_up.into(),
-            store.extend_lease(rule_id, index, owner, now, now.saturating_add(lease_ms)),
-        )
-        .await;
+        let extend = async {
+            let _one = writes.lock().await;
+            store
+                .extend_lease(rule_id, index, owner, now, now.saturating_add(lease_ms))
+                .await
+        };
+        let extended = tokio::time::timeout_at(give_up.into(), extend).await;
         match extended {
             Ok(Ok(true)) => held_until = sent + lease,
             Ok(Ok(false)) => return LeaseLost::TakenOver,
@@ -212,17 +220,27 @@ mod tests {
         assert_eq!(state.segments("r").await.unwrap(), segments);
     }
 
-    /// The state table, but the first claim's heartbeats fail: they hang (the table does
-    /// not answer) or are refused (the lease was taken over while the worker was stalled);
-    /// later claims find the segment taken.
-    struct LosingLease {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Fault {
+        /// The first claim's heartbeats are refused (the lease was taken over while the
+        /// worker was stalled); later claims find the segment taken.
+        HeartbeatRefused,
+        /// The first claim's heartbeats hang (the table does not answer); later claims
+        /// find the segment taken.
+        HeartbeatHangs,
+        /// Checkpoints are written at once, their answers come late.
+        CheckpointAnsweredLate(Duration),
+    }
+
+    /// The state table, with a fault.
+    struct Faulty {
         state: MemoryState,
         lose: AtomicBool,
-        refuse: bool,
+        fault: Fault,
     }
 
     #[async_trait]
-    impl BackfillStore for LosingLease {
+    impl BackfillStore for Faulty {
         async fn job(&self, rule_id: &str) -> Result<Option<Job>> {
             self.state.job(rule_id).await
         }
@@ -262,7 +280,9 @@ mod tests {
         ) -> Result<Option<Segment>> {
             // The first claim goes through, and its lease is lost at its first heartbeat;
             // later claims find the segment held by someone else.
-            if self.lose.swap(true, Ordering::SeqCst) {
+            let heartbeats_fail =
+                matches!(self.fault, Fault::HeartbeatRefused | Fault::HeartbeatHangs);
+            if heartbeats_fail && self.lose.swap(true, Ordering::SeqCst) {
                 return Ok(None);
             }
             self.state
@@ -277,10 +297,10 @@ mod tests {
             now_ms: u64,
             until_ms: u64,
         ) -> Result<bool> {
-            match (self.lose.load(Ordering::SeqCst), self.refuse) {
-                (true, true) => Ok(false),
-                (true, false) => std::future::pending().await,
-                (false, _) => {
+            match (self.lose.load(Ordering::SeqCst), self.fault) {
+                (true, Fault::HeartbeatRefused) => Ok(false),
+                (true, Fault::HeartbeatHangs) => std::future::pending().await,
+                _ => {
                     self.state
                         .extend_lease(rule_id, index, owner, now_ms, until_ms)
                         .await
@@ -294,22 +314,27 @@ mod tests {
             owner: &str,
             checkpoint: &Checkpoint,
         ) -> Result<bool> {
-            self.state
+            let written = self
+                .state
                 .checkpoint_segment(rule_id, index, owner, checkpoint)
-                .await
+                .await;
+            if let Fault::CheckpointAnsweredLate(late) = self.fault {
+                tokio::time::sleep(late).await;
+            }
+            written
         }
         async fn release_segment(&self, rule_id: &str, index: u32, owner: &str) -> Result<()> {
             self.state.release_segment(rule_id, index, owner).await
         }
     }
 
-    async fn a_lost_lease_stops_the_segment_at_once(refuse: bool) {
+    async fn a_lost_lease_stops_the_segment_at_once(fault: Fault) {
         let (state, world) = setup(Duration::from_millis(100)).await;
         let lease = Duration::from_millis(300);
-        let losing = Arc::new(LosingLease {
+        let losing = Arc::new(Faulty {
             state: state.clone(),
             lose: AtomicBool::new(false),
-            refuse,
+            fault,
         });
         let a = backfiller(losing, &state, &world, settings(lease, 1));
         let started = Instant::now();
@@ -336,7 +361,7 @@ mod tests {
         let now = now_ms() + lease.as_millis() as u64;
         let b = backfiller(Arc::new(state.clone()), &state, &world, settings(lease, 1));
         world.set_write_delay(Duration::ZERO);
-        if !refuse {
+        if fault == Fault::HeartbeatHangs {
             // Its lease (released, or run out) is free by then.
             assert!(s.lease_owner.is_none() || s.lease_until < now);
         }
@@ -352,12 +377,45 @@ mod tests {
 
     #[tokio::test]
     async fn a_heartbeat_refused_stops_the_segment_at_once_without_a_checkpoint() {
-        a_lost_lease_stops_the_segment_at_once(true).await;
+        a_lost_lease_stops_the_segment_at_once(Fault::HeartbeatRefused).await;
     }
 
     #[tokio::test]
     async fn a_heartbeat_unanswered_stops_the_segment_before_the_lease_runs_out() {
-        a_lost_lease_stops_the_segment_at_once(false).await;
+        a_lost_lease_stops_the_segment_at_once(Fault::HeartbeatHangs).await;
+    }
+
+    #[tokio::test]
+    async fn the_last_checkpoint_ends_the_work_not_the_heartbeat_it_makes_refused() {
+        // Six segments of two objects (a page, and at times an empty one). Heartbeats every 100 ms; the answer to
+        // each checkpoint comes 60 ms after it was written. Once a segment's checkpoint
+        // marked it done, a heartbeat would be refused: it waits for the checkpoint's
+        // answer, which ends the segment's work as finished (without that wait, a
+        // heartbeat in those 60 ms would stop it as lost, its page uncounted).
+        let (state, world) = setup(Duration::ZERO).await;
+        let late = Arc::new(Faulty {
+            state: state.clone(),
+            lose: AtomicBool::new(false),
+            fault: Fault::CheckpointAnsweredLate(Duration::from_millis(60)),
+        });
+        let mut settings = settings(Duration::from_millis(300), 1);
+        (settings.page_size, settings.segment_objects) = (2, 2);
+        let a = backfiller(late, &state, &world, settings);
+        let report = a
+            .run(Some("r"), "inv-a", Instant::now() + Duration::from_secs(30))
+            .await
+            .unwrap();
+        let segments = state.segments("r").await.unwrap();
+        assert_eq!(segments.len(), OBJECTS / 2);
+        assert!(segments.iter().all(|s| s.done && s.objects_done == 2));
+        // The invocation saw every page it checkpointed, and every segment it finished.
+        let r = &report[0];
+        assert_eq!(
+            (r.copied, r.segments_finished),
+            (OBJECTS as u64, OBJECTS as u64 / 2),
+            "{r:?}"
+        );
+        assert_eq!(r.state, "completed");
     }
 
     fn segment(index: u32) -> Segment {

@@ -501,16 +501,21 @@ impl Backfiller {
         report: &mut RunReport,
     ) -> Result<bool> {
         let index = segment.index;
-        let pages = self.work_pages(rule, mark, segment, owner, deadline, report);
+        let writes = super::lease::LeaseWrites::default();
+        let pages = self.work_pages(rule, mark, segment, owner, &writes, deadline, report);
         let heartbeat = super::lease::heartbeat(
             self.jobs.as_ref(),
             &rule.id,
             index,
             owner,
+            &writes,
             self.settings.lease,
             held_until,
         );
         tokio::select! {
+            // A checkpoint that got through ends the work before a heartbeat it made
+            // refused (the segment's last one marks it done) can stop it.
+            biased;
             worked = pages => worked,
             lost = heartbeat => {
                 // The page in flight is dropped unfinished: no checkpoint (it would be
@@ -528,12 +533,14 @@ impl Backfiller {
     /// target) and page N-1 is settled (undo check, then checkpoint), so the copies never
     /// wait on a listing or a DynamoDB write. Checkpoints stay in page order, each written
     /// only after every copy of its page finished.
+    #[allow(clippy::too_many_arguments)]
     async fn work_pages(
         &self,
         rule: &Rule,
         mark: &JobMark,
         segment: Segment,
         owner: &str,
+        lease_writes: &super::lease::LeaseWrites,
         deadline: Instant,
         report: &mut RunReport,
     ) -> Result<bool> {
@@ -545,6 +552,7 @@ impl Backfiller {
             mark,
             segment: &segment,
             owner,
+            lease_writes,
             source,
             target,
         };
@@ -705,10 +713,12 @@ impl Backfiller {
             tally: done.tally,
         };
         let index = lane.segment.index;
+        let writing = lane.lease_writes.lock().await;
         let kept = self
             .jobs
             .checkpoint_segment(&lane.rule.id, index, lane.owner, &checkpoint)
             .await?;
+        drop(writing);
         if !kept {
             tracing::warn!(rule_id = %lane.rule.id, segment = index, owner = lane.owner, "checkpoint refused: the lease was lost (another worker took the segment over)");
             return Ok(false);
@@ -925,6 +935,8 @@ struct Lane<'a> {
     mark: &'a JobMark,
     segment: &'a Segment,
     owner: &'a str,
+    /// Taken by each write on the lease (checkpoint, heartbeat): one at a time.
+    lease_writes: &'a super::lease::LeaseWrites,
     source: &'a dyn ObjectStore,
     target: &'a dyn ObjectStore,
 }
