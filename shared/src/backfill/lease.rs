@@ -61,21 +61,23 @@ pub(super) async fn heartbeat(
     let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
     loop {
         tokio::time::sleep(every).await;
-        let sent = Instant::now();
         // Held to the end of the lease's last third at most, so that the worker has
         // stopped before anyone else may claim the segment.
-        let give_up = held_until.checked_sub(every).unwrap_or(sent);
-        let now = now_ms();
+        let give_up = held_until.checked_sub(every).unwrap_or_else(Instant::now);
         let extend = async {
+            // After a checkpoint being written, if any: the new expiry counts from when
+            // the extension is sent.
             let _one = writes.lock().await;
-            store
+            let sent = Instant::now();
+            let now = now_ms();
+            let extended = store
                 .extend_lease(rule_id, index, owner, now, now.saturating_add(lease_ms))
-                .await
+                .await;
+            extended.map(|held| held.then_some(sent))
         };
-        let extended = tokio::time::timeout_at(give_up.into(), extend).await;
-        match extended {
-            Ok(Ok(true)) => held_until = sent + lease,
-            Ok(Ok(false)) => return LeaseLost::TakenOver,
+        match tokio::time::timeout_at(give_up.into(), extend).await {
+            Ok(Ok(Some(sent))) => held_until = sent + lease,
+            Ok(Ok(None)) => return LeaseLost::TakenOver,
             Ok(Err(e)) if Instant::now() < give_up => {
                 tracing::warn!(rule_id, segment = index, owner, error = %e, "lease not extended; trying again");
             }

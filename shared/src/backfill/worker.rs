@@ -706,6 +706,9 @@ impl Backfiller {
                 )
                 .await?;
         }
+        // One write on the lease at a time, and the expiry counted from when this one is
+        // sent: a checkpoint never shortens what a heartbeat just extended.
+        let writing = lane.lease_writes.lock().await;
         let checkpoint = Checkpoint {
             last_key: done.last_key,
             done: done.reached_end,
@@ -713,7 +716,6 @@ impl Backfiller {
             tally: done.tally,
         };
         let index = lane.segment.index;
-        let writing = lane.lease_writes.lock().await;
         let kept = self
             .jobs
             .checkpoint_segment(&lane.rule.id, index, lane.owner, &checkpoint)
