@@ -226,3 +226,216 @@ async fn notifications_are_merged_with_the_existing_configuration_and_restored_o
     assert!(f.state.get_rule("r1").await?.is_none());
     Ok(())
 }
+
+/// `crr rule create ARGS` for a rule from `source` to `target`; the failure's stderr, or
+/// the success's stderr (warnings).
+fn crr_create(
+    f: &Fixture,
+    table: &str,
+    id: &str,
+    source: &crr_shared::rule::BucketRef,
+    target: &crr_shared::rule::BucketRef,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Result<(bool, String)> {
+    let endpoint = |b: &crr_shared::rule::BucketRef| b.endpoint_url.clone().unwrap_or_default();
+    let (se, te) = (endpoint(source), endpoint(target));
+    let mut args = vec![
+        "rule",
+        "create",
+        "--id",
+        id,
+        "--source-bucket",
+        &source.bucket,
+        "--source-region",
+        &source.region,
+        "--source-endpoint-url",
+        &se,
+        "--source-path-style",
+        "--target-bucket",
+        &target.bucket,
+        "--target-region",
+        &target.region,
+        "--target-endpoint-url",
+        &te,
+        "--target-path-style",
+    ];
+    args.extend_from_slice(extra);
+    let mut cmd = f.stack.crr_command(table, &args)?;
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// A refusal is one line on stderr, exit code 2.
+fn one_line(stderr: &str) -> &str {
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "not one line: {stderr}");
+    assert!(lines[0].starts_with("crr: error: "), "{stderr}");
+    lines[0]
+}
+
+/// Issue 16: with the deployment recorded (`crr init-table --source-buckets ...`), `crr
+/// rule create` refuses a source outside the deployment's region or bucket lists with a
+/// one-line error and makes nothing; `--force` creates it with a warning. An endpoint the
+/// deployment does not allow is refused even with `--force`, before any request to it;
+/// without a record, the CLI's own `CRR_ALLOWED_ENDPOINTS` (default: AWS only) decides.
+#[tokio::test]
+async fn rules_are_held_to_the_recorded_deployment() -> Result<()> {
+    let f = fixture().await?;
+    let table = f.state.table().to_string();
+    let (a, b) = (&f.stack.a, &f.stack.b);
+    let (src, dst, unlisted) = (
+        f.bucket_a().await?,
+        f.bucket_b().await?,
+        f.bucket_a().await?,
+    );
+    // A source in the other region (moto B) and a target for it in A: both listed.
+    let (src_b, dst_a) = (unique("srcb"), unique("dsta"));
+    f.stack.create_bucket(b, &src_b).await?;
+    f.stack.create_bucket(a, &dst_a).await?;
+    let queue = ["--notify-queue-arn", f.queue_arn.as_str()];
+    let (sources, targets) = (format!("{src},{src_b}"), format!("{dst},{dst_a}"));
+    let endpoints = format!("{},{}", a.endpoint, b.endpoint);
+    let recorded = f.stack.crr(
+        &table,
+        &[
+            "init-table",
+            "--source-buckets",
+            &sources,
+            "--target-buckets",
+            &targets,
+            "--allowed-endpoints",
+            &endpoints,
+        ],
+    )?;
+    assert!(recorded.contains("region us-east-1"), "{recorded}");
+
+    // A source outside SourceBuckets.
+    let (ok, err) = crr_create(
+        &f,
+        &table,
+        "r1",
+        &a.bucket(&unlisted),
+        &b.bucket(&dst),
+        &queue,
+        &[],
+    )?;
+    assert!(!ok);
+    let line = one_line(&err);
+    assert!(
+        line.contains(&format!(
+            "rule field `source.bucket`: '{unlisted}' is not in this deployment's SourceBuckets"
+        )) && line.contains("--force"),
+        "{line}"
+    );
+    // A source outside the deployment's region (EventBridge delivery).
+    let (ok, err) = crr_create(
+        &f,
+        &table,
+        "r2",
+        &b.bucket(&src_b),
+        &a.bucket(&dst_a),
+        &[],
+        &[],
+    )?;
+    assert!(!ok);
+    let line = one_line(&err);
+    assert!(
+        line.contains(
+            "rule field `source.region`: 'eu-west-1' is not in this deployment's region us-east-1"
+        ),
+        "{line}"
+    );
+    assert!(f.state.list_rules().await?.is_empty());
+    assert!(f.state.rule_for_source(&unlisted).await?.is_none());
+
+    // An endpoint not in the list: refused even with --force, and never contacted.
+    let proxy = crr_tests::fault_proxy::FaultProxy::start(
+        &b.endpoint,
+        crr_tests::fault_proxy::FaultPlan::none(1),
+    )
+    .await?;
+    let via_proxy = crr_tests::S3Server {
+        endpoint: proxy.endpoint.clone(),
+        region: b.region.clone(),
+    };
+    let forced: Vec<&str> = queue.iter().copied().chain(["--force"]).collect();
+    let (ok, err) = crr_create(
+        &f,
+        &table,
+        "r3",
+        &a.bucket(&src),
+        &via_proxy.bucket(&dst),
+        &forced,
+        &[],
+    )?;
+    assert!(!ok);
+    let line = one_line(&err);
+    assert!(
+        line.contains(&format!("names target endpoint '{}'", proxy.endpoint))
+            && line.contains("CRR_ALLOWED_ENDPOINTS"),
+        "{line}"
+    );
+    assert_eq!(
+        proxy
+            .stats
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    assert!(f.state.list_rules().await?.is_empty());
+
+    // --force: created, with the warning on stderr.
+    let (ok, err) = crr_create(
+        &f,
+        &table,
+        "r1",
+        &a.bucket(&unlisted),
+        &b.bucket(&dst),
+        &forced,
+        &[],
+    )?;
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("warning") && err.contains("SourceBuckets"),
+        "{err}"
+    );
+    assert!(f.state.get_rule("r1").await?.is_some());
+
+    // No record: the CLI's own CRR_ALLOWED_ENDPOINTS decides; unset, AWS only.
+    let bare = unique("rules");
+    f.stack.state(&bare).await?;
+    let (ok, err) = crr_create(
+        &f,
+        &bare,
+        "r4",
+        &a.bucket(&src),
+        &b.bucket(&dst),
+        &queue,
+        &[("CRR_ALLOWED_ENDPOINTS", "")],
+    )?;
+    assert!(!ok);
+    let line = one_line(&err);
+    assert!(
+        line.contains(&format!("names source endpoint '{}'", a.endpoint))
+            && line.contains("allowed: AWS endpoints only"),
+        "{line}"
+    );
+    let (ok, err) = crr_create(
+        &f,
+        &bare,
+        "r4",
+        &a.bucket(&src),
+        &b.bucket(&dst),
+        &queue,
+        &[],
+    )?;
+    assert!(ok, "{err}");
+    Ok(())
+}

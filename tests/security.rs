@@ -1,16 +1,21 @@
 //! Security checks (issue 8): an object outside the rule's prefixes never reaches the
 //! target, whatever event names it and whatever the backfill lists; a rule naming a bucket
-//! outside the deployment's lists is refused by name; no secret, session token or
+//! outside the deployment's lists is refused by name; (issue 16) a rule naming an endpoint
+//! the deployment does not allow is refused before any request; no secret, session token or
 //! signature appears in the functions' logs, even at trace level.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use aws_sdk_s3::primitives::ByteStream;
 use crr_shared::rule::Notify;
 use crr_shared::rule_admin::create_rule;
+use crr_shared::state::RuleStore;
+use crr_tests::fault_proxy::{FaultPlan, FaultProxy};
 use crr_tests::perturb::{Delivery, failed_ids, sqs_event};
-use crr_tests::{RunningFunction, Stack, invoke, list_all, rule, unique};
+use crr_tests::{RunningFunction, S3Server, Stack, eventually, invoke, list_all, rule, unique};
 use serde_json::json;
 
 fn notification(bucket: &str, event_name: &str, key: &str) -> String {
@@ -142,6 +147,189 @@ async fn a_rule_naming_a_bucket_outside_the_deployment_is_refused() -> Result<()
     );
     let replicas = list_all(&stack.s3(&stack.b), &target).await?;
     ensure!(replicas.is_empty(), "written anyway: {replicas:?}");
+    Ok(())
+}
+
+/// A TCP listener on a host no test allows (127.0.0.2) that counts the connections made
+/// to it, and closes each at once.
+struct CountingListener {
+    endpoint: String,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingListener {
+    async fn start() -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        Ok(Self {
+            endpoint,
+            connections,
+            task,
+        })
+    }
+
+    fn count(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Issue 16: whoever can write the table could point a rule's target at a host of theirs
+/// and receive the source's objects. A rule naming an endpoint the deployment does not
+/// allow, written straight into the table (no `crr rule create` to refuse it), is refused
+/// by the functions before any request: the replicate function dead-letters its event with
+/// the reason, the backfill fails its job with the reason, the status shows both; no
+/// connection reaches the other host and no source object is read.
+#[tokio::test]
+async fn a_rule_naming_an_endpoint_not_allowed_is_refused_without_a_request() -> Result<()> {
+    let stack = Stack::from_env()?;
+    let table = unique("sec");
+    let state = stack.state(&table).await?;
+    let (_, queue_arn) = stack.create_queue(&stack.a, &unique("events"), 30).await?;
+    let (dlq_url, _) = stack.create_queue(&stack.a, &unique("dlq"), 30).await?;
+    let (source, target) = stack.bucket_pair(&stack.a, &stack.b).await?;
+    put(&stack.s3(&stack.a), &source, "secret.txt").await?;
+    // The source is read through a proxy that counts requests (127.0.0.1: allowed).
+    let source_proxy = FaultProxy::start(&stack.a.endpoint, FaultPlan::none(1)).await?;
+    let attacker = CountingListener::start().await?;
+    // The listener answers: a connection to it is counted (then forgotten below).
+    tokio::net::TcpStream::connect(attacker.endpoint.trim_start_matches("http://")).await?;
+    eventually(Duration::from_secs(5), "the control connection", || async {
+        Ok((attacker.count() == 1).then_some(()))
+    })
+    .await?;
+
+    let mut r = rule(
+        &unique("rule"),
+        S3Server {
+            endpoint: source_proxy.endpoint.clone(),
+            region: stack.a.region.clone(),
+        }
+        .bucket(&source),
+        S3Server {
+            endpoint: attacker.endpoint.clone(),
+            region: stack.b.region.clone(),
+        }
+        .bucket(&target),
+    );
+    r.notify = Notify::Queue {
+        arn: queue_arn.clone(),
+    };
+    r.historical = true;
+    let id = r.id.clone();
+    // Straight into the table, as anyone with dynamodb:PutItem could.
+    state.create_rule(&r).await?;
+
+    // Real time: the event is dead-lettered with the reason, not retried.
+    let replicate = RunningFunction::start_direct(
+        &stack,
+        "crr-replicate",
+        &table,
+        30,
+        &[format!("CRR_DLQ_URL={dlq_url}")],
+    )?;
+    let b = batch(&[notification(&source, "ObjectCreated:Put", "secret.txt")]);
+    let (error, answer) =
+        invoke(replicate.port, "crr-replicate", &sqs_event(&b, &queue_arn)).await?;
+    ensure!(
+        failed_ids(&b, error, &answer).is_empty(),
+        "not dead-lettered: {answer} ({} connection(s) to the other host, {} request(s) to the source)",
+        attacker.count() - 1,
+        source_proxy.stats.requests.load(Ordering::SeqCst)
+    );
+    let dead = stack
+        .peek_messages(&stack.a, &dlq_url, 1, Duration::from_secs(30))
+        .await?;
+    let reason = dead[0].1.clone().unwrap_or_default();
+    let expected = format!("target endpoint '{}'", attacker.endpoint);
+    ensure!(
+        reason.contains(&expected) && reason.contains("CRR_ALLOWED_ENDPOINTS"),
+        "unclear reason: {reason}"
+    );
+
+    // Historical: the backfill fails the job with the reason.
+    let backfill = RunningFunction::start_direct(&stack, "crr-backfill", &table, 30, &[])?;
+    let (failed, answer) = invoke(
+        backfill.port,
+        "crr-backfill",
+        &json!({ "rule_id": id }).to_string(),
+    )
+    .await?;
+    ensure!(failed, "the backfill did not fail: {answer}");
+
+    // The status shows both: the job's reason, and (with the deployment recorded) why
+    // real time replicates nothing.
+    stack.crr(
+        &table,
+        &["init-table", "--allowed-endpoints", "http://127.0.0.1:*"],
+    )?;
+    let status: serde_json::Value =
+        serde_json::from_str(&stack.crr(&table, &["status", &id, "--json"])?)?;
+    let rule_status = &status["rules"][0];
+    ensure!(
+        rule_status["historical"]["state"] == "failed"
+            && rule_status["historical"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(&expected)),
+        "{rule_status}"
+    );
+    ensure!(
+        rule_status["realtime"]["state"] == "refused"
+            && rule_status["realtime"]["reason"]
+                .as_str()
+                .is_some_and(|e| e.contains(&expected)),
+        "{rule_status}"
+    );
+    let human = stack.crr(&table, &["status", &id])?;
+    ensure!(human.contains(&expected), "{human}");
+
+    // Nothing left for the other host, nothing read from the source.
+    drop((replicate, backfill));
+    ensure!(
+        attacker.count() == 1,
+        "{} connection(s) reached the endpoint that is not allowed",
+        attacker.count() - 1
+    );
+    let reads = source_proxy.stats.requests.load(Ordering::SeqCst);
+    ensure!(reads == 0, "{reads} request(s) to the source");
+    ensure!(
+        list_all(&stack.s3(&stack.b), &target).await?.is_empty(),
+        "the real target was written"
+    );
+
+    // Removing such a rule does not contact its endpoint either (the source's notification
+    // configuration would be read and written there).
+    let mut planted = rule(
+        &unique("planted"),
+        S3Server {
+            endpoint: attacker.endpoint.clone(),
+            region: stack.a.region.clone(),
+        }
+        .bucket(&unique("src")),
+        stack.b.bucket(&unique("dst")),
+    );
+    planted.notify = Notify::Queue { arn: queue_arn };
+    state.create_rule(&planted).await?;
+    stack.crr(&table, &["rule", "delete", &planted.id])?;
+    ensure!(state.get_rule(&planted.id).await?.is_none(), "not deleted");
+    ensure!(
+        attacker.count() == 1,
+        "deleting the rule contacted the endpoint that is not allowed"
+    );
     Ok(())
 }
 

@@ -310,3 +310,134 @@ async fn status_reports_a_known_scenario_alike_in_the_cli_and_the_function() -> 
     assert_eq!(fresh.historical.state, "not_requested");
     Ok(())
 }
+
+/// Issue 16: a rule whose source is outside the deployment's region receives no event, so
+/// an empty queue says nothing of it: it is `not_receiving_events` (no `synced_up_to`, no
+/// lag), never `caught_up`, while a rule inside the deployment is `caught_up`. The status
+/// function knows the deployment from its environment (`AWS_REGION`, the bucket lists);
+/// `crr status` from the record `crr init-table --source-buckets ...` writes.
+#[tokio::test]
+async fn a_rule_outside_the_deployment_is_not_receiving_events() -> Result<()> {
+    let stack = Stack::from_env()?;
+    let table = unique("status");
+    let state = stack.state(&table).await?;
+    let (queue_url, queue_arn) = stack.create_queue(&stack.a, &unique("events"), 30).await?;
+    let (dlq_url, _) = stack.create_queue(&stack.a, &unique("dlq"), 30).await?;
+    let (inside_src, inside_dst) = stack.bucket_pair(&stack.a, &stack.b).await?;
+    // Its source in eu-west-1 (moto B); the deployment (AWS_REGION) is in us-east-1.
+    let (outside_src, outside_dst) = stack.bucket_pair(&stack.b, &stack.a).await?;
+    let mut inside = rule(
+        &unique("inside"),
+        stack.a.bucket(&inside_src),
+        stack.b.bucket(&inside_dst),
+    );
+    inside.notify = Notify::Queue { arn: queue_arn };
+    let outside = rule(
+        &unique("outside"),
+        stack.b.bucket(&outside_src),
+        stack.a.bucket(&outside_dst),
+    );
+    create_rule(&state, &stack.s3_clients(), inside.clone()).await?;
+    // No record yet: nothing stops the library.
+    create_rule(&state, &stack.s3_clients(), outside.clone()).await?;
+    // S3's test event (sent when the inside rule turned notifications on) is not the point.
+    stack
+        .sqs(&stack.a)
+        .purge_queue()
+        .queue_url(&queue_url)
+        .send()
+        .await?;
+    let states = |report: &StatusReport| -> Vec<(String, String, Option<u64>, Option<String>)> {
+        let mut v: Vec<_> = report
+            .rules
+            .iter()
+            .map(|r| {
+                (
+                    r.rule_id.clone(),
+                    r.realtime.state.clone(),
+                    r.realtime.lag_seconds,
+                    r.realtime.reason.clone(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let check = |report: &StatusReport| -> Result<()> {
+        let by_id = |id: &str| report.rules.iter().find(|r| r.rule_id == id);
+        let (i, o) = (
+            by_id(&inside.id).context("inside")?,
+            by_id(&outside.id).context("outside")?,
+        );
+        ensure!(
+            i.realtime.state == "caught_up" && i.realtime.reason.is_none(),
+            "the queue is empty, the inside rule caught up: {:?}",
+            states(report)
+        );
+        ensure!(
+            o.realtime.state == "not_receiving_events"
+                && o.realtime.synced_up_to.is_none()
+                && o.realtime.lag_seconds.is_none()
+                && o.realtime
+                    .reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("region eu-west-1") && r.contains("us-east-1")),
+            "{:?}",
+            states(report)
+        );
+        Ok(())
+    };
+
+    // The function, from its environment (no record in the table).
+    let status_fn = RunningFunction::start_direct(
+        &stack,
+        "crr-status",
+        &table,
+        10,
+        &[
+            format!("CRR_QUEUE_URL={queue_url}"),
+            format!("CRR_DLQ_URL={dlq_url}"),
+            "CRR_STATUS_SETTLE_SECS=0".to_string(),
+        ],
+    )?;
+    let request = json!({
+        "version": "2.0", "rawPath": "/", "headers": {}, "queryStringParameters": {},
+        "requestContext": { "http": { "method": "GET", "path": "/" }, "timeEpoch": 0 },
+        "isBase64Encoded": false
+    });
+    let (failed, body) = invoke(status_fn.port, "crr-status", &request.to_string()).await?;
+    ensure!(!failed, "{body}");
+    let response: serde_json::Value = serde_json::from_str(&body)?;
+    let from_function: StatusReport =
+        serde_json::from_str(response["body"].as_str().unwrap_or_default())?;
+    check(&from_function)?;
+
+    // The CLI, from the deployment record.
+    stack.crr(
+        &table,
+        &[
+            "init-table",
+            "--source-buckets",
+            &format!("{inside_src},{outside_src}"),
+            "--allowed-endpoints",
+            crr_tests::TEST_ALLOWED_ENDPOINTS,
+        ],
+    )?;
+    check(&cli_status(&stack, &table, &queue_url, &dlq_url)?)?;
+    let human = stack.crr(
+        &table,
+        &[
+            "status",
+            &outside.id,
+            "--queue-url",
+            &queue_url,
+            "--dlq-url",
+            &dlq_url,
+        ],
+    )?;
+    ensure!(
+        human.contains("not receiving events") && human.contains("region eu-west-1"),
+        "{human}"
+    );
+    Ok(())
+}

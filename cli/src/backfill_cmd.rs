@@ -64,6 +64,8 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
             copy_concurrency: (*copy_concurrency).max(1),
             segment_objects: (*segment_objects).max(1),
             page_size: (*page_size).clamp(1, 1000),
+            // Held to the deployment as the backfill function is.
+            allowed: crate::deployment_cmd::known(&state).await?.allowed(),
             ..BackfillSettings::default()
         },
         _ => BackfillSettings::default(),
@@ -120,6 +122,7 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
                 .get_rule(&rule)
                 .await?
                 .ok_or_else(|| crr_shared::Error::RuleNotFound(rule.clone()))?;
+            crate::deployment_cmd::check_endpoints(&state, &rule).await?;
             let source = clients.store(&rule.source);
             let target = clients.store(&rule.target);
             let report = dry_run(

@@ -1,6 +1,7 @@
 //! `crr`: the console of crr, serverless cross-region replication for S3 buckets.
 
 mod backfill_cmd;
+mod deployment_cmd;
 mod local;
 mod redrive_cmd;
 mod rule_cmd;
@@ -131,12 +132,13 @@ enum Command {
     /// Create, list, show and delete replication rules.
     #[command(subcommand)]
     Rule(rule_cmd::RuleCommand),
-    /// Create the state table if it does not exist (local stacks; deployments get it from infra/).
+    /// Create the state table if it does not exist (local stacks; deployments get it from
+    /// infra/), and record the deployment that `crr rule create` and `crr status` hold rules to.
     #[command(
         name = "init-table",
-        after_help = "Example:\n  crr --endpoint-url http://127.0.0.1:25103 init-table"
+        after_help = "Examples:\n  crr --endpoint-url http://127.0.0.1:25103 init-table\n  crr --region us-east-1 --table crr-StateTable-X init-table \\\n    --source-buckets photos-us,logs-us --target-buckets photos-eu,logs-eu \\\n    --allowed-endpoints https://oss-cn-hangzhou.aliyuncs.com"
     )]
-    InitTable,
+    InitTable(deployment_cmd::InitTableArgs),
     /// Historical migration: start, pause, or dry-run a rule's backfill.
     #[command(subcommand)]
     Backfill(backfill_cmd::BackfillCommand),
@@ -190,13 +192,7 @@ async fn main() {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Rule(cmd) => rule_cmd::run(&cli.aws, cmd).await,
-        Command::InitTable => {
-            let sdk = cli.aws.sdk_config().await;
-            let state = cli.aws.state(&sdk).await;
-            state.ensure_table().await?;
-            println!("table {} is ready", state.table());
-            Ok(())
-        }
+        Command::InitTable(args) => deployment_cmd::init_table(&cli.aws, args).await,
         Command::Local(cmd) => local::run(&cli.aws, cmd).await,
         Command::Backfill(cmd) => backfill_cmd::run(&cli.aws, cmd).await,
         Command::Redrive(args) => redrive_cmd::redrive_cmd(&cli.aws, args).await,

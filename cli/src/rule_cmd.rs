@@ -11,9 +11,10 @@ use crate::AwsArgs;
 
 #[derive(Subcommand)]
 pub enum RuleCommand {
-    /// Create a rule: validate it, claim both buckets, turn on source notifications.
+    /// Create a rule: validate it, hold it to the deployment (`crr init-table`'s record: region,
+    /// buckets, endpoints), claim both buckets, turn on source notifications.
     #[command(
-        after_help = "Example:\n  crr rule create --id photos --source-bucket photos-us --source-region us-east-1 \\\n    --target-bucket photos-eu --target-region eu-west-1 --prefix img/ --policy write"
+        after_help = "Example:\n  crr rule create --id photos --source-bucket photos-us --source-region us-east-1 \\\n    --target-bucket photos-eu --target-region eu-west-1 --prefix img/ --policy write\n\nWithout a deployment record in the table, custom endpoints (--source-endpoint-url,\n--target-endpoint-url) must be listed in CRR_ALLOWED_ENDPOINTS, as for the functions."
     )]
     Create(Box<CreateArgs>),
     /// List all rules.
@@ -115,6 +116,10 @@ pub struct CreateArgs {
     /// provider's own mechanism (S3-compatible providers) or a pipeline of yours.
     #[arg(long)]
     notify_external: bool,
+    /// Create the rule even if its source or target is outside the deployment's region or
+    /// bucket lists (warns instead of refusing); an endpoint not allowed is still refused.
+    #[arg(long)]
+    force: bool,
     /// Print the created rule as JSON.
     #[arg(long)]
     json: bool,
@@ -193,8 +198,17 @@ pub async fn run(aws: &AwsArgs, cmd: RuleCommand) -> Result<()> {
     match cmd {
         RuleCommand::Create(args) => {
             let json = args.json;
+            let options = rule_admin::CreateOptions {
+                force: args.force,
+                fallback: Some(crate::deployment_cmd::fallback()?),
+            };
             let s3 = S3Clients::new(sdk);
-            let rule = rule_admin::create_rule(&state, &s3, args.into_rule()).await?;
+            let created =
+                rule_admin::create_rule_with(&state, &s3, args.into_rule(), &options).await?;
+            for warning in &created.warnings {
+                eprintln!("crr: warning (--force): {warning}");
+            }
+            let rule = created.rule;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rule)?);
             } else {
@@ -225,7 +239,8 @@ pub async fn run(aws: &AwsArgs, cmd: RuleCommand) -> Result<()> {
         RuleCommand::Resume { id } => set_paused(&state, &id, false).await?,
         RuleCommand::Delete { id } => {
             let s3 = S3Clients::new(sdk);
-            let rule = rule_admin::delete_rule(&state, &s3, &id).await?;
+            let fallback = crate::deployment_cmd::fallback()?;
+            let rule = rule_admin::delete_rule_with(&state, &s3, &id, Some(fallback)).await?;
             println!("deleted rule {}", rule.id);
         }
     }

@@ -179,6 +179,7 @@ fn rule_lines(rule: &RuleStatus) -> Vec<Line> {
     )));
     let rt = &rule.realtime;
     let synced = match (rt.synced_up_to, rt.lag_seconds) {
+        _ if rt.reason.is_some() => "nothing of it is replicated".to_string(),
         (Some(t), Some(lag)) => format!(
             "synced up to {} (lag {})",
             t.format("%Y-%m-%d %H:%M:%S UTC"),
@@ -192,6 +193,9 @@ fn rule_lines(rule: &RuleStatus) -> Vec<Line> {
         rt.pending,
         rt.in_flight
     )));
+    if let Some(reason) = &rt.reason {
+        lines.push(Line::Alert(format!("              {reason}")));
+    }
     let counts = format!(
         "              replicated {} ({}), deletes {}, suppressed deletes {}, stale skipped {}, other skipped {}, failed {}",
         rt.replicated_objects,

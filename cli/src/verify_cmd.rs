@@ -38,6 +38,7 @@ pub async fn run(aws: &AwsArgs, args: VerifyArgs) -> Result<bool> {
         .get_rule(&args.rule)
         .await?
         .ok_or_else(|| crr_shared::Error::RuleNotFound(args.rule.clone()))?;
+    crate::deployment_cmd::check_endpoints(&state, &rule).await?;
     let clients = S3Clients::new(sdk);
     let source: Arc<dyn ObjectStore> = Arc::new(clients.store(&rule.source));
     let target: Arc<dyn ObjectStore> = Arc::new(clients.store(&rule.target));

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::allowed::AllowedBuckets;
+use crate::allowed::{AllowedBuckets, AllowedEndpoints};
 use crate::backfill::BackfillSettings;
 use crate::copy::CopyEngine;
 use crate::error::{Error, Result};
@@ -88,11 +88,17 @@ pub const DEPLOYMENT_ENV: &[(&str, &[&str])] = &[
             "CRR_MAX_RECEIVES",
             "CRR_SOURCE_BUCKETS",
             "CRR_TARGET_BUCKETS",
+            "CRR_ALLOWED_ENDPOINTS",
         ],
     ),
     (
         "crr-backfill",
-        &["CRR_TABLE", "CRR_SOURCE_BUCKETS", "CRR_TARGET_BUCKETS"],
+        &[
+            "CRR_TABLE",
+            "CRR_SOURCE_BUCKETS",
+            "CRR_TARGET_BUCKETS",
+            "CRR_ALLOWED_ENDPOINTS",
+        ],
     ),
     (
         "crr-status",
@@ -101,6 +107,9 @@ pub const DEPLOYMENT_ENV: &[(&str, &[&str])] = &[
             "CRR_QUEUE_URL",
             "CRR_DLQ_URL",
             "CRR_STATUS_SETTLE_SECS",
+            "CRR_SOURCE_BUCKETS",
+            "CRR_TARGET_BUCKETS",
+            "CRR_ALLOWED_ENDPOINTS",
         ],
     ),
 ];
@@ -116,6 +125,8 @@ impl FunctionConfig {
     /// Reads the configuration; the error names the variable that is missing or wrong.
     pub fn from_env() -> Result<Self> {
         let defaults = CopyEngine::default();
+        // A deployment never runs with an entry that does not parse (it would allow nothing).
+        AllowedEndpoints::parse(&std::env::var("CRR_ALLOWED_ENDPOINTS").unwrap_or_default())?;
         Ok(Self {
             table: required("CRR_TABLE")?,
             engine: CopyEngine {

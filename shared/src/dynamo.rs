@@ -9,6 +9,7 @@
 //! | ledger entry  | `KEY#<rule>#<key>` | `LEDGER`    | `seq`, `etag`, `version`, TTL      |
 //! | counters      | `STATS#<rule>`   | `REALTIME`    | one number per counter             |
 //! | suppressed    | `SUPPRESSED#<rule>` | `<md5 of key>#<identity>` | `key`, `event_time`, `recorded_at`, ... |
+//! | deployment    | `DEPLOYMENT`     | `DEPLOYMENT`  | `deployment` (JSON)                |
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -29,6 +30,7 @@ use futures::StreamExt;
 use md5::Digest;
 
 use crate::backfill::{BackfillStore, Checkpoint, Job, JobState, Segment};
+use crate::deployment::Deployment;
 use crate::error::{Error, Result, dynamodb_permission, from_sdk};
 use crate::ledger::{LEDGER_TTL_DAYS, LedgerEntry};
 use crate::rule::Rule;
@@ -69,6 +71,10 @@ fn claim_key(bucket: &str) -> Item {
 
 fn ledger_key(rule_id: &str, key: &str) -> Item {
     key_item(format!("KEY#{rule_id}#{key}"), "LEDGER")
+}
+
+fn deployment_key() -> Item {
+    key_item("DEPLOYMENT", "DEPLOYMENT")
 }
 
 fn stats_key(rule_id: &str) -> Item {
@@ -456,6 +462,32 @@ impl RuleStore for DynamoStore {
             Some(claim) if claim.role == Role::Source => self.get_rule(&claim.rule_id).await,
             _ => Ok(None),
         }
+    }
+
+    async fn deployment(&self) -> Result<Option<Deployment>> {
+        let Some(item) = self.get(deployment_key()).await? else {
+            return Ok(None);
+        };
+        let json = string_attr(&item, "deployment")
+            .ok_or_else(|| Error::Config("deployment item without `deployment`".into()))?;
+        serde_json::from_str(json)
+            .map(Some)
+            .map_err(|e| Error::Config(format!("stored deployment record does not parse: {e}")))
+    }
+
+    async fn put_deployment(&self, deployment: &Deployment) -> Result<()> {
+        let json = serde_json::to_string(deployment)
+            .map_err(|e| Error::Config(format!("deployment record: {e}")))?;
+        let mut item = deployment_key();
+        item.insert("deployment".into(), s(json));
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| self.err("PutItem", e))?;
+        Ok(())
     }
 }
 

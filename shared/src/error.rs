@@ -46,6 +46,17 @@ pub enum Error {
         variable: &'static str,
     },
 
+    /// A rule names an S3 endpoint the deployment may not use (`CRR_ALLOWED_ENDPOINTS`).
+    #[error(
+        "rule '{rule_id}' names {role} endpoint '{endpoint}', which this deployment may not use (allowed: {allowed}): add it to CRR_ALLOWED_ENDPOINTS (stack parameter AllowedEndpoints) and redeploy"
+    )]
+    EndpointNotAllowed {
+        rule_id: String,
+        role: &'static str,
+        endpoint: String,
+        allowed: String,
+    },
+
     /// An incoming event could not be understood; never retried.
     #[error("malformed event: {0}")]
     MalformedEvent(String),
@@ -166,6 +177,7 @@ impl Error {
             Error::RuleNotFound(_) => "RuleNotFound",
             Error::RulePaused(_) => "RulePaused",
             Error::BucketNotAllowed { .. } => "BucketNotAllowed",
+            Error::EndpointNotAllowed { .. } => "EndpointNotAllowed",
             Error::MalformedEvent(_) => "MalformedEvent",
             Error::AccessDenied { .. } => "AccessDenied",
             Error::NoSuchBucket { .. } => "NoSuchBucket",

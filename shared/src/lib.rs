@@ -14,6 +14,7 @@ pub mod compat;
 pub mod config;
 pub mod copy;
 pub mod dead_letter;
+pub mod deployment;
 pub mod dynamo;
 pub mod error;
 pub mod event;

@@ -305,13 +305,17 @@ fn validate_bucket(field: &str, bucket: &str) -> Result<()> {
     Ok(())
 }
 
-fn validate_region(field: &str, region: &str) -> Result<()> {
-    let ok = !region.is_empty()
+/// Whether `region` has the shape of a region name (lowercase letters, digits, '-').
+pub(crate) fn is_region_name(region: &str) -> bool {
+    !region.is_empty()
         && region.len() <= 32
         && region
             .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if !ok {
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+fn validate_region(field: &str, region: &str) -> Result<()> {
+    if !is_region_name(region) {
         return Err(Error::invalid(
             field,
             format!("'{region}' is not a region name (like us-east-1)"),

@@ -1,6 +1,8 @@
 //! Creating and removing rules: validation, access checks, the atomic bucket claims and
 //! the source bucket's notifications, all or nothing.
 
+use crate::allowed::Side;
+use crate::deployment::Deployment;
 use crate::error::{Error, Result};
 use crate::notification;
 use crate::object_store::ObjectStore;
@@ -13,11 +15,59 @@ pub fn probe_key(rule_id: &str) -> String {
     format!(".crr-probe/{rule_id}")
 }
 
-/// Creates a rule: validates it, checks the source can be read and the target written,
-/// claims both buckets in one transaction, then turns on the source's notifications.
-/// If a step fails, what earlier steps made is undone.
-pub async fn create_rule(rules: &dyn RuleStore, s3: &S3Clients, mut rule: Rule) -> Result<Rule> {
+/// How a rule is held to its deployment at creation.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// Create a rule whose source lies outside the deployment's region or bucket lists
+    /// (with warnings) instead of refusing it. Endpoints are never forced.
+    pub force: bool,
+    /// What to hold the rule to when the table has no deployment record (the CLI: the
+    /// endpoints of its own `CRR_ALLOWED_ENDPOINTS`); `None`: nothing.
+    pub fallback: Option<Deployment>,
+}
+
+/// A created rule, with what `--force` let through.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub rule: Rule,
+    pub warnings: Vec<String>,
+}
+
+/// Creates a rule, held to the table's deployment record if there is one (see
+/// `create_rule_with`).
+pub async fn create_rule(rules: &dyn RuleStore, s3: &S3Clients, rule: Rule) -> Result<Rule> {
+    Ok(create_rule_with(rules, s3, rule, &CreateOptions::default())
+        .await?
+        .rule)
+}
+
+/// Creates a rule: validates it, holds it to the deployment (the table's record, else
+/// `options.fallback`: its region, bucket lists and allowed endpoints), checks the source
+/// can be read and the target written, claims both buckets in one transaction, then turns
+/// on the source's notifications. If a step fails, what earlier steps made is undone.
+pub async fn create_rule_with(
+    rules: &dyn RuleStore,
+    s3: &S3Clients,
+    rule: Rule,
+    options: &CreateOptions,
+) -> Result<Created> {
     rule.validate()?;
+    let warnings = match rules
+        .deployment()
+        .await?
+        .or_else(|| options.fallback.clone())
+    {
+        Some(deployment) => deployment.admit(&rule, options.force)?,
+        None => vec![],
+    };
+    for warning in &warnings {
+        tracing::warn!(rule_id = %rule.id, warning = %warning, "rule created with --force");
+    }
+    let rule = create_admitted(rules, s3, rule).await?;
+    Ok(Created { rule, warnings })
+}
+
+async fn create_admitted(rules: &dyn RuleStore, s3: &S3Clients, mut rule: Rule) -> Result<Rule> {
     if rule.created_at.is_empty() {
         rule.created_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     }
@@ -61,11 +111,30 @@ pub async fn create_rule(rules: &dyn RuleStore, s3: &S3Clients, mut rule: Rule) 
 /// Removes a rule: its notification configuration on the source, then the rule and its
 /// claims. A source bucket that no longer exists does not block the removal.
 pub async fn delete_rule(rules: &dyn RuleStore, s3: &S3Clients, id: &str) -> Result<Rule> {
+    delete_rule_with(rules, s3, id, None).await
+}
+
+/// As `delete_rule`; a source endpoint the deployment (the table's record, else
+/// `fallback`) does not allow is not contacted: the rule goes, its notification
+/// configuration there is left alone.
+pub async fn delete_rule_with(
+    rules: &dyn RuleStore,
+    s3: &S3Clients,
+    id: &str,
+    fallback: Option<Deployment>,
+) -> Result<Rule> {
     let rule = rules
         .get_rule(id)
         .await?
         .ok_or_else(|| Error::RuleNotFound(id.to_string()))?;
-    if rule.notify == Notify::External {
+    let refused = match rules.deployment().await?.or(fallback) {
+        Some(d) => d.endpoints().check_side(&rule, Side::Source).err(),
+        None => None,
+    };
+    if let Some(e) = &refused {
+        tracing::warn!(rule_id = %rule.id, error = %e, "source not contacted: its notification configuration is left as it is");
+    }
+    if rule.notify == Notify::External || refused.is_some() {
         rules.delete_rule(&rule).await?;
         return Ok(rule);
     }

@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::deployment::Deployment;
 use crate::error::{Error, Result};
 use crate::ledger::LedgerEntry;
 use crate::rule::Rule;
@@ -93,6 +94,19 @@ pub trait RuleStore: Send + Sync {
 
     /// The rule whose source is `bucket`, if any.
     async fn rule_for_source(&self, bucket: &str) -> Result<Option<Rule>>;
+
+    /// The deployment record (`crr init-table --source-buckets ...`), if one was written.
+    /// Stores that keep none have none.
+    async fn deployment(&self) -> Result<Option<Deployment>> {
+        Ok(None)
+    }
+
+    /// Writes (replaces) the deployment record.
+    async fn put_deployment(&self, _deployment: &Deployment) -> Result<()> {
+        Err(Error::Config(
+            "this store keeps no deployment record".into(),
+        ))
+    }
 }
 
 /// Per-key ledger of applied events (see `ledger.rs`).

@@ -46,6 +46,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::backfill::{BackfillStore, Job, JobState, Segment};
+use crate::deployment::{Deployment, Finding};
 use crate::error::{Error, Result, from_sdk};
 use crate::rule::{Policy, Rule};
 use crate::state::{RealtimeCounters, RuleStore, StatsStore};
@@ -96,8 +97,14 @@ pub trait EventQueue: Send + Sync {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RealtimeStatus {
     /// `caught_up` (nothing unfinished), `catching_up` (events unfinished), `paused`
-    /// (the rule is paused: its events wait), or `unknown` (no queue to watch).
+    /// (the rule is paused: its events wait), `unknown` (no queue to watch),
+    /// `not_receiving_events` (its source is outside the deployment's region or
+    /// `SourceBuckets`: no event of it arrives), or `refused` (its target or an endpoint is
+    /// not allowed: its events are dead-lettered). See `deployment.rs`.
     pub state: String,
+    /// Why the state is `not_receiving_events` or `refused`; `null` otherwise.
+    #[serde(default)]
+    pub reason: Option<String>,
     /// Every event that happened before this time has been applied, skipped or sent to the
     /// dead-letter queue (see the module documentation for the method and its bound).
     pub synced_up_to: Option<DateTime<Utc>>,
@@ -206,6 +213,9 @@ pub struct StatusService {
     jobs: Arc<dyn BackfillStore>,
     queue: Option<Arc<dyn EventQueue>>,
     settle: Duration,
+    /// The deployment when the table holds no record (the status function: its own
+    /// environment).
+    deployment_fallback: Option<Deployment>,
 }
 
 impl StatusService {
@@ -222,7 +232,14 @@ impl StatusService {
             jobs,
             queue,
             settle,
+            deployment_fallback: None,
         }
+    }
+
+    /// Judges rules by `deployment` when the table holds no deployment record.
+    pub fn with_deployment_fallback(mut self, deployment: Deployment) -> Self {
+        self.deployment_fallback = Some(deployment);
+        self
     }
 
     /// The report for every rule, or for the one named (`Error::RuleNotFound` if none).
@@ -240,6 +257,10 @@ impl StatusService {
             Some(q) => Some(q.backlog().await?),
             None => None,
         };
+        let deployment = match self.rules.deployment().await? {
+            Some(recorded) => Some(recorded),
+            None => self.deployment_fallback.clone(),
+        };
         // One clock reading: every lag is `generated_at - synced_up_to`, as documented.
         let now = Utc::now();
         let mut statuses = Vec::with_capacity(rules.len());
@@ -250,7 +271,7 @@ impl StatusService {
                 Some(_) => self.jobs.segments(&rule.id).await?,
                 None => vec![],
             };
-            statuses.push(rule_status(
+            let mut status = rule_status(
                 rule,
                 &counters,
                 queue.as_ref(),
@@ -258,7 +279,11 @@ impl StatusService {
                 &segments,
                 self.settle,
                 now,
-            ));
+            );
+            if let Some(d) = &deployment {
+                outside_deployment(&mut status.realtime, &d.findings(rule));
+            }
+            statuses.push(status);
         }
         let unattributed_failed = self
             .stats
@@ -293,6 +318,7 @@ pub fn rule_status(
     };
     let realtime = RealtimeStatus {
         state: state.to_string(),
+        reason: None,
         synced_up_to: synced,
         lag_seconds: synced.map(|t| seconds_between(t, now)),
         replicated_objects: counters.replicated_objects,
@@ -322,6 +348,26 @@ pub fn rule_status(
         realtime,
         historical: historical_status(job, segments, now),
     }
+}
+
+/// A rule the deployment does not replicate is never `caught_up`: with no event of it
+/// arriving (or every one refused), an empty queue says nothing of its source. The state
+/// says why, and nothing claims it synced up to any time. Paused stays paused.
+pub fn outside_deployment(realtime: &mut RealtimeStatus, findings: &[Finding]) {
+    let Some(first) = findings.first() else {
+        return;
+    };
+    if realtime.state != "paused" {
+        realtime.state = match first {
+            Finding::NotReceiving(_) => "not_receiving_events",
+            Finding::Refused(_) => "refused",
+        }
+        .to_string();
+    }
+    realtime.synced_up_to = None;
+    realtime.lag_seconds = None;
+    let reasons: Vec<&str> = findings.iter().map(Finding::reason).collect();
+    realtime.reason = Some(reasons.join("; "));
 }
 
 /// The time before which every event is finished, if the backlog allows saying one.
@@ -871,5 +917,43 @@ mod tests {
             now,
         );
         assert_eq!(h.eta_seconds, Some(3600));
+    }
+
+    #[test]
+    fn a_rule_outside_the_deployment_is_never_caught_up() {
+        let mut outside = rule("outside", "a", "b");
+        outside.source.region = "ap-south-1".into();
+        let inside = rule("inside", "c", "d");
+        let deployment = Deployment {
+            region: Some("us-east-1".into()),
+            ..Deployment::default()
+        };
+        let now = at("2026-11-22T10:00:30Z");
+        let status = |r: &Rule| {
+            let mut s = rule_status(
+                r,
+                &RealtimeCounters::default(),
+                Some(&backlog(0, 0, None)),
+                None,
+                &[],
+                Duration::from_secs(60),
+                now,
+            );
+            outside_deployment(&mut s.realtime, &deployment.findings(r));
+            s.realtime
+        };
+        let rt = status(&outside);
+        assert_eq!(rt.state, "not_receiving_events");
+        assert_eq!((rt.synced_up_to, rt.lag_seconds), (None, None));
+        assert!(rt.reason.unwrap().contains("ap-south-1"));
+        let rt = status(&inside);
+        assert_eq!((rt.state.as_str(), rt.reason), ("caught_up", None));
+        outside.paused = true;
+        assert_eq!(status(&outside).state, "paused");
+        let mut refused = rule("refused", "e", "f");
+        refused.target.endpoint_url = Some("http://elsewhere:9000".into());
+        let rt = status(&refused);
+        assert_eq!(rt.state, "refused");
+        assert!(rt.reason.unwrap().contains("http://elsewhere:9000"));
     }
 }

@@ -13,6 +13,12 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use crr_shared::dynamo::DynamoStore;
 use crr_shared::rule::{BucketRef, Rule};
 
+/// The endpoints the functions and the CLI may use in tests (`CRR_ALLOWED_ENDPOINTS`):
+/// every port of 127.0.0.1, since tests start servers and fault proxies of their own on
+/// free ports. A test's own `--env CRR_ALLOWED_ENDPOINTS=...` replaces it. Other hosts
+/// (`localhost`, `127.0.0.2`) stay refused.
+pub const TEST_ALLOWED_ENDPOINTS: &str = "http://127.0.0.1:*";
+
 /// One S3 server of the stack, standing for one region.
 #[derive(Clone, Debug)]
 pub struct S3Server {
@@ -232,6 +238,7 @@ impl Stack {
         let mut cmd = Command::new(bin("crr")?);
         cmd.args(["--table", table])
             .args(args)
+            .env("CRR_ALLOWED_ENDPOINTS", TEST_ALLOWED_ENDPOINTS)
             .env("AWS_REGION", &self.a.region)
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
@@ -620,6 +627,10 @@ impl RunningFunction {
             .arg(bin(function)?)
             .args(["--env", &format!("CRR_TABLE={table}")])
             .args(["--env", "AWS_LAMBDA_LOG_FORMAT=json"])
+            .args([
+                "--env",
+                &format!("CRR_ALLOWED_ENDPOINTS={TEST_ALLOWED_ENDPOINTS}"),
+            ])
             .args(env.iter().flat_map(|kv| ["--env".to_string(), kv.clone()]))
             .env("AWS_REGION", &stack.a.region)
             .env("AWS_ACCESS_KEY_ID", "testing")

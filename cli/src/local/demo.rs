@@ -102,10 +102,13 @@ pub async fn run(aws: &AwsArgs) -> Result<()> {
     );
 
     let exe = std::env::current_exe()?;
+    let allowed_endpoints = format!("{a_url},{b_url}");
     let common = [
         format!("CRR_TABLE={}", aws.table),
         format!("CRR_DLQ_URL={dlq_url}"),
         format!("AWS_ENDPOINT_URL_SQS={a_url}"),
+        // The demo's rule names the two local servers; crr refuses other endpoints.
+        format!("CRR_ALLOWED_ENDPOINTS={allowed_endpoints}"),
     ];
     let _replicate = run_function(
         &exe,
@@ -175,6 +178,7 @@ pub async fn run(aws: &AwsArgs) -> Result<()> {
     let cli = Cli {
         exe: &exe,
         aws,
+        allowed_endpoints: &allowed_endpoints,
         queue_url: &queue_url,
         dlq_url: &dlq_url,
     };
@@ -226,6 +230,7 @@ pub async fn run(aws: &AwsArgs) -> Result<()> {
 struct Cli<'a> {
     exe: &'a std::path::Path,
     aws: &'a AwsArgs,
+    allowed_endpoints: &'a str,
     queue_url: &'a str,
     dlq_url: &'a str,
 }
@@ -237,6 +242,7 @@ impl Cli<'_> {
         let status = std::process::Command::new(self.exe)
             .args(["--table", &self.aws.table])
             .args(args)
+            .env("CRR_ALLOWED_ENDPOINTS", self.allowed_endpoints)
             .env("CRR_QUEUE_URL", self.queue_url)
             .env("CRR_DLQ_URL", self.dlq_url)
             // moto's queue counts are exact and its events immediate: nothing to settle.

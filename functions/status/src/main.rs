@@ -6,6 +6,7 @@ use std::sync::Arc;
 use aws_lambda_events::event::lambda_function_urls::LambdaFunctionUrlRequest;
 use crr_shared::aws_clients;
 use crr_shared::config::FunctionConfig;
+use crr_shared::deployment::Deployment;
 use crr_shared::dynamo::DynamoStore;
 use crr_shared::status::{EventQueue, SqsEventQueue, StatusService, answer};
 use lambda_runtime::{LambdaEvent, service_fn, tracing};
@@ -29,13 +30,11 @@ async fn main() -> Result<(), lambda_runtime::Error> {
             Some(aws_clients::cloudwatch(&aws)),
         )) as Arc<dyn EventQueue>
     });
-    let service = Arc::new(StatusService::new(
-        state.clone(),
-        state.clone(),
-        state,
-        queue,
-        settings.settle,
-    ));
+    let service = Arc::new(
+        StatusService::new(state.clone(), state.clone(), state, queue, settings.settle)
+            // Without a record in the table, the stack's own parameters say what it replicates.
+            .with_deployment_fallback(Deployment::from_env()),
+    );
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<LambdaFunctionUrlRequest>| {
             let service = Arc::clone(&service);

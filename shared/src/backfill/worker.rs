@@ -204,6 +204,7 @@ impl Backfiller {
             .get_rule(rule_id)
             .await?
             .ok_or_else(|| Error::RuleNotFound(rule_id.to_string()))?;
+        self.settings.allowed.check(&rule)?;
         let job = self.start(rule_id).await?;
         if job.planned {
             return Ok(job);
