@@ -40,6 +40,7 @@ use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use crr_shared::Error;
 use crr_shared::memory::MemoryWorld;
+use crr_shared::memory_budget::MemoryBudget;
 use crr_shared::object_store::{
     ContentHeaders, ObjectStore, TargetPrecondition, UploadedPart, WriteAttrs,
 };
@@ -395,7 +396,12 @@ async fn upload_parts(
 async fn a_missing_key_heads_and_fetches_as_none_and_gets_as_not_found(b: &Backend) -> Result<()> {
     let store = b.bucket().await?;
     ensure!(store.head("nothing-here").await?.is_none());
-    ensure!(store.fetch("nothing-here", 1 << 20).await?.is_none());
+    ensure!(
+        store
+            .fetch("nothing-here", 1 << 20, &MemoryBudget::default())
+            .await?
+            .is_none()
+    );
     let err = expect_err(
         store.get("nothing-here", None, EMPTY_MD5).await,
         "NotFound",
@@ -719,22 +725,54 @@ async fn fetch_reads_the_body_up_to_the_limit_and_only_metadata_above_it(
     let store = b.bucket().await?;
     let body = pattern(1000, 3);
     let etag = put(&*store, "k", &body).await?;
-    let at_limit = store.fetch("k", 1000).await?.context("k exists")?;
+    let at_limit = store
+        .fetch("k", 1000, &MemoryBudget::default())
+        .await?
+        .context("k exists")?;
     ensure!(
-        at_limit.body.as_ref() == Some(&body),
+        at_limit.body.as_deref() == Some(&body),
         "limit = size: body read"
     );
     ensure!(at_limit.info.size == 1000 && at_limit.info.etag == etag);
-    let roomy = store.fetch("k", 1 << 20).await?.context("k exists")?;
+    let roomy = store
+        .fetch("k", 1 << 20, &MemoryBudget::default())
+        .await?
+        .context("k exists")?;
     ensure!(
-        roomy.body.as_ref() == Some(&body),
+        roomy.body.as_deref() == Some(&body),
         "limit > size: body read"
     );
-    let above = store.fetch("k", 999).await?.context("k exists")?;
+    let above = store
+        .fetch("k", 999, &MemoryBudget::default())
+        .await?
+        .context("k exists")?;
     ensure!(above.body.is_none(), "limit < size: no body");
     ensure!(above.info.size == 1000 && above.info.etag == etag);
     ensure!(above.info.last_modified.is_some());
     ensure!(above.info == at_limit.info, "the same metadata either way");
+    // No byte is read past the memory budget: with no room for the body now, only the
+    // metadata; a body read holds its room until dropped.
+    let budget = MemoryBudget::new(4096);
+    let taken = budget.reserve(4096).await;
+    let no_room = store
+        .fetch("k", 1 << 20, &budget)
+        .await?
+        .context("k exists")?;
+    ensure!(no_room.body.is_none(), "no room in the budget: no body");
+    ensure!(no_room.info == at_limit.info);
+    drop(taken);
+    let held = store
+        .fetch("k", 1 << 20, &budget)
+        .await?
+        .context("k exists")?;
+    ensure!(held.body.as_deref() == Some(&body), "room: body read");
+    ensure!(
+        budget.available() == 3072,
+        "the body holds 1 KiB of the budget, {} left",
+        budget.available()
+    );
+    drop(held);
+    ensure!(budget.available() == 4096, "given back when dropped");
     Ok(())
 }
 
@@ -865,7 +903,10 @@ async fn content_headers_and_user_metadata_round_trip_through_put_multipart_and_
     let attrs = rich_attrs();
     let etag = store.put("put", Bytes::from_static(b"x"), &attrs).await?;
     check_attrs(&*store, "put", "PUT").await?;
-    let fetched = store.fetch("put", 10).await?.context("put exists")?;
+    let fetched = store
+        .fetch("put", 10, &MemoryBudget::default())
+        .await?
+        .context("put exists")?;
     let head = store.head("put").await?.context("put exists")?;
     ensure!(
         fetched.info == head,
@@ -1222,9 +1263,12 @@ async fn zero_byte_objects_are_written_read_listed_and_copied(b: &Backend) -> Re
     ensure!(etag == EMPTY_MD5, "ETag of nothing: {etag}");
     let info = store.head("empty").await?.context("empty exists")?;
     ensure!(info.size == 0 && info.etag == EMPTY_MD5);
-    let fetched = store.fetch("empty", 0).await?.context("empty exists")?;
+    let fetched = store
+        .fetch("empty", 0, &MemoryBudget::default())
+        .await?
+        .context("empty exists")?;
     ensure!(
-        fetched.body.as_deref() == Some(&b""[..]),
+        fetched.body.as_ref().map(|b| &b[..]) == Some(&b""[..]),
         "limit 0 reads an empty body"
     );
     ensure!(store.get("empty", None, &etag).await?.is_empty());
@@ -1321,7 +1365,12 @@ async fn odd_keys_round_trip_through_every_operation(b: &Backend) -> Result<()> 
                 ensure!(info.key == key && info.etag == etag, "{key:?}: {info:?}");
                 ensure!(store.get(key, None, &etag).await? == body, "GET {key:?}");
                 ensure!(
-                    store.fetch(key, 1000).await?.context("fetch")?.body
+                    store
+                        .fetch(key, 1000, &MemoryBudget::default())
+                        .await?
+                        .context("fetch")?
+                        .body
+                        .map(|b| b.bytes().clone())
                         == Some(body.clone().into())
                 );
                 let listed = listed_keys(&*store, key).await?;

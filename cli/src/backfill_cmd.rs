@@ -74,7 +74,10 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
         state.clone(),
         state.clone(),
         Arc::new(clients.clone()),
-        CopyEngine::default(),
+        CopyEngine {
+            memory: crr_shared::config::object_memory()?,
+            ..CopyEngine::default()
+        },
         settings,
     );
     match cmd {

@@ -6,6 +6,7 @@ use crate::allowed::{AllowedBuckets, AllowedEndpoints};
 use crate::backfill::BackfillSettings;
 use crate::copy::CopyEngine;
 use crate::error::{Error, Result};
+use crate::memory_budget::MemoryBudget;
 use crate::replicate::ReplicatorSettings;
 
 /// Settings every function needs.
@@ -14,7 +15,8 @@ pub struct FunctionConfig {
     /// DynamoDB table holding rules and state (`CRR_TABLE`).
     pub table: String,
     /// Copy engine tuning (`CRR_MULTIPART_THRESHOLD_MB`, `CRR_SERVER_SIDE_THRESHOLD_MB`,
-    /// `CRR_PART_SIZE_MB`, `CRR_PARTS_IN_FLIGHT`, `CRR_STREAM_MEMORY_MB`).
+    /// `CRR_PART_SIZE_MB`, `CRR_PARTS_IN_FLIGHT`, `CRR_STREAM_MEMORY_MB`), and the process's
+    /// memory budget for object bytes (see `object_memory`).
     pub engine: CopyEngine,
     /// Dead-letter queue URL (`CRR_DLQ_URL`); without it, failures go back to SQS only.
     pub dlq_url: Option<String>,
@@ -140,6 +142,7 @@ impl FunctionConfig {
                     .unwrap_or(defaults.parts_in_flight),
                 stream_memory: optional_mb("CRR_STREAM_MEMORY_MB")?
                     .unwrap_or(defaults.stream_memory),
+                memory: object_memory()?,
                 ..defaults
             },
             dlq_url: std::env::var("CRR_DLQ_URL").ok().filter(|v| !v.is_empty()),
@@ -148,6 +151,20 @@ impl FunctionConfig {
                 .unwrap_or(4),
         })
     }
+}
+
+/// The process's budget for object bytes: `CRR_OBJECT_MEMORY_MB` when set, else a fixed
+/// share of the Lambda function's memory (`AWS_LAMBDA_FUNCTION_MEMORY_SIZE`, MB; see
+/// `memory_budget::LAMBDA_SHARE_PERCENT`), else (outside Lambda) the default. Call it
+/// once per process and share the result: two budgets are two limits.
+pub fn object_memory() -> Result<MemoryBudget> {
+    if let Some(mb) = optional_number("CRR_OBJECT_MEMORY_MB")? {
+        return Ok(MemoryBudget::new(mb.max(1) * 1024 * 1024));
+    }
+    Ok(match optional_number("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")? {
+        Some(mb) => MemoryBudget::for_function_memory(mb),
+        None => MemoryBudget::default(),
+    })
 }
 
 /// A variable that must be set.

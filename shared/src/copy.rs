@@ -12,6 +12,7 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::error::{Error, Result};
 use crate::filter::SourceState;
+use crate::memory_budget::{HeldBytes, MemoryBudget};
 use crate::object_store::{
     Encryption, ObjectInfo, ObjectStore, TargetPrecondition, UploadedPart, WriteAttrs,
 };
@@ -73,6 +74,9 @@ pub struct CopyEngine {
     /// Bytes of parts a stream copy holds at once: fewer parts are in flight when the part
     /// size (the source's own, when reproduced) would exceed it; at least one always is.
     pub stream_memory: u64,
+    /// The process's budget for object bytes, shared by every copy (every clone of this
+    /// engine): a stream copy reserves an object's or a part's bytes before reading them.
+    pub memory: MemoryBudget,
 }
 
 impl Default for CopyEngine {
@@ -85,6 +89,7 @@ impl Default for CopyEngine {
             part_size: 16 * 1024 * 1024,
             parts_in_flight: 4,
             stream_memory: 128 * 1024 * 1024,
+            memory: MemoryBudget::default(),
         }
     }
 }
@@ -222,7 +227,7 @@ impl CopyEngine {
         source: &dyn ObjectStore,
         target: &dyn ObjectStore,
         info: &ObjectInfo,
-        body: Option<Bytes>,
+        body: Option<HeldBytes>,
         precondition: Option<TargetPrecondition>,
     ) -> Result<CopyOutcome> {
         let mut attrs = self
@@ -272,12 +277,12 @@ impl CopyEngine {
         source: &dyn ObjectStore,
         target: &dyn ObjectStore,
         info: &ObjectInfo,
-        body: Option<Bytes>,
+        body: Option<HeldBytes>,
         attrs: WriteAttrs,
     ) -> Result<CopyOutcome> {
         let mode = rule.resolved_copy_mode();
         self.with_acl_fallback(target, attrs, async |attrs: &WriteAttrs| {
-            self.copy(source, target, info, body.clone(), attrs, mode)
+            self.copy(source, target, info, body.as_ref(), attrs, mode)
                 .await
         })
         .await
@@ -324,16 +329,23 @@ impl CopyEngine {
 
     /// The source object's current state, and in stream mode its bytes too when it is
     /// copied in one request: the bytes travel through here anyway, so one GET does what
-    /// HEAD + GET did. `None` when the object is gone.
+    /// HEAD + GET did. The body is read only if the memory budget has room for it when the
+    /// GET's headers tell its size (it then holds that room until dropped); else the copy
+    /// waits for room and GETs it again, so no byte is read past the budget and a small
+    /// object never holds more than its own size. `None` when the object is gone.
     pub async fn read_source(
         &self,
         rule: &Rule,
         source: &dyn ObjectStore,
         key: &str,
-    ) -> Result<Option<(ObjectInfo, Option<Bytes>)>> {
+    ) -> Result<Option<(ObjectInfo, Option<HeldBytes>)>> {
         Ok(match rule.resolved_copy_mode() {
             ResolvedCopyMode::Stream => source
-                .fetch(key, self.multipart_threshold.min(MAX_SINGLE_REQUEST))
+                .fetch(
+                    key,
+                    self.multipart_threshold.min(MAX_SINGLE_REQUEST),
+                    &self.memory,
+                )
                 .await?
                 .map(|f| (f.info, f.body)),
             ResolvedCopyMode::ServerSide => source.head(key).await?.map(|info| (info, None)),
@@ -380,7 +392,7 @@ impl CopyEngine {
         source: &dyn ObjectStore,
         target: &dyn ObjectStore,
         info: &ObjectInfo,
-        body: Option<Bytes>,
+        body: Option<&HeldBytes>,
         attrs: &WriteAttrs,
         mode: ResolvedCopyMode,
     ) -> Result<CopyOutcome> {
@@ -456,12 +468,16 @@ impl CopyEngine {
         source: &dyn ObjectStore,
         target: &dyn ObjectStore,
         info: &ObjectInfo,
-        body: Option<Bytes>,
+        body: Option<&HeldBytes>,
         attrs: &WriteAttrs,
     ) -> Result<CopyOutcome> {
-        let body = match body {
-            Some(body) => body,
-            None => source.get(&info.key, None, &info.etag).await?,
+        // Bytes read here hold their room in the budget until the PUT returned.
+        let (body, _room) = match body {
+            Some(held) => (held.bytes().clone(), None),
+            None => {
+                let room = self.memory.reserve(info.size).await;
+                (source.get(&info.key, None, &info.etag).await?, Some(room))
+            }
         };
         if body.len() as u64 != info.size {
             return Err(Error::Integrity {
@@ -596,6 +612,8 @@ impl CopyEngine {
                             (etag, digest)
                         }
                         ResolvedCopyMode::Stream => {
+                            // The part's room in the budget, held until UploadPart returned.
+                            let _room = self.memory.reserve(end - start).await;
                             let body: Bytes = source
                                 .get(&info.key, Some((start, end)), &info.etag)
                                 .await?;

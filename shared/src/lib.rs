@@ -22,6 +22,7 @@ pub mod filter;
 pub mod key;
 pub mod ledger;
 pub mod memory;
+pub mod memory_budget;
 pub mod metrics;
 pub mod notification;
 pub mod object_store;

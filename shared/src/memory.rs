@@ -14,6 +14,7 @@ use md5::{Digest, Md5};
 use crate::backfill::{BackfillStore, Checkpoint, Job, JobState, Segment};
 use crate::error::{Error, Result};
 use crate::ledger::LedgerEntry;
+use crate::memory_budget::{HeldBytes, MemoryBudget};
 use crate::object_store::{
     FetchedObject, ObjectInfo, ObjectStore, TargetPrecondition, UploadedPart, WriteAttrs,
 };
@@ -225,11 +226,17 @@ impl ObjectStore for MemoryObjectStore {
         Ok(bucket.get(key).map(|o| o.info.clone()))
     }
 
-    async fn fetch(&self, key: &str, body_limit: u64) -> Result<Option<FetchedObject>> {
+    async fn fetch(
+        &self,
+        key: &str,
+        body_limit: u64,
+        budget: &MemoryBudget,
+    ) -> Result<Option<FetchedObject>> {
         Ok(self.head(key).await?.map(|info| {
             let body = (info.size <= body_limit)
-                .then(|| self.object(key).map(|o| o.data))
-                .flatten();
+                .then(|| budget.try_reserve(info.size))
+                .flatten()
+                .and_then(|room| Some(HeldBytes::new(self.object(key)?.data, room)));
             FetchedObject { info, body }
         }))
     }

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
 use crate::error::Result;
+use crate::memory_budget::{HeldBytes, MemoryBudget};
 
 /// Content headers S3 stores with an object and returns on GET/HEAD.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -50,11 +51,12 @@ pub struct ObjectInfo {
 }
 
 /// The current object as one GET saw it: its metadata, and its bytes when small enough.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct FetchedObject {
     pub info: ObjectInfo,
-    /// The whole content, read only when the object is at most the caller's limit.
-    pub body: Option<Bytes>,
+    /// The whole content, read only when the object is at most the caller's limit and the
+    /// memory budget had room for it; it holds that room until dropped.
+    pub body: Option<HeldBytes>,
 }
 
 /// Who owns an object and who else may read it, as far as it can be carried over.
@@ -134,10 +136,18 @@ pub trait ObjectStore: Send + Sync {
     /// Metadata of the current object, `None` if there is none.
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>>;
 
-    /// The current object's metadata and, when it is at most `body_limit` bytes, its
-    /// content, from one GET (the body of a larger object is not read); `None` if absent.
-    /// Where HEAD then GET would take two requests, this takes one.
-    async fn fetch(&self, key: &str, body_limit: u64) -> Result<Option<FetchedObject>>;
+    /// The current object's metadata and, when it is at most `body_limit` bytes and
+    /// `budget` has room for it at once, its content, from one GET; `None` if absent. The
+    /// size is known from the response's headers, before any byte of the body is read: a
+    /// body that is too large, or has no room in the budget now, is not read (the caller
+    /// waits for room and GETs it). Where HEAD then GET would take two requests, this
+    /// takes one.
+    async fn fetch(
+        &self,
+        key: &str,
+        body_limit: u64,
+        budget: &MemoryBudget,
+    ) -> Result<Option<FetchedObject>>;
 
     /// Bytes `range` (inclusive start, exclusive end; `None` for the whole object) of the
     /// object whose ETag is `if_match`; a changed object is an `Error::Precondition`.

@@ -16,12 +16,13 @@ use aws_sdk_s3::types::{
     CompletedMultipartUpload, CompletedPart, EncodingType, Grant, MetadataDirective,
     ObjectCannedAcl, ObjectOwnership, ServerSideEncryption, StorageClass, Tag, TaggingDirective,
 };
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::compat;
 use crate::error::{Error, Result, from_sdk, s3_permission};
+use crate::memory_budget::{HeldBytes, MemoryBudget};
 use crate::object_store::{
     AccessInfo, ContentHeaders, Encryption, FetchedObject, ListPage, ListedObject, ObjectInfo,
     ObjectStore, TargetPrecondition, UploadedPart, WriteAttrs,
@@ -146,6 +147,27 @@ pub struct S3Store {
 impl S3Store {
     pub fn new(client: Client, bucket: String) -> Self {
         Self { client, bucket }
+    }
+
+    /// Reads a GET's body into one buffer of `expected` bytes (its Content-Length),
+    /// chunk by chunk: collecting the chunks and joining them would hold the body twice.
+    async fn read_body(&self, key: &str, mut body: ByteStream, expected: u64) -> Result<Bytes> {
+        let capacity = usize::try_from(expected.min(crate::copy::MAX_SINGLE_REQUEST)).unwrap_or(0);
+        let mut buf = BytesMut::with_capacity(capacity);
+        loop {
+            match body.try_next().await {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+                Ok(None) => return Ok(buf.freeze()),
+                Err(e) => {
+                    return Err(Error::Transient {
+                        operation: "GetObject",
+                        resource: self.resource(key),
+                        detail: format!("reading the body: {e}"),
+                        source: Box::new(e),
+                    });
+                }
+            }
+        }
     }
 
     fn resource(&self, key: &str) -> String {
@@ -329,7 +351,12 @@ impl ObjectStore for S3Store {
         Ok(Some(object_info!(out, key)))
     }
 
-    async fn fetch(&self, key: &str, body_limit: u64) -> Result<Option<FetchedObject>> {
+    async fn fetch(
+        &self,
+        key: &str,
+        body_limit: u64,
+        budget: &MemoryBudget,
+    ) -> Result<Option<FetchedObject>> {
         let out = match self
             .client
             .get_object()
@@ -345,19 +372,18 @@ impl ObjectStore for S3Store {
             Err(e) => return Err(self.err("GetObject", key, e)),
         };
         let info = object_info!(out, key);
-        if info.size > body_limit {
+        // The headers told the size; no byte of the body is read before it has room.
+        let room = (info.size <= body_limit)
+            .then(|| budget.try_reserve(info.size))
+            .flatten();
+        let Some(room) = room else {
             // Dropping the unread body closes the connection: cheaper than reading it.
             return Ok(Some(FetchedObject { info, body: None }));
-        }
-        let body = out.body.collect().await.map_err(|e| Error::Transient {
-            operation: "GetObject",
-            resource: self.resource(key),
-            detail: format!("reading the body: {e}"),
-            source: Box::new(e),
-        })?;
+        };
+        let body = self.read_body(key, out.body, info.size).await?;
         Ok(Some(FetchedObject {
             info,
-            body: Some(body.into_bytes()),
+            body: Some(HeldBytes::new(body, room)),
         }))
     }
 
@@ -389,13 +415,11 @@ impl ObjectStore for S3Store {
                 resource: self.resource(key),
             });
         }
-        let body = out.body.collect().await.map_err(|e| Error::Transient {
-            operation: "GetObject",
-            resource: self.resource(key),
-            detail: format!("reading the body: {e}"),
-            source: Box::new(e),
-        })?;
-        Ok(body.into_bytes())
+        let expected = match range {
+            Some((start, end)) => end.saturating_sub(start),
+            None => u64::try_from(out.content_length().unwrap_or(0)).unwrap_or(0),
+        };
+        self.read_body(key, out.body, expected).await
     }
 
     async fn put(&self, key: &str, body: Bytes, attrs: &WriteAttrs) -> Result<String> {

@@ -16,6 +16,11 @@ use serde_json::Value;
 async fn main() -> Result<(), lambda_runtime::Error> {
     tracing::init_default_subscriber();
     let config = FunctionConfig::from_env()?;
+    // One budget for the whole process: every copy shares this engine's (clones share it).
+    tracing::info!(
+        object_memory_mib = config.engine.memory.bytes() / (1024 * 1024),
+        "memory budget for object bytes"
+    );
     let settings = FunctionConfig::backfill()?;
     let aws = aws_config::load_from_env().await;
     let state = Arc::new(DynamoStore::new(
