@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use aws_sdk_s3::primitives::ByteStream;
 use crr_shared::backfill::{
-    BackfillSettings, BackfillStore, Backfiller, JobState, RunReport, Segment, dry_run,
+    BackfillSettings, BackfillStore, Backfiller, Checkpoint, JobState, PageTally, RunReport,
+    Segment, dry_run,
 };
 use crr_shared::copy::CopyEngine;
 use crr_shared::dynamo::DynamoStore;
@@ -17,6 +18,7 @@ use crr_shared::replicate::{Replicator, ReplicatorSettings};
 use crr_shared::rule::{Notify, OnConflict, Rule};
 use crr_shared::rule_admin::create_rule;
 use crr_shared::verify::{DifferenceKind, VerifyOptions, verify};
+use crr_tests::fault_proxy::{FaultPlan, FaultProxy};
 use crr_tests::{RunningFunction, S3Server, Stack, invoke, list_all, rule, seed, unique};
 use serde_json::json;
 
@@ -436,12 +438,14 @@ async fn racing_invocations_share_segments_and_a_dead_lease_is_taken_over() -> R
         f.state
             .claim_segment(&f.rule.id, 0, "killed", now, now + 3000)
             .await?
+            .is_some()
     );
     // A held lease cannot be claimed, not even by a second try.
     assert!(
-        !f.state
+        f.state
             .claim_segment(&f.rule.id, 0, "other", now, now + 3000)
             .await?
+            .is_none()
     );
 
     // Two invocations race on the rule.
@@ -474,6 +478,241 @@ async fn racing_invocations_share_segments_and_a_dead_lease_is_taken_over() -> R
     assert_eq!(segments.iter().map(|s| s.objects_done).sum::<u64>(), 600);
     // Segment 0 was finished by someone else than the killed invocation.
     assert!(segments[0].done && segments[0].lease_owner.as_deref() != Some("killed"));
+    Ok(())
+}
+
+/// Pages slower than the lease: every target request goes through a proxy that delays it
+/// by up to 1.2 s, so a page of 20 objects (4 at a time) takes seconds against a lease of
+/// two. Two invocations of two workers each race on six segments from the start, a third
+/// comes when every first lease would have run out, and more come after the job
+/// completed. The heartbeat keeps each lease with the worker copying its page, so each
+/// segment is worked by one worker at a time: no page is counted twice, no segment
+/// finishes twice, the job completes once and stays completed.
+#[tokio::test]
+async fn pages_slower_than_the_lease_are_counted_once_by_racing_invocations() -> Result<()> {
+    let stack = Stack::from_env()?;
+    let mut plan = FaultPlan::none(16);
+    plan.latency = 1.0;
+    plan.max_latency = Duration::from_millis(1200);
+    let proxy = FaultProxy::start(&stack.b.endpoint, plan).await?;
+    let via_proxy = S3Server {
+        endpoint: proxy.endpoint.clone(),
+        region: stack.b.region.clone(),
+    };
+    let f = fixture_on(move |_| via_proxy, &[], |_| {}).await?;
+    f.seed(objects("k/", 240)).await?;
+    let settings = BackfillSettings {
+        page_size: 20,
+        segment_objects: 40,
+        workers: 2,
+        copy_concurrency: 4,
+        lease: Duration::from_secs(2),
+        margin: Duration::ZERO,
+        ..BackfillSettings::default()
+    };
+    proxy.set_faults(true);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let run = |name: &'static str, after: Duration| {
+        let bf = f.backfiller(settings.clone());
+        let rule_id = f.rule.id.clone();
+        async move {
+            tokio::time::sleep(after).await;
+            bf.run(Some(&rule_id), name, deadline).await
+        }
+    };
+    let started = Instant::now();
+    let (ra, rb, rc) = tokio::join!(
+        run("inv-a", Duration::ZERO),
+        run("inv-b", Duration::ZERO),
+        run("inv-c", settings.lease * 2)
+    );
+    let mut reports: Vec<RunReport> = [ra?, rb?, rc?].into_iter().flatten().collect();
+    let took = started.elapsed();
+    println!("{}; three invocations took {took:?}", proxy.stats.summary());
+    // Whoever finished first may have stopped while a page was still being copied.
+    let mut more = 0;
+    while f.job_state().await? != Some(JobState::Completed) {
+        ensure!(more < 5, "not completed: {reports:?}");
+        more += 1;
+        reports.extend(
+            f.backfiller(settings.clone())
+                .run(Some(&f.rule.id), "inv-more", deadline)
+                .await?,
+        );
+    }
+    let job = f.state.job(&f.rule.id).await?.context("job")?;
+    let segments = f.state.segments(&f.rule.id).await?;
+    assert_eq!((job.total_objects, segments.len()), (240, 6));
+    // Twelve pages or more (six segments of two, at times an empty third), on four
+    // workers (six once the third invocation came, when half of it was done): about three
+    // pages one after the other each. Over three leases in all: a page took longer than
+    // the lease on average (else the test shows nothing).
+    ensure!(
+        took > settings.lease * 3,
+        "pages were not slower than the lease: {took:?}"
+    );
+    // Both invocations racing from the start worked on the job.
+    let working = reports.iter().filter(|r| r.pages > 0).count();
+    ensure!(working >= 2, "one invocation did all the work: {reports:?}");
+    // Each object counted once, in its segment and in the invocations' reports; each
+    // segment finished once.
+    assert!(segments.iter().all(|s| s.done && s.objects_done == 40));
+    assert_eq!(f.counters().await?, (240, 240, 0, 0, 0));
+    let sum = |f: fn(&RunReport) -> u64| reports.iter().map(f).sum::<u64>();
+    assert_eq!(sum(|r| r.copied), 240, "{reports:?}");
+    assert_eq!(sum(|r| r.segments_finished), 6, "{reports:?}");
+    proxy.set_faults(false);
+    f.assert_exact_copy().await?;
+
+    // Completed once, and it stays so: later invocations find nothing to claim and
+    // change neither the job nor its counters.
+    let completed_at = job.completed_at;
+    assert!(completed_at.is_some());
+    let (later_a, later_b) =
+        tokio::join!(run("inv-d", Duration::ZERO), run("inv-e", Duration::ZERO));
+    for report in later_a?.into_iter().chain(later_b?) {
+        assert_eq!((report.pages, report.segments_finished), (0, 0));
+    }
+    let job = f.state.job(&f.rule.id).await?.context("job")?;
+    assert_eq!(
+        (job.state, job.completed_at),
+        (JobState::Completed, completed_at)
+    );
+    assert_eq!(f.counters().await?, (240, 240, 0, 0, 0));
+    Ok(())
+}
+
+/// The lease rules as DynamoDB enforces them (the conditions of `BackfillStore`'s writes).
+#[tokio::test]
+async fn only_the_holder_of_an_unexpired_lease_extends_it_or_checkpoints() -> Result<()> {
+    let f = fixture(&[], |_| {}).await?;
+    f.seed(objects("k/", 20)).await?;
+    let bf = f.backfiller(BackfillSettings {
+        page_size: 10,
+        segment_objects: 100,
+        ..BackfillSettings::default()
+    });
+    let job = bf
+        .count(&f.rule.id, Instant::now() + Duration::from_secs(60))
+        .await?;
+    assert_eq!((job.planned, job.segments), (true, 1));
+    f.state
+        .advance_job(&f.rule.id, JobState::Pending, JobState::Running)
+        .await?;
+    let id = f.rule.id.as_str();
+    let now_ms = || chrono::Utc::now().timestamp_millis() as u64;
+    let page = |last: &str, done: bool| Checkpoint {
+        last_key: Some(last.to_string()),
+        done,
+        tally: PageTally {
+            objects: 10,
+            bytes: 100,
+            copied: 10,
+            ..PageTally::default()
+        },
+        lease_until: now_ms() + 60_000,
+    };
+    let t = now_ms();
+    let claimed = f.state.claim_segment(id, 0, "a", t, t + 1000).await?;
+    assert_eq!(claimed.context("claim")?.lease_owner.as_deref(), Some("a"));
+    assert!(
+        f.state
+            .claim_segment(id, 0, "b", t, t + 1000)
+            .await?
+            .is_none()
+    );
+    // Only the holder extends or checkpoints.
+    assert!(!f.state.extend_lease(id, 0, "b", t, t + 1000).await?);
+    assert!(
+        !f.state
+            .checkpoint_segment(id, 0, "b", &page("k/10", false))
+            .await?
+    );
+    assert!(
+        f.state
+            .checkpoint_segment(id, 0, "a", &page("k/10", false))
+            .await?
+    );
+    // Run out: its former holder can neither extend it nor checkpoint, even before anyone
+    // took it over; the next holder gets the segment as the last checkpoint left it.
+    assert!(f.state.extend_lease(id, 0, "a", t, now_ms() + 1).await?);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let later = now_ms();
+    assert!(
+        !f.state
+            .extend_lease(id, 0, "a", later, later + 1000)
+            .await?
+    );
+    assert!(
+        !f.state
+            .checkpoint_segment(id, 0, "a", &page("k/20", true))
+            .await?
+    );
+    let taken = f
+        .state
+        .claim_segment(id, 0, "b", later, later + 60_000)
+        .await?
+        .context("take over")?;
+    assert_eq!(
+        (
+            taken.checkpoint.as_deref(),
+            taken.objects_done,
+            taken.copied
+        ),
+        (Some("k/10"), 10, 10)
+    );
+    assert!(
+        f.state
+            .extend_lease(id, 0, "b", later, later + 60_000)
+            .await?
+    );
+    assert!(
+        !f.state
+            .checkpoint_segment(id, 0, "a", &page("k/20", true))
+            .await?
+    );
+    assert!(
+        f.state
+            .checkpoint_segment(id, 0, "b", &page("k/20", true))
+            .await?
+    );
+    // Done: never set back, never added to, never claimed again.
+    assert!(
+        !f.state
+            .checkpoint_segment(id, 0, "b", &page("k/30", false))
+            .await?
+    );
+    assert!(
+        !f.state
+            .extend_lease(id, 0, "b", later, later + 1000)
+            .await?
+    );
+    let far = later + 3_600_000;
+    assert!(
+        f.state
+            .claim_segment(id, 0, "c", far, far + 1000)
+            .await?
+            .is_none()
+    );
+    let s = &f.state.segments(id).await?[0];
+    assert_eq!((s.done, s.objects_done, s.copied), (true, 20, 20));
+    // The job completes once; a late "pending -> running" does not reopen it.
+    assert!(
+        f.state
+            .advance_job(id, JobState::Running, JobState::Completed)
+            .await?
+    );
+    assert!(
+        !f.state
+            .advance_job(id, JobState::Running, JobState::Completed)
+            .await?
+    );
+    assert!(
+        !f.state
+            .advance_job(id, JobState::Pending, JobState::Running)
+            .await?
+    );
+    assert_eq!(f.job_state().await?, Some(JobState::Completed));
     Ok(())
 }
 

@@ -886,6 +886,29 @@ impl BackfillStore for DynamoStore {
         Ok(())
     }
 
+    async fn advance_job(&self, rule_id: &str, from: JobState, to: JobState) -> Result<bool> {
+        let mut expr = "SET #st = :st, updated_at = :now".to_string();
+        // Finished once: a job moved on from `completed_with_failures` keeps its time.
+        if to.is_finished() && !from.is_finished() {
+            expr.push_str(", completed_at = :now");
+        }
+        expr.push_str(" REMOVE last_error");
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key_item(backfill_pk(rule_id), "JOB")))
+            .update_expression(expr)
+            .condition_expression("#st = :from")
+            .expression_attribute_names("#st", "state")
+            .expression_attribute_values(":st", s(to.as_str()))
+            .expression_attribute_values(":from", s(from.as_str()))
+            .expression_attribute_values(":now", rfc3339(Utc::now()))
+            .send()
+            .await;
+        self.conditional("UpdateItem", sent)
+    }
+
     async fn fail_job(&self, rule_id: &str, reason: &str) -> Result<()> {
         self.client
             .update_item()
@@ -974,7 +997,7 @@ impl BackfillStore for DynamoStore {
         owner: &str,
         now_ms: u64,
         until_ms: u64,
-    ) -> Result<bool> {
+    ) -> Result<Option<Segment>> {
         let sent = self
             .client
             .update_item()
@@ -984,6 +1007,41 @@ impl BackfillStore for DynamoStore {
             .condition_expression(
                 "done = :f AND (attribute_not_exists(lease_owner) OR lease_until < :now)",
             )
+            .expression_attribute_values(":o", s(owner))
+            .expression_attribute_values(":u", n(until_ms))
+            .expression_attribute_values(":f", AttributeValue::Bool(false))
+            .expression_attribute_values(":now", n(now_ms))
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
+            .send()
+            .await;
+        match sent {
+            // ALL_NEW always returns the item; without it the claim cannot be used.
+            Ok(out) => Ok(out.attributes().map(segment_from_item)),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(ConditionFailed::is_condition_failed) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(self.err("UpdateItem", e)),
+        }
+    }
+
+    async fn extend_lease(
+        &self,
+        rule_id: &str,
+        index: u32,
+        owner: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<bool> {
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key_item(backfill_pk(rule_id), segment_sk(index))))
+            .update_expression("SET lease_until = :u")
+            .condition_expression("lease_owner = :o AND lease_until >= :now AND done = :f")
             .expression_attribute_values(":o", s(owner))
             .expression_attribute_values(":u", n(until_ms))
             .expression_attribute_values(":f", AttributeValue::Bool(false))
@@ -1006,8 +1064,18 @@ impl BackfillStore for DynamoStore {
             .update_item()
             .table_name(&self.table)
             .set_key(Some(key_item(backfill_pk(rule_id), segment_sk(index))))
-            .condition_expression("lease_owner = :o")
+            // The lease still the writer's (a lease taken over has another owner; one that
+            // ran out may be taken over any moment), and the segment not done: `done`
+            // never goes back, counters are never added twice.
+            .condition_expression(
+                "lease_owner = :o AND lease_until >= :now_ms AND done = :not_done",
+            )
             .expression_attribute_values(":o", s(owner))
+            .expression_attribute_values(
+                ":now_ms",
+                n(u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)),
+            )
+            .expression_attribute_values(":not_done", AttributeValue::Bool(false))
             .expression_attribute_values(":d", AttributeValue::Bool(checkpoint.done))
             .expression_attribute_values(":u", n(checkpoint.lease_until))
             .expression_attribute_values(":a", n(checkpoint.tally.objects))

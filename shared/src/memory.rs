@@ -4,12 +4,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::Utc;
 use md5::{Digest, Md5};
 
+use crate::backfill::{BackfillStore, Checkpoint, FailedObject, Job, JobState, Segment};
 use crate::error::{Error, Result};
 use crate::ledger::LedgerEntry;
 use crate::memory_budget::{HeldBytes, MemoryBudget};
@@ -37,9 +39,11 @@ struct World {
     uploads: HashMap<String, (WriteAttrs, BTreeMap<i32, Bytes>)>,
     next_upload: u64,
     /// How long each part upload (or part copy) takes, to test deadlines.
-    part_delay: std::time::Duration,
+    part_delay: Duration,
     /// Parts uploaded or copied, in all.
     parts_uploaded: u64,
+    /// How long each object write (PutObject, CopyObject) takes.
+    write_delay: Duration,
 }
 
 /// A set of in-memory buckets that can copy between each other server-side.
@@ -59,7 +63,7 @@ impl MemoryWorld {
     }
 
     /// Makes every part upload (or part copy) take `delay`.
-    pub fn set_part_delay(&self, delay: std::time::Duration) {
+    pub fn set_part_delay(&self, delay: Duration) {
         self.lock().part_delay = delay;
     }
 
@@ -71,6 +75,19 @@ impl MemoryWorld {
     /// Multipart uploads started and neither completed nor aborted.
     pub fn open_uploads(&self) -> usize {
         self.lock().uploads.len()
+    }
+
+    /// Makes every object write (PutObject, CopyObject) of every bucket take `delay`: a
+    /// slow link, for tests of what outlasts a lease or a deadline.
+    pub fn set_write_delay(&self, delay: Duration) {
+        self.lock().write_delay = delay;
+    }
+
+    async fn write_delay(&self) {
+        let delay = self.lock().write_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, World> {
@@ -277,6 +294,7 @@ impl ObjectStore for MemoryObjectStore {
     }
 
     async fn put(&self, key: &str, body: Bytes, attrs: &WriteAttrs) -> Result<String> {
+        self.world.write_delay().await;
         self.check_key("PutObject", key)?;
         self.check_target("PutObject", key, attrs.precondition.as_ref())?;
         let etag = hex(&Md5::digest(&body));
@@ -382,6 +400,7 @@ impl ObjectStore for MemoryObjectStore {
         if_match: &str,
         attrs: &WriteAttrs,
     ) -> Result<String> {
+        self.world.write_delay().await;
         self.check_key("CopyObject", key)?;
         let source = self.world.store(source_bucket);
         let data = source.get(key, None, if_match).await?;
@@ -483,7 +502,8 @@ impl ObjectStore for MemoryObjectStore {
 }
 
 /// The state table in memory: rules and claims (with the same all-or-nothing claim
-/// semantics as the DynamoDB transaction), ledger, counters, suppressed deletes.
+/// semantics as the DynamoDB transaction), ledger, counters, suppressed deletes, backfill
+/// jobs and segments (with the same conditions on leases and checkpoints).
 #[derive(Clone, Default)]
 pub struct MemoryState {
     inner: Arc<Mutex<RulesAndClaims>>,
@@ -491,10 +511,16 @@ pub struct MemoryState {
     counters: Arc<Mutex<HashMap<String, RealtimeCounters>>>,
     suppressed: Arc<Mutex<HashMap<String, Vec<SuppressedDelete>>>>,
     uploads: Arc<Mutex<BTreeMap<UploadSlot, UploadState>>>,
+    backfill: Arc<Mutex<HashMap<String, BackfillJob>>>,
+    /// Each rule's failed-objects list, by key.
+    failures: Arc<Mutex<HashMap<String, BTreeMap<String, FailedObject>>>>,
 }
 
 /// An upload record's identity: rule, writer, key.
 type UploadSlot = (String, &'static str, String);
+
+/// A rule's backfill job and its segments, by index.
+type BackfillJob = (Job, BTreeMap<u32, Segment>);
 
 type RulesAndClaims = (BTreeMap<String, Rule>, HashMap<String, Claim>);
 
@@ -642,6 +668,8 @@ impl RuleStore for MemoryState {
         locked(&self.counters).remove(&rule.id);
         locked(&self.suppressed).remove(&rule.id);
         locked(&self.uploads).retain(|(id, _, _), _| *id != rule.id);
+        locked(&self.backfill).remove(&rule.id);
+        locked(&self.failures).remove(&rule.id);
         Ok(())
     }
 
@@ -689,5 +717,229 @@ impl UploadStore for MemoryState {
             .filter(|((id, _, _), _)| id == rule_id)
             .map(|(_, u)| u.clone())
             .collect())
+    }
+}
+
+impl MemoryState {
+    fn job_mut<T>(&self, rule_id: &str, f: impl FnOnce(&mut Job) -> T) -> Result<T> {
+        let mut all = locked(&self.backfill);
+        let (job, _) = all
+            .get_mut(rule_id)
+            .ok_or_else(|| Error::Config(format!("no backfill job for rule {rule_id}")))?;
+        Ok(f(job))
+    }
+
+    /// Applies `f` to segment `index` of the rule's job; `false` if there is none.
+    fn segment_mut(&self, rule_id: &str, index: u32, f: impl FnOnce(&mut Segment) -> bool) -> bool {
+        let mut all = locked(&self.backfill);
+        all.get_mut(rule_id)
+            .and_then(|(_, segments)| segments.get_mut(&index))
+            .is_some_and(f)
+    }
+}
+
+fn epoch_ms() -> u64 {
+    u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
+}
+
+/// `owner` holds an unexpired lease (at `now_ms`) on a segment not done.
+fn holds(segment: &Segment, owner: &str, now_ms: u64) -> bool {
+    !segment.done && segment.lease_owner.as_deref() == Some(owner) && segment.lease_until >= now_ms
+}
+
+#[async_trait]
+impl BackfillStore for MemoryState {
+    async fn job(&self, rule_id: &str) -> Result<Option<Job>> {
+        Ok(locked(&self.backfill)
+            .get(rule_id)
+            .map(|(job, _)| job.clone()))
+    }
+
+    async fn create_job(&self, job: &Job) -> Result<bool> {
+        let mut all = locked(&self.backfill);
+        if all.contains_key(&job.rule_id) {
+            return Ok(false);
+        }
+        all.insert(job.rule_id.clone(), (job.clone(), BTreeMap::new()));
+        Ok(true)
+    }
+
+    async fn set_job_state(&self, rule_id: &str, state: JobState) -> Result<()> {
+        self.job_mut(rule_id, |job| {
+            let now = Utc::now();
+            job.state = state;
+            job.updated_at = now;
+            if state.is_finished() {
+                job.completed_at = Some(now);
+            }
+            job.last_error = None;
+        })
+    }
+
+    async fn advance_job(&self, rule_id: &str, from: JobState, to: JobState) -> Result<bool> {
+        let mut all = locked(&self.backfill);
+        let Some((job, _)) = all.get_mut(rule_id).filter(|(job, _)| job.state == from) else {
+            return Ok(false);
+        };
+        let now = Utc::now();
+        job.state = to;
+        job.updated_at = now;
+        if to.is_finished() && !from.is_finished() {
+            job.completed_at = Some(now);
+        }
+        job.last_error = None;
+        Ok(true)
+    }
+
+    async fn fail_job(&self, rule_id: &str, reason: &str) -> Result<()> {
+        self.job_mut(rule_id, |job| {
+            job.state = JobState::Failed;
+            job.updated_at = Utc::now();
+            job.last_error = Some(reason.to_string());
+        })
+    }
+
+    async fn add_segment(
+        &self,
+        rule_id: &str,
+        segment: &Segment,
+        job: &Job,
+        expected_segments: u32,
+    ) -> Result<bool> {
+        let mut all = locked(&self.backfill);
+        let Some((stored, segments)) = all.get_mut(rule_id) else {
+            return Ok(false);
+        };
+        if stored.segments != expected_segments || segments.contains_key(&segment.index) {
+            return Ok(false);
+        }
+        segments.insert(segment.index, segment.clone());
+        stored.planned = job.planned;
+        stored.plan_prefix = job.plan_prefix;
+        stored.plan_after = job.plan_after.clone();
+        stored.total_objects = job.total_objects;
+        stored.total_bytes = job.total_bytes;
+        stored.segments = job.segments;
+        stored.updated_at = Utc::now();
+        Ok(true)
+    }
+
+    async fn segments(&self, rule_id: &str) -> Result<Vec<Segment>> {
+        Ok(locked(&self.backfill)
+            .get(rule_id)
+            .map(|(_, segments)| segments.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn claim_segment(
+        &self,
+        rule_id: &str,
+        index: u32,
+        owner: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<Option<Segment>> {
+        let mut claimed = None;
+        self.segment_mut(rule_id, index, |segment| {
+            if segment.done || (segment.lease_owner.is_some() && segment.lease_until >= now_ms) {
+                return false;
+            }
+            segment.lease_owner = Some(owner.to_string());
+            segment.lease_until = until_ms;
+            claimed = Some(segment.clone());
+            true
+        });
+        Ok(claimed)
+    }
+
+    async fn extend_lease(
+        &self,
+        rule_id: &str,
+        index: u32,
+        owner: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<bool> {
+        Ok(self.segment_mut(rule_id, index, |segment| {
+            if !holds(segment, owner, now_ms) {
+                return false;
+            }
+            segment.lease_until = until_ms;
+            true
+        }))
+    }
+
+    async fn checkpoint_segment(
+        &self,
+        rule_id: &str,
+        index: u32,
+        owner: &str,
+        checkpoint: &Checkpoint,
+    ) -> Result<bool> {
+        Ok(self.segment_mut(rule_id, index, |segment| {
+            if !holds(segment, owner, epoch_ms()) {
+                return false;
+            }
+            segment.done = checkpoint.done;
+            segment.lease_until = checkpoint.lease_until;
+            segment.updated_at = Some(Utc::now());
+            if let Some(key) = checkpoint.last_key.as_ref().filter(|k| !k.is_empty()) {
+                segment.checkpoint = Some(key.clone());
+            }
+            let t = &checkpoint.tally;
+            segment.objects_done += t.objects;
+            segment.bytes_done += t.bytes;
+            segment.copied += t.copied;
+            segment.fixed += t.fixed;
+            segment.in_place += t.in_place;
+            segment.skipped += t.skipped;
+            segment.failed += t.failed;
+            true
+        }))
+    }
+
+    async fn release_segment(&self, rule_id: &str, index: u32, owner: &str) -> Result<()> {
+        self.segment_mut(rule_id, index, |segment| {
+            if segment.lease_owner.as_deref() != Some(owner) {
+                return false;
+            }
+            segment.lease_owner = None;
+            segment.lease_until = 0;
+            true
+        });
+        Ok(())
+    }
+    async fn record_failures(&self, rule_id: &str, failed: &[FailedObject]) -> Result<()> {
+        let mut all = locked(&self.failures);
+        let list = all.entry(rule_id.to_string()).or_default();
+        for f in failed {
+            let mut record = f.clone();
+            if let Some(known) = list.get(&f.key) {
+                record.attempts = known.attempts + f.attempts.max(1);
+                record.first_failed_at = known.first_failed_at;
+            }
+            list.insert(f.key.clone(), record);
+        }
+        Ok(())
+    }
+
+    async fn failures(&self, rule_id: &str) -> Result<Vec<FailedObject>> {
+        Ok(locked(&self.failures)
+            .get(rule_id)
+            .map(|list| list.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn failure_count(&self, rule_id: &str) -> Result<u64> {
+        Ok(locked(&self.failures)
+            .get(rule_id)
+            .map_or(0, |list| list.len() as u64))
+    }
+
+    async fn remove_failure(&self, rule_id: &str, key: &str) -> Result<()> {
+        if let Some(list) = locked(&self.failures).get_mut(rule_id) {
+            list.remove(key);
+        }
+        Ok(())
     }
 }

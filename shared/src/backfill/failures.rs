@@ -134,11 +134,17 @@ impl Backfiller {
             return Err(e);
         }
         let mut state = self.jobs.job(rule_id).await?.map_or(job.state, |j| j.state);
-        if state == JobState::CompletedWithFailures && self.jobs.failure_count(rule_id).await? == 0
+        if state == JobState::CompletedWithFailures
+            && self.jobs.failure_count(rule_id).await? == 0
+            && self
+                .jobs
+                .advance_job(
+                    rule_id,
+                    JobState::CompletedWithFailures,
+                    JobState::Completed,
+                )
+                .await?
         {
-            self.jobs
-                .set_job_state(rule_id, JobState::Completed)
-                .await?;
             state = JobState::Completed;
         }
         report.state = state.as_str().to_string();

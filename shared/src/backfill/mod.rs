@@ -7,24 +7,28 @@
 //! with a conditional write on its lease, list it page by page, copy what the target
 //! lacks or holds differently, and write the page's checkpoint (last key, counters) only
 //! after every copy of the page finished, extending the lease in the same conditional
-//! write. A crash loses at most the page in flight (those objects are examined again, and
-//! copied again if they were being copied); a lease left behind expires and the segment
-//! is taken over.
+//! write. Each worker holds its leases under an owner of its own, and a heartbeat extends
+//! the lease while a page is copied (`lease`). A crash loses at most the page in flight
+//! (those objects are examined again, and copied again if they were being copied); a
+//! lease left behind expires and the segment is taken over.
 //!
 //! Nothing waits that need not: workers start on the first segment as soon as the
 //! counting pass cuts it, and within a segment the next page is listed and the previous
 //! one checkpointed while the current one is copied.
 //!
-//! The feature in four files: this one (the job's model and the `BackfillStore` port),
-//! `plan` (what to do with each listed object, the dry run, range listings), `worker`
-//! (the `Backfiller`: claiming segments, copying pages, checkpoints) and `failures` (the
-//! objects that failed: recorded, listed, tried again).
+//! The feature in five files: this one (the job's model and the `BackfillStore` port),
+//! `plan` (what to do with each listed object, the dry run, range listings), `lease`
+//! (lease owners and the heartbeat), `worker` (the `Backfiller`: claiming segments,
+//! copying pages, checkpoints) and `failures` (the objects that failed: recorded, listed,
+//! tried again).
 
 mod failures;
+mod lease;
 mod plan;
 mod worker;
 
 pub use failures::*;
+pub use lease::LeaseLost;
 pub use plan::*;
 pub use worker::*;
 
@@ -173,6 +177,9 @@ pub trait BackfillStore: Send + Sync {
     async fn create_job(&self, job: &Job) -> Result<bool>;
     /// Sets the job's state (and `completed_at` for `Completed`); clears `last_error`.
     async fn set_job_state(&self, rule_id: &str, state: JobState) -> Result<()>;
+    /// Moves the job from `from` to `to` (as `set_job_state`), only if it is in `from`:
+    /// `Ok(false)` if it is not (another invocation, or the user, moved it first).
+    async fn advance_job(&self, rule_id: &str, from: JobState, to: JobState) -> Result<bool>;
     /// Marks the job `Failed` with the reason; `crr backfill start` resumes it.
     async fn fail_job(&self, rule_id: &str, reason: &str) -> Result<()>;
     /// Records a cut of the counting pass: the new segment and the job's plan position
@@ -185,7 +192,10 @@ pub trait BackfillStore: Send + Sync {
         expected_segments: u32,
     ) -> Result<bool>;
     async fn segments(&self, rule_id: &str) -> Result<Vec<Segment>>;
-    /// Takes the segment's lease if it is free or expired and the segment is not done.
+    /// Takes the segment's lease for `owner` until `until_ms` if it is free or expired
+    /// (at `now_ms`) and the segment is not done; the segment as the claim left it (its
+    /// checkpoint and counters as of the claim, not of an earlier listing), `None` if the
+    /// lease was not free.
     async fn claim_segment(
         &self,
         rule_id: &str,
@@ -193,8 +203,22 @@ pub trait BackfillStore: Send + Sync {
         owner: &str,
         now_ms: u64,
         until_ms: u64,
+    ) -> Result<Option<Segment>>;
+    /// The heartbeat: moves the lease's expiry to `until_ms` if `owner` still holds an
+    /// unexpired lease (at `now_ms`) on a segment not done; `Ok(false)` if not (the lease
+    /// was lost).
+    async fn extend_lease(
+        &self,
+        rule_id: &str,
+        index: u32,
+        owner: &str,
+        now_ms: u64,
+        until_ms: u64,
     ) -> Result<bool>;
-    /// Writes a page's checkpoint and extends the lease, if `owner` still holds it.
+    /// Writes a page's checkpoint and extends the lease, if `owner` still holds an
+    /// unexpired lease and the segment is not done yet; `Ok(false)` (nothing written) if
+    /// not. So a worker that lost its lease adds nothing, and a done segment never gets
+    /// `done` set back or counters added.
     async fn checkpoint_segment(
         &self,
         rule_id: &str,
@@ -226,7 +250,8 @@ pub struct BackfillSettings {
     pub workers: usize,
     /// Objects copied at once within one page.
     pub copy_concurrency: usize,
-    /// How long a lease lasts without a checkpoint.
+    /// How long a lease lasts without a heartbeat or checkpoint (the heartbeat extends it
+    /// every third of it).
     pub lease: Duration,
     /// Time kept free before the deadline: no page starts inside it.
     pub margin: Duration,

@@ -32,7 +32,7 @@ fn hard_stop(deadline: Instant) -> Instant {
         .unwrap_or(deadline)
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
 }
 
@@ -128,16 +128,31 @@ impl Backfiller {
 
     /// Pauses a rule's backfill: workers stop after their current page.
     pub async fn pause(&self, rule_id: &str) -> Result<()> {
-        match self.jobs.job(rule_id).await? {
-            Some(job) if !job.state.is_finished() => {
-                self.jobs.set_job_state(rule_id, JobState::Paused).await
+        for _ in 0..8 {
+            match self.jobs.job(rule_id).await? {
+                Some(job) if !job.state.is_finished() && job.state != JobState::Paused => {
+                    // From the state it was read in only (a job completed meanwhile stays
+                    // completed); moved meanwhile: read again.
+                    if self
+                        .jobs
+                        .advance_job(rule_id, job.state, JobState::Paused)
+                        .await?
+                    {
+                        return Ok(());
+                    }
+                }
+                Some(_) => return Ok(()),
+                None => {
+                    return Err(Error::invalid(
+                        "rule",
+                        format!("rule '{rule_id}' has no backfill to pause"),
+                    ));
+                }
             }
-            Some(_) => Ok(()),
-            None => Err(Error::invalid(
-                "rule",
-                format!("rule '{rule_id}' has no backfill to pause"),
-            )),
         }
+        Err(Error::Config(format!(
+            "the backfill of '{rule_id}' kept changing state while it was paused; try again"
+        )))
     }
 
     /// One invocation: every rule asked for (or, if none, every rule with historical sync
@@ -255,7 +270,11 @@ impl Backfiller {
             ..RunReport::default()
         };
         if job.state == JobState::Pending {
-            self.jobs.set_job_state(&rule.id, JobState::Running).await?;
+            // Only from pending: another invocation may have finished the job since it
+            // was read, and a completed job stays completed.
+            self.jobs
+                .advance_job(&rule.id, JobState::Pending, JobState::Running)
+                .await?;
         }
         let mark = JobMark::of(&job);
         // Copying starts with the first segment cut: the workers wait for cuts while the
@@ -270,7 +289,7 @@ impl Backfiller {
             planned.map(|_| ())
         };
         let workers = (0..self.settings.workers.max(1))
-            .map(|_| self.work(rule, &mark, owner, deadline, counting.clone()));
+            .map(|n| self.work(rule, &mark, owner, n, deadline, counting.clone()));
         let (planned, worked) = tokio::join!(plan, futures::future::join_all(workers));
         for done in worked {
             let done = done?;
@@ -291,7 +310,10 @@ impl Backfiller {
     }
 
     /// Marks the job completed once it is planned and every segment is done: `completed`,
-    /// or `completed_with_failures` while its failed-objects list holds any.
+    /// or `completed_with_failures` while its failed-objects list holds any. A done
+    /// segment stays done (its checkpoints are refused, it cannot be claimed), so the
+    /// job is complete from then on; of several invocations that see it, one moves it
+    /// from running to completed (completed once, `completed_at` written once).
     async fn finish_if_done(&self, rule: &Rule) -> Result<JobState> {
         let Some(job) = self.jobs.job(&rule.id).await? else {
             return Ok(JobState::Pending);
@@ -306,8 +328,17 @@ impl Backfiller {
                         JobState::CompletedWithFailures
                     }
                 };
-                self.jobs.set_job_state(&rule.id, state).await?;
-                return Ok(state);
+                if self
+                    .jobs
+                    .advance_job(&rule.id, JobState::Running, state)
+                    .await?
+                {
+                    tracing::info!(rule_id = %rule.id, state = state.as_str(), "backfill completed");
+                    return Ok(state);
+                }
+                // Completed by another invocation meanwhile (or paused): as it is now.
+                let now = self.jobs.job(&rule.id).await?;
+                return Ok(now.map_or(state, |j| j.state));
             }
         }
         Ok(job.state)
@@ -409,19 +440,25 @@ impl Backfiller {
         Ok(job)
     }
 
-    /// One worker: claims segments and works through them until none is left (and the
-    /// counting pass, `counting` is `false` while it goes on, cuts no more) or time runs out.
+    /// One worker (number `worker` of invocation `invocation`): claims segments and works
+    /// through them until none is left (and the counting pass, `counting` is `false` while
+    /// it goes on, cuts no more) or time runs out.
     async fn work(
         &self,
         rule: &Rule,
         mark: &JobMark,
-        owner: &str,
+        invocation: &str,
+        worker: usize,
         deadline: Instant,
         mut counting: tokio::sync::watch::Receiver<bool>,
     ) -> Result<RunReport> {
         let mut report = RunReport::default();
         while self.time_left(deadline) {
             let counted = *counting.borrow_and_update();
+            // Each claim under an owner of its own: no sibling worker, and no earlier claim
+            // of this one, can write on the lease.
+            let owner = &super::lease::owner(invocation, worker);
+            let held_until = Instant::now() + self.settings.lease;
             let Some(segment) = self.claim(rule, owner).await? else {
                 if counted || counting.changed().await.is_err() {
                     break;
@@ -429,7 +466,15 @@ impl Backfiller {
                 continue;
             };
             let finished = self
-                .work_segment(rule, mark, segment.clone(), owner, deadline, &mut report)
+                .work_segment(
+                    rule,
+                    mark,
+                    segment.clone(),
+                    owner,
+                    held_until,
+                    deadline,
+                    &mut report,
+                )
                 .await;
             match finished {
                 Ok(true) => report.segments_finished += 1,
@@ -474,31 +519,75 @@ impl Backfiller {
         fastrand::shuffle(&mut free);
         let until = now + self.settings.lease.as_millis() as u64;
         for segment in free {
-            if self
+            // Work resumes from the segment as the claim found it: since the listing above,
+            // another worker may have checkpointed pages of it and let it go.
+            if let Some(claimed) = self
                 .jobs
                 .claim_segment(&rule.id, segment.index, owner, now, until)
                 .await?
             {
                 tracing::info!(rule_id = %rule.id, segment = segment.index, owner, "segment claimed");
-                return Ok(Some(segment));
+                return Ok(Some(claimed));
             }
         }
         Ok(None)
     }
 
-    /// Works through one segment; `Ok(true)` when it is done, `Ok(false)` when stopped
-    /// early (deadline, pause, or the lease was lost).
-    ///
-    /// Pages are pipelined: while page N is being copied, page N+1 is listed (source and
-    /// target) and page N-1 is settled (undo check, then checkpoint), so the copies never
-    /// wait on a listing or a DynamoDB write. Checkpoints stay in page order, each written
-    /// only after every copy of its page finished.
+    /// Works through one segment under `owner`'s lease (held until `held_until` unless
+    /// extended), its heartbeat beside it; `Ok(true)` when it is done, `Ok(false)` when
+    /// stopped early (deadline, pause, or the lease was lost).
+    #[allow(clippy::too_many_arguments)]
     async fn work_segment(
         &self,
         rule: &Rule,
         mark: &JobMark,
         segment: Segment,
         owner: &str,
+        held_until: Instant,
+        deadline: Instant,
+        report: &mut RunReport,
+    ) -> Result<bool> {
+        let index = segment.index;
+        let writes = super::lease::LeaseWrites::default();
+        let pages = self.work_pages(rule, mark, segment, owner, &writes, deadline, report);
+        let heartbeat = super::lease::heartbeat(
+            self.jobs.as_ref(),
+            &rule.id,
+            index,
+            owner,
+            &writes,
+            self.settings.lease,
+            held_until,
+        );
+        tokio::select! {
+            // A checkpoint that got through ends the work before a heartbeat it made
+            // refused (the segment's last one marks it done) can stop it.
+            biased;
+            worked = pages => worked,
+            lost = heartbeat => {
+                // The page in flight is dropped unfinished: no checkpoint (it would be
+                // refused), and whoever holds the segment now examines that page again.
+                tracing::warn!(rule_id = %rule.id, segment = index, owner, lost = ?lost, "lease lost; segment work stopped");
+                Ok(false)
+            }
+        }
+    }
+
+    /// The pages of one segment, from its checkpoint on; `Ok(true)` when it is done,
+    /// `Ok(false)` when stopped early (deadline, pause, or the lease was lost).
+    ///
+    /// Pages are pipelined: while page N is being copied, page N+1 is listed (source and
+    /// target) and page N-1 is settled (undo check, then checkpoint), so the copies never
+    /// wait on a listing or a DynamoDB write. Checkpoints stay in page order, each written
+    /// only after every copy of its page finished.
+    #[allow(clippy::too_many_arguments)]
+    async fn work_pages(
+        &self,
+        rule: &Rule,
+        mark: &JobMark,
+        segment: Segment,
+        owner: &str,
+        lease_writes: &super::lease::LeaseWrites,
         deadline: Instant,
         report: &mut RunReport,
     ) -> Result<bool> {
@@ -510,6 +599,7 @@ impl Backfiller {
             mark,
             segment: &segment,
             owner,
+            lease_writes,
             source,
             target,
             deadline,
@@ -745,6 +835,9 @@ impl Backfiller {
                 )
                 .await?;
         }
+        // One write on the lease at a time, and the expiry counted from when this one is
+        // sent: a checkpoint never shortens what a heartbeat just extended.
+        let writing = lane.lease_writes.lock().await;
         let checkpoint = Checkpoint {
             last_key: done.last_key,
             done: done.reached_end,
@@ -756,8 +849,9 @@ impl Backfiller {
             .jobs
             .checkpoint_segment(&lane.rule.id, index, lane.owner, &checkpoint)
             .await?;
+        drop(writing);
         if !kept {
-            tracing::warn!(rule_id = %lane.rule.id, segment = index, owner = lane.owner, "lease lost; another invocation took the segment over");
+            tracing::warn!(rule_id = %lane.rule.id, segment = index, owner = lane.owner, "checkpoint refused: the lease was lost (another worker took the segment over)");
             return Ok(false);
         }
         report.pages += 1;
@@ -862,11 +956,14 @@ impl Backfiller {
             prefix: String::new(),
             ..Segment::default()
         };
+        // No lease: the object is retried outside any segment.
+        let lease_writes = super::lease::LeaseWrites::default();
         let lane = Lane {
             rule,
             mark,
             segment: &segment,
             owner: "retry-failed",
+            lease_writes: &lease_writes,
             source,
             target,
             deadline,
@@ -1035,6 +1132,8 @@ struct Lane<'a> {
     mark: &'a JobMark,
     segment: &'a Segment,
     owner: &'a str,
+    /// Taken by each write on the lease (checkpoint, heartbeat): one at a time.
+    lease_writes: &'a super::lease::LeaseWrites,
     source: &'a dyn ObjectStore,
     target: &'a dyn ObjectStore,
     /// When the invocation ends.
