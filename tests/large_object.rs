@@ -8,16 +8,12 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result, ensure};
-use aws_sdk_s3::primitives::ByteStream;
+use anyhow::{Result, ensure};
 use crr_shared::copy::CopyEngine;
-use crr_shared::object_store::{ObjectStore, UploadedPart};
 use crr_shared::replicate::{Replicator, ReplicatorSettings};
 use crr_shared::rule::{CopyMode, Notify, Rule};
 use crr_shared::rule_admin::{create_rule, delete_rule};
-use crr_shared::s3::S3Store;
-use crr_tests::{S3Server, Stack, rule, unique};
-use futures::{StreamExt, TryStreamExt};
+use crr_tests::{S3Server, Stack, rule, unique, upload_in_parts};
 use serde_json::json;
 
 const PART: u64 = 64 * 1024 * 1024;
@@ -41,43 +37,14 @@ async fn upload_source(
     bucket: &str,
     key: &str,
 ) -> Result<String> {
-    let s3 = stack.s3(server);
-    let store = S3Store::new(s3.clone(), bucket.to_string());
-    let upload = s3
-        .create_multipart_upload()
-        .bucket(bucket)
-        .key(key)
-        .send()
-        .await?;
-    let id = upload.upload_id().context("upload id")?.to_string();
-    let parts: Vec<UploadedPart> = futures::stream::iter(0..SIZE.div_ceil(PART))
-        .map(|i| {
-            let (s3, id) = (s3.clone(), id.clone());
-            async move {
-                let body = tokio::task::spawn_blocking(move || part_body(i)).await?;
-                let out = s3
-                    .upload_part()
-                    .bucket(bucket)
-                    .key(key)
-                    .upload_id(&id)
-                    .part_number(i as i32 + 1)
-                    .body(ByteStream::from(body))
-                    .send()
-                    .await?;
-                anyhow::Ok(UploadedPart {
-                    part_number: i as i32 + 1,
-                    etag: out
-                        .e_tag()
-                        .unwrap_or_default()
-                        .trim_matches('"')
-                        .to_string(),
-                })
-            }
-        })
-        .buffered(2)
-        .try_collect()
-        .await?;
-    Ok(store.complete_multipart(key, &id, &parts, None).await?)
+    upload_in_parts(
+        &stack.s3(server),
+        bucket,
+        key,
+        SIZE.div_ceil(PART),
+        part_body,
+    )
+    .await
 }
 
 /// Compares 1 MiB windows at the start, the end, across part and 5 GiB boundaries.

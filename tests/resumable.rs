@@ -37,8 +37,7 @@ use crr_shared::resumable::{Continuations, UploadStore};
 use crr_shared::rule::{BucketRef, CopyMode, Notify, Rule};
 use crr_shared::rule_admin::{create_rule, delete_rule};
 use crr_shared::s3::S3Clients;
-use crr_tests::{OwnMoto, S3Server, Stack, rule, s3_notification, unique};
-use futures::{StreamExt, TryStreamExt};
+use crr_tests::{OwnMoto, S3Server, Stack, rule, s3_notification, unique, upload_in_parts};
 use serde_json::{Value, json};
 
 const MIB: u64 = 1024 * 1024;
@@ -67,43 +66,11 @@ async fn upload_source(
     salt: u8,
 ) -> Result<String> {
     let s3 = stack.s3(server);
-    let upload = s3
-        .create_multipart_upload()
-        .bucket(bucket)
-        .key(key)
-        .send()
-        .await?;
-    let id = upload.upload_id().context("upload id")?.to_string();
-    let parts: Vec<UploadedPart> = futures::stream::iter(0..size.div_ceil(part))
-        .map(|i| {
-            let (s3, id) = (s3.clone(), id.clone());
-            async move {
-                let body =
-                    tokio::task::spawn_blocking(move || part_body(i, part, size, salt)).await?;
-                let out = s3
-                    .upload_part()
-                    .bucket(bucket)
-                    .key(key)
-                    .upload_id(&id)
-                    .part_number(i as i32 + 1)
-                    .body(ByteStream::from(body))
-                    .send()
-                    .await?;
-                anyhow::Ok(UploadedPart {
-                    part_number: i as i32 + 1,
-                    etag: out
-                        .e_tag()
-                        .unwrap_or_default()
-                        .trim_matches('"')
-                        .to_string(),
-                })
-            }
-        })
-        .buffered(2)
-        .try_collect()
-        .await?;
-    let store = crr_shared::s3::S3Store::new(s3, bucket.to_string());
-    Ok(store.complete_multipart(key, &id, &parts, None).await?)
+    let parts = size.div_ceil(part);
+    upload_in_parts(&s3, bucket, key, parts, move |i| {
+        part_body(i, part, size, salt)
+    })
+    .await
 }
 
 /// An `ObjectStore` that counts the parts it uploads (or copies).

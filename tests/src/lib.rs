@@ -702,5 +702,55 @@ pub async fn read_object(
     }
 }
 
+/// Uploads a generated object to `bucket` as a multipart upload of `parts` parts, two at
+/// a time, `body(i)` making part `i`'s bytes (off the async threads); returns its ETag.
+pub async fn upload_in_parts(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    parts: u64,
+    body: impl Fn(u64) -> Vec<u8> + Clone + Send + Sync + 'static,
+) -> Result<String> {
+    use futures::{StreamExt, TryStreamExt};
+    let upload = s3
+        .create_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await?;
+    let id = upload.upload_id().context("upload id")?.to_string();
+    let done: Vec<crr_shared::object_store::UploadedPart> = futures::stream::iter(0..parts)
+        .map(|i| {
+            let (s3, id, body) = (s3.clone(), id.clone(), body.clone());
+            async move {
+                let bytes = tokio::task::spawn_blocking(move || body(i)).await?;
+                let number = i32::try_from(i + 1)?;
+                let out = s3
+                    .upload_part()
+                    .bucket(bucket)
+                    .key(key)
+                    .upload_id(&id)
+                    .part_number(number)
+                    .body(aws_sdk_s3::primitives::ByteStream::from(bytes))
+                    .send()
+                    .await?;
+                anyhow::Ok(crr_shared::object_store::UploadedPart {
+                    part_number: number,
+                    etag: out
+                        .e_tag()
+                        .unwrap_or_default()
+                        .trim_matches('"')
+                        .to_string(),
+                })
+            }
+        })
+        .buffered(2)
+        .try_collect()
+        .await?;
+    let store = crr_shared::s3::S3Store::new(s3.clone(), bucket.to_string());
+    use crr_shared::object_store::ObjectStore;
+    Ok(store.complete_multipart(key, &id, &done, None).await?)
+}
+
 pub mod fault_proxy;
 pub mod perturb;
