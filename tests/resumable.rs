@@ -73,10 +73,12 @@ async fn upload_source(
     .await
 }
 
-/// An `ObjectStore` that counts the parts it uploads (or copies).
+/// An `ObjectStore` that counts the parts it uploads (or copies), each taking at least
+/// `part_delay` (a slow link).
 struct Counted {
     inner: Arc<dyn ObjectStore>,
     parts: Arc<AtomicU64>,
+    part_delay: Duration,
 }
 
 #[async_trait]
@@ -116,6 +118,7 @@ impl ObjectStore for Counted {
         part_number: i32,
         body: Bytes,
     ) -> crr_shared::Result<String> {
+        tokio::time::sleep(self.part_delay).await;
         let etag = self
             .inner
             .upload_part(key, upload_id, part_number, body)
@@ -195,10 +198,11 @@ impl ObjectStore for Counted {
     }
 }
 
-/// The real S3 clients, each store counting its parts.
+/// The real S3 clients, each store counting its parts (each taking `part_delay` more).
 struct CountingStores {
     clients: S3Clients,
     parts: Arc<AtomicU64>,
+    part_delay: Duration,
 }
 
 impl StoreProvider for CountingStores {
@@ -206,6 +210,7 @@ impl StoreProvider for CountingStores {
         Arc::new(Counted {
             inner: Arc::new(self.clients.store(bucket)),
             parts: self.parts.clone(),
+            part_delay: self.part_delay,
         })
     }
 }
@@ -332,7 +337,7 @@ async fn replicate_in_invocations(
     key: &str,
     etag: &str,
     (parts_in_object, part): (u64, u64),
-    invocation: Duration,
+    (invocation, part_delay): (Duration, Duration),
     mut between: impl AsyncFnMut(u32) -> Result<()>,
 ) -> Result<Figures> {
     let parts = Arc::new(AtomicU64::new(0));
@@ -344,6 +349,7 @@ async fn replicate_in_invocations(
         Arc::new(CountingStores {
             clients: clients.clone(),
             parts: parts.clone(),
+            part_delay,
         }),
         Some(dlq.clone()),
         ReplicatorSettings {
@@ -422,6 +428,7 @@ async fn backfill_in_runs(
         Arc::new(CountingStores {
             clients: clients.clone(),
             parts: parts.clone(),
+            part_delay: Duration::ZERO,
         }),
         engine(part),
         BackfillSettings {
@@ -585,7 +592,7 @@ async fn one_gib_on(
             key,
             &etag,
             parts,
-            invocation,
+            (invocation, Duration::ZERO),
             async |_| Ok(()),
         )
         .await?;
@@ -713,7 +720,9 @@ async fn a_source_changed_between_invocations_restarts_the_copy() -> Result<()> 
         key,
         &old,
         (size / part, part),
-        Duration::from_secs(4),
+        // Parts of at least 1 s, two at a time: ten rounds, never one invocation's work
+        // however fast the machine.
+        (Duration::from_secs(4), Duration::from_secs(1)),
         async |n| {
             let recorded = state.uploads(&rule.id).await?;
             let [upload] = recorded.as_slice() else {
@@ -798,7 +807,7 @@ async fn deleting_a_rule_aborts_its_uploads_in_progress() -> Result<()> {
     let (source, target) = (unique("del-src"), unique("del-dst"));
     stack.create_bucket(&src, &source).await?;
     stack.create_bucket(moto, &target).await?;
-    let (key, size, part) = ("left-behind.bin", 96 * MIB, 16 * MIB);
+    let (key, size, part) = ("left-behind.bin", 160 * MIB, 16 * MIB);
     let etag = upload_source(&stack, &src, &source, key, (size, part), 0).await?;
     let rule = new_rule(
         &stack,
@@ -808,7 +817,9 @@ async fn deleting_a_rule_aborts_its_uploads_in_progress() -> Result<()> {
         CopyMode::Stream,
     )
     .await?;
-    // Invocations far too short to finish: the copy stops with parts recorded.
+    // Invocations far too short to finish (parts of at least 1 s, two at a time: five
+    // rounds in a 4 s invocation), however fast the machine: the copy stops with parts
+    // recorded.
     let stopped = replicate_in_invocations(
         &state,
         &clients,
@@ -816,7 +827,7 @@ async fn deleting_a_rule_aborts_its_uploads_in_progress() -> Result<()> {
         key,
         &etag,
         (size / part, part),
-        Duration::from_secs(3),
+        (Duration::from_secs(4), Duration::from_secs(1)),
         async |n| {
             if state
                 .uploads(&rule.id)
