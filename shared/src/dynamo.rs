@@ -757,6 +757,16 @@ fn segment_from_item(item: &Item) -> Segment {
     }
 }
 
+/// The update expression of a job's state change (`:st`, `:now`): clears `last_error`;
+/// `stamp_completed`: also writes `completed_at`.
+fn job_state_update(stamp_completed: bool) -> &'static str {
+    if stamp_completed {
+        "SET #st = :st, updated_at = :now, completed_at = :now REMOVE last_error"
+    } else {
+        "SET #st = :st, updated_at = :now REMOVE last_error"
+    }
+}
+
 /// A failed object's sort key: a digest of the key (a sort key holds at most 1024 bytes,
 /// and an S3 key may take all of them; the key itself is an attribute).
 fn failure_sk(key: &str) -> String {
@@ -866,11 +876,7 @@ impl BackfillStore for DynamoStore {
     }
 
     async fn set_job_state(&self, rule_id: &str, state: JobState) -> Result<()> {
-        let mut expr = "SET #st = :st, updated_at = :now".to_string();
-        if state.is_finished() {
-            expr.push_str(", completed_at = :now");
-        }
-        expr.push_str(" REMOVE last_error");
+        let expr = job_state_update(state.is_finished());
         self.client
             .update_item()
             .table_name(&self.table)
@@ -887,12 +893,8 @@ impl BackfillStore for DynamoStore {
     }
 
     async fn advance_job(&self, rule_id: &str, from: JobState, to: JobState) -> Result<bool> {
-        let mut expr = "SET #st = :st, updated_at = :now".to_string();
         // Finished once: a job moved on from `completed_with_failures` keeps its time.
-        if to.is_finished() && !from.is_finished() {
-            expr.push_str(", completed_at = :now");
-        }
-        expr.push_str(" REMOVE last_error");
+        let expr = job_state_update(to.is_finished() && !from.is_finished());
         let sent = self
             .client
             .update_item()

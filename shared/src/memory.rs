@@ -738,6 +738,18 @@ impl MemoryState {
     }
 }
 
+/// Puts `job` in `state` now, as the table's state changes do (clearing `last_error`;
+/// `stamp_completed`: also writing `completed_at`).
+fn move_job(job: &mut Job, state: JobState, stamp_completed: bool) {
+    let now = Utc::now();
+    job.state = state;
+    job.updated_at = now;
+    if stamp_completed {
+        job.completed_at = Some(now);
+    }
+    job.last_error = None;
+}
+
 fn epoch_ms() -> u64 {
     u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
 }
@@ -765,15 +777,7 @@ impl BackfillStore for MemoryState {
     }
 
     async fn set_job_state(&self, rule_id: &str, state: JobState) -> Result<()> {
-        self.job_mut(rule_id, |job| {
-            let now = Utc::now();
-            job.state = state;
-            job.updated_at = now;
-            if state.is_finished() {
-                job.completed_at = Some(now);
-            }
-            job.last_error = None;
-        })
+        self.job_mut(rule_id, |job| move_job(job, state, state.is_finished()))
     }
 
     async fn advance_job(&self, rule_id: &str, from: JobState, to: JobState) -> Result<bool> {
@@ -781,13 +785,7 @@ impl BackfillStore for MemoryState {
         let Some((job, _)) = all.get_mut(rule_id).filter(|(job, _)| job.state == from) else {
             return Ok(false);
         };
-        let now = Utc::now();
-        job.state = to;
-        job.updated_at = now;
-        if to.is_finished() && !from.is_finished() {
-            job.completed_at = Some(now);
-        }
-        job.last_error = None;
+        move_job(job, to, to.is_finished() && !from.is_finished());
         Ok(true)
     }
 
