@@ -7,7 +7,8 @@
 //! | rule          | `RULES`          | `RULE#<id>`   | `rule` (JSON), `source`, `target`  |
 //! | bucket claim  | `CLAIM#<bucket>` | `CLAIM`       | `rule_id`, `role`                  |
 //! | ledger entry  | `KEY#<rule>#<key>` | `LEDGER`    | `seq`, `etag`, `version`, TTL      |
-//! | counters      | `STATS#<rule>`   | `REALTIME`    | one number per counter             |
+//! | counters      | `STATS#<rule>`   | `REALTIME`    | one number per counter, `rolled_through` |
+//! | minute        | `STATS#<rule>`   | `M#<yyyy-mm-ddThh:mm>` | counters, `lat_b0..11`, `lat_max` (number set), `bf_objects`, `bf_bytes`, `pending`, TTL (`series.rs`) |
 //! | suppressed    | `SUPPRESSED#<rule>` | `<md5 of key>#<identity>` | `key`, `event_time`, `recorded_at`, ... |
 //! | upload        | `UPLOAD#<rule>`  | `<writer>#<md5 of key>` | `key`, `upload_id`, `source_etag`, `parts` (binary), ..., TTL |
 //! | deployment    | `DEPLOYMENT`     | `DEPLOYMENT`  | `deployment` (JSON)                |
@@ -39,6 +40,7 @@ use crate::error::{Error, Result, dynamodb_permission, from_sdk};
 use crate::ledger::{LEDGER_TTL_DAYS, LedgerEntry};
 use crate::resumable::{UPLOAD_TTL_DAYS, UploadState, UploadStore, Writer, mode_str, parse_mode};
 use crate::rule::Rule;
+use crate::series::{self, Activity, MinuteAggregate, Rollup, StatsRead, Totals};
 use crate::state::{
     Claim, LedgerStore, RealtimeCounters, Role, RuleStore, StatsStore, SuppressedDelete, claims_of,
 };
@@ -556,38 +558,167 @@ fn counter_fields(c: &RealtimeCounters) -> [(&'static str, u64); 7] {
     ]
 }
 
+/// The latency histogram's attribute names, bucket by bucket.
+fn latency_attr(bucket: usize) -> String {
+    format!("lat_b{bucket}")
+}
+
+/// Maxima of the invocations that wrote a minute, rounded (`series::round_up_2_digits`).
+const LATENCY_MAX_ATTR: &str = "lat_max";
+
+fn stats_pk(rule_id: &str) -> String {
+    format!("STATS#{rule_id}")
+}
+
+fn minute_sk(minute: DateTime<Utc>) -> String {
+    format!("M#{}", series::minute_key(minute))
+}
+
+fn millis(t: DateTime<Utc>) -> AttributeValue {
+    s(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+fn counters_from_item(item: &Item) -> RealtimeCounters {
+    RealtimeCounters {
+        replicated_objects: number_attr(item, "replicated_objects"),
+        replicated_bytes: number_attr(item, "replicated_bytes"),
+        deletes: number_attr(item, "deletes"),
+        suppressed_deletes: number_attr(item, "suppressed_deletes"),
+        skipped_stale: number_attr(item, "skipped_stale"),
+        skipped_other: number_attr(item, "skipped_other"),
+        failed: number_attr(item, "failed"),
+        newest_event_at: time_attr(item, "newest_event_at"),
+    }
+}
+
+/// The one place minute items are mapped from DynamoDB items.
+fn minute_from_item(minute: DateTime<Utc>, item: &Item) -> MinuteAggregate {
+    let mut latency = series::LatencyHistogram::default();
+    for (i, count) in latency.counts.iter_mut().enumerate() {
+        *count = number_attr(item, &latency_attr(i));
+    }
+    latency.max_ms = item
+        .get(LATENCY_MAX_ATTR)
+        .and_then(|v| v.as_ns().ok())
+        .and_then(|set| set.iter().filter_map(|v| v.parse::<u64>().ok()).max());
+    MinuteAggregate {
+        minute,
+        activity: Activity {
+            counters: counters_from_item(item),
+            latency,
+            backfill_objects: number_attr(item, "bf_objects"),
+            backfill_bytes: number_attr(item, "bf_bytes"),
+        },
+        pending: item
+            .get("pending")
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse().ok()),
+    }
+}
+
+impl DynamoStore {
+    /// Minute items and the totals item of a rule's partition with sort keys from `lo`
+    /// (inclusive) to `hi` (inclusive, `None`: to the end, which takes in the totals).
+    async fn stats_range(&self, rule_id: &str, lo: String, hi: Option<String>) -> Result<Vec<Item>> {
+        let mut found = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let mut req = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .expression_attribute_values(":pk", s(stats_pk(rule_id)))
+                .expression_attribute_values(":lo", s(lo.clone()))
+                .set_exclusive_start_key(start)
+                .consistent_read(true);
+            req = match &hi {
+                Some(hi) => req
+                    .key_condition_expression("pk = :pk AND sk BETWEEN :lo AND :hi")
+                    .expression_attribute_values(":hi", s(hi.clone())),
+                None => req.key_condition_expression("pk = :pk AND sk >= :lo"),
+            };
+            let out = req.send().await.map_err(|e| self.err("Query", e))?;
+            found.extend(out.items().iter().cloned());
+            match out.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => return Ok(found),
+            }
+        }
+    }
+}
+
+fn sort_stats_items(items: &[Item], read: &mut StatsRead) {
+    for item in items {
+        match string_attr(item, "sk") {
+            Some("REALTIME") => {
+                read.totals = Totals {
+                    counters: counters_from_item(item),
+                    rolled_through: string_attr(item, "rolled_through")
+                        .and_then(series::parse_minute_key),
+                };
+            }
+            Some(sk) => {
+                if let Some(minute) = sk.strip_prefix("M#").and_then(series::parse_minute_key) {
+                    read.minutes.push(minute_from_item(minute, item));
+                }
+            }
+            None => {}
+        }
+    }
+}
+
 #[async_trait]
 impl StatsStore for DynamoStore {
-    async fn add_counters(&self, rule_id: &str, delta: &RealtimeCounters) -> Result<()> {
-        let adds: Vec<_> = counter_fields(delta)
+    async fn add_activity(
+        &self,
+        rule_id: &str,
+        minute: DateTime<Utc>,
+        activity: &Activity,
+    ) -> Result<()> {
+        let mut adds: Vec<(String, u64)> = counter_fields(&activity.counters)
             .into_iter()
-            .filter(|(_, v)| *v > 0)
+            .map(|(name, v)| (name.to_string(), v))
             .collect();
+        for (i, count) in activity.latency.counts.iter().enumerate() {
+            adds.push((latency_attr(i), *count));
+        }
+        adds.push(("bf_objects".into(), activity.backfill_objects));
+        adds.push(("bf_bytes".into(), activity.backfill_bytes));
+        adds.retain(|(_, v)| *v > 0);
         let mut add = String::new();
         let mut req = self
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(stats_key(rule_id)));
+            .set_key(Some(key_item(stats_pk(rule_id), minute_sk(minute))))
+            .expression_attribute_values(
+                ":ttl",
+                n((minute + chrono::Duration::days(series::SERIES_TTL_DAYS))
+                    .timestamp()
+                    .max(0) as u64),
+            );
         for (name, value) in &adds {
-            add.push_str(if add.is_empty() { "ADD " } else { ", " });
+            add.push_str(if add.is_empty() { " ADD " } else { ", " });
             add.push_str(&format!("{name} :{name}"));
             req = req.expression_attribute_values(format!(":{name}"), n(*value));
         }
+        if let Some(max) = activity.latency.max_ms {
+            add.push_str(if add.is_empty() { " ADD " } else { ", " });
+            add.push_str(&format!("{LATENCY_MAX_ATTR} :lat_max"));
+            req = req.expression_attribute_values(":lat_max", AttributeValue::Ns(vec![max.to_string()]));
+        }
+        let set = format!("SET {TTL_ATTRIBUTE} = :ttl");
         // One write per invocation: the counts, and the newest event time if it moves
         // forward. When it would move back (an older batch finishing last), the condition
         // fails and the counts alone are written, in a second request that is rare.
-        if let Some(t) = delta.newest_event_at {
+        if let Some(t) = activity.counters.newest_event_at {
             let with_time = req
                 .clone()
-                .update_expression(format!("{add} SET newest_event_at = :t"))
+                .update_expression(format!("{set}, newest_event_at = :t{add}"))
                 .condition_expression(
                     "attribute_not_exists(newest_event_at) OR newest_event_at < :t",
                 )
-                .expression_attribute_values(
-                    ":t",
-                    s(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-                )
+                .expression_attribute_values(":t", millis(t))
                 .send()
                 .await;
             if self.conditional("UpdateItem", with_time)? {
@@ -595,7 +726,7 @@ impl StatsStore for DynamoStore {
             }
         }
         if !add.is_empty() {
-            req.update_expression(&add)
+            req.update_expression(format!("{set}{add}"))
                 .send()
                 .await
                 .map_err(|e| self.err("UpdateItem", e))?;
@@ -603,21 +734,82 @@ impl StatsStore for DynamoStore {
         Ok(())
     }
 
-    async fn counters(&self, rule_id: &str) -> Result<RealtimeCounters> {
-        let item = self.get(stats_key(rule_id)).await?;
-        let Some(item) = item.as_ref() else {
-            return Ok(RealtimeCounters::default());
+    async fn read_stats(&self, rule_id: &str, from: DateTime<Utc>) -> Result<StatsRead> {
+        let from = series::minute_of(from);
+        let mut read = StatsRead::default();
+        // From `from` to the end of the partition: the minutes and the totals item.
+        let items = self.stats_range(rule_id, minute_sk(from), None).await?;
+        sort_stats_items(&items, &mut read);
+        // Minutes before `from` not rolled up yet (rare: the rollup keeps up).
+        let lo = match read.totals.rolled_through {
+            Some(r) if r + chrono::Duration::minutes(1) >= from => None,
+            Some(r) => Some(minute_sk(r + chrono::Duration::minutes(1))),
+            None => Some("M#".to_string()),
         };
-        Ok(RealtimeCounters {
-            replicated_objects: number_attr(item, "replicated_objects"),
-            replicated_bytes: number_attr(item, "replicated_bytes"),
-            deletes: number_attr(item, "deletes"),
-            suppressed_deletes: number_attr(item, "suppressed_deletes"),
-            skipped_stale: number_attr(item, "skipped_stale"),
-            skipped_other: number_attr(item, "skipped_other"),
-            failed: number_attr(item, "failed"),
-            newest_event_at: time_attr(item, "newest_event_at"),
-        })
+        if let Some(lo) = lo {
+            let hi = minute_sk(from - chrono::Duration::minutes(1));
+            let older = self.stats_range(rule_id, lo, Some(hi)).await?;
+            let mut earlier = StatsRead::default();
+            sort_stats_items(&older, &mut earlier);
+            earlier.minutes.append(&mut read.minutes);
+            read.minutes = earlier.minutes;
+        }
+        Ok(read)
+    }
+
+    async fn roll_up(&self, rule_id: &str, rollup: &Rollup) -> Result<bool> {
+        let mut update = format!("SET rolled_through = :through");
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(stats_key(rule_id)))
+            .expression_attribute_values(":through", s(series::minute_key(rollup.through)));
+        if let Some(t) = rollup.add.newest_event_at {
+            update.push_str(", newest_event_at = :t");
+            req = req.expression_attribute_values(":t", millis(t));
+        }
+        let mut add = String::new();
+        for (name, value) in counter_fields(&rollup.add) {
+            if value > 0 {
+                add.push_str(if add.is_empty() { " ADD " } else { ", " });
+                add.push_str(&format!("{name} :{name}"));
+                req = req.expression_attribute_values(format!(":{name}"), n(value));
+            }
+        }
+        update.push_str(&add);
+        req = match rollup.expected {
+            None => req.condition_expression("attribute_not_exists(rolled_through)"),
+            Some(old) => req
+                .condition_expression("rolled_through = :old")
+                .expression_attribute_values(":old", s(series::minute_key(old))),
+        };
+        let sent = req.update_expression(update).send().await;
+        self.conditional("UpdateItem", sent)
+    }
+
+    async fn sample_pending(
+        &self,
+        rule_id: &str,
+        minute: DateTime<Utc>,
+        pending: u64,
+    ) -> Result<()> {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key_item(stats_pk(rule_id), minute_sk(minute))))
+            .update_expression(format!("SET pending = :p, {TTL_ATTRIBUTE} = :ttl"))
+            .expression_attribute_values(":p", n(pending))
+            .expression_attribute_values(
+                ":ttl",
+                n((minute + chrono::Duration::days(series::SERIES_TTL_DAYS))
+                    .timestamp()
+                    .max(0) as u64),
+            )
+            .send()
+            .await
+            .map_err(|e| self.err("UpdateItem", e))?;
+        Ok(())
     }
 
     async fn record_suppressed(&self, rule_id: &str, delete: &SuppressedDelete) -> Result<bool> {

@@ -33,6 +33,7 @@ pub mod retry;
 pub mod rule;
 pub mod rule_admin;
 pub mod s3;
+pub mod series;
 pub mod state;
 pub mod status;
 pub mod verify;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use md5::{Digest, Md5};
 
 use crate::backfill::{BackfillStore, Checkpoint, FailedObject, Job, JobState, Segment};
@@ -20,8 +20,9 @@ use crate::object_store::{
 };
 use crate::resumable::{UploadState, UploadStore, Writer};
 use crate::rule::Rule;
+use crate::series::{self, Activity, MinuteAggregate, Rollup, StatsRead, Totals};
 use crate::state::{
-    Claim, LedgerStore, RealtimeCounters, RuleStore, StatsStore, SuppressedDelete, claims_of,
+    Claim, LedgerStore, RuleStore, StatsStore, SuppressedDelete, claims_of,
 };
 
 #[derive(Debug, Clone)]
@@ -508,7 +509,8 @@ impl ObjectStore for MemoryObjectStore {
 pub struct MemoryState {
     inner: Arc<Mutex<RulesAndClaims>>,
     ledger: Arc<Mutex<HashMap<(String, String), LedgerEntry>>>,
-    counters: Arc<Mutex<HashMap<String, RealtimeCounters>>>,
+    /// Each rule's totals and minutes, as the DynamoDB table keeps them (`series.rs`).
+    stats: Arc<Mutex<HashMap<String, RuleStats>>>,
     suppressed: Arc<Mutex<HashMap<String, Vec<SuppressedDelete>>>>,
     uploads: Arc<Mutex<BTreeMap<UploadSlot, UploadState>>>,
     backfill: Arc<Mutex<HashMap<String, BackfillJob>>>,
@@ -521,6 +523,9 @@ type UploadSlot = (String, &'static str, String);
 
 /// A rule's backfill job and its segments, by index.
 type BackfillJob = (Job, BTreeMap<u32, Segment>);
+
+/// A rule's totals and its minute items, by minute.
+type RuleStats = (Totals, BTreeMap<DateTime<Utc>, MinuteAggregate>);
 
 type RulesAndClaims = (BTreeMap<String, Rule>, HashMap<String, Claim>);
 
@@ -563,19 +568,74 @@ impl LedgerStore for MemoryState {
 
 #[async_trait]
 impl StatsStore for MemoryState {
-    async fn add_counters(&self, rule_id: &str, delta: &RealtimeCounters) -> Result<()> {
-        locked(&self.counters)
+    async fn add_activity(
+        &self,
+        rule_id: &str,
+        minute: DateTime<Utc>,
+        activity: &Activity,
+    ) -> Result<()> {
+        let mut all = locked(&self.stats);
+        let slot = all
             .entry(rule_id.to_string())
             .or_default()
-            .merge(delta);
+            .1
+            .entry(minute)
+            .or_insert_with(|| MinuteAggregate {
+                minute,
+                ..MinuteAggregate::default()
+            });
+        slot.activity.merge(activity);
         Ok(())
     }
 
-    async fn counters(&self, rule_id: &str) -> Result<RealtimeCounters> {
-        Ok(locked(&self.counters)
-            .get(rule_id)
-            .cloned()
-            .unwrap_or_default())
+    async fn read_stats(&self, rule_id: &str, from: DateTime<Utc>) -> Result<StatsRead> {
+        let from = series::minute_of(from);
+        let all = locked(&self.stats);
+        let Some((totals, minutes)) = all.get(rule_id) else {
+            return Ok(StatsRead::default());
+        };
+        Ok(StatsRead {
+            totals: totals.clone(),
+            minutes: minutes
+                .values()
+                .filter(|m| m.minute >= from || totals.rolled_through.is_none_or(|r| m.minute > r))
+                .cloned()
+                .collect(),
+        })
+    }
+
+    async fn roll_up(&self, rule_id: &str, rollup: &Rollup) -> Result<bool> {
+        let mut all = locked(&self.stats);
+        let (totals, _) = all.entry(rule_id.to_string()).or_default();
+        if totals.rolled_through != rollup.expected {
+            return Ok(false);
+        }
+        let newest = rollup.add.newest_event_at;
+        totals.counters.merge(&rollup.add);
+        if newest.is_some() {
+            totals.counters.newest_event_at = newest;
+        }
+        totals.rolled_through = Some(rollup.through);
+        Ok(true)
+    }
+
+    async fn sample_pending(
+        &self,
+        rule_id: &str,
+        minute: DateTime<Utc>,
+        pending: u64,
+    ) -> Result<()> {
+        let mut all = locked(&self.stats);
+        all.entry(rule_id.to_string())
+            .or_default()
+            .1
+            .entry(minute)
+            .or_insert_with(|| MinuteAggregate {
+                minute,
+                ..MinuteAggregate::default()
+            })
+            .pending = Some(pending);
+        Ok(())
     }
 
     async fn record_suppressed(&self, rule_id: &str, delete: &SuppressedDelete) -> Result<bool> {
@@ -665,7 +725,7 @@ impl RuleStore for MemoryState {
             claims.remove(&c.bucket);
         }
         drop(guard);
-        locked(&self.counters).remove(&rule.id);
+        locked(&self.stats).remove(&rule.id);
         locked(&self.suppressed).remove(&rule.id);
         locked(&self.uploads).retain(|(id, _, _), _| *id != rule.id);
         locked(&self.backfill).remove(&rule.id);

@@ -45,6 +45,88 @@ pub fn emit_event(rule_id: &str, outcome: &str, latency_ms: u64, bytes: u64, fai
     );
 }
 
+/// One EMF line of `metrics` (name, unit, value) under `dimensions` (name, value).
+fn line(dimensions: &[(&str, &str)], metrics: &[(&str, &str, u64)]) -> String {
+    let mut root = serde_json::Map::new();
+    let names: Vec<&str> = dimensions.iter().map(|(name, _)| *name).collect();
+    let definitions: Vec<serde_json::Value> = metrics
+        .iter()
+        .map(|(name, unit, _)| json!({"Name": name, "Unit": unit}))
+        .collect();
+    root.insert(
+        "_aws".into(),
+        json!({
+            "Timestamp": chrono::Utc::now().timestamp_millis(),
+            "CloudWatchMetrics": [{
+                "Namespace": NAMESPACE,
+                "Dimensions": [names],
+                "Metrics": definitions,
+            }]
+        }),
+    );
+    for (name, value) in dimensions {
+        root.insert((*name).into(), json!(value));
+    }
+    for (name, _, value) in metrics {
+        root.insert((*name).into(), json!(value));
+    }
+    serde_json::Value::Object(root).to_string()
+}
+
+/// `ReplicationLatency`: event time (S3's `eventTime`) to replica written, for one event
+/// that copied or deleted. Named as S3 Replication's metric, but in milliseconds (S3's is
+/// in seconds): crr's latencies are mostly below a second.
+pub fn replication_latency_line(rule_id: &str, ms: u64) -> String {
+    line(
+        &[("RuleId", rule_id)],
+        &[("ReplicationLatency", "Milliseconds", ms)],
+    )
+}
+
+/// `OperationsFailedReplication`: events of one invocation given up on and sent to the
+/// dead-letter queue (S3 Replication's name; not `FailedEvents`, which counts every failed
+/// try, retried ones included).
+pub fn failed_line(rule_id: &str, count: u64) -> String {
+    line(
+        &[("RuleId", rule_id)],
+        &[("OperationsFailedReplication", "Count", count)],
+    )
+}
+
+/// `OperationsPendingReplication`: events waiting in the event queue (waiting + delayed),
+/// deployment-wide (one queue serves every rule), so per queue, not per rule.
+pub fn pending_line(queue: &str, pending: u64) -> String {
+    line(
+        &[("Queue", queue)],
+        &[("OperationsPendingReplication", "Count", pending)],
+    )
+}
+
+/// `BytesPendingReplication`: bytes of a rule's historical migration not examined yet
+/// (`bytes_total - bytes_done`); real-time events' sizes are not known until applied.
+pub fn bytes_pending_line(rule_id: &str, bytes: u64) -> String {
+    line(
+        &[("RuleId", rule_id)],
+        &[("BytesPendingReplication", "Bytes", bytes)],
+    )
+}
+
+pub fn emit_replication_latency(rule_id: &str, ms: u64) {
+    println!("{}", replication_latency_line(rule_id, ms));
+}
+
+pub fn emit_failed(rule_id: &str, count: u64) {
+    println!("{}", failed_line(rule_id, count));
+}
+
+pub fn emit_pending(queue: &str, pending: u64) {
+    println!("{}", pending_line(queue, pending));
+}
+
+pub fn emit_bytes_pending(rule_id: &str, bytes: u64) {
+    println!("{}", bytes_pending_line(rule_id, bytes));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,5 +140,35 @@ mod tests {
         assert_eq!(v["EventLatency"], 12);
         assert_eq!(v["ReplicatedBytes"], 2048);
         assert_eq!(v["FailedEvents"], 0);
+    }
+
+    fn parsed(line: &str) -> serde_json::Value {
+        serde_json::from_str(line).unwrap()
+    }
+
+    #[test]
+    fn s3_replication_named_metrics_are_valid_emf() {
+        let v = parsed(&replication_latency_line("r1", 1500));
+        let directive = &v["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(directive["Namespace"], "crr");
+        assert_eq!(directive["Dimensions"], json!([["RuleId"]]));
+        assert_eq!(
+            directive["Metrics"],
+            json!([{"Name": "ReplicationLatency", "Unit": "Milliseconds"}])
+        );
+        assert_eq!((v["RuleId"].as_str(), v["ReplicationLatency"].as_u64()), (Some("r1"), Some(1500)));
+        assert!(v["_aws"]["Timestamp"].as_i64().unwrap() > 0);
+
+        let v = parsed(&failed_line("r1", 2));
+        assert_eq!(v["OperationsFailedReplication"], 2);
+        assert_eq!(v["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Unit"], "Count");
+
+        let v = parsed(&pending_line("crr-events", 42));
+        assert_eq!(v["_aws"]["CloudWatchMetrics"][0]["Dimensions"], json!([["Queue"]]));
+        assert_eq!((v["Queue"].as_str(), v["OperationsPendingReplication"].as_u64()), (Some("crr-events"), Some(42)));
+
+        let v = parsed(&bytes_pending_line("r1", 1 << 30));
+        assert_eq!(v["BytesPendingReplication"], 1u64 << 30);
+        assert_eq!(v["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Unit"], "Bytes");
     }
 }

@@ -23,7 +23,8 @@ use crate::object_store::ObjectStore;
 use crate::resumable::{Continuations, CopyRun, UploadStore, Writer};
 use crate::retry::RetryPolicy;
 use crate::rule::{BucketRef, Rule};
-use crate::state::{NO_RULE_COUNTERS, RealtimeCounters, StateStore, SuppressedDelete};
+use crate::series::{self, Activity};
+use crate::state::{NO_RULE_COUNTERS, StateStore, SuppressedDelete};
 
 /// Gives an `ObjectStore` for a rule's bucket (S3 clients in Lambda, memory in tests).
 pub trait StoreProvider: Send + Sync {
@@ -108,17 +109,17 @@ pub struct Replicator {
     continuations: Option<Arc<dyn Continuations>>,
 }
 
-/// Counters of one invocation, per rule.
+/// Counters and latencies of one invocation, per rule.
 #[derive(Default)]
-struct Tally(Mutex<HashMap<String, RealtimeCounters>>);
+struct Tally(Mutex<HashMap<String, Activity>>);
 
 impl Tally {
-    fn add(&self, rule_id: &str, f: impl FnOnce(&mut RealtimeCounters)) {
+    fn add(&self, rule_id: &str, f: impl FnOnce(&mut Activity)) {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         f(map.entry(rule_id.to_string()).or_default());
     }
 
-    fn take(&self) -> HashMap<String, RealtimeCounters> {
+    fn take(&self) -> HashMap<String, Activity> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
@@ -249,7 +250,7 @@ impl Replicator {
             {
                 Ok(()) => {
                     let rule_id = failure.rule_id.as_deref().unwrap_or(NO_RULE_COUNTERS);
-                    tally.add(rule_id, |c| c.failed += 1);
+                    tally.add(rule_id, |a| a.counters.failed += 1);
                     return None;
                 }
                 Err(e) => {
@@ -325,8 +326,22 @@ impl Replicator {
                     Outcome::Replicated { bytes } => *bytes,
                     _ => 0,
                 };
+                // Event time to replica written, for events that changed the target.
+                let replication_latency = match outcome {
+                    Outcome::Replicated { .. } | Outcome::Deleted => event
+                        .event_time
+                        .map(|t| u64::try_from((Utc::now() - t).num_milliseconds()).unwrap_or(0)),
+                    _ => None,
+                };
                 metrics::emit_event(&rule.id, outcome.name(), latency, bytes, false);
-                tally.add(&rule.id, |c| {
+                if let Some(ms) = replication_latency {
+                    metrics::emit_replication_latency(&rule.id, ms);
+                }
+                tally.add(&rule.id, |a| {
+                    if let Some(ms) = replication_latency {
+                        a.latency.record(ms);
+                    }
+                    let c = &mut a.counters;
                     match outcome {
                         Outcome::Replicated { bytes } => {
                             c.replicated_objects += 1;
@@ -504,22 +519,28 @@ impl Replicator {
         }
     }
 
-    /// Writes the invocation's counters: one update per rule, retried; a failure is logged,
-    /// not returned, since the objects themselves were replicated.
+    /// Writes the invocation's counters and latencies: one update per rule (of the
+    /// minute it is written in, `series.rs`), retried; a failure is logged, not returned,
+    /// since the objects themselves were replicated.
     async fn flush(&self, tally: Tally) {
-        for (rule_id, counters) in tally.take() {
-            if counters.is_empty() {
+        for (rule_id, activity) in tally.take() {
+            if activity.is_empty() {
                 continue;
+            }
+            if activity.counters.failed > 0 {
+                metrics::emit_failed(&rule_id, activity.counters.failed);
             }
             let written = self
                 .settings
                 .retry
                 .run(None, "add counters", || {
-                    self.state.add_counters(&rule_id, &counters)
+                    // The minute is taken at each try: writers write the minute they are in.
+                    self.state
+                        .add_activity(&rule_id, series::minute_of(Utc::now()), &activity)
                 })
                 .await;
             if let Err(e) = written {
-                tracing::error!(rule_id = %rule_id, error = %e, counters = ?counters, "counters lost");
+                tracing::error!(rule_id = %rule_id, error = %e, activity = ?activity, "counters lost");
             }
         }
     }
@@ -933,7 +954,8 @@ mod tests {
     #[tokio::test]
     async fn a_lost_ledger_race_re_applies_the_current_state() {
         use crate::ledger::LedgerEntry;
-        use crate::state::{LedgerStore, RealtimeCounters, SuppressedDelete};
+        use crate::series::{Activity, Rollup, StatsRead};
+        use crate::state::{LedgerStore, SuppressedDelete};
         use std::sync::atomic::{AtomicBool, Ordering};
 
         /// MemoryState whose first commit finds the ledger moved on: a concurrent event
@@ -996,11 +1018,31 @@ mod tests {
         }
         #[async_trait::async_trait]
         impl StatsStore for Racy {
-            async fn add_counters(&self, rule_id: &str, delta: &RealtimeCounters) -> Result<()> {
-                self.inner.add_counters(rule_id, delta).await
+            async fn add_activity(
+                &self,
+                rule_id: &str,
+                minute: chrono::DateTime<chrono::Utc>,
+                activity: &Activity,
+            ) -> Result<()> {
+                self.inner.add_activity(rule_id, minute, activity).await
             }
-            async fn counters(&self, rule_id: &str) -> Result<RealtimeCounters> {
-                self.inner.counters(rule_id).await
+            async fn read_stats(
+                &self,
+                rule_id: &str,
+                from: chrono::DateTime<chrono::Utc>,
+            ) -> Result<StatsRead> {
+                self.inner.read_stats(rule_id, from).await
+            }
+            async fn roll_up(&self, rule_id: &str, rollup: &Rollup) -> Result<bool> {
+                self.inner.roll_up(rule_id, rollup).await
+            }
+            async fn sample_pending(
+                &self,
+                rule_id: &str,
+                minute: chrono::DateTime<chrono::Utc>,
+                pending: u64,
+            ) -> Result<()> {
+                self.inner.sample_pending(rule_id, minute, pending).await
             }
             async fn record_suppressed(&self, rule_id: &str, d: &SuppressedDelete) -> Result<bool> {
                 self.inner.record_suppressed(rule_id, d).await

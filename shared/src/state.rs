@@ -9,6 +9,7 @@ use crate::deployment::Deployment;
 use crate::error::{Error, Result};
 use crate::ledger::LedgerEntry;
 use crate::rule::Rule;
+use crate::series::{self, Activity, Rollup, StatsRead};
 
 /// Which side of a pair a bucket is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,46 +132,7 @@ pub trait LedgerStore: Send + Sync {
 /// replicates) and were dead-lettered: deployment-wide, not any rule's.
 pub const NO_RULE_COUNTERS: &str = "(no rule)";
 
-/// Increments of a rule's real-time counters, summed over one invocation so the table
-/// sees one counter write per invocation, not per object.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RealtimeCounters {
-    /// Objects copied to the target.
-    pub replicated_objects: u64,
-    /// Bytes of those objects.
-    pub replicated_bytes: u64,
-    /// Objects removed from the target (policy `full`).
-    pub deletes: u64,
-    /// Deletes skipped under policy `write` (each also recorded, see `SuppressedDelete`).
-    pub suppressed_deletes: u64,
-    /// Events older than (or the same as) one already applied for their key.
-    pub skipped_stale: u64,
-    /// Events needing no change: outside the prefixes, replicas, test events, other types.
-    pub skipped_other: u64,
-    /// Events given up on and sent to the dead-letter queue.
-    pub failed: u64,
-    /// Event time of the newest event applied or skipped (not failed).
-    pub newest_event_at: Option<DateTime<Utc>>,
-}
-
-impl RealtimeCounters {
-    /// Adds `other` into `self`.
-    pub fn merge(&mut self, other: &RealtimeCounters) {
-        self.replicated_objects += other.replicated_objects;
-        self.replicated_bytes += other.replicated_bytes;
-        self.deletes += other.deletes;
-        self.suppressed_deletes += other.suppressed_deletes;
-        self.skipped_stale += other.skipped_stale;
-        self.skipped_other += other.skipped_other;
-        self.failed += other.failed;
-        self.newest_event_at = self.newest_event_at.max(other.newest_event_at);
-    }
-
-    /// True when nothing was counted.
-    pub fn is_empty(&self) -> bool {
-        *self == RealtimeCounters::default()
-    }
-}
+pub use crate::series::RealtimeCounters;
 
 /// A delete that policy `write` kept from reaching the target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,18 +167,60 @@ impl SuppressedDelete {
     }
 }
 
-/// Counters and records the status function and the CLI read.
+/// Counters and records the status function and the CLI read. Counters are kept per
+/// minute and rolled into lifetime totals (`series.rs` says how, and what it costs).
 #[async_trait]
 pub trait StatsStore: Send + Sync {
-    /// Adds to the rule's counters atomically.
-    async fn add_counters(&self, rule_id: &str, delta: &RealtimeCounters) -> Result<()>;
-    /// The rule's counters so far.
-    async fn counters(&self, rule_id: &str) -> Result<RealtimeCounters>;
+    /// Adds to the rule's `minute` atomically, in one write: `minute` is the current
+    /// minute ([`series::minute_of`] of now, taken when the write is made) or one that
+    /// [`series::writable_minute`] allows.
+    async fn add_activity(
+        &self,
+        rule_id: &str,
+        minute: DateTime<Utc>,
+        activity: &Activity,
+    ) -> Result<()>;
+
+    /// The rule's totals and its minutes from `from` on, plus every minute not rolled
+    /// into the totals yet (one Query while the rollup keeps up).
+    async fn read_stats(&self, rule_id: &str, from: DateTime<Utc>) -> Result<StatsRead>;
+
+    /// Moves `rollup`'s minutes into the totals if `rolled_through` is still
+    /// `rollup.expected`: `Ok(false)` (nothing written) if another rollup moved it first.
+    async fn roll_up(&self, rule_id: &str, rollup: &Rollup) -> Result<bool>;
+
+    /// Records the event queue's backlog sampled in `minute`.
+    async fn sample_pending(&self, rule_id: &str, minute: DateTime<Utc>, pending: u64)
+    -> Result<()>;
+
     /// Records one suppressed delete, once per [`SuppressedDelete::identity`]: `Ok(false)`
     /// when that delete was recorded before (a redelivered or re-applied event).
     async fn record_suppressed(&self, rule_id: &str, delete: &SuppressedDelete) -> Result<bool>;
     /// Suppressed deletes of the rule, oldest first.
     async fn suppressed(&self, rule_id: &str) -> Result<Vec<SuppressedDelete>>;
+
+    /// Adds to the rule's counters (in the current minute).
+    async fn add_counters(&self, rule_id: &str, delta: &RealtimeCounters) -> Result<()> {
+        let activity = Activity::of_counters(delta.clone());
+        self.add_activity(rule_id, series::minute_of(Utc::now()), &activity)
+            .await
+    }
+
+    /// The rule's counters so far (lifetime).
+    async fn counters(&self, rule_id: &str) -> Result<RealtimeCounters> {
+        let now = Utc::now();
+        Ok(self.read_stats(rule_id, now).await?.lifetime())
+    }
+
+    /// Rolls the rule's finished minutes into its totals if any are due at `now`;
+    /// `Ok(false)` when none were, or another rollup moved them first.
+    async fn roll_up_due(&self, rule_id: &str, now: DateTime<Utc>) -> Result<bool> {
+        let read = self.read_stats(rule_id, now).await?;
+        match series::plan_rollup(&read, now) {
+            Some(rollup) => self.roll_up(rule_id, &rollup).await,
+            None => Ok(false),
+        }
+    }
 }
 
 /// Everything the functions keep in the table.
