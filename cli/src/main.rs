@@ -157,7 +157,7 @@ enum Command {
     },
     /// Progress of every rule (or one): real-time lag and counters, historical percent.
     #[command(
-        after_help = "Examples:\n  crr status\n  crr status photos --watch --queue-url URL --dlq-url URL\n  crr status photos --json | jq .rules[0].historical.percent_bytes\n\nThe JSON is the status function's; its fields are documented in the README (Status)."
+        after_help = "Examples:\n  crr status\n  crr status photos --watch --queue-url URL --dlq-url URL\n  crr status photos --json | jq .rules[0].historical.percent_bytes\n  crr status photos --json --series 24h | jq .rules[0].series.points[-1]\n\nThe JSON is the status function's; its fields are documented in the README (Status)."
     )]
     Status(status_cmd::StatusArgs),
     /// Compare a rule's source and target: missing, extra and different objects (exit 1 on drift).

@@ -1,4 +1,4 @@
-//! `crr status [RULE] [--watch] [--json]`: the numbers come from `crr_shared::status`,
+//! `crr status [RULE] [--watch] [--json [--series 24h]]`: the numbers come from `crr_shared::status`,
 //! the code the status function runs; this file only draws them.
 
 use std::io::{IsTerminal, Write};
@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
+use crr_shared::series::Window;
 use crr_shared::status::{
     EventQueue, HistoricalStatus, RuleStatus, SqsEventQueue, StatusReport, StatusService,
 };
@@ -26,11 +27,19 @@ pub struct StatusArgs {
     /// Print the status function's JSON (one document per refresh with --watch).
     #[arg(long)]
     json: bool,
+    /// Add the rule's minute-by-minute activity over this window (1h, 6h or 24h) to its
+    /// JSON, as the status function's `?rule=ID&series=24h` does.
+    #[arg(long, value_name = "WINDOW", requires_all = ["rule", "json"], value_parser = parse_window)]
+    series: Option<Window>,
     /// Seconds S3 may take to deliver an event to the queue (see `synced_up_to` in the README).
     #[arg(long, env = "CRR_STATUS_SETTLE_SECS", default_value_t = 60)]
     settle_secs: u64,
     #[command(flatten)]
     queue: QueueArgs,
+}
+
+fn parse_window(text: &str) -> std::result::Result<Window, String> {
+    Window::parse(text).map_err(|e| e.to_string())
 }
 
 pub async fn run(aws: &AwsArgs, args: StatusArgs) -> Result<()> {
@@ -57,7 +66,7 @@ pub async fn run(aws: &AwsArgs, args: StatusArgs) -> Result<()> {
     );
     let rule = args.rule.as_deref();
     if !args.watch {
-        let report = service.report(rule).await?;
+        let report = service.report_with(rule, args.series).await?;
         if args.json {
             println!("{}", serde_json::to_string(&report)?);
         } else {
@@ -69,7 +78,7 @@ pub async fn run(aws: &AwsArgs, args: StatusArgs) -> Result<()> {
     let mut screen = Screen::new(std::io::stdout().is_terminal());
     loop {
         // A refresh that fails is shown and retried; a missing rule ends the watch.
-        let shown = match service.report(rule).await {
+        let shown = match service.report_with(rule, args.series).await {
             Ok(report) if args.json => {
                 println!("{}", serde_json::to_string(&report)?);
                 None

@@ -14,6 +14,10 @@ pub enum Error {
     #[error("rule field `{field}`: {reason}")]
     InvalidRule { field: String, reason: String },
 
+    /// A request (status query, CLI flag) asks for something that does not exist.
+    #[error("{0}")]
+    BadRequest(String),
+
     /// A bucket is already part of another sync pair.
     #[error("rule field `{field}`: bucket '{bucket}' is already in rule '{rule_id}' as {role}")]
     BucketClaimed {
@@ -202,6 +206,7 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::InvalidRule { .. } => "InvalidRule",
+            Error::BadRequest(_) => "BadRequest",
             Error::BucketClaimed { .. } => "BucketClaimed",
             Error::RuleExists(_) => "RuleExists",
             Error::RuleNotFound(_) => "RuleNotFound",

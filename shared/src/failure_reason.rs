@@ -170,6 +170,7 @@ impl FailureReason {
             Error::CopyContinues { .. } => None,
             // The rule, the deployment or the state table: nothing one object can fix.
             Error::InvalidRule { .. }
+            | Error::BadRequest(_)
             | Error::BucketClaimed { .. }
             | Error::RuleExists(_)
             | Error::RuleNotFound(_)

@@ -91,6 +91,12 @@ pub fn final_through(now: DateTime<Utc>) -> DateTime<Utc> {
     minute_of(now - Duration::minutes(GRACE_MINUTES + 1))
 }
 
+/// Where a read that wants no series starts: a little before the latest final minute,
+/// so that while the rollup keeps up one Query returns every unrolled minute.
+pub fn recent_from(now: DateTime<Utc>) -> DateTime<Utc> {
+    final_through(now) - Duration::minutes(GRACE_MINUTES)
+}
+
 /// The histogram bucket of a latency.
 pub fn bucket_of(ms: u64) -> usize {
     LATENCY_BOUNDS_MS
@@ -342,10 +348,9 @@ impl Window {
             "6h" => 360,
             "24h" => 1440,
             other => {
-                return Err(Error::invalid(
-                    "series",
-                    format!("unknown series window '{other}': use 1h, 6h or 24h"),
-                ));
+                return Err(Error::BadRequest(format!(
+                    "unknown series window '{other}': use 1h, 6h or 24h"
+                )));
             }
         };
         Ok(Window { minutes })

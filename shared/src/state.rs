@@ -209,13 +209,14 @@ pub trait StatsStore: Send + Sync {
     /// The rule's counters so far (lifetime).
     async fn counters(&self, rule_id: &str) -> Result<RealtimeCounters> {
         let now = Utc::now();
-        Ok(self.read_stats(rule_id, now).await?.lifetime())
+        let read = self.read_stats(rule_id, series::recent_from(now)).await?;
+        Ok(read.lifetime())
     }
 
     /// Rolls the rule's finished minutes into its totals if any are due at `now`;
     /// `Ok(false)` when none were, or another rollup moved them first.
     async fn roll_up_due(&self, rule_id: &str, now: DateTime<Utc>) -> Result<bool> {
-        let read = self.read_stats(rule_id, now).await?;
+        let read = self.read_stats(rule_id, series::recent_from(now)).await?;
         match series::plan_rollup(&read, now) {
             Some(rollup) => self.roll_up(rule_id, &rollup).await,
             None => Ok(false),

@@ -49,6 +49,8 @@ use crate::backfill::{BackfillStore, Job, JobState, Segment};
 use crate::deployment::{Deployment, Finding};
 use crate::error::{Error, Result, from_sdk};
 use crate::rule::{Policy, Rule};
+use crate::metrics;
+use crate::series::{self, MigrationNow, Series, StatsRead, Window};
 use crate::state::{RealtimeCounters, RuleStore, StatsStore};
 
 /// Default of `CRR_STATUS_SETTLE_SECS`.
@@ -91,6 +93,11 @@ impl Backlog {
 #[async_trait]
 pub trait EventQueue: Send + Sync {
     async fn backlog(&self) -> Result<Backlog>;
+
+    /// The queue's name (the `Queue` dimension of `OperationsPendingReplication`).
+    fn name(&self) -> String {
+        "events".to_string()
+    }
 }
 
 /// Real-time replication of one rule.
@@ -200,6 +207,9 @@ pub struct RuleStatus {
     pub paused: bool,
     pub realtime: RealtimeStatus,
     pub historical: HistoricalStatus,
+    /// Minute by minute activity, when asked for (`?series=24h`, `--series 24h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub series: Option<Series>,
 }
 
 /// The status JSON of the status function and `crr status --json`.
@@ -253,6 +263,19 @@ impl StatusService {
 
     /// The report for every rule, or for the one named (`Error::RuleNotFound` if none).
     pub async fn report(&self, only: Option<&str>) -> Result<StatusReport> {
+        self.report_with(only, None).await
+    }
+
+    /// The report, each rule's with its activity series over `window` when one is given.
+    ///
+    /// Reading is also when finished minutes are rolled into the totals, and when the
+    /// queue's backlog is sampled into each rule's current minute (once a minute, as the
+    /// minute's `pending`): a failure of either is logged and the report stands.
+    pub async fn report_with(
+        &self,
+        only: Option<&str>,
+        window: Option<Window>,
+    ) -> Result<StatusReport> {
         let rules = match only {
             Some(id) => vec![
                 self.rules
@@ -266,15 +289,23 @@ impl StatusService {
             Some(q) => Some(q.backlog().await?),
             None => None,
         };
+        if let (Some(q), Some(name)) = (&queue, self.queue.as_ref().map(|q| q.name())) {
+            metrics::emit_pending(&name, q.waiting + q.delayed);
+        }
         let deployment = match self.rules.deployment().await? {
             Some(recorded) => Some(recorded),
             None => self.deployment_fallback.clone(),
         };
         // One clock reading: every lag is `generated_at - synced_up_to`, as documented.
         let now = Utc::now();
+        let from = match window {
+            Some(w) => w.first_minute(now),
+            None => series::recent_from(now),
+        };
         let mut statuses = Vec::with_capacity(rules.len());
         for rule in &rules {
-            let counters = self.stats.counters(&rule.id).await?;
+            let read = self.read_stats(&rule.id, from, now, queue.as_ref()).await?;
+            let counters = read.lifetime();
             let job = self.jobs.job(&rule.id).await?;
             let (segments, failed_objects) = match &job {
                 Some(_) => (
@@ -296,12 +327,23 @@ impl StatusService {
             if let Some(d) = &deployment {
                 outside_deployment(&mut status.realtime, &d.findings(rule));
             }
+            let h = &status.historical;
+            if h.state == "running" && h.total_final {
+                metrics::emit_bytes_pending(&rule.id, h.bytes_total.saturating_sub(h.bytes_done));
+            }
+            if let Some(window) = window {
+                let migration = (job.is_some() && h.total_final).then_some(MigrationNow {
+                    objects_done: h.objects_done,
+                    objects_total: h.objects_total,
+                });
+                status.series = Some(series::series(&read, window, now, migration));
+            }
             statuses.push(status);
         }
         let unattributed_failed = self
-            .stats
-            .counters(crate::state::NO_RULE_COUNTERS)
+            .read_stats(crate::state::NO_RULE_COUNTERS, series::recent_from(now), now, None)
             .await?
+            .lifetime()
             .failed;
         Ok(StatusReport {
             generated_at: now,
@@ -309,6 +351,34 @@ impl StatusService {
             rules: statuses,
             unattributed_failed,
         })
+    }
+
+    /// One rule's stats from `from` on; rolls its finished minutes up and samples the
+    /// backlog into its current minute if that minute has no sample yet.
+    async fn read_stats(
+        &self,
+        rule_id: &str,
+        from: DateTime<Utc>,
+        now: DateTime<Utc>,
+        queue: Option<&Backlog>,
+    ) -> Result<StatsRead> {
+        let read = self.stats.read_stats(rule_id, from.min(now)).await?;
+        if let Some(rollup) = series::plan_rollup(&read, now)
+            && let Err(e) = self.stats.roll_up(rule_id, &rollup).await
+        {
+            tracing::warn!(rule_id, error = %e, "finished minutes not rolled up");
+        }
+        let minute = series::minute_of(now);
+        if let Some(q) = queue
+            && read.minute(minute).is_none_or(|m| m.pending.is_none())
+            && let Err(e) = self
+                .stats
+                .sample_pending(rule_id, minute, q.waiting + q.delayed)
+                .await
+        {
+            tracing::warn!(rule_id, error = %e, "backlog not sampled");
+        }
+        Ok(read)
     }
 }
 
@@ -360,6 +430,7 @@ pub fn rule_status(
         paused: rule.paused,
         realtime,
         historical: historical_status(job, segments, now),
+        series: None,
     }
 }
 
@@ -545,7 +616,8 @@ pub struct HttpAnswer {
     pub body: String,
 }
 
-/// Answers a Function URL request: `GET /` for every rule, `GET /?rule=ID` for one.
+/// Answers a Function URL request: `GET /` for every rule, `GET /?rule=ID` for one, and
+/// `GET /?rule=ID&series=24h` (or `1h`, `6h`) for one with its minute-by-minute series.
 /// Errors are JSON `{"error": "..."}` with 400 (bad request), 404 (no such rule), 405
 /// (not GET) or 503 (a store could not be read; retry).
 pub async fn answer(
@@ -560,13 +632,21 @@ pub async fn answer(
     if !method.eq_ignore_ascii_case("GET") {
         return error(405, format!("method {method} is not allowed: use GET"));
     }
-    if let Some(unknown) = query.keys().find(|k| k.as_str() != "rule") {
+    if let Some(unknown) = query.keys().find(|k| !["rule", "series"].contains(&k.as_str())) {
         return error(
             400,
-            format!("unknown query parameter '{unknown}': the only one is 'rule'"),
+            format!("unknown query parameter '{unknown}': the only ones are 'rule' and 'series'"),
         );
     }
-    match service.report(query.get("rule").map(String::as_str)).await {
+    let rule = query.get("rule").map(String::as_str);
+    let window = match query.get("series").map(|w| Window::parse(w)).transpose() {
+        Ok(window) => window,
+        Err(e) => return error(400, e.to_string()),
+    };
+    if window.is_some() && rule.is_none() {
+        return error(400, "'series' needs 'rule': one rule's series at a time".into());
+    }
+    match service.report_with(rule, window).await {
         Ok(report) => match serde_json::to_string(&report) {
             Ok(body) => HttpAnswer { status: 200, body },
             Err(e) => error(500, format!("status could not be encoded: {e}")),
@@ -689,6 +769,14 @@ impl SqsEventQueue {
 
 #[async_trait]
 impl EventQueue for SqsEventQueue {
+    fn name(&self) -> String {
+        self.queue_url
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
     async fn backlog(&self) -> Result<Backlog> {
         let read_at = Utc::now();
         let counts = self.counts(&self.queue_url).await?;

@@ -35,7 +35,8 @@ async fn main() -> Result<(), lambda_runtime::Error> {
             config.engine,
             settings,
         )
-        .with_uploads(state),
+        .with_uploads(state.clone())
+        .with_stats(state),
     );
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
         let backfiller = Arc::clone(&backfiller);

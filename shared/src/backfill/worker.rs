@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::Serialize;
 
@@ -16,7 +16,9 @@ use crate::replicate::StoreProvider;
 use crate::resumable::{CopyRun, UploadStore, Writer};
 use crate::retry::RetryPolicy;
 use crate::rule::{Policy, Rule};
-use crate::state::RuleStore;
+use crate::metrics;
+use crate::series::{Activity, ProgressMeter};
+use crate::state::{RuleStore, StatsStore};
 use crate::verify::Tags;
 
 use super::*;
@@ -67,6 +69,9 @@ pub struct Backfiller {
     retry: RetryPolicy,
     /// Where large copies checkpoint their parts, to continue in the next run.
     uploads: Option<Arc<dyn UploadStore>>,
+    /// Where progress per minute goes (`series.rs`), and the rollup runs each tick.
+    stats: Option<Arc<dyn StatsStore>>,
+    progress: ProgressMeter,
 }
 
 impl Backfiller {
@@ -85,6 +90,62 @@ impl Backfiller {
             settings,
             retry: RetryPolicy::default(),
             uploads: None,
+            stats: None,
+            progress: ProgressMeter::default(),
+        }
+    }
+
+    /// Records objects and bytes examined per minute in `stats` (at most one write per
+    /// rule, invocation and minute: far fewer than the one checkpoint per page), and, on
+    /// each scheduled tick, rolls every rule's finished minutes into its totals.
+    pub fn with_stats(mut self, stats: Arc<dyn StatsStore>) -> Self {
+        self.stats = Some(stats);
+        self
+    }
+
+    /// Writes progress accumulated for the rule, when `due` says so.
+    async fn write_progress(&self, rule_id: &str, due: Option<(DateTime<Utc>, Activity)>) {
+        let (Some(stats), Some((minute, activity))) = (&self.stats, due) else {
+            return;
+        };
+        // Charts only: a lost write costs a minute's bar, never a checkpoint.
+        if let Err(e) = stats.add_activity(rule_id, minute, &activity).await {
+            tracing::warn!(rule_id, error = %e, objects = activity.backfill_objects, "backfill progress of a minute not recorded");
+        }
+    }
+
+    /// The schedule's housekeeping: every rule's (and the no-rule row's) finished minutes
+    /// rolled into its totals, and the bytes its migration has left as a metric.
+    async fn tick(&self) {
+        let Some(stats) = &self.stats else {
+            return;
+        };
+        let rules = match self.rules.list_rules().await {
+            Ok(rules) => rules,
+            Err(e) => {
+                tracing::warn!(error = %e, "rules not listed: no rollup this tick");
+                return;
+            }
+        };
+        let now = Utc::now();
+        let ids = rules
+            .iter()
+            .map(|r| r.id.as_str())
+            .chain(std::iter::once(crate::state::NO_RULE_COUNTERS));
+        for id in ids {
+            if let Err(e) = stats.roll_up_due(id, now).await {
+                tracing::warn!(rule_id = id, error = %e, "finished minutes not rolled up");
+            }
+        }
+        for rule in &rules {
+            if let Ok(Some(job)) = self.jobs.job(&rule.id).await
+                && job.state == JobState::Running
+                && job.planned
+                && let Ok(segments) = self.jobs.segments(&rule.id).await
+            {
+                let done: u64 = segments.iter().map(|s| s.bytes_done).sum();
+                metrics::emit_bytes_pending(&rule.id, job.total_bytes.saturating_sub(done));
+            }
         }
     }
 
@@ -254,8 +315,11 @@ impl Backfiller {
             let report = self.retry_failed(rule_id, deadline).await?;
             return serde_json::to_value(report).map_err(|e| Error::Config(format!("report: {e}")));
         }
-        let reports = self.run(only, owner, deadline).await?;
-        serde_json::to_value(reports).map_err(|e| Error::Config(format!("report: {e}")))
+        let reports = self.run(only, owner, deadline).await;
+        if only.is_none() {
+            self.tick().await;
+        }
+        serde_json::to_value(reports?).map_err(|e| Error::Config(format!("report: {e}")))
     }
 
     async fn run_rule(
@@ -291,6 +355,8 @@ impl Backfiller {
         let workers = (0..self.settings.workers.max(1))
             .map(|n| self.work(rule, &mark, owner, n, deadline, counting.clone()));
         let (planned, worked) = tokio::join!(plan, futures::future::join_all(workers));
+        self.write_progress(&rule.id, self.progress.take(&rule.id, Utc::now()))
+            .await;
         for done in worked {
             let done = done?;
             report.pages += done.pages;
@@ -854,6 +920,13 @@ impl Backfiller {
             tracing::warn!(rule_id = %lane.rule.id, segment = index, owner = lane.owner, "checkpoint refused: the lease was lost (another worker took the segment over)");
             return Ok(false);
         }
+        let due = self.progress.add(
+            &lane.rule.id,
+            checkpoint.tally.objects,
+            checkpoint.tally.bytes,
+            Utc::now(),
+        );
+        self.write_progress(&lane.rule.id, due).await;
         report.pages += 1;
         report.copied += checkpoint.tally.copied;
         report.fixed += checkpoint.tally.fixed;
