@@ -1,7 +1,8 @@
 //! The functions' SDK clients, built in one place, with an optional operation log.
 //!
 //! With `CRR_OPERATION_LOG=<file>` set, every AWS operation a client starts is appended to
-//! the file as `service:Operation`. The IAM cross-check test (`tests/iam.rs`) runs the
+//! the file as `service:Operation` (DynamoDB item writes add the item family: `DynamoDB:UpdateItem
+//! STATS`). The IAM cross-check test (`tests/iam.rs`) runs the
 //! functions with it and checks that `infra/template.yaml` grants each function every
 //! action its operations need. Off by default: nothing is recorded in a deployment.
 
@@ -51,17 +52,41 @@ impl Intercept for OperationLog {
     // own configuration (which holds its name) is in the bag.
     fn read_before_serialization(
         &self,
-        _context: &BeforeSerializationInterceptorContextRef<'_>,
+        context: &BeforeSerializationInterceptorContextRef<'_>,
         _components: &RuntimeComponents,
         cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         match cfg.load::<Metadata>() {
-            Some(op) => writeln!(file, "{}:{}", op.service(), op.name())?,
+            Some(op) => match item_family(context) {
+                Some(family) => writeln!(file, "{}:{} {family}", op.service(), op.name())?,
+                None => writeln!(file, "{}:{}", op.service(), op.name())?,
+            },
             None => writeln!(file, "unknown:unknown")?,
         }
         Ok(())
     }
+}
+
+/// For a DynamoDB single-item write, the item family its partition key names (`STATS`,
+/// `KEY`, `BACKFILL`...: the key up to its first `#`), so tests can count writes per
+/// family (`tests/request_cost.rs`).
+fn item_family(context: &BeforeSerializationInterceptorContextRef<'_>) -> Option<String> {
+    use aws_sdk_dynamodb::operation::{
+        delete_item::DeleteItemInput, put_item::PutItemInput, update_item::UpdateItemInput,
+    };
+    let input = context.input();
+    let key = if let Some(update) = input.downcast_ref::<UpdateItemInput>() {
+        update.key()
+    } else if let Some(put) = input.downcast_ref::<PutItemInput>() {
+        put.item()
+    } else if let Some(delete) = input.downcast_ref::<DeleteItemInput>() {
+        delete.key()
+    } else {
+        None
+    }?;
+    let pk = key.get("pk")?.as_s().ok()?;
+    Some(pk.split('#').next().unwrap_or_default().to_string())
 }
 
 /// A DynamoDB client.
