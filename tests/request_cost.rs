@@ -21,17 +21,32 @@ use crr_tests::{RunningFunction, S3Server, Stack, eventually, rule, unique};
 const WAIT: Duration = Duration::from_secs(90);
 const OBJECTS: usize = 20;
 
-/// S3 operations the log holds, with how often each was made.
+/// S3 operations the log holds, with how often each was made, after checking the
+/// function's writes to the state table's stats items: only UpdateItem, at most one per
+/// invocation (the invocation's counters, latencies included, into its minute item,
+/// `shared/src/series.rs`). An invocation holds at least one object's event, so there
+/// are at most `OBJECTS` of them.
 fn s3_operations(log: &Path) -> Result<BTreeMap<String, usize>> {
-    let mut counts = BTreeMap::new();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for line in std::fs::read_to_string(log)
         .with_context(|| format!("reading {}", log.display()))?
         .lines()
-        .filter(|l| l.starts_with("S3:"))
     {
         *counts.entry(line.to_string()).or_default() += 1;
     }
-    Ok(counts)
+    let stats_writes: Vec<_> = counts
+        .iter()
+        .filter(|(op, _)| op.starts_with("DynamoDB:") && op.ends_with(" STATS"))
+        .collect();
+    let updates = count(&counts, "DynamoDB:UpdateItem STATS");
+    ensure!(
+        stats_writes.len() == 1 && (1..=OBJECTS).contains(&updates),
+        "stats written by one UpdateItem per invocation, at most {OBJECTS}: {stats_writes:?}"
+    );
+    Ok(counts
+        .into_iter()
+        .filter(|(op, _)| op.starts_with("S3:"))
+        .collect())
 }
 
 /// Replicates `OBJECTS` small objects (every fifth tagged) from a bucket on `stack.a` to

@@ -619,7 +619,12 @@ fn minute_from_item(minute: DateTime<Utc>, item: &Item) -> MinuteAggregate {
 impl DynamoStore {
     /// Minute items and the totals item of a rule's partition with sort keys from `lo`
     /// (inclusive) to `hi` (inclusive, `None`: to the end, which takes in the totals).
-    async fn stats_range(&self, rule_id: &str, lo: String, hi: Option<String>) -> Result<Vec<Item>> {
+    async fn stats_range(
+        &self,
+        rule_id: &str,
+        lo: String,
+        hi: Option<String>,
+    ) -> Result<Vec<Item>> {
         let mut found = Vec::new();
         let mut start: Option<Item> = None;
         loop {
@@ -705,7 +710,8 @@ impl StatsStore for DynamoStore {
         if let Some(max) = activity.latency.max_ms {
             add.push_str(if add.is_empty() { " ADD " } else { ", " });
             add.push_str(&format!("{LATENCY_MAX_ATTR} :lat_max"));
-            req = req.expression_attribute_values(":lat_max", AttributeValue::Ns(vec![max.to_string()]));
+            req = req
+                .expression_attribute_values(":lat_max", AttributeValue::Ns(vec![max.to_string()]));
         }
         let set = format!("SET {TTL_ATTRIBUTE} = :ttl");
         // One write per invocation: the counts, and the newest event time if it moves
@@ -758,7 +764,7 @@ impl StatsStore for DynamoStore {
     }
 
     async fn roll_up(&self, rule_id: &str, rollup: &Rollup) -> Result<bool> {
-        let mut update = format!("SET rolled_through = :through");
+        let mut update = "SET rolled_through = :through".to_string();
         let mut req = self
             .client
             .update_item()

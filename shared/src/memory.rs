@@ -21,9 +21,7 @@ use crate::object_store::{
 use crate::resumable::{UploadState, UploadStore, Writer};
 use crate::rule::Rule;
 use crate::series::{self, Activity, MinuteAggregate, Rollup, StatsRead, Totals};
-use crate::state::{
-    Claim, LedgerStore, RuleStore, StatsStore, SuppressedDelete, claims_of,
-};
+use crate::state::{Claim, LedgerStore, RuleStore, StatsStore, SuppressedDelete, claims_of};
 
 #[derive(Debug, Clone)]
 struct StoredObject {

@@ -156,19 +156,37 @@ mod tests {
             directive["Metrics"],
             json!([{"Name": "ReplicationLatency", "Unit": "Milliseconds"}])
         );
-        assert_eq!((v["RuleId"].as_str(), v["ReplicationLatency"].as_u64()), (Some("r1"), Some(1500)));
+        assert_eq!(
+            (v["RuleId"].as_str(), v["ReplicationLatency"].as_u64()),
+            (Some("r1"), Some(1500))
+        );
         assert!(v["_aws"]["Timestamp"].as_i64().unwrap() > 0);
 
         let v = parsed(&failed_line("r1", 2));
         assert_eq!(v["OperationsFailedReplication"], 2);
-        assert_eq!(v["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Unit"], "Count");
+        assert_eq!(
+            v["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Unit"],
+            "Count"
+        );
 
         let v = parsed(&pending_line("crr-events", 42));
-        assert_eq!(v["_aws"]["CloudWatchMetrics"][0]["Dimensions"], json!([["Queue"]]));
-        assert_eq!((v["Queue"].as_str(), v["OperationsPendingReplication"].as_u64()), (Some("crr-events"), Some(42)));
+        assert_eq!(
+            v["_aws"]["CloudWatchMetrics"][0]["Dimensions"],
+            json!([["Queue"]])
+        );
+        assert_eq!(
+            (
+                v["Queue"].as_str(),
+                v["OperationsPendingReplication"].as_u64()
+            ),
+            (Some("crr-events"), Some(42))
+        );
 
         let v = parsed(&bytes_pending_line("r1", 1 << 30));
         assert_eq!(v["BytesPendingReplication"], 1u64 << 30);
-        assert_eq!(v["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Unit"], "Bytes");
+        assert_eq!(
+            v["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Unit"],
+            "Bytes"
+        );
     }
 }

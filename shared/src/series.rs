@@ -326,7 +326,9 @@ pub fn plan_rollup(read: &StatsRead, now: DateTime<Utc>) -> Option<Rollup> {
     if moved == 0 && !idle_too_long {
         return None;
     }
-    add.newest_event_at = add.newest_event_at.max(read.totals.counters.newest_event_at);
+    add.newest_event_at = add
+        .newest_event_at
+        .max(read.totals.counters.newest_event_at);
     Some(Rollup {
         expected,
         through,
@@ -550,7 +552,10 @@ mod tests {
         for ms in [120, 130, 140, 150, 2_000] {
             h.record(ms);
         }
-        assert_eq!(h.p50_ms(), Some(100 + (150.0 * 3.0 / 4.0_f64).round() as u64));
+        assert_eq!(
+            h.p50_ms(),
+            Some(100 + (150.0 * 3.0 / 4.0_f64).round() as u64)
+        );
         assert_eq!(h.max_ms, Some(2_000));
         // Above the top bound: up to the maximum.
         let mut h = LatencyHistogram::default();
@@ -664,10 +669,22 @@ mod tests {
         assert_eq!(s.from, at("2026-12-05T09:21:00Z"));
         assert_eq!(s.to, at("2026-12-05T10:21:00Z"));
         let p = |t: &str| s.points.iter().find(|p| p.t == at(t)).unwrap();
-        assert_eq!(p("2026-12-05T10:20:00Z").backfill_percent_objects, Some(45.0));
-        assert_eq!(p("2026-12-05T10:19:00Z").backfill_percent_objects, Some(40.0));
-        assert_eq!(p("2026-12-05T10:18:00Z").backfill_percent_objects, Some(25.0));
-        assert_eq!(p("2026-12-05T10:09:00Z").backfill_percent_objects, Some(15.0));
+        assert_eq!(
+            p("2026-12-05T10:20:00Z").backfill_percent_objects,
+            Some(45.0)
+        );
+        assert_eq!(
+            p("2026-12-05T10:19:00Z").backfill_percent_objects,
+            Some(40.0)
+        );
+        assert_eq!(
+            p("2026-12-05T10:18:00Z").backfill_percent_objects,
+            Some(25.0)
+        );
+        assert_eq!(
+            p("2026-12-05T10:09:00Z").backfill_percent_objects,
+            Some(15.0)
+        );
         let b = p("2026-12-05T10:19:00Z");
         assert_eq!((b.replicated_objects, b.replicated_bytes), (30, 300));
         assert_eq!((b.latency_max_ms, b.pending), (Some(3_000), Some(7)));
@@ -686,7 +703,10 @@ mod tests {
         assert_eq!(meter.add("r", 10, 100, t0), None);
         assert_eq!(meter.add("r", 5, 50, t0 + Duration::seconds(30)), None);
         let (m, a) = meter.add("r", 1, 1, t0 + Duration::seconds(60)).unwrap();
-        assert_eq!((m, a.backfill_objects, a.backfill_bytes), (minute_of(t0), 15, 150));
+        assert_eq!(
+            (m, a.backfill_objects, a.backfill_bytes),
+            (minute_of(t0), 15, 150)
+        );
         // Progress that waited too long goes into the current minute.
         let late = t0 + Duration::minutes(5);
         let (m, a) = meter.add("r", 2, 2, late).unwrap();

@@ -190,8 +190,12 @@ pub trait StatsStore: Send + Sync {
     async fn roll_up(&self, rule_id: &str, rollup: &Rollup) -> Result<bool>;
 
     /// Records the event queue's backlog sampled in `minute`.
-    async fn sample_pending(&self, rule_id: &str, minute: DateTime<Utc>, pending: u64)
-    -> Result<()>;
+    async fn sample_pending(
+        &self,
+        rule_id: &str,
+        minute: DateTime<Utc>,
+        pending: u64,
+    ) -> Result<()>;
 
     /// Records one suppressed delete, once per [`SuppressedDelete::identity`]: `Ok(false)`
     /// when that delete was recorded before (a redelivered or re-applied event).

@@ -48,8 +48,8 @@ use serde::{Deserialize, Serialize};
 use crate::backfill::{BackfillStore, Job, JobState, Segment};
 use crate::deployment::{Deployment, Finding};
 use crate::error::{Error, Result, from_sdk};
-use crate::rule::{Policy, Rule};
 use crate::metrics;
+use crate::rule::{Policy, Rule};
 use crate::series::{self, MigrationNow, Series, StatsRead, Window};
 use crate::state::{RealtimeCounters, RuleStore, StatsStore};
 
@@ -235,6 +235,9 @@ pub struct StatusService {
     /// The deployment when the table holds no record (the status function: its own
     /// environment).
     deployment_fallback: Option<Deployment>,
+    /// Whether reports print EMF metric lines (the status function; not the CLI, whose
+    /// stdout is the report).
+    emit_metrics: bool,
 }
 
 impl StatusService {
@@ -252,7 +255,15 @@ impl StatusService {
             queue,
             settle,
             deployment_fallback: None,
+            emit_metrics: false,
         }
+    }
+
+    /// Prints `OperationsPendingReplication` and `BytesPendingReplication` as EMF lines
+    /// with each report (`metrics.rs`).
+    pub fn with_metrics(mut self) -> Self {
+        self.emit_metrics = true;
+        self
     }
 
     /// Judges rules by `deployment` when the table holds no deployment record.
@@ -289,8 +300,8 @@ impl StatusService {
             Some(q) => Some(q.backlog().await?),
             None => None,
         };
-        if let (Some(q), Some(name)) = (&queue, self.queue.as_ref().map(|q| q.name())) {
-            metrics::emit_pending(&name, q.waiting + q.delayed);
+        if let (true, Some(q), Some(events)) = (self.emit_metrics, &queue, &self.queue) {
+            metrics::emit_pending(&events.name(), q.waiting + q.delayed);
         }
         let deployment = match self.rules.deployment().await? {
             Some(recorded) => Some(recorded),
@@ -328,7 +339,7 @@ impl StatusService {
                 outside_deployment(&mut status.realtime, &d.findings(rule));
             }
             let h = &status.historical;
-            if h.state == "running" && h.total_final {
+            if self.emit_metrics && h.state == "running" && h.total_final {
                 metrics::emit_bytes_pending(&rule.id, h.bytes_total.saturating_sub(h.bytes_done));
             }
             if let Some(window) = window {
@@ -341,7 +352,12 @@ impl StatusService {
             statuses.push(status);
         }
         let unattributed_failed = self
-            .read_stats(crate::state::NO_RULE_COUNTERS, series::recent_from(now), now, None)
+            .read_stats(
+                crate::state::NO_RULE_COUNTERS,
+                series::recent_from(now),
+                now,
+                None,
+            )
             .await?
             .lifetime()
             .failed;
@@ -632,7 +648,10 @@ pub async fn answer(
     if !method.eq_ignore_ascii_case("GET") {
         return error(405, format!("method {method} is not allowed: use GET"));
     }
-    if let Some(unknown) = query.keys().find(|k| !["rule", "series"].contains(&k.as_str())) {
+    if let Some(unknown) = query
+        .keys()
+        .find(|k| !["rule", "series"].contains(&k.as_str()))
+    {
         return error(
             400,
             format!("unknown query parameter '{unknown}': the only ones are 'rule' and 'series'"),
@@ -644,7 +663,10 @@ pub async fn answer(
         Err(e) => return error(400, e.to_string()),
     };
     if window.is_some() && rule.is_none() {
-        return error(400, "'series' needs 'rule': one rule's series at a time".into());
+        return error(
+            400,
+            "'series' needs 'rule': one rule's series at a time".into(),
+        );
     }
     match service.report_with(rule, window).await {
         Ok(report) => match serde_json::to_string(&report) {

@@ -33,7 +33,8 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let service = Arc::new(
         StatusService::new(state.clone(), state.clone(), state, queue, settings.settle)
             // Without a record in the table, the stack's own parameters say what it replicates.
-            .with_deployment_fallback(Deployment::from_env()),
+            .with_deployment_fallback(Deployment::from_env())
+            .with_metrics(),
     );
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<LambdaFunctionUrlRequest>| {
