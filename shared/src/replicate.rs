@@ -728,6 +728,26 @@ mod tests {
         deliver(&s.rep, "m3", "ObjectRemoved:Delete", "k").await;
         assert!(s.dst.bytes("k").is_none());
         assert_eq!(s.state.counters("r1").await.unwrap().deletes, 1);
+        // Every event that wrote the target has a replication latency (event time, days
+        // ago, to now): the copy, the delete that converged to a copy of the recreated
+        // key, and the delete.
+        let read = s
+            .state
+            .read_stats("r1", Utc::now() - chrono::Duration::hours(1))
+            .await
+            .unwrap();
+        let latencies: u64 = read
+            .minutes
+            .iter()
+            .map(|m| m.activity.latency.count())
+            .sum();
+        assert_eq!(latencies, 3);
+        let max = read
+            .minutes
+            .iter()
+            .filter_map(|m| m.activity.latency.max_ms)
+            .max();
+        assert!(max >= Some(86_400_000), "{max:?}");
     }
 
     #[tokio::test]

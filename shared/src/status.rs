@@ -1062,6 +1062,53 @@ mod tests {
         assert_eq!(h.eta_seconds, Some(3600));
     }
 
+    #[tokio::test]
+    async fn the_series_answer_has_a_point_per_minute_and_refuses_other_windows() {
+        use crate::memory::MemoryState;
+        use crate::series::Activity;
+        let store = Arc::new(MemoryState::default());
+        store.create_rule(&rule("r", "a", "b")).await.unwrap();
+        let now = Utc::now();
+        let minute = series::minute_of(now) - chrono::Duration::minutes(2);
+        let mut activity = Activity::of_counters(RealtimeCounters {
+            replicated_objects: 2,
+            replicated_bytes: 20,
+            ..RealtimeCounters::default()
+        });
+        activity.latency.record(800);
+        store.add_activity("r", minute, &activity).await.unwrap();
+        let service = StatusService::new(
+            store.clone(),
+            store.clone(),
+            store.clone(),
+            None,
+            Duration::ZERO,
+        );
+        let ask = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let got = answer(&service, "GET", &ask(&[("rule", "r"), ("series", "6h")])).await;
+        assert_eq!(got.status, 200, "{}", got.body);
+        let report: StatusReport = serde_json::from_str(&got.body).unwrap();
+        let s = report.rules[0].series.as_ref().unwrap();
+        assert_eq!(s.points.len(), 360);
+        let p = s.points.iter().find(|p| p.t == minute).unwrap();
+        assert_eq!((p.replicated_objects, p.replicated_bytes), (2, 20));
+        assert_eq!((p.latency_p50_ms, p.latency_max_ms), (Some(800), Some(800)));
+        assert_eq!(report.rules[0].realtime.replicated_objects, 2);
+        for bad in ["24", "7d", ""] {
+            let got = answer(&service, "GET", &ask(&[("rule", "r"), ("series", bad)])).await;
+            assert_eq!(got.status, 400, "{bad}: {}", got.body);
+        }
+        let got = answer(&service, "GET", &ask(&[("series", "1h")])).await;
+        assert_eq!(got.status, 400);
+        let got = answer(&service, "GET", &ask(&[("rule", "r")])).await;
+        assert!(!got.body.contains("series"), "{}", got.body);
+    }
+
     #[test]
     fn a_rule_outside_the_deployment_is_never_caught_up() {
         let mut outside = rule("outside", "a", "b");
