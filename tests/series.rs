@@ -7,21 +7,22 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_s3::primitives::ByteStream;
 use chrono::{DateTime, Utc};
-use crr_shared::backfill::BackfillStore;
+use crr_shared::backfill::{BackfillSettings, BackfillStore, Backfiller};
+use crr_shared::copy::CopyEngine;
 use crr_shared::dynamo::{DynamoStore, TTL_ATTRIBUTE};
 use crr_shared::replicate::{Replicator, ReplicatorSettings};
 use crr_shared::rule::Notify;
 use crr_shared::rule_admin::create_rule;
-use crr_shared::series::{self, Activity, MinuteAggregate};
+use crr_shared::series::{self, Activity, MinuteAggregate, Window};
 use crr_shared::state::{RealtimeCounters, RuleStore, StatsStore};
-use crr_shared::status::{StatusReport, StatusService, answer};
-use crr_tests::{Stack, rule, s3_notification, unique};
+use crr_shared::status::{SqsEventQueue, StatusReport, StatusService, answer};
+use crr_tests::{Stack, eventually, rule, s3_notification, seed, unique};
 
 fn dynamodb(stack: &Stack) -> aws_sdk_dynamodb::Client {
     let conf = aws_sdk_dynamodb::config::Builder::from(&stack.sdk(&stack.a.region))
@@ -339,5 +340,95 @@ async fn racing_rollups_move_each_finished_minute_into_the_totals_once() -> Resu
     assert_eq!(state.counters(&r.id).await?.replicated_objects, 5);
     state.delete_rule(&r).await?;
     assert_eq!(state.counters(&r.id).await?, RealtimeCounters::default());
+    Ok(())
+}
+
+/// The backfill records what it examined per minute (the series' `backfill_objects`, and
+/// the percent derived from them), and a status read samples the queue's backlog into the
+/// current minute (`pending`).
+#[tokio::test]
+async fn the_backfill_and_the_backlog_show_in_the_series() -> Result<()> {
+    let stack = Stack::from_env()?;
+    let table = unique("series");
+    let state = Arc::new(stack.state(&table).await?);
+    let (src, dst) = stack.bucket_pair(&stack.a, &stack.b).await?;
+    let history = (0..30)
+        .map(|i| (format!("old/{i:02}"), vec![b'h'; 10]))
+        .collect();
+    seed(&stack, &stack.a, &src, history, 4).await?;
+    let mut r = rule(&unique("rule"), stack.a.bucket(&src), stack.b.bucket(&dst));
+    r.notify = Notify::External;
+    r.historical = true;
+    let r = create_rule(state.as_ref(), &stack.s3_clients(), r).await?;
+    let backfiller = Backfiller::new(
+        state.clone(),
+        state.clone(),
+        Arc::new(stack.s3_clients()),
+        CopyEngine::default(),
+        BackfillSettings {
+            page_size: 7,
+            ..BackfillSettings::default()
+        },
+    )
+    .with_stats(state.clone());
+    backfiller.start(&r.id).await?;
+    let started = series::minute_of(Utc::now());
+    backfiller
+        .run(
+            Some(&r.id),
+            "series-test",
+            Instant::now() + Duration::from_secs(60),
+        )
+        .await?;
+
+    let (queue_url, _) = stack.create_queue(&stack.a, &unique("events"), 30).await?;
+    for i in 0..3 {
+        stack
+            .sqs(&stack.a)
+            .send_message()
+            .queue_url(&queue_url)
+            .message_body(format!("{{\"n\": {i}}}"))
+            .send()
+            .await?;
+    }
+    let queue = Arc::new(SqsEventQueue::new(
+        stack.sqs(&stack.a),
+        &queue_url,
+        None,
+        None,
+    ));
+    let service = StatusService::new(
+        state.clone(),
+        state.clone(),
+        state.clone() as Arc<dyn BackfillStore>,
+        Some(queue),
+        Duration::ZERO,
+    );
+    let window = Window::parse("1h")?;
+    // The first read of a minute samples the backlog; a read after it shows the sample.
+    let report = eventually(Duration::from_secs(30), "a backlog sample", || async {
+        let report = service.report_with(Some(&r.id), Some(window)).await?;
+        let sampled = report.rules[0]
+            .series
+            .as_ref()
+            .is_some_and(|s| s.points.iter().any(|p| p.pending == Some(3)));
+        Ok(sampled.then_some(report))
+    })
+    .await?;
+    let status = &report.rules[0];
+    assert_eq!(status.historical.objects_done, 30);
+    let s = status.series.as_ref().context("series")?;
+    let examined: u64 = s.points.iter().map(|p| p.backfill_objects).sum();
+    let bytes: u64 = s.points.iter().map(|p| p.backfill_bytes).sum();
+    assert_eq!((examined, bytes), (30, 300));
+    // Before the migration 0%, after it 100%.
+    let before = s
+        .points
+        .iter()
+        .find(|p| p.t < started)
+        .context("a minute before the migration")?;
+    assert_eq!(before.backfill_percent_objects, Some(0.0));
+    let last = s.points.last().context("points")?;
+    assert_eq!(last.backfill_percent_objects, Some(100.0));
     Ok(())
 }
