@@ -298,7 +298,7 @@
       planButton, planBody);
     historical.addEventListener('change', () => { historyBox.hidden = form.historical.value !== 'yes'; });
 
-    const advanced = el('details', { class: 'advanced' }, el('summary', {}, 'Advanced: endpoints, copy mode, storage class'),
+    const advanced = el('details', { class: 'advanced' }, el('summary', {}, 'Advanced: endpoints, notifications, copy mode, storage class'),
       el('div', { class: 'grid2' },
         field('source.endpoint_url', 'Source endpoint URL', text({ placeholder: 'AWS S3 when empty' }), 'For S3-compatible sources (OSS, MinIO) and local servers.'),
         field('target.endpoint_url', 'Target endpoint URL', text({ placeholder: 'AWS S3 when empty' })),
@@ -310,7 +310,12 @@
           el('option', { value: 'stream' }, 'Stream (read, then write)'))),
         field('storage_class', 'Storage class of replicas', el('select', {},
           el('option', { value: '' }, 'Same as the source object'),
-          ['STANDARD', 'STANDARD_IA', 'ONEZONE_IA', 'INTELLIGENT_TIERING', 'GLACIER_IR', 'GLACIER', 'DEEP_ARCHIVE', 'REDUCED_REDUNDANCY'].map((c) => el('option', { value: c }, c))))));
+          ['STANDARD', 'STANDARD_IA', 'ONEZONE_IA', 'INTELLIGENT_TIERING', 'GLACIER_IR', 'GLACIER', 'DEEP_ARCHIVE', 'REDUCED_REDUNDANCY'].map((c) => el('option', { value: c }, c)))),
+        field('notify.type', 'Source events reach crr', el('select', {},
+          el('option', { value: 'event-bridge' }, 'Through EventBridge (default)'),
+          el('option', { value: 'queue' }, 'Straight to an SQS queue'),
+          el('option', { value: 'external' }, 'By the provider\'s own mechanism'))),
+        field('notify.arn', 'SQS queue ARN (straight to a queue)', text({ placeholder: 'arn:aws:sqs:us-east-1:123456789012:crr-events' }))));
 
     const formError = el('div', { class: 'alert', id: 'form-error', role: 'alert', hidden: true });
     const submit = el('button', { type: 'submit', class: 'button primary', id: 'create-submit' }, 'OK');
@@ -346,6 +351,7 @@
         copy_mode: v('copy_mode'),
       };
       if (v('storage_class')) rule.storage_class = v('storage_class');
+      rule.notify = v('notify.type') === 'queue' ? { type: 'queue', arn: v('notify.arn') } : { type: v('notify.type') };
       return rule;
     }
 
@@ -363,7 +369,7 @@
         slot.hidden = false;
         const input = form.elements.namedItem(name);
         if (input && input.classList) { input.classList.add('invalid'); input.focus(); }
-        if (name.startsWith('source.endpoint') || name.startsWith('target.endpoint') || name === 'copy_mode' || name === 'storage_class') advanced.open = true;
+        if (advanced.contains(slot)) advanced.open = true;
         slot.scrollIntoView({ block: 'center' });
       } else {
         formError.textContent = data.error;
