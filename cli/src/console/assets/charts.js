@@ -62,6 +62,12 @@
     const sc = pickScale(unit, v);
     const x = v / sc[0];
     const a = Math.abs(x);
+    if (unit === 'percent') {
+      // one decimal, and never a rounded-up 100% before the end (99.96 reads 99.9%)
+      let text = trimNumber(x, a === 0 || a >= 100 ? 0 : a < 1 ? 2 : 1);
+      if (x < 100 && +text >= 100) text = '99.9';
+      return text + '%';
+    }
     const decimals = a === 0 ? 0 : a < 1 ? 2 : a < 10 ? 1 : 0;
     return trimNumber(x, decimals) + sc[1];
   }
@@ -70,14 +76,15 @@
 
   // Candidate tick steps for a unit: 1-2-5 decades, binary multiples for bytes, clock
   // steps (15 s, 30 s, 1 min, 5 min ...) for durations.
-  function stepCandidates(unit) {
+  function stepCandidates(unit, hi) {
     const out = [];
     if (unit === 'bytes' || unit === 'bytes/s') {
-      for (let i = 0; i < BIN.length; i++) {
-        for (const m of [1, 2, 5, 10, 20, 50, 100, 200, 500]) out.push(m * BIN[i]);
+      // steps round in the unit the axis will be labelled in: 0.5 GiB, not 500 MiB
+      const div = pickScale(unit, hi)[0];
+      for (const m of [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 250, 500, 1000]) {
+        if (div > 1 || m >= 1) out.push(m * div);
       }
-      for (const m of [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]) out.unshift(m);
-      return out.sort((a, b) => a - b);
+      return out;
     }
     for (let e = -3; e <= 15; e++) for (const m of [1, 2, 5]) out.push(m * Math.pow(10, e));
     if (unit === 'ms') {
@@ -93,7 +100,7 @@
   function niceScale(lo, hi, unit, maxTicks, fixedMax) {
     const integral = unit === 'count' || unit === 'objects/min';
     let step = 1;
-    for (const s of stepCandidates(unit)) {
+    for (const s of stepCandidates(unit, Math.max(Math.abs(lo), Math.abs(hi), fixedMax || 0))) {
       if (integral && s < 1 && hi >= 1) continue;
       const top = fixedMax !== undefined ? fixedMax : Math.ceil(hi / s - 1e-9) * s;
       const bottom = Math.floor(lo / s + 1e-9) * s;
@@ -120,6 +127,14 @@
       return 3;
     };
     while (idx > 0 && decimalsFor(scales[idx][0]) > 1) idx--;
+    if ((unit === 'count' || unit === 'objects/min') && idx > 0 && step < scales[idx][0]) {
+      // counts read better each in its own scale: 200, 400 ... 1k rather than 0.2k ... 1k
+      return (v) => {
+        if (v === 0) return '0';
+        const own = pickScale(unit, v);
+        return trimNumber(v / own[0], decimalsFor(own[0])) + own[1];
+      };
+    }
     const sc = scales[idx];
     const decimals = decimalsFor(sc[0]);
     return (v) => (v === 0 ? '0' : trimNumber(v / sc[0], decimals) + sc[1]);
@@ -332,8 +347,14 @@
     let model = null;
     let layout = null;
     let hoverIndex = -1; // index into model.ts under the crosshair, -1 when none
+    // What drives the crosshair: the pointer (re-resolved from its x after an update, so the
+    // data under a resting mouse follows a live page) or the keyboard (stays on its minute).
+    let hoverSource = '';
+    let hoverClientX = 0;
+    let hoverT = NaN;
     let lastWidth = 0;
     let destroyed = false;
+    let fontCache = ''; // the canvas font matching the axis labels, read once from the CSS
 
     // Skeleton, built once; update() only rewrites attributes and the axis group.
     const root = el('div', 'crr-chart', null);
@@ -343,7 +364,6 @@
     const summaryEl = el('div', 'crr-chart-summary', head);
     const plot = el('div', 'crr-chart-plot', root);
     const svg = svgEl('svg', { class: 'crr-chart-svg', height: HEIGHT, role: 'img', tabindex: '0', focusable: 'true' }, plot);
-    const titleNode = svgEl('title', {}, svg);
     const defs = svgEl('defs', {}, svg);
     const clip = svgEl('clipPath', { id: id + '-clip' }, defs);
     const clipRect = svgEl('rect', {}, clip);
@@ -394,6 +414,8 @@
       }
       model = {
         series, ts: aligned.ts, values: aligned.values, step, x0, x1, span,
+        // where "now" is: the window's end when given, else the newest point of any series
+        tEnd: opts.to !== undefined && Number.isFinite(+opts.to) ? +opts.to : Number.isFinite(tMax) ? tMax : x1,
         empty: !series.some((s) => s.nonZero),
         markers: (Array.isArray(opts.markers) ? opts.markers : []).filter((m) => m && Number.isFinite(+m.t)),
         crossesMidnight: dayKey(x0) !== dayKey(x1),
@@ -418,12 +440,16 @@
     function summaryText() {
       const s = model.series[0];
       if (!s || !s.count) return opts.emptyText || 'No data';
-      const stale = s.lastT < model.x1 - Math.max(5 * model.step, 5 * MINUTE) - (opts.kind === 'bar' ? model.step / 2 : 0);
+      const stale = s.lastT < model.tEnd - Math.max(5 * model.step, 5 * MINUTE);
       const parts = [];
       parts.push(stale ? 'last ' + formatValue(s.last, opts.unit) + ' at ' + timeLabel(s.lastT) : 'now ' + formatValue(s.last, opts.unit));
       parts.push('max ' + formatValue(s.max, opts.unit));
       if (opts.kind === 'bar' && opts.unit !== 'percent' && opts.unit !== 'ms') parts.push('total ' + formatValue(s.sum, opts.unit === 'objects/min' ? 'count' : opts.unit));
       return parts.join(' \u00b7 ');
+    }
+
+    function thresholds() {
+      return (Array.isArray(opts.thresholds) ? opts.thresholds : []).filter((th) => th && Number.isFinite(+th.value)).map((th) => ({ value: +th.value, label: th.label ? String(th.label) : '' }));
     }
 
     function ariaLabel() {
@@ -443,18 +469,25 @@
         const p = seriesPaths.pop();
         p.fill.remove();
         p.line.remove();
+        p.lone.remove();
         dots.pop().remove();
       }
       while (seriesPaths.length < n) {
-        seriesPaths.push({ fill: svgEl('path', { class: 'crr-chart-fill' }, gData), line: svgEl('path', { class: 'crr-chart-line' }, gData) });
+        seriesPaths.push({
+          fill: svgEl('path', { class: 'crr-chart-fill' }, gData),
+          line: svgEl('path', { class: 'crr-chart-line' }, gData),
+          lone: svgEl('path', { class: 'crr-chart-lone' }, gData),
+        });
         dots.push(svgEl('circle', { class: 'crr-chart-dot', r: '3.5' }, gHover));
       }
       // Keep paint order = series order (fills under lines), whatever was appended when.
       for (const p of seriesPaths) gData.appendChild(p.fill);
       for (const p of seriesPaths) gData.appendChild(p.line);
+      for (const p of seriesPaths) gData.appendChild(p.lone);
       model.series.forEach((s, i) => {
         seriesPaths[i].fill.setAttribute('style', 'fill:' + s.color);
         seriesPaths[i].line.setAttribute('style', 'stroke:' + s.color);
+        seriesPaths[i].lone.setAttribute('style', 'stroke:' + s.color);
         dots[i].setAttribute('style', 'stroke:' + s.color);
       });
     }
@@ -522,7 +555,8 @@
       const tickLabels = y.ticks.map(fmtTick);
 
       // margins: the y labels' measured width on the left, room for the last time label on the right
-      const font = FONT_PX + 'px ' + (getComputedStyle(root).fontFamily || 'sans-serif');
+      if (!fontCache) fontCache = FONT_PX + 'px ' + (getComputedStyle(root).fontFamily || 'sans-serif');
+      const font = fontCache;
       let labelW = 0;
       for (const l of tickLabels) labelW = Math.max(labelW, textWidth(l, font));
       const ml = Math.ceil(labelW) + 10;
@@ -563,30 +597,36 @@
         if (px - w / 2 < ml - 6 || px + w / 2 > width - 1) continue; // would collide with the y labels or overflow
         axes += '<text class="crr-chart-xlabel' + (day ? ' crr-chart-xlabel-day' : '') + '" x="' + px + '" y="' + (mt + ph + 15) + '" text-anchor="middle">' + esc(label) + '</text>';
       }
+      for (const th of thresholds()) {
+        if (th.value < y.y0 || th.value > y.y1) continue; // off scale: the lines never stretch the axis
+        const py = Math.round(Y(th.value)) + 0.5;
+        grid += '<line class="crr-chart-threshold" x1="' + ml + '" x2="' + right + '" y1="' + py + '" y2="' + py + '"/>';
+        if (th.label) axes += '<text class="crr-chart-threshold-label" x="' + (right - 2) + '" y="' + (py - 4) + '" text-anchor="end">' + esc(th.label) + '</text>';
+      }
       gGrid.innerHTML = grid;
       gAxes.innerHTML = axes;
 
       // markers: a dashed line and a label row at the top, staggered when labels would overlap
+      // markers: a dashed line each and one label row at the top; markers closer than their
+      // labels share one label ('paused · resumed')
       let mk = '';
-      let lastEnd = -Infinity;
+      const groups = [];
       for (const marker of m.markers.slice().sort((a, b) => a.t - b.t)) {
         const t = +marker.t;
         if (t < m.x0 || t > m.x1) continue;
         const px = Math.round(X(t)) + 0.5;
-        const label = marker.label ? String(marker.label) : '';
-        const w = label ? textWidth(label, font) + 8 : 0;
         mk += '<line class="crr-chart-marker" x1="' + px + '" x2="' + px + '" y1="' + (mt - 4) + '" y2="' + (mt + ph) + '"/>';
-        if (!label) continue;
-        let lx = px + 3;
-        let anchor = 'start';
-        if (lx + w > width) {
-          lx = px - 3;
-          anchor = 'end';
-        }
-        const left = anchor === 'start' ? lx : lx - w;
-        if (left < lastEnd + 4) continue; // the previous label already owns this spot; the tooltip still names it
-        lastEnd = left + w;
-        mk += '<text class="crr-chart-marker-label" x="' + (anchor === 'start' ? lx + 2 : lx - 2) + '" y="' + (mt - 7) + '" text-anchor="' + anchor + '">' + esc(label) + '</text>';
+        if (!marker.label) continue;
+        const g = groups[groups.length - 1];
+        const label = String(marker.label);
+        if (g && px < g.px + textWidth(g.label, font) + 12) {
+          if (g.label.split(' \u00b7 ').indexOf(label) < 0) g.label += ' \u00b7 ' + label;
+        } else groups.push({ px, label });
+      }
+      for (const g of groups) {
+        const w = textWidth(g.label, font);
+        const start = g.px + w + 6 <= width;
+        mk += '<text class="crr-chart-marker-label" x="' + (start ? g.px + 4 : g.px - 4) + '" y="' + (mt - 7) + '" text-anchor="' + (start ? 'start' : 'end') + '">' + esc(g.label) + '</text>';
       }
       gMarkers.innerHTML = mk;
 
@@ -599,31 +639,37 @@
         const show = visible[i];
         p.line.style.display = show ? '' : 'none';
         p.fill.style.display = show ? '' : 'none';
+        p.lone.style.display = show ? '' : 'none';
         p.line.setAttribute('class', 'crr-chart-line crr-chart-kind-' + kind);
         p.fill.setAttribute('class', 'crr-chart-fill crr-chart-kind-' + kind + (stacked ? ' crr-chart-stacked' : ''));
         if (!show) return;
         if (kind === 'bar') {
           p.line.setAttribute('d', '');
+          p.lone.setAttribute('d', '');
           p.fill.setAttribute('d', stacked ? barPath(m.ts, m.values[i], cum) : barPath(s.t, s.v, null));
         } else if (stacked) {
           const d = stackedAreaPaths(m.ts, m.values[i], cum, gapLimit);
           p.fill.setAttribute('d', d.fill);
           p.line.setAttribute('d', d.line);
+          p.lone.setAttribute('d', d.lone);
         } else {
           const d = linePaths(s.t, s.v, gapLimit, kind === 'area' ? base : null);
           p.line.setAttribute('d', d.line);
           p.fill.setAttribute('d', d.fill);
+          p.lone.setAttribute('d', d.lone);
         }
       });
 
       function linePaths(t, v, gap, baseY) {
         let line = '';
         let fill = '';
+        let lone = ''; // points with a gap on both sides, drawn as dots (a line would not show them)
         let seg = '';
         let segStartX = 0, segLastX = 0, segN = 0, prevT = -Infinity;
         const flush = () => {
           if (!segN) return;
-          line += segN === 1 ? seg + 'h0.1' : seg; // a lone point is drawn as a round-capped dot
+          if (segN === 1) lone += seg + 'h0.01';
+          else line += seg;
           if (baseY !== null) fill += seg + 'L' + segLastX + ',' + r1(baseY) + 'L' + segStartX + ',' + r1(baseY) + 'Z';
           seg = '';
           segN = 0;
@@ -646,18 +692,20 @@
           segN++;
         }
         flush();
-        return { line, fill };
+        return { line, fill, lone };
       }
 
       function stackedAreaPaths(t, v, acc, gap) {
         let line = '';
         let fill = '';
+        let lone = '';
         let top = [];
         let bottom = [];
         let prevT = -Infinity;
         const flush = () => {
           if (top.length) {
-            line += 'M' + top.join('L') + (top.length === 1 ? 'h0.1' : '');
+            if (top.length === 1) lone += 'M' + top[0] + 'h0.01';
+            else line += 'M' + top.join('L');
             fill += 'M' + top.join('L') + 'L' + bottom.reverse().join('L') + 'Z';
           }
           top = [];
@@ -676,7 +724,7 @@
           acc[k] = tp;
         }
         flush();
-        return { line, fill };
+        return { line, fill, lone };
       }
 
       function barPath(t, v, acc) {
@@ -704,9 +752,12 @@
       empty.style.height = ph + 'px';
       empty.hidden = !m.empty;
       svg.setAttribute('aria-label', ariaLabel());
-      titleNode.textContent = opts.title || '';
 
-      if (hoverIndex >= 0) showHover(hoverIndex, false);
+      if (hoverIndex >= 0) {
+        const i = hoverSource === 'pointer' ? indexAtClientX(hoverClientX) : nearestIndex(m.ts, hoverT);
+        if (i >= 0) showHover(i, false);
+        else hideHover();
+      }
     }
 
     // --------------------------------------------------------------------- hover
@@ -717,6 +768,7 @@
       if (!L || index < 0 || index >= m.ts.length) return hideHover();
       hoverIndex = index;
       const t = m.ts[index];
+      hoverT = t;
       const px = Math.round(L.X(t)) + 0.5;
       crosshair.setAttribute('x1', String(px));
       crosshair.setAttribute('x2', String(px));
@@ -783,12 +835,14 @@
     }
 
     function onPointerMove(e) {
+      hoverSource = 'pointer';
+      hoverClientX = e.clientX;
       const i = indexAtClientX(e.clientX);
       if (i < 0) hideHover();
       else if (i !== hoverIndex || tooltip.style.display !== 'block') showHover(i, false);
     }
     function onPointerLeave() {
-      if (document.activeElement !== svg) hideHover();
+      if (hoverSource === 'pointer') hideHover();
     }
     function onKeyDown(e) {
       const n = model ? model.ts.length : 0;
@@ -806,10 +860,14 @@
         default: return;
       }
       e.preventDefault();
+      hoverSource = 'key';
       showHover(Math.max(0, Math.min(n - 1, i)), true);
     }
     function onFocus() {
-      if (hoverIndex < 0 && model && model.ts.length) showHover(model.ts.length - 1, true);
+      if (hoverIndex < 0 && model && model.ts.length) {
+        hoverSource = 'key';
+        showHover(model.ts.length - 1, true);
+      }
     }
     function onBlur() {
       hideHover();
