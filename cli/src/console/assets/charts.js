@@ -4,10 +4,24 @@
 // with include_str! and serves it next to charts.css. Everything lives in this one
 // closure; the only global is window.CrrCharts.
 //
-//   const chart = CrrCharts.timeSeries(div, {title, unit, kind, stacked, yMax, series,
-//                                             markers, emptyText, from, to});
-//   chart.update({...same options...});   // re-renders in place, no flicker
+//   const chart = CrrCharts.timeSeries(div, {
+//     title, unit: 'ms'|'bytes'|'count'|'percent'|'bytes/s'|'objects/min',
+//     kind: 'line'|'area'|'bar', stacked, yMax,
+//     series: [{name, color, points: [[epochMillis, valueOrNull], ...]}],
+//     markers: [{t, label}], emptyText,
+//     // optional extras:
+//     from, to,                        // fixed time window (epoch ms), else the data's extent
+//     thresholds: [{value, label}],    // horizontal reference lines (drawn when on scale)
+//   });
+//   chart.update({...same options...});   // re-renders in place, no flicker; legend and
+//                                         // hover state survive
 //   chart.destroy();
+//   chart.element                         // the root div (data-chart, data-points)
+//   CrrCharts.format(value, unit)         // the tooltip formatter, for tables next to charts
+//
+// A series colour may be any CSS colour or a palette variable such as
+// 'var(--crr-chart-bad)' (see charts.css); by default series take --crr-chart-c1..c8.
+// null values are gaps; so are holes in time longer than 2.5 sampling steps.
 //
 // Rendering is one SVG per chart, one <path> per series (bars included), so 3 series
 // of 1440 points cost a few string concatenations and one DOM write per path.
@@ -137,7 +151,7 @@
     }
     const sc = scales[idx];
     const decimals = decimalsFor(sc[0]);
-    return (v) => (v === 0 ? '0' : trimNumber(v / sc[0], decimals) + sc[1]);
+    return (v) => (v === 0 && unit !== 'percent' ? '0' : trimNumber(v / sc[0], decimals) + sc[1]);
   }
 
   // ------------------------------------------------------------------------ time axis
@@ -163,11 +177,11 @@
   }
 
   // Ticks on local clock boundaries (every 2 h at 02:00, 04:00 ...) with the interval
-  // chosen so labels keep ~80 px apart.
+  // chosen so labels keep at least ~64 px apart.
   function timeTicks(x0, x1, plotWidth) {
-    const maxTicks = Math.max(2, Math.floor(plotWidth / 80));
+    const maxTicks = Math.max(2, Math.floor(plotWidth / 64));
     const span = x1 - x0;
-    const minutes = [1, 2, 5, 10, 15, 30, 60, 120, 180, 360, 720, 1440, 2880, 10080];
+    const minutes = [1, 2, 5, 10, 15, 30, 60, 120, 180, 240, 360, 720, 1440, 2880, 10080];
     let every = minutes[minutes.length - 1];
     for (const m of minutes) {
       if (span / (m * MINUTE) <= maxTicks) {
@@ -493,7 +507,7 @@
     }
 
     function buildLegend() {
-      const want = model.series.map((s) => s.name + '\u0000' + s.color).join('\u0001');
+      const want = opts.kind + '\u0002' + model.series.map((s) => s.name + '\u0000' + s.color).join('\u0001');
       if (legend.dataset.key !== want) {
         legend.dataset.key = want;
         legend.textContent = '';
