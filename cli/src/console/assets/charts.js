@@ -367,6 +367,8 @@
     let hoverClientX = 0;
     let hoverT = NaN;
     let lastWidth = 0;
+    let stale = false; // an update arrived while the chart was hidden
+    let retryFrame = 0;
     let destroyed = false;
     let fontCache = ''; // the canvas font matching the axis labels, read once from the CSS
 
@@ -377,7 +379,7 @@
     titleEl.id = id + '-title';
     const summaryEl = el('div', 'crr-chart-summary', head);
     const plot = el('div', 'crr-chart-plot', root);
-    const svg = svgEl('svg', { class: 'crr-chart-svg', height: HEIGHT, role: 'img', tabindex: '0', focusable: 'true' }, plot);
+    const svg = svgEl('svg', { class: 'crr-chart-svg', height: HEIGHT, role: 'img', tabindex: '0' }, plot);
     const defs = svgEl('defs', {}, svg);
     const clip = svgEl('clipPath', { id: id + '-clip' }, defs);
     const clipRect = svgEl('rect', {}, clip);
@@ -532,10 +534,23 @@
 
     // ------------------------------------------------------------------- rendering
 
-    function render() {
+    function render(isRetry) {
       if (destroyed || !model) return;
       const width = Math.floor(plot.clientWidth || container.clientWidth || 0);
-      if (width <= 0) return; // hidden (display:none); the ResizeObserver renders when shown
+      if (width <= 0) {
+        // Hidden (display:none): the ResizeObserver renders when it is shown. A page that
+        // hides, updates and shows again within one task never looks hidden to the observer,
+        // so look once more on the next frame.
+        stale = true;
+        if (!isRetry && !retryFrame) {
+          retryFrame = requestAnimationFrame(() => {
+            retryFrame = 0;
+            if (stale) render(true);
+          });
+        }
+        return;
+      }
+      stale = false;
       lastWidth = width;
       const m = model;
       const unit = opts.unit;
@@ -912,7 +927,7 @@
         rafPending = requestAnimationFrame(() => {
           rafPending = 0;
           const w = Math.floor(plot.clientWidth || 0);
-          if (w && w !== lastWidth) render();
+          if (w && (w !== lastWidth || stale)) render();
         });
       })
       : null;
@@ -933,6 +948,7 @@
         destroyed = true;
         if (ro) ro.disconnect();
         if (rafPending) cancelAnimationFrame(rafPending);
+        if (retryFrame) cancelAnimationFrame(retryFrame);
         svg.removeEventListener('pointermove', onPointerMove);
         svg.removeEventListener('pointerdown', onPointerMove);
         svg.removeEventListener('pointerleave', onPointerLeave);
