@@ -616,7 +616,9 @@
         grid += '<line class="' + (v === 0 ? 'crr-chart-zero' : 'crr-chart-gridline') + '" x1="' + ml + '" x2="' + right + '" y1="' + py + '" y2="' + py + '"/>';
         axes += '<text class="crr-chart-ylabel" x="' + (ml - 8) + '" y="' + py + '" dy="0.32em" text-anchor="end">' + esc(tickLabels[k]) + '</text>';
       });
-      const tt = timeTicks(m.x0, m.x1, pw);
+      // The interval follows the chart's width with a nominal y-label margin, not the exact
+      // plot width, so charts of one width on a page share their time ticks.
+      const tt = timeTicks(m.x0, m.x1, Math.min(pw, width - 60));
       for (const t of tt) {
         const px = Math.round(X(t)) + 0.5;
         const day = m.crossesMidnight && isMidnight(t);
