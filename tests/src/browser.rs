@@ -67,7 +67,8 @@ pub fn screenshot_dir() -> PathBuf {
 impl Browser {
     /// Starts chromedriver on a free port and opens a headless chromium session.
     pub async fn start() -> Result<Self> {
-        let driver_bin = std::env::var("CRR_CHROMEDRIVER").unwrap_or("/usr/bin/chromedriver".into());
+        let driver_bin =
+            std::env::var("CRR_CHROMEDRIVER").unwrap_or("/usr/bin/chromedriver".into());
         let chromium = std::env::var("CRR_CHROMIUM").unwrap_or("/usr/bin/chromium".into());
         if !std::path::Path::new(&driver_bin).exists() {
             bail!(
@@ -197,15 +198,25 @@ impl Browser {
                 }
             }
             if started.elapsed() > timeout {
-                bail!("timed out after {timeout:?} waiting for {what} ('{css}'); last seen: {last:?}");
+                bail!(
+                    "timed out after {timeout:?} waiting for {what} ('{css}'); last seen: {last:?}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 
-    /// Clicks the element `css` (waiting for it).
+    /// Clicks the element `css` (waiting for it), scrolled to the middle of the window
+    /// first so the sticky top bar cannot cover it.
     pub async fn click(&self, css: &str) -> Result<()> {
-        self.wait_for(css).await?.click().await?;
+        let el = self.wait_for(css).await?;
+        self.client
+            .execute(
+                "arguments[0].scrollIntoView({block: 'center'});",
+                vec![serde_json::to_value(&el)?],
+            )
+            .await?;
+        el.click().await?;
         Ok(())
     }
 
@@ -215,6 +226,19 @@ impl Browser {
         input.clear().await?;
         input.send_keys(text).await?;
         Ok(())
+    }
+
+    /// Scrolls the element `css` to the top of the window (under the top bar), then saves a
+    /// screenshot as `screenshot` does.
+    pub async fn screenshot_at(&self, name: &str, css: &str) -> Result<PathBuf> {
+        let el = self.wait_for(css).await?;
+        self.client
+            .execute(
+                "arguments[0].scrollIntoView({block: 'start'}); window.scrollBy(0, -70);",
+                vec![serde_json::to_value(&el)?],
+            )
+            .await?;
+        self.screenshot(name).await
     }
 
     /// Saves a PNG of the page as `<name>.png` in [`screenshot_dir`]; returns its path.

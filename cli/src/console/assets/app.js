@@ -455,7 +455,7 @@
       { title: 'Replication latency', unit: 'ms', kind: 'line', series: [{ name: 'p50', points: seriesOf(pts, 'latency_p50_ms') }, { name: 'max', points: seriesOf(pts, 'latency_max_ms') }], emptyText: 'No events replicated in this window' },
       { title: 'Objects replicated', unit: 'count', kind: 'bar', series: [{ name: 'objects / min', points: seriesOf(pts, 'replicated_objects') }], emptyText: 'No objects replicated in this window' },
       { title: 'Bytes replicated', unit: 'bytes', kind: 'bar', series: [{ name: 'bytes / min', points: seriesOf(pts, 'replicated_bytes') }], emptyText: 'No bytes replicated in this window' },
-      { title: 'Deletes and failures', unit: 'count', kind: 'bar', stacked: true, series: [{ name: 'deletes', points: seriesOf(pts, 'deletes') }, { name: 'suppressed deletes', points: seriesOf(pts, 'suppressed_deletes') }, { name: 'failed', points: seriesOf(pts, 'failed') }], emptyText: 'No deletes or failures in this window' },
+      { title: 'Deletes and failures', unit: 'count', kind: 'bar', stacked: true, series: [{ name: 'deletes', points: seriesOf(pts, 'deletes') }, { name: 'suppressed deletes', points: seriesOf(pts, 'suppressed_deletes') }, { name: 'failed', color: 'var(--crr-chart-bad)', points: seriesOf(pts, 'failed') }], emptyText: 'No deletes or failures in this window' },
       { title: 'Pending events', unit: 'count', kind: 'area', series: [{ name: 'pending', points: seriesOf(pts, 'pending') }], emptyText: 'No queue samples in this window' },
     ];
     if (historicalOn) {
