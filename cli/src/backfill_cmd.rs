@@ -68,6 +68,26 @@ pub enum BackfillCommand {
     },
 }
 
+/// The backfill's code with the CLI's memory budget, checkpointing large copies in the
+/// table.
+pub fn backfiller(
+    state: Arc<crr_shared::dynamo::DynamoStore>,
+    clients: S3Clients,
+    settings: BackfillSettings,
+) -> crr_shared::Result<Backfiller> {
+    Ok(Backfiller::new(
+        state.clone(),
+        state.clone(),
+        Arc::new(clients),
+        CopyEngine {
+            memory: crr_shared::config::object_memory()?,
+            ..CopyEngine::default()
+        },
+        settings,
+    )
+    .with_uploads(state))
+}
+
 pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
     let sdk = aws.sdk_config().await;
     let state = Arc::new(aws.state(&sdk).await);
@@ -90,17 +110,7 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
         },
         _ => BackfillSettings::default(),
     };
-    let backfiller = Backfiller::new(
-        state.clone(),
-        state.clone(),
-        Arc::new(clients.clone()),
-        CopyEngine {
-            memory: crr_shared::config::object_memory()?,
-            ..CopyEngine::default()
-        },
-        settings,
-    )
-    .with_uploads(state.clone());
+    let backfiller = backfiller(state.clone(), clients.clone(), settings)?;
     match cmd {
         BackfillCommand::Run { rule, .. } => {
             let started = std::time::Instant::now();

@@ -1,6 +1,7 @@
 //! `crr`: the console of crr, serverless cross-region replication for S3 buckets.
 
 mod backfill_cmd;
+mod console;
 mod deployment_cmd;
 mod local;
 mod redrive_cmd;
@@ -165,6 +166,12 @@ enum Command {
         after_help = "Examples:\n  crr verify photos\n  crr verify photos --checksum --json > drift.jsonl"
     )]
     Verify(verify_cmd::VerifyArgs),
+    /// The web console: rules, live progress and charts, the create dialog, and actions,
+    /// served on 127.0.0.1 with your credentials.
+    #[command(
+        after_help = "Examples:\n  crr console --open\n  crr console --listen 127.0.0.1:9000 --queue-url URL --dlq-url URL"
+    )]
+    Console(console::ConsoleArgs),
     /// Local development: the local stack, and function binaries behind a Lambda Runtime API emulator.
     #[command(subcommand)]
     Local(local::LocalCommand),
@@ -200,6 +207,7 @@ async fn run(cli: Cli) -> Result<()> {
             redrive_cmd::suppressed_cmd(&cli.aws, &rule, json).await
         }
         Command::Status(args) => status_cmd::run(&cli.aws, args).await,
+        Command::Console(args) => console::run(&cli.aws, args).await,
         Command::Verify(args) => {
             if verify_cmd::run(&cli.aws, args).await? {
                 std::process::exit(1);

@@ -1,8 +1,7 @@
 //! `crr redrive` and `crr suppressed`: what failed and what policy `write` held back.
 
 use anyhow::{Context, Result};
-use crr_shared::dead_letter::{DeadLetter, redrive};
-use crr_shared::event::{Incoming, parse_message_body};
+use crr_shared::dead_letter::{is_for_bucket, redrive};
 use crr_shared::state::{RuleStore, StatsStore};
 
 use crate::{AwsArgs, QueueArgs};
@@ -17,20 +16,6 @@ pub struct RedriveArgs {
     max: usize,
     #[command(flatten)]
     queue: QueueArgs,
-}
-
-fn buckets_of(letter: &DeadLetter) -> Vec<String> {
-    parse_message_body(&letter.body)
-        .map(|events| {
-            events
-                .into_iter()
-                .filter_map(|e| match e {
-                    Incoming::Change(c) => Some(c.bucket),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 pub async fn redrive_cmd(aws: &AwsArgs, args: RedriveArgs) -> Result<()> {
@@ -50,7 +35,7 @@ pub async fn redrive_cmd(aws: &AwsArgs, args: RedriveArgs) -> Result<()> {
     let sqs = args.queue.sqs_client(&sdk, queue_url);
     let report = redrive(&sqs, dlq_url, queue_url, args.max, |letter| {
         let chosen = match &source_bucket {
-            Some(bucket) => buckets_of(letter).contains(bucket),
+            Some(bucket) => is_for_bucket(letter, bucket),
             None => true,
         };
         if chosen {

@@ -248,12 +248,7 @@ pub async fn run(aws: &AwsArgs, cmd: RuleCommand) -> Result<()> {
 }
 
 async fn set_paused(state: &dyn RuleStore, id: &str, paused: bool) -> Result<()> {
-    let mut rule = state
-        .get_rule(id)
-        .await?
-        .ok_or_else(|| Error::RuleNotFound(id.to_string()))?;
-    rule.paused = paused;
-    state.update_rule(&rule).await?;
+    rule_admin::set_paused(state, id, paused).await?;
     // The replicate function re-reads rules within 30 seconds.
     println!("rule {id} {}", if paused { "paused" } else { "resumed" });
     Ok(())

@@ -45,23 +45,10 @@ fn parse_window(text: &str) -> std::result::Result<Window, String> {
 pub async fn run(aws: &AwsArgs, args: StatusArgs) -> Result<()> {
     let sdk = aws.sdk_config().await;
     let state = Arc::new(aws.state(&sdk).await);
-    let queue = args.queue.queue_url.as_ref().map(|url| {
-        Arc::new(SqsEventQueue::new(
-            args.queue.sqs_client(&sdk, url),
-            url,
-            args.queue.dlq_url.clone(),
-            // Only AWS publishes SQS metrics; a local stack has none to ask.
-            args.queue
-                .sqs_endpoint(url)
-                .is_none()
-                .then(|| crr_shared::aws_clients::cloudwatch(&sdk)),
-        )) as Arc<dyn EventQueue>
-    });
-    let service = StatusService::new(
-        state.clone(),
-        state.clone(),
+    let service = service(
+        &sdk,
         state,
-        queue,
+        &args.queue,
         Duration::from_secs(args.settle_secs),
     );
     let rule = args.rule.as_deref();
@@ -98,6 +85,29 @@ pub async fn run(aws: &AwsArgs, args: StatusArgs) -> Result<()> {
     }
     screen.leave();
     Ok(())
+}
+
+/// The status service over the table and, when given, the event queue: the code the
+/// status function runs.
+pub fn service(
+    sdk: &aws_config::SdkConfig,
+    state: Arc<crr_shared::dynamo::DynamoStore>,
+    queue_args: &QueueArgs,
+    settle: Duration,
+) -> StatusService {
+    let queue = queue_args.queue_url.as_ref().map(|url| {
+        Arc::new(SqsEventQueue::new(
+            queue_args.sqs_client(sdk, url),
+            url,
+            queue_args.dlq_url.clone(),
+            // Only AWS publishes SQS metrics; a local stack has none to ask.
+            queue_args
+                .sqs_endpoint(url)
+                .is_none()
+                .then(|| crr_shared::aws_clients::cloudwatch(sdk)),
+        )) as Arc<dyn EventQueue>
+    });
+    StatusService::new(state.clone(), state.clone(), state, queue, settle)
 }
 
 /// One line of the human view.

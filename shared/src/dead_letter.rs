@@ -123,7 +123,7 @@ impl crate::resumable::Continuations for SqsContinuations {
 }
 
 /// A message found in the dead-letter queue.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct DeadLetter {
     pub message_id: String,
     pub body: String,
@@ -154,44 +154,18 @@ pub async fn redrive(
     let mut held: HashMap<String, String> = HashMap::new();
     let mut seen: HashSet<String> = HashSet::new();
     while report.moved < max {
-        let out = client
-            .receive_message()
-            .queue_url(dlq_url)
-            .max_number_of_messages(10)
-            .wait_time_seconds(1)
-            .visibility_timeout(60)
-            .message_attribute_names("All")
-            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
-            .send()
-            .await
-            .map_err(|e| sqs_error("ReceiveMessage", dlq_url, e))?;
+        let out = receive(client, dlq_url).await?;
         let messages = out.messages.unwrap_or_default();
         if messages.is_empty() {
             break;
         }
         let mut fresh = false;
         for m in messages {
-            let (Some(id), Some(handle)) = (m.message_id(), m.receipt_handle()) else {
+            let (Some(letter), Some(handle)) = (letter_of(&m), m.receipt_handle()) else {
                 continue;
             };
-            fresh |= seen.insert(id.to_string());
-            let attr = |name: &str| {
-                m.message_attributes()
-                    .and_then(|a| a.get(name))
-                    .and_then(|v| v.string_value())
-                    .map(str::to_string)
-            };
-            let letter = DeadLetter {
-                message_id: id.to_string(),
-                body: m.body().unwrap_or_default().to_string(),
-                reason: attr(ERROR_ATTRIBUTE),
-                kind: attr(KIND_ATTRIBUTE),
-                receive_count: m
-                    .attributes()
-                    .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0),
-            };
+            let id = letter.message_id.clone();
+            fresh |= seen.insert(id.clone());
             if report.moved < max && select(&letter) {
                 client
                     .send_message()
@@ -209,7 +183,7 @@ pub async fn redrive(
                     .map_err(|e| sqs_error("DeleteMessage", dlq_url, e))?;
                 report.moved += 1;
             } else {
-                held.insert(id.to_string(), handle.to_string());
+                held.insert(id, handle.to_string());
             }
         }
         if !fresh {
@@ -217,7 +191,105 @@ pub async fn redrive(
         }
     }
     // Make what was looked at but not moved visible again at once.
-    for handle in held.values() {
+    release(client, dlq_url, held.values()).await?;
+    report.kept = held.len();
+    Ok(report)
+}
+
+/// Up to `max` messages of the DLQ, read without removing them: each is hidden for the
+/// short time of the read, then made visible again at once.
+pub async fn peek(client: &Client, dlq_url: &str, max: usize) -> Result<Vec<DeadLetter>> {
+    let mut letters: Vec<DeadLetter> = vec![];
+    let mut handles: Vec<String> = vec![];
+    let mut seen: HashSet<String> = HashSet::new();
+    while letters.len() < max {
+        let out = receive(client, dlq_url).await?;
+        let messages = out.messages.unwrap_or_default();
+        let mut fresh = false;
+        for m in &messages {
+            let (Some(letter), Some(handle)) = (letter_of(m), m.receipt_handle()) else {
+                continue;
+            };
+            handles.push(handle.to_string());
+            if seen.insert(letter.message_id.clone()) && letters.len() < max {
+                fresh = true;
+                letters.push(letter);
+            }
+        }
+        if !fresh {
+            break;
+        }
+    }
+    release(client, dlq_url, handles.iter()).await?;
+    Ok(letters)
+}
+
+/// The buckets and keys a dead-lettered message is about (empty when its body is not an
+/// event crr understands: those are listed with their reason all the same).
+pub fn changes_of(letter: &DeadLetter) -> Vec<(String, String)> {
+    crate::event::parse_message_body(&letter.body)
+        .map(|events| {
+            events
+                .into_iter()
+                .filter_map(|e| match e {
+                    crate::event::Incoming::Change(c) => Some((c.bucket, c.key)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether a dead-lettered message is about `source_bucket` (a rule's events).
+pub fn is_for_bucket(letter: &DeadLetter, source_bucket: &str) -> bool {
+    changes_of(letter).iter().any(|(b, _)| b == source_bucket)
+}
+
+async fn receive(
+    client: &Client,
+    dlq_url: &str,
+) -> Result<aws_sdk_sqs::operation::receive_message::ReceiveMessageOutput> {
+    client
+        .receive_message()
+        .queue_url(dlq_url)
+        .max_number_of_messages(10)
+        .wait_time_seconds(1)
+        .visibility_timeout(60)
+        .message_attribute_names("All")
+        .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+        .send()
+        .await
+        .map_err(|e| sqs_error("ReceiveMessage", dlq_url, e))
+}
+
+/// A received message as a dead letter (`None` without a message id).
+fn letter_of(m: &aws_sdk_sqs::types::Message) -> Option<DeadLetter> {
+    let attr = |name: &str| {
+        m.message_attributes()
+            .and_then(|a| a.get(name))
+            .and_then(|v| v.string_value())
+            .map(str::to_string)
+    };
+    Some(DeadLetter {
+        message_id: m.message_id()?.to_string(),
+        body: m.body().unwrap_or_default().to_string(),
+        reason: attr(ERROR_ATTRIBUTE),
+        kind: attr(KIND_ATTRIBUTE),
+        receive_count: m
+            .attributes()
+            .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    })
+}
+
+/// Makes received messages visible again at once.
+async fn release(
+    client: &Client,
+    dlq_url: &str,
+    handles: impl Iterator<Item = &String>,
+) -> Result<()> {
+    for handle in handles {
         client
             .change_message_visibility()
             .queue_url(dlq_url)
@@ -227,6 +299,5 @@ pub async fn redrive(
             .await
             .map_err(|e| sqs_error("ChangeMessageVisibility", dlq_url, e))?;
     }
-    report.kept = held.len();
-    Ok(report)
+    Ok(())
 }

@@ -180,6 +180,20 @@ pub fn clip(text: &str, max: usize) -> String {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The rule field an error is about, named as in the rule's JSON (`target.region`,
+    /// `prefixes`...), for a form to show the error next to that field.
+    pub fn rule_field(&self) -> Option<String> {
+        match self {
+            Error::InvalidRule { field, .. } | Error::BucketClaimed { field, .. } => {
+                Some(field.clone())
+            }
+            Error::RuleExists(_) => Some("id".into()),
+            Error::BucketNotAllowed { role, .. } => Some(format!("{role}.bucket")),
+            Error::EndpointNotAllowed { role, .. } => Some(format!("{role}.endpoint_url")),
+            _ => None,
+        }
+    }
+
     /// Whether doing the same thing again later may succeed. The only place this is decided.
     pub fn is_retryable(&self) -> bool {
         // A failed precondition or integrity check is retried: the usual cause is the

@@ -184,3 +184,15 @@ async fn abort_uploads(uploads: &dyn UploadStore, s3: &S3Clients, rule: &Rule) -
     }
     Ok(())
 }
+
+/// Pauses (or resumes) a rule: its events wait in the queue, then the DLQ, until it is
+/// resumed. The replicate function re-reads rules within 30 seconds.
+pub async fn set_paused(rules: &dyn RuleStore, id: &str, paused: bool) -> Result<Rule> {
+    let mut rule = rules
+        .get_rule(id)
+        .await?
+        .ok_or_else(|| Error::RuleNotFound(id.to_string()))?;
+    rule.paused = paused;
+    rules.update_rule(&rule).await?;
+    Ok(rule)
+}

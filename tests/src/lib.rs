@@ -752,5 +752,6 @@ pub async fn upload_in_parts(
     Ok(store.complete_multipart(key, &id, &done, None).await?)
 }
 
+pub mod browser;
 pub mod fault_proxy;
 pub mod perturb;
