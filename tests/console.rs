@@ -205,9 +205,7 @@ async fn create_a_rule_through_the_dialog() -> Result<()> {
             .is_err(),
         "b.jpg is not in the target: nothing to overwrite"
     );
-    browser
-        .screenshot_at("console-create-plan", "#overwrite-warning")
-        .await?;
+    browser.screenshot("console-create-plan").await?;
 
     browser.click("#create-submit").await?;
     browser
@@ -358,9 +356,7 @@ async fn a_migration_bar_reaches_100_percent_while_the_backfill_runs() -> Result
         )
         .await?;
     assert!(row.contains("missing"), "{row}");
-    browser
-        .screenshot_at("console-verify", "#verify-panel")
-        .await?;
+    browser.screenshot("console-verify").await?;
     browser.close().await
 }
 
@@ -461,9 +457,7 @@ async fn a_dead_lettered_event_is_redriven_and_the_rule_deleted() -> Result<()> 
         )
         .await?;
     assert!(row.contains("s3:PutObject"), "the reason is shown: {row}");
-    browser
-        .screenshot_at("console-failed-events", "#dead-letters")
-        .await?;
+    browser.screenshot("console-failed-events").await?;
     browser.click("#redrive").await?;
     browser
         .wait_for("#dead-letters-body [data-empty='dead-letters']")

@@ -281,22 +281,29 @@ impl Browser {
         Ok(())
     }
 
-    /// Scrolls the element `css` to the top of the window (under the top bar), then saves a
-    /// screenshot as `screenshot` does.
-    pub async fn screenshot_at(&self, name: &str, css: &str) -> Result<PathBuf> {
-        let el = self.wait_for(css).await?;
-        self.client
-            .execute(
-                "arguments[0].scrollIntoView({block: 'start'}); window.scrollBy(0, -70);",
-                vec![serde_json::to_value(&el)?],
-            )
-            .await?;
-        self.screenshot(name).await
-    }
-
-    /// Saves a PNG of the page as `<name>.png` in [`screenshot_dir`]; returns its path.
+    /// Saves a PNG of the whole page (the window grown to the page's height, at most
+    /// 4000 px) as `<name>.png` in [`screenshot_dir`]; returns its path.
     pub async fn screenshot(&self, name: &str) -> Result<PathBuf> {
+        let height = self
+            .client
+            .execute("return document.documentElement.scrollHeight;", vec![])
+            .await?
+            .as_u64()
+            .unwrap_or(1100)
+            .clamp(600, 4000);
+        let (width, old_height) = self.client.get_window_size().await?;
+        // The window's outer height includes no browser chrome in headless mode.
+        self.client
+            .set_window_size(width as u32, height as u32)
+            .await?;
+        self.client
+            .execute("window.scrollTo(0, 0);", vec![])
+            .await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let png = self.client.screenshot().await?;
+        self.client
+            .set_window_size(width as u32, old_height as u32)
+            .await?;
         let dir = screenshot_dir();
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(format!("{name}.png"));
