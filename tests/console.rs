@@ -205,9 +205,7 @@ async fn create_a_rule_through_the_dialog() -> Result<()> {
             .is_err(),
         "b.jpg is not in the target: nothing to overwrite"
     );
-    browser
-        .screenshot_at("console-create-plan", "#overwrite-warning")
-        .await?;
+    browser.screenshot("console-create-plan").await?;
 
     browser.click("#create-submit").await?;
     browser
@@ -358,9 +356,7 @@ async fn a_migration_bar_reaches_100_percent_while_the_backfill_runs() -> Result
         )
         .await?;
     assert!(row.contains("missing"), "{row}");
-    browser
-        .screenshot_at("console-verify", "#verify-panel")
-        .await?;
+    browser.screenshot("console-verify").await?;
     browser.close().await
 }
 
@@ -461,9 +457,7 @@ async fn a_dead_lettered_event_is_redriven_and_the_rule_deleted() -> Result<()> 
         )
         .await?;
     assert!(row.contains("s3:PutObject"), "the reason is shown: {row}");
-    browser
-        .screenshot_at("console-failed-events", "#dead-letters")
-        .await?;
+    browser.screenshot("console-failed-events").await?;
     browser.click("#redrive").await?;
     browser
         .wait_for("#dead-letters-body [data-empty='dead-letters']")
@@ -499,4 +493,109 @@ async fn a_dead_lettered_event_is_redriven_and_the_rule_deleted() -> Result<()> 
     })
     .await?;
     browser.close().await
+}
+
+#[tokio::test]
+async fn the_console_guards_changes_and_never_shows_credentials() -> Result<()> {
+    let s = setup().await?;
+    let r = s.rule();
+    let id = r.id.clone();
+    create_rule(&s.state, &s.stack.s3_clients(), r).await?;
+    // Credentials of its own, to look for in everything the console serves.
+    let secret = unique("secret-key");
+    let session = unique("session-token");
+    let console = ConsoleServer::start_with_env(
+        &s.stack,
+        &s.table,
+        &["--queue-url", &s.queue_url, "--dlq-url", &s.dlq_url],
+        &[
+            ("AWS_SECRET_ACCESS_KEY", &secret),
+            ("AWS_SESSION_TOKEN", &session),
+        ],
+    )?;
+    assert!(
+        console.url.starts_with("http://127.0.0.1:"),
+        "loopback: {}",
+        console.url
+    );
+    let host = console.authority().to_string();
+    let (status, head, page) = console.request("GET", "/", &host, &[], "")?;
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("content-security-policy: default-src 'self'"),
+        "{head}"
+    );
+    assert!(head.contains("x-frame-options: deny"), "{head}");
+    let token = page
+        .split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .context("the page carries its CSRF token")?
+        .to_string();
+    assert_eq!(token.len(), 64);
+
+    let pause = format!("/api/rules/{id}/pause");
+    // No token, a wrong one, a token from a foreign page's host: refused, nothing changes.
+    let (status, _, body) = console.request("POST", &pause, &host, &[], "")?;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("CSRF token"), "{body}");
+    let (status, _, _) = console.request("POST", &pause, &host, &[("x-crr-csrf", "0")], "")?;
+    assert_eq!(status, 403);
+    let port = host.rsplit(':').next().context("port")?;
+    let (status, _, body) = console.request(
+        "POST",
+        &pause,
+        &format!("attacker.example:{port}"),
+        &[("x-crr-csrf", &token)],
+        "",
+    )?;
+    assert_eq!(status, 421, "DNS rebinding refused: {body}");
+    // Verify streams (EventSource cannot send headers) take the token in the query only.
+    let (status, _, _) =
+        console.request("GET", &format!("/api/rules/{id}/verify"), &host, &[], "")?;
+    assert_eq!(status, 403);
+    ensure!(!s.state.get_rule(&id).await?.context("rule")?.paused);
+    let (status, _, _) = console.request("POST", &pause, &host, &[("x-crr-csrf", &token)], "")?;
+    assert_eq!(status, 200);
+    ensure!(s.state.get_rule(&id).await?.context("rule")?.paused);
+    // The same token works through `localhost` too.
+    let (status, _, _) = console.request(
+        "POST",
+        &format!("/api/rules/{id}/resume"),
+        &format!("localhost:{port}"),
+        &[("x-crr-csrf", &token)],
+        "",
+    )?;
+    assert_eq!(status, 200);
+    // Delete needs the id typed back.
+    let (status, _, body) = console.request(
+        "DELETE",
+        &format!("/api/rules/{id}"),
+        &host,
+        &[("x-crr-csrf", &token), ("content-type", "application/json")],
+        r#"{"confirm":"something else"}"#,
+    )?;
+    assert_eq!(status, 400, "{body}");
+    ensure!(s.state.get_rule(&id).await?.is_some());
+
+    for path in [
+        "/".to_string(),
+        "/assets/app.js".into(),
+        "/assets/charts.js".into(),
+        "/api/status".into(),
+        format!("/api/rules/{id}"),
+        format!("/api/rules/{id}/dead-letters"),
+        format!("/api/rules/{id}/failures"),
+        format!("/api/rules/{id}/suppressed"),
+    ] {
+        let (status, head, body) = console.request("GET", &path, &host, &[], "")?;
+        assert_eq!(status, 200, "{path}: {body}");
+        for leaked in [&secret, &session] {
+            ensure!(
+                !body.contains(leaked.as_str()) && !head.contains(&leaked.to_ascii_lowercase()),
+                "{path} shows a credential"
+            );
+        }
+    }
+    Ok(())
 }

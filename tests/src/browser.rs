@@ -22,7 +22,18 @@ pub struct ConsoleServer {
 impl ConsoleServer {
     /// Starts `crr --table TABLE console` with the stack's endpoints and `args`.
     pub fn start(stack: &Stack, table: &str, args: &[&str]) -> Result<Self> {
+        Self::start_with_env(stack, table, args, &[])
+    }
+
+    /// As `start`, with extra environment (`(name, value)`) for the console process.
+    pub fn start_with_env(
+        stack: &Stack,
+        table: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut cmd = stack.crr_command(table, &["console", "--listen", "127.0.0.1:0"])?;
+        cmd.envs(env.iter().copied());
         let mut child = cmd
             .args(args)
             .stdout(Stdio::piped())
@@ -40,6 +51,48 @@ impl ConsoleServer {
             .with_context(|| format!("unexpected first line from crr console: {line:?}"))?
             .to_string();
         Ok(Self { child, url })
+    }
+}
+
+impl ConsoleServer {
+    /// `host:port` of the console.
+    pub fn authority(&self) -> &str {
+        self.url.trim_start_matches("http://").trim_end_matches('/')
+    }
+
+    /// One plain HTTP/1.1 request with the given `Host` and extra headers; returns the
+    /// status, the response head (lower-cased) and the body.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        host: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<(u16, String, String)> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.authority())?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        req.push_str(body);
+        stream.write_all(req.as_bytes())?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw)?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("no status in {head:?}"))?;
+        Ok((status, head.to_ascii_lowercase(), body.to_string()))
     }
 }
 
@@ -228,22 +281,29 @@ impl Browser {
         Ok(())
     }
 
-    /// Scrolls the element `css` to the top of the window (under the top bar), then saves a
-    /// screenshot as `screenshot` does.
-    pub async fn screenshot_at(&self, name: &str, css: &str) -> Result<PathBuf> {
-        let el = self.wait_for(css).await?;
-        self.client
-            .execute(
-                "arguments[0].scrollIntoView({block: 'start'}); window.scrollBy(0, -70);",
-                vec![serde_json::to_value(&el)?],
-            )
-            .await?;
-        self.screenshot(name).await
-    }
-
-    /// Saves a PNG of the page as `<name>.png` in [`screenshot_dir`]; returns its path.
+    /// Saves a PNG of the whole page (the window grown to the page's height, at most
+    /// 4000 px) as `<name>.png` in [`screenshot_dir`]; returns its path.
     pub async fn screenshot(&self, name: &str) -> Result<PathBuf> {
+        let height = self
+            .client
+            .execute("return document.documentElement.scrollHeight;", vec![])
+            .await?
+            .as_u64()
+            .unwrap_or(1100)
+            .clamp(600, 4000);
+        let (width, old_height) = self.client.get_window_size().await?;
+        // The window's outer height includes no browser chrome in headless mode.
+        self.client
+            .set_window_size(width as u32, height as u32)
+            .await?;
+        self.client
+            .execute("window.scrollTo(0, 0);", vec![])
+            .await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let png = self.client.screenshot().await?;
+        self.client
+            .set_window_size(width as u32, old_height as u32)
+            .await?;
         let dir = screenshot_dir();
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(format!("{name}.png"));

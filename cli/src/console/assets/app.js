@@ -483,7 +483,7 @@
     dlq.node.querySelector('.section-head').append(redriveButton);
     const failedObjects = listSection('Objects the migration could not copy', 'backfill-failures');
     const suppressed = listSection('Suppressed deletes', 'suppressed-deletes', el('span', { class: 'muted small' }, 'Deletes policy Add/Change kept from the target'));
-    app.append(head, overviewCards, el('section', { class: 'card' }, el('div', { class: 'section-head' }, el('h2', {}, 'Replication health'), chartNote), chartGrid), verifyPanel, dlq.node, failedObjects.node, suppressed.node);
+    app.append(head, overviewCards, verifyPanel, dlq.node, el('section', { class: 'card' }, el('div', { class: 'section-head' }, el('h2', {}, 'Replication health'), chartNote), chartGrid), failedObjects.node, suppressed.node);
 
     let rule = null;
     let historicalOn = false;
