@@ -394,9 +394,29 @@ async fn lag_returns_to_zero_after_uploads_and_the_rule_pauses_and_resumes() -> 
             t == "0"
         })
         .await?;
-    // The charts are drawn from the per-minute series once it has points.
-    browser.wait_for(".chart-box").await?;
-    tokio::time::sleep(Duration::from_secs(11)).await;
+    // The charts are drawn from the per-minute series (refreshed every 10 s): the
+    // latency chart has a point where events were replicated.
+    browser
+        .wait_attr(
+            "[data-chart='replication-latency']",
+            "data-points",
+            WAIT,
+            "a latency point in the chart",
+            |n| n.parse::<u32>().is_ok_and(|n| n >= 1),
+        )
+        .await?;
+    let objects_chart = browser
+        .wait_for("[data-chart='objects-replicated'] svg[role=img]")
+        .await?;
+    let label = objects_chart.attr("aria-label").await?.unwrap_or_default();
+    println!("objects chart: {label}");
+    // The last hour, where this test's minutes are visible.
+    browser.click("[data-window='1h']").await?;
+    browser
+        .wait_text("#charts-note", WAIT, "the hour window", |t| {
+            t.starts_with("Last hour")
+        })
+        .await?;
     browser.screenshot("console-rule-detail").await?;
 
     browser.click("#pause").await?;

@@ -342,14 +342,33 @@ fn non_empty(s: Option<String>) -> Option<String> {
     s.filter(|v| !v.is_empty())
 }
 
+/// An event's time: RFC 3339, as S3 writes it (`2026-12-05T11:16:01.123Z`). S3 documents
+/// the time as ISO 8601 in UTC, and some S3 implementations (moto) leave the zone out
+/// (`2026-12-05T11:16:01.123456`): such a time is read as UTC.
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s)
-        .ok()
         .map(|t| t.with_timezone(&Utc))
+        .or_else(|_| {
+            chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f").map(|t| t.and_utc())
+        })
+        .ok()
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn event_times_with_or_without_zone() {
+        let t = super::parse_time("2026-12-05T11:16:01.123Z").unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-12-05T11:16:01.123+00:00");
+        let naive = super::parse_time("2026-12-05T11:16:01.123456").unwrap();
+        assert_eq!(naive.to_rfc3339(), "2026-12-05T11:16:01.123456+00:00");
+        assert_eq!(
+            super::parse_time("2026-12-05T12:16:01+01:00").unwrap(),
+            super::parse_time("2026-12-05T11:16:01Z").unwrap()
+        );
+        assert!(super::parse_time("yesterday").is_none());
+    }
+
     use super::*;
     use serde_json::json;
 

@@ -89,6 +89,7 @@ fn failed(err: Error) -> ApiError {
         Error::RuleNotFound(_) => StatusCode::NOT_FOUND,
         Error::RuleExists(_) | Error::BucketClaimed { .. } => StatusCode::CONFLICT,
         Error::InvalidRule { .. }
+        | Error::BadRequest(_)
         | Error::BucketNotAllowed { .. }
         | Error::EndpointNotAllowed { .. } => StatusCode::BAD_REQUEST,
         e if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
@@ -122,11 +123,24 @@ async fn rule_of(console: &Console, id: &str) -> Result<Rule, ApiError> {
         .ok_or_else(|| failed(Error::RuleNotFound(id.to_string())))
 }
 
-/// `crr status [RULE] --json`: every rule, or `?rule=ID`.
+/// `crr status [RULE] --json [--series W]`: every rule, or `?rule=ID`, with the rule's
+/// per-minute activity when `&series=1h|6h|24h`.
 async fn status(State(console): Shared, Query(q): Query<HashMap<String, String>>) -> Answer {
+    let rule = q.get("rule").map(String::as_str);
+    let window = match q.get("series") {
+        Some(_) if rule.is_none() => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "a series is per rule: give rule=ID with series".into(),
+                None,
+            ));
+        }
+        Some(w) => Some(crr_shared::series::Window::parse(w).map_err(failed)?),
+        None => None,
+    };
     let report = console
         .status
-        .report(q.get("rule").map(String::as_str))
+        .report_with(rule, window)
         .await
         .map_err(failed)?;
     let mut value = serde_json::to_value(&report)

@@ -451,19 +451,20 @@
 
   function chartSpecs(series, historicalOn) {
     const pts = series ? series.points : [];
+    const range = series ? { from: Date.parse(series.from), to: Date.parse(series.to) } : {};
     const specs = [
       { title: 'Replication latency', unit: 'ms', kind: 'line', series: [{ name: 'p50', points: seriesOf(pts, 'latency_p50_ms') }, { name: 'max', points: seriesOf(pts, 'latency_max_ms') }], emptyText: 'No events replicated in this window' },
       { title: 'Objects replicated', unit: 'count', kind: 'bar', series: [{ name: 'objects / min', points: seriesOf(pts, 'replicated_objects') }], emptyText: 'No objects replicated in this window' },
       { title: 'Bytes replicated', unit: 'bytes', kind: 'bar', series: [{ name: 'bytes / min', points: seriesOf(pts, 'replicated_bytes') }], emptyText: 'No bytes replicated in this window' },
       { title: 'Deletes and failures', unit: 'count', kind: 'bar', stacked: true, series: [{ name: 'deletes', points: seriesOf(pts, 'deletes') }, { name: 'suppressed deletes', points: seriesOf(pts, 'suppressed_deletes') }, { name: 'failed', color: 'var(--crr-chart-bad)', points: seriesOf(pts, 'failed') }], emptyText: 'No deletes or failures in this window' },
-      { title: 'Pending events', unit: 'count', kind: 'area', series: [{ name: 'pending', points: seriesOf(pts, 'pending') }], emptyText: 'No queue samples in this window' },
+      { title: 'Pending events', unit: 'count', kind: 'area', series: [{ name: 'pending', points: seriesOf(pts, 'pending') }], emptyText: 'Nothing pending in this window (sampled while the status is read)' },
     ];
     if (historicalOn) {
       specs.push(
         { title: 'Migration throughput', unit: 'count', kind: 'bar', series: [{ name: 'objects / min', points: seriesOf(pts, 'backfill_objects') }], emptyText: 'No objects migrated in this window' },
         { title: 'Migration progress', unit: 'percent', kind: 'line', yMax: 100, series: [{ name: 'objects %', points: seriesOf(pts, 'backfill_percent_objects') }], emptyText: 'No migration progress in this window' });
     }
-    return specs;
+    return specs.map((spec) => ({ ...range, ...spec }));
   }
 
   function listSection(title, id, note) {
@@ -477,13 +478,21 @@
     const overviewCards = el('div', { class: 'detail-grid' });
     const chartGrid = el('div', { class: 'charts', id: 'charts' });
     const chartNote = el('p', { class: 'muted small', id: 'charts-note' }, 'Last 24 hours, one point per minute.');
+    let windowSel = '24h';
+    const WINDOW_NAMES = { '1h': 'hour', '6h': '6 hours', '24h': '24 hours' };
+    const windowPicker = el('div', { class: 'segmented', role: 'group', 'aria-label': 'Chart window' },
+      ['1h', '6h', '24h'].map((w) => el('button', { class: w === windowSel ? 'current' : '', 'data-window': w, onclick: (e) => {
+        windowSel = w;
+        windowPicker.querySelectorAll('button').forEach((b) => b.classList.toggle('current', b === e.currentTarget));
+        refreshSeries();
+      } }, w)));
     const verifyPanel = el('section', { class: 'card', id: 'verify-panel', hidden: true });
     const dlq = listSection('Failed events', 'dead-letters');
     const redriveButton = el('button', { class: 'button', id: 'redrive', disabled: true }, 'Redrive');
     dlq.node.querySelector('.section-head').append(redriveButton);
     const failedObjects = listSection('Objects the migration could not copy', 'backfill-failures');
     const suppressed = listSection('Suppressed deletes', 'suppressed-deletes', el('span', { class: 'muted small' }, 'Deletes policy Add/Change kept from the target'));
-    app.append(head, overviewCards, verifyPanel, dlq.node, el('section', { class: 'card' }, el('div', { class: 'section-head' }, el('h2', {}, 'Replication health'), chartNote), chartGrid), failedObjects.node, suppressed.node);
+    app.append(head, overviewCards, verifyPanel, dlq.node, el('section', { class: 'card' }, el('div', { class: 'section-head' }, el('h2', {}, 'Replication health'), el('div', { class: 'head-tools' }, chartNote, windowPicker)), chartGrid), failedObjects.node, suppressed.node);
 
     let rule = null;
     let historicalOn = false;
@@ -534,7 +543,7 @@
       const specs = chartSpecs(series, historicalOn);
       if (!window.CrrCharts) { chartGrid.replaceChildren(el('div', { class: 'muted' }, 'Charts are unavailable.')); return; }
       if (!series) chartNote.textContent = 'No per-minute data recorded for this rule yet.';
-      else chartNote.textContent = `Last 24 hours to ${fmt.time(series.to)}, one point per minute.`;
+      else chartNote.textContent = `Last ${WINDOW_NAMES[windowSel]} to ${fmt.time(series.to)}, one point per minute.`;
       if (charts.length !== specs.length) {
         charts.forEach((c) => c.destroy && c.destroy());
         charts = [];
@@ -561,7 +570,7 @@
     }
 
     async function refreshSeries() {
-      const res = await api('GET', `/api/status?rule=${enc}&series=24h`);
+      const res = await api('GET', `/api/status?rule=${enc}&series=${windowSel}`);
       if (!res.ok) return;
       lastSeries = res.data.rules[0].series || null;
       drawCharts(lastSeries);
