@@ -67,6 +67,23 @@ impl Setup {
         )
     }
 
+    /// The backfill function with small pages and 5 s invocations: a migration moves in
+    /// steps the page can see.
+    fn backfill_function(&self) -> Result<RunningFunction> {
+        RunningFunction::start_direct(
+            &self.stack,
+            "crr-backfill",
+            &self.table,
+            5,
+            &[
+                "CRR_BACKFILL_PAGE_SIZE=20".into(),
+                "CRR_BACKFILL_SEGMENT_OBJECTS=60".into(),
+                "CRR_BACKFILL_WORKERS=2".into(),
+                "CRR_BACKFILL_MARGIN_SECS=1".into(),
+            ],
+        )
+    }
+
     /// A rule from source to target delivering events to the test's queue.
     fn rule(&self) -> Rule {
         let mut r = rule(
@@ -261,29 +278,43 @@ async fn a_migration_bar_reaches_100_percent_while_the_backfill_runs() -> Result
         )
         .await?;
     }
-    let mut r = s.rule();
-    r.historical = true;
+    // No historical sync asked at creation: the migration is started from the console.
+    let r = s.rule();
     let id = r.id.clone();
     create_rule(&s.state, &s.stack.s3_clients(), r).await?;
     let console = s.console()?;
     let browser = Browser::start().await?;
+    browser.open(&format!("{}#/rule/{id}", console.url)).await?;
+    let historical = "section.card:nth-of-type(2) [data-badge]";
+    browser
+        .wait_text(historical, WAIT, "no migration yet", |t| {
+            t == "Not requested"
+        })
+        .await?;
+    browser.click("#backfill-start").await?;
+    browser
+        .wait_text(historical, WAIT, "the migration requested", |t| {
+            t == "Pending"
+        })
+        .await?;
+    browser.click("#backfill-pause").await?;
+    browser
+        .wait_text(historical, WAIT, "the migration paused", |t| t == "Paused")
+        .await?;
+    ensure!(s.state.job(&id).await?.context("job")?.state == JobState::Paused);
+    browser.click("#backfill-start").await?;
+    browser
+        .wait_text(historical, WAIT, "the migration resumed", |t| {
+            t == "Running" || t == "Pending"
+        })
+        .await?;
+
     browser.open(&console.url).await?;
     browser.wait_for(&format!("tr[data-rule='{id}']")).await?;
     let bar = format!("tr[data-rule='{id}'] [data-bar='objects']");
 
     // The backfill function, small pages and short invocations: the bar moves in steps.
-    let function = RunningFunction::start_direct(
-        &s.stack,
-        "crr-backfill",
-        &s.table,
-        5,
-        &[
-            "CRR_BACKFILL_PAGE_SIZE=20".into(),
-            "CRR_BACKFILL_SEGMENT_OBJECTS=60".into(),
-            "CRR_BACKFILL_WORKERS=2".into(),
-            "CRR_BACKFILL_MARGIN_SECS=1".into(),
-        ],
-    )?;
+    let function = s.backfill_function()?;
     let port = function.port;
     let runner = tokio::spawn(async move {
         let started = Instant::now();
@@ -618,4 +649,75 @@ async fn the_console_guards_changes_and_never_shows_credentials() -> Result<()> 
         }
     }
     Ok(())
+}
+
+#[tokio::test]
+async fn suppressed_deletes_and_objects_the_migration_could_not_copy_are_listed() -> Result<()> {
+    let s = setup().await?;
+    // An archived object: the migration cannot read it (moto answers 403
+    // InvalidObjectState / ObjectNotInActiveTierError) and lists it with S3's reason.
+    s.stack
+        .s3(&s.stack.a)
+        .put_object()
+        .bucket(&s.source)
+        .key("archive/cold.bin")
+        .storage_class(aws_sdk_s3::types::StorageClass::Glacier)
+        .body(ByteStream::from(b"frozen".to_vec()))
+        .send()
+        .await?;
+    s.put(&s.source, true, "docs/keep.txt", "kept").await?;
+    let mut r = s.rule();
+    r.policy = crr_shared::rule::Policy::Write;
+    r.historical = true;
+    let id = r.id.clone();
+    create_rule(&s.state, &s.stack.s3_clients(), r).await?;
+    let _replicate = RunningFunction::start(&s.stack, "crr-replicate", &s.queue_url, &s.table)?;
+    let backfill = s.backfill_function()?;
+    eventually(WAIT, "the migration finished", || async {
+        let _ = invoke(backfill.port, "crr-backfill", "{}").await;
+        Ok(s.state
+            .job(&id)
+            .await?
+            .filter(|j| j.state.is_finished())
+            .map(|_| ()))
+    })
+    .await?;
+    // Policy write: a delete in the source stays out of the target, and is listed.
+    s.stack
+        .s3(&s.stack.a)
+        .delete_object()
+        .bucket(&s.source)
+        .key("docs/keep.txt")
+        .send()
+        .await?;
+    let console = s.console()?;
+    let browser = Browser::start().await?;
+    browser.open(&format!("{}#/rule/{id}", console.url)).await?;
+    let failed = browser
+        .wait_text(
+            "#backfill-failures-body tbody tr",
+            WAIT,
+            "the archived object",
+            |t| t.contains("archive/cold.bin"),
+        )
+        .await?;
+    assert!(failed.contains("SrcObjectArchived"), "{failed}");
+    browser
+        .wait_text(
+            "#suppressed-deletes-body tbody tr",
+            WAIT,
+            "the suppressed delete",
+            |t| t.contains("docs/keep.txt"),
+        )
+        .await?;
+    browser
+        .wait_text(
+            "[data-field='failed_objects']",
+            WAIT,
+            "one failed object",
+            |t| t == "1 failed objects",
+        )
+        .await?;
+    browser.screenshot("console-lists").await?;
+    browser.close().await
 }

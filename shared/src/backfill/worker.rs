@@ -216,8 +216,8 @@ impl Backfiller {
         )))
     }
 
-    /// One invocation: every rule asked for (or, if none, every rule with historical sync
-    /// on) gets work done until `deadline`.
+    /// One invocation: the rule asked for (or, if none, every rule with historical sync on
+    /// or a migration requested) gets work done until `deadline`.
     pub async fn run(
         &self,
         only: Option<&str>,
@@ -231,13 +231,9 @@ impl Backfiller {
                     .await?
                     .ok_or_else(|| Error::RuleNotFound(id.to_string()))?,
             ],
-            None => self
-                .rules
-                .list_rules()
-                .await?
-                .into_iter()
-                .filter(|r| r.historical)
-                .collect(),
+            // Every rule: one with historical sync is started here, one without may have
+            // a migration started by hand (`crr backfill start`, the console).
+            None => self.rules.list_rules().await?,
         };
         let mut reports = Vec::new();
         let mut first_error = None;
@@ -296,7 +292,7 @@ impl Backfiller {
         Instant::now() + self.settings.margin < deadline
     }
 
-    /// Handles one invocation: `{}` (the schedule: every rule with historical sync),
+    /// Handles one invocation: `{}` (the schedule: every rule with a migration to do),
     /// `{"rule_id": "..."}` (on demand), or `{"rule_id": "...", "retry_failed": true}` (the
     /// job's failed objects tried again).
     pub async fn handle(
