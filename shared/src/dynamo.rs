@@ -232,6 +232,15 @@ impl DynamoStore {
     /// Every item of partition `pk` (whose sort key starts with `sk_prefix`, if given),
     /// read consistently, all pages.
     async fn query_all(&self, pk: String, sk_prefix: Option<&str>) -> Result<Vec<Item>> {
+        let sk = match sk_prefix {
+            Some(prefix) => SortKeys::Prefix(prefix.to_string()),
+            None => SortKeys::All,
+        };
+        self.query_pages(pk, sk).await
+    }
+
+    /// Every item of partition `pk` whose sort key is in `sk`, read consistently, all pages.
+    async fn query_pages(&self, pk: String, sk: SortKeys) -> Result<Vec<Item>> {
         let mut found = Vec::new();
         let mut start: Option<Item> = None;
         loop {
@@ -242,11 +251,18 @@ impl DynamoStore {
                 .expression_attribute_values(":pk", s(pk.clone()))
                 .set_exclusive_start_key(start)
                 .consistent_read(true);
-            req = match sk_prefix {
-                Some(prefix) => req
+            req = match &sk {
+                SortKeys::All => req.key_condition_expression("pk = :pk"),
+                SortKeys::Prefix(prefix) => req
                     .key_condition_expression("pk = :pk AND begins_with(sk, :skp)")
-                    .expression_attribute_values(":skp", s(prefix)),
-                None => req.key_condition_expression("pk = :pk"),
+                    .expression_attribute_values(":skp", s(prefix.clone())),
+                SortKeys::From(lo) => req
+                    .key_condition_expression("pk = :pk AND sk >= :lo")
+                    .expression_attribute_values(":lo", s(lo.clone())),
+                SortKeys::Between(lo, hi) => req
+                    .key_condition_expression("pk = :pk AND sk BETWEEN :lo AND :hi")
+                    .expression_attribute_values(":lo", s(lo.clone()))
+                    .expression_attribute_values(":hi", s(hi.clone())),
             };
             let out = req.send().await.map_err(|e| self.err("Query", e))?;
             found.extend(out.items().iter().cloned());
@@ -625,31 +641,20 @@ impl DynamoStore {
         lo: String,
         hi: Option<String>,
     ) -> Result<Vec<Item>> {
-        let mut found = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let mut req = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .expression_attribute_values(":pk", s(stats_pk(rule_id)))
-                .expression_attribute_values(":lo", s(lo.clone()))
-                .set_exclusive_start_key(start)
-                .consistent_read(true);
-            req = match &hi {
-                Some(hi) => req
-                    .key_condition_expression("pk = :pk AND sk BETWEEN :lo AND :hi")
-                    .expression_attribute_values(":hi", s(hi.clone())),
-                None => req.key_condition_expression("pk = :pk AND sk >= :lo"),
-            };
-            let out = req.send().await.map_err(|e| self.err("Query", e))?;
-            found.extend(out.items().iter().cloned());
-            match out.last_evaluated_key() {
-                Some(k) if !k.is_empty() => start = Some(k.clone()),
-                _ => return Ok(found),
-            }
-        }
+        let sk = match hi {
+            Some(hi) => SortKeys::Between(lo, hi),
+            None => SortKeys::From(lo),
+        };
+        self.query_pages(stats_pk(rule_id), sk).await
     }
+}
+
+/// Which sort keys of a partition a query reads.
+enum SortKeys {
+    All,
+    Prefix(String),
+    From(String),
+    Between(String, String),
 }
 
 fn sort_stats_items(items: &[Item], read: &mut StatsRead) {
