@@ -282,6 +282,9 @@ async fn a_migration_bar_reaches_100_percent_while_the_backfill_runs() -> Result
     let r = s.rule();
     let id = r.id.clone();
     create_rule(&s.state, &s.stack.s3_clients(), r).await?;
+    // Real time runs beside it (the test event S3 sent when notifications were set up is
+    // applied, so the rule shows caught up).
+    let _replicate = RunningFunction::start(&s.stack, "crr-replicate", &s.queue_url, &s.table)?;
     let console = s.console()?;
     let browser = Browser::start().await?;
     browser.open(&format!("{}#/rule/{id}", console.url)).await?;
@@ -361,6 +364,14 @@ async fn a_migration_bar_reaches_100_percent_while_the_backfill_runs() -> Result
             WAIT,
             "the bytes bar at 100 %",
             |p| p == "100.00",
+        )
+        .await?;
+    browser
+        .wait_text(
+            &format!("tr[data-rule='{id}'] [data-field='lag']"),
+            WAIT,
+            "real time caught up",
+            |t| t == "0 s",
         )
         .await?;
     browser.screenshot("console-overview-migrated").await?;

@@ -229,7 +229,7 @@
         el('td', {},
           el('a', { href: `#/rule/${encodeURIComponent(r.rule_id)}`, class: 'rule-link' }, r.rule_id),
           el('div', { class: 'small' }, badge(r.policy === 'full' ? 'Add/Change/Delete' : 'Add/Change', 'muted'), r.paused ? badge('Paused', 'warn') : null)),
-        el('td', {}, el('div', { class: 'pair' }, where(r.source), el('span', { class: 'arrow' }, '→'), where(r.target)), prefixes(r.prefixes)),
+        el('td', {}, el('div', { class: 'pair stack' }, where(r.source), el('div', {}, el('span', { class: 'arrow' }, '→ '), where(r.target))), prefixes(r.prefixes)),
         el('td', {}, realtimeCell(r.realtime)),
         el('td', {}, historicalCell(r.historical))));
       document.getElementById('rules-body').replaceChildren(...rows);
