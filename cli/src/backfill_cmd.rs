@@ -85,7 +85,8 @@ pub fn backfiller(
         },
         settings,
     )
-    .with_uploads(state))
+    .with_uploads(state.clone())
+    .with_rate_store(state))
 }
 
 pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {

@@ -1,7 +1,8 @@
-//! `crr rule ...`: create, list, show and delete replication rules.
+//! `crr rule ...`: create, list, show, update and delete replication rules.
 
 use anyhow::Result;
 use clap::{Subcommand, ValueEnum};
+use crr_shared::rate_limit::format_rate;
 use crr_shared::rule::{BucketRef, CopyMode, Notify, OnConflict, Policy, Rule};
 use crr_shared::s3::S3Clients;
 use crr_shared::state::RuleStore;
@@ -32,6 +33,11 @@ pub enum RuleCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Change a rule's rate limits for its historical migration (`none` removes a limit).
+    #[command(
+        after_help = "Example:\n  crr rule update photos --max-objects-per-second 500 --max-bandwidth 200MiB/s\n  crr rule update photos --max-bandwidth none\n\nThe limits hold over every backfill invocation together; invocations already running\nkeep the old limits until they end (at most the function's timeout)."
+    )]
+    Update(UpdateArgs),
     /// Pause a rule: its events wait (in the queue, then the DLQ) until it is resumed.
     #[command(after_help = "Example:\n  crr rule pause photos")]
     Pause { id: String },
@@ -41,6 +47,48 @@ pub enum RuleCommand {
     /// Delete a rule: turn off its notifications and release its buckets.
     #[command(after_help = "Example:\n  crr rule delete photos")]
     Delete { id: String },
+}
+
+/// `crr rule update`'s arguments.
+#[derive(clap::Args)]
+pub struct UpdateArgs {
+    id: String,
+    /// Most objects per second the migration writes, or `none`.
+    #[arg(long, value_name = "N|none", value_parser = parse_objects_limit)]
+    max_objects_per_second: Option<Limit>,
+    /// Most bytes per second the migration copies (200MiB/s, 1.5GB/s, 500KiB/s), or `none`.
+    #[arg(long, value_name = "RATE|none", value_parser = parse_bandwidth_limit)]
+    max_bandwidth: Option<Limit>,
+    /// Print the updated rule as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A limit given on the command line: a value, or `none` to remove it.
+#[derive(Clone, Copy, Debug)]
+struct Limit(Option<u64>);
+
+fn parse_objects_limit(text: &str) -> Result<Limit, String> {
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(Limit(None));
+    }
+    match text.trim().parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Limit(Some(n))),
+        _ => Err(format!(
+            "'{text}' is not a positive whole number of objects per second (or `none`)"
+        )),
+    }
+}
+
+fn parse_bandwidth_limit(text: &str) -> Result<Limit, String> {
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(Limit(None));
+    }
+    parse_bandwidth(text).map(|b| Limit(Some(b)))
+}
+
+fn parse_bandwidth(text: &str) -> Result<u64, String> {
+    crr_shared::rate_limit::parse_rate("max_bandwidth", text).map_err(|e| e.to_string())
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -109,6 +157,13 @@ pub struct CreateArgs {
     /// KMS key id or ARN in the target region, for replicas of SSE-KMS objects.
     #[arg(long)]
     target_kms_key_id: Option<String>,
+    /// Most objects per second the historical migration writes, over all its invocations.
+    #[arg(long, value_name = "N")]
+    max_objects_per_second: Option<u64>,
+    /// Most bytes per second the historical migration copies, over all its invocations
+    /// (200MiB/s, 1.5GB/s, 500KiB/s, 10MB/s).
+    #[arg(long, value_name = "RATE", value_parser = parse_bandwidth)]
+    max_bandwidth: Option<u64>,
     /// Deliver source events straight to this SQS queue instead of through EventBridge.
     #[arg(long, conflicts_with = "notify_external")]
     notify_queue_arn: Option<String>,
@@ -165,6 +220,8 @@ impl CreateArgs {
             storage_class: self.storage_class,
             copy_acl: !self.no_copy_acl,
             target_kms_key_id: self.target_kms_key_id,
+            max_objects_per_second: self.max_objects_per_second,
+            max_bandwidth: self.max_bandwidth,
             paused: false,
             created_at: String::new(),
         }
@@ -177,8 +234,16 @@ fn describe(rule: &Rule) -> String {
     } else {
         rule.prefixes.join(", ")
     };
+    let limits = match (rule.max_objects_per_second, rule.max_bandwidth) {
+        (None, None) => String::new(),
+        (objects, bytes) => format!(
+            "\n  migration limits: {}, {}",
+            objects.map_or("no object limit".to_string(), |n| format!("{n} objects/s")),
+            bytes.map_or("no bandwidth limit".to_string(), format_rate),
+        ),
+    };
     format!(
-        "{id}: s3://{sb} ({sr}) -> s3://{tb} ({tr})\n  prefixes: {prefixes}\n  policy: {policy:?}, historical: {hist}, on_conflict: {oc:?}, copy_mode: {cm:?}{paused}",
+        "{id}: s3://{sb} ({sr}) -> s3://{tb} ({tr})\n  prefixes: {prefixes}\n  policy: {policy:?}, historical: {hist}, on_conflict: {oc:?}, copy_mode: {cm:?}{paused}{limits}",
         id = rule.id,
         sb = rule.source.bucket,
         sr = rule.source.region,
@@ -233,6 +298,23 @@ pub async fn run(aws: &AwsArgs, cmd: RuleCommand) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&rule)?);
             } else {
                 println!("{}", describe(&rule));
+            }
+        }
+        RuleCommand::Update(args) => {
+            let update = rule_admin::LimitsUpdate {
+                max_objects_per_second: args.max_objects_per_second.map(|l| l.0),
+                max_bandwidth: args.max_bandwidth.map(|l| l.0),
+            };
+            if update == rule_admin::LimitsUpdate::default() {
+                anyhow::bail!(
+                    "nothing to change: give --max-objects-per-second and/or --max-bandwidth"
+                );
+            }
+            let rule = rule_admin::update_limits(&state, &args.id, update).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&rule)?);
+            } else {
+                println!("updated rule {}", describe(&rule));
             }
         }
         RuleCommand::Pause { id } => set_paused(&state, &id, true).await?,

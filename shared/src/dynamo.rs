@@ -15,6 +15,7 @@
 //! | backfill job  | `BACKFILL#<rule>` | `JOB`        | state, plan position, totals       |
 //! | segment       | `BACKFILL#<rule>` | `SEG#<index>` | range, checkpoint, lease, counters |
 //! | failed object | `BACKFILL#<rule>` | `FAIL#<md5 of key>` | `key`, `size`, `reason`, `message`, `attempts`, `last_try`, ... |
+//! | rate window   | `RATE#<rule>`    | `<objects\|bytes>#<epoch second>` | `used`, TTL (`rate_limit.rs`) |
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -1519,5 +1520,42 @@ impl UploadStore for DynamoStore {
             .iter()
             .map(|item| upload_from_item(rule_id, item))
             .collect()
+    }
+}
+
+/// How long a rate window's item is kept: it is never read again once its second is over.
+const RATE_WINDOW_TTL_SECS: u64 = 120;
+
+#[async_trait]
+impl crate::rate_limit::RateStore for DynamoStore {
+    /// One conditional UpdateItem: `used` raised by `units` unless that passes `limit`
+    /// (DynamoDB has no arithmetic in conditions, so the room is worked out here).
+    async fn try_take(
+        &self,
+        rule_id: &str,
+        meter: crate::rate_limit::Meter,
+        second: u64,
+        units: u64,
+        limit: u64,
+    ) -> Result<bool> {
+        let Some(room) = limit.checked_sub(units) else {
+            return Ok(false);
+        };
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key_item(
+                format!("RATE#{rule_id}"),
+                format!("{}#{second}", meter.as_str()),
+            )))
+            .update_expression(format!("ADD used :n SET {TTL_ATTRIBUTE} = :ttl"))
+            .condition_expression("attribute_not_exists(used) OR used <= :room")
+            .expression_attribute_values(":n", n(units))
+            .expression_attribute_values(":room", n(room))
+            .expression_attribute_values(":ttl", n(second + RATE_WINDOW_TTL_SECS))
+            .send()
+            .await;
+        self.conditional("UpdateItem", sent)
     }
 }

@@ -130,6 +130,9 @@ pub enum Error {
         operation: &'static str,
         resource: String,
         detail: String,
+        /// The service asked to slow down (S3's `503 SlowDown`, a throttling code): the
+        /// backfill takes fewer copies in flight (`rate_limit::Aimd`), on top of retrying.
+        throttled: bool,
         #[source]
         source: BoxError,
     },
@@ -207,6 +210,18 @@ impl Error {
                 | Error::Integrity { .. }
                 | Error::Precondition { .. }
                 | Error::CopyContinues { .. }
+        )
+    }
+
+    /// Whether the service asked the caller to send fewer requests (decided from the error
+    /// code in `from_sdk`, never from message text).
+    pub fn is_throttled(&self) -> bool {
+        matches!(
+            self,
+            Error::Transient {
+                throttled: true,
+                ..
+            }
         )
     }
 
@@ -319,6 +334,35 @@ const DENIED_CODES: &[&str] = &[
     "InvalidToken",
 ];
 
+/// Error codes that mean "too many requests": the caller should send fewer, not only
+/// retry. A subset of `RETRYABLE_CODES`.
+const THROTTLING_CODES: &[&str] = &[
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "ProvisionedThroughputExceededException",
+    "RequestLimitExceeded",
+];
+
+/// Whether an SDK error is the service asking for fewer requests (by its error code, or
+/// HTTP 429).
+pub fn is_throttling<E, R>(err: &SdkError<E, R>) -> bool
+where
+    E: ProvideErrorMetadata,
+    R: HttpStatus,
+{
+    match err {
+        SdkError::ServiceError(service) => {
+            THROTTLING_CODES.contains(&service.err().code().unwrap_or(""))
+                || service.raw().status_code() == 429
+        }
+        _ => false,
+    }
+}
+
 /// Classifies any SDK error. Shared by S3 and DynamoDB calls (both use the same
 /// `SdkError` shape).
 pub fn classify<E, R>(err: &SdkError<E, R>) -> FailureClass
@@ -426,6 +470,7 @@ where
             operation,
             resource,
             detail: detail_of(&err),
+            throttled: is_throttling(&err),
             source: Box::new(err),
         },
         FailureClass::AccessDenied => Error::AccessDenied {
@@ -511,6 +556,25 @@ mod tests {
             FailureClass::Retryable
         );
         assert_eq!(classify(&service_error(429, "")), FailureClass::Retryable);
+    }
+
+    #[test]
+    fn slow_down_is_told_apart_from_other_retryable_errors_by_its_code() {
+        let throttled = |status, code| {
+            from_sdk(
+                "PutObject",
+                "s3://b/k".into(),
+                "s3:PutObject",
+                service_error(status, code),
+            )
+            .is_throttled()
+        };
+        assert!(throttled(503, "SlowDown"));
+        assert!(throttled(429, ""));
+        assert!(throttled(400, "ThrottlingException"));
+        assert!(!throttled(503, "ServiceUnavailable"));
+        assert!(!throttled(500, "InternalError"));
+        assert!(!throttled(403, "AccessDenied"));
     }
 
     #[test]

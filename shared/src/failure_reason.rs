@@ -369,6 +369,7 @@ mod tests {
                 operation: "UpdateItem",
                 resource: "table crr".into(),
                 detail: "throttled".into(),
+                throttled: true,
                 source: "x".into(),
             },
             Error::Config("no table".into()),

@@ -27,6 +27,7 @@ pub mod memory_budget;
 pub mod metrics;
 pub mod notification;
 pub mod object_store;
+pub mod rate_limit;
 pub mod replicate;
 pub mod resumable;
 pub mod retry;

@@ -435,6 +435,7 @@ impl Replicator {
             operation: "UpdateItem",
             resource: format!("ledger of s3://{}/{}", rule.source.bucket, event.key),
             detail: format!("{MAX_COMMITS} concurrent updates in a row"),
+            throttled: false,
             source: "ledger contention".into(),
         })
     }

@@ -391,6 +391,7 @@ impl<'a> CopyRun<'a> {
             operation: "UploadPart",
             resource: resource.to_string(),
             detail: detail.clone(),
+            throttled: false,
             source: detail.into(),
         };
         if self.uploads.is_none() {

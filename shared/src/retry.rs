@@ -102,6 +102,7 @@ mod tests {
             operation: "GetObject",
             resource: "s3://b/k".into(),
             detail: "SlowDown".into(),
+            throttled: true,
             source: "503".into(),
         }
     }

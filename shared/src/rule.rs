@@ -132,6 +132,19 @@ pub struct Rule {
     /// KMS key (in the target region) for replicas of SSE-KMS objects, or for all replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_kms_key_id: Option<String>,
+    /// Most objects per second the historical migration writes, over all its invocations
+    /// together (`None`: no limit). Real-time replication is not limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_objects_per_second: Option<u64>,
+    /// Most bytes per second the historical migration copies, over all its invocations
+    /// together (`None`: no limit). Stored as a number; read from a number or from a
+    /// rate such as `"200MiB/s"` (`rate_limit::parse_rate`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::rate_limit::bandwidth_serde::deserialize"
+    )]
+    pub max_bandwidth: Option<u64>,
     /// Paused rules keep their events waiting instead of applying them.
     #[serde(default)]
     pub paused: bool,
@@ -158,6 +171,8 @@ impl Rule {
             storage_class: None,
             copy_acl: true,
             target_kms_key_id: None,
+            max_objects_per_second: None,
+            max_bandwidth: None,
             paused: false,
             created_at: String::new(),
         }
@@ -216,6 +231,17 @@ impl Rule {
                 "notify.arn",
                 format!("'{arn}' is not an SQS queue ARN"),
             ));
+        }
+        for (field, limit) in [
+            ("max_objects_per_second", self.max_objects_per_second),
+            ("max_bandwidth", self.max_bandwidth),
+        ] {
+            if limit == Some(0) {
+                return Err(Error::invalid(
+                    field,
+                    "must be more than 0 (leave it out for no limit)",
+                ));
+            }
         }
         if self.copy_mode == CopyMode::ServerSide && !self.server_side_possible() {
             return Err(Error::invalid(
@@ -464,6 +490,36 @@ pub(crate) mod tests {
         assert_eq!(r.listing_prefixes(), vec![String::new()]);
         r.prefixes = vec!["logs/2026/".into(), "img/".into(), "logs/".into()];
         assert_eq!(r.listing_prefixes(), vec!["img/", "logs/"]);
+    }
+
+    #[test]
+    fn rate_limits_are_optional_positive_and_read_from_old_items() {
+        let mut r = rule("r1", "src-bucket", "dst-bucket");
+        r.max_objects_per_second = Some(0);
+        assert_eq!(
+            field_of(r.validate().unwrap_err()),
+            "max_objects_per_second"
+        );
+        r.max_objects_per_second = Some(20);
+        r.max_bandwidth = Some(0);
+        assert_eq!(field_of(r.validate().unwrap_err()), "max_bandwidth");
+        r.max_bandwidth = Some(1 << 20);
+        r.validate().unwrap();
+        // A rule stored before the limits existed still loads, without them.
+        let mut json = serde_json::to_value(rule("r1", "a-b", "c-d")).unwrap();
+        assert!(json.get("max_bandwidth").is_none());
+        let old: Rule = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(
+            (old.max_objects_per_second, old.max_bandwidth),
+            (None, None)
+        );
+        // The console sends the bandwidth as text.
+        json["max_bandwidth"] = serde_json::json!("200MiB/s");
+        let given: Rule = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(given.max_bandwidth, Some(200 << 20));
+        json["max_bandwidth"] = serde_json::json!("fast");
+        let err = serde_json::from_value::<Rule>(json).unwrap_err();
+        assert!(err.to_string().contains("max_bandwidth"), "{err}");
     }
 
     #[test]

@@ -196,3 +196,29 @@ pub async fn set_paused(rules: &dyn RuleStore, id: &str, paused: bool) -> Result
     rules.update_rule(&rule).await?;
     Ok(rule)
 }
+
+/// A change to a rule's rate limits: `None` leaves a limit as it is, `Some(None)` removes
+/// it, `Some(Some(n))` sets it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitsUpdate {
+    pub max_objects_per_second: Option<Option<u64>>,
+    pub max_bandwidth: Option<Option<u64>>,
+}
+
+/// Changes a rule's rate limits (validated as at creation). Running backfill invocations
+/// take the new limits with the next rule they read (the next invocation).
+pub async fn update_limits(rules: &dyn RuleStore, id: &str, update: LimitsUpdate) -> Result<Rule> {
+    let mut rule = rules
+        .get_rule(id)
+        .await?
+        .ok_or_else(|| Error::RuleNotFound(id.to_string()))?;
+    if let Some(limit) = update.max_objects_per_second {
+        rule.max_objects_per_second = limit;
+    }
+    if let Some(limit) = update.max_bandwidth {
+        rule.max_bandwidth = limit;
+    }
+    rule.validate()?;
+    rules.update_rule(&rule).await?;
+    Ok(rule)
+}

@@ -163,6 +163,7 @@ impl S3Store {
                         operation: "GetObject",
                         resource: self.resource(key),
                         detail: format!("reading the body: {e}"),
+                        throttled: false,
                         source: Box::new(e),
                     });
                 }

@@ -36,6 +36,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
             settings,
         )
         .with_uploads(state.clone())
+        .with_rate_store(state.clone())
         .with_stats(state),
     );
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {

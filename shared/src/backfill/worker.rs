@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::failure_reason::FailureReason;
 use crate::metrics;
 use crate::object_store::{ListedObject, ObjectInfo, ObjectStore, TargetPrecondition, WriteAttrs};
+use crate::rate_limit::{AdaptiveLimits, MemoryRateStore, Meter, RateLimiter, RateStore};
 use crate::replicate::StoreProvider;
 use crate::resumable::{CopyRun, UploadStore, Writer};
 use crate::retry::RetryPolicy;
@@ -72,6 +73,10 @@ pub struct Backfiller {
     /// Where progress per minute goes (`series.rs`), and the rollup runs each tick.
     stats: Option<Arc<dyn StatsStore>>,
     progress: ProgressMeter,
+    /// The rules' `max_objects_per_second` and `max_bandwidth` (`rate_limit.rs`).
+    rate: RateLimiter,
+    /// Copies in flight per rule and prefix, lowered when S3 answers SlowDown.
+    adaptive: AdaptiveLimits,
 }
 
 impl Backfiller {
@@ -92,7 +97,27 @@ impl Backfiller {
             uploads: None,
             stats: None,
             progress: ProgressMeter::default(),
+            // Shared by this process's invocations only, until `with_rate_store`.
+            rate: RateLimiter::new(Arc::new(MemoryRateStore::default())),
+            adaptive: AdaptiveLimits::default(),
         }
+    }
+
+    /// Where the rules' rate limits are counted: the state table, so that every
+    /// invocation shares them (without it, each process counts its own).
+    pub fn with_rate_store(mut self, store: Arc<dyn RateStore>) -> Self {
+        self.rate = RateLimiter::new(store);
+        self
+    }
+
+    /// Waits until the rule's rate limits let one more object of `bytes` be written.
+    async fn take_rate(&self, rule: &Rule, bytes: u64) -> Result<()> {
+        self.rate
+            .acquire(&rule.id, Meter::Objects, rule.max_objects_per_second, 1)
+            .await?;
+        self.rate
+            .acquire(&rule.id, Meter::Bytes, rule.max_bandwidth, bytes)
+            .await
     }
 
     /// Records objects and bytes examined per minute in `stats` (at most one write per
@@ -795,11 +820,39 @@ impl Backfiller {
         let copies = futures::stream::iter(page.objects.iter())
             .map(|o| {
                 let seen = page.target.get(&o.key);
+                let group = crate::rate_limit::throttle_group(&lane.segment.prefix, &o.key);
+                let in_flight =
+                    self.adaptive
+                        .of(&lane.rule.id, group, self.settings.copy_concurrency.max(1));
                 async move {
                     let copied = self
                         .retry
-                        .run(Some(deadline), "backfill object", move || {
-                            self.backfill_object(lane, o, seen)
+                        .run(Some(deadline), "backfill object", || {
+                            let in_flight = in_flight.clone();
+                            // A SlowDown is answered with fewer copies in flight, and the
+                            // object waits for a place again: it uses none of its retries.
+                            async move {
+                                loop {
+                                    let place = in_flight.acquire().await;
+                                    match self.backfill_object(lane, o, seen).await {
+                                        Err(e)
+                                            if e.is_throttled()
+                                                && !self.retry.out_of_time(deadline) =>
+                                        {
+                                            place.throttled();
+                                            tokio::time::sleep(Duration::from_millis(
+                                                fastrand::u64(50..250),
+                                            ))
+                                            .await;
+                                        }
+                                        Ok(outcome) => {
+                                            place.succeeded();
+                                            return Ok(outcome);
+                                        }
+                                        Err(e) => return Err(e),
+                                    }
+                                }
+                            }
                         })
                         .await;
                     (o, copied)
@@ -1065,24 +1118,31 @@ impl Backfiller {
             ObjectPlan::InPlace => Ok(Outcome::InPlace),
             ObjectPlan::Written(how) => Ok(Outcome::Written(how)),
             ObjectPlan::Skip(why) => Ok(Outcome::Skipped(why)),
-            ObjectPlan::Copy { .. } => self.copy(lane, &object.key, examined.target).await,
+            ObjectPlan::Copy { .. } => {
+                self.copy(lane, &object.key, object.size, examined.target)
+                    .await
+            }
             ObjectPlan::Fix { .. } => match (examined.source, examined.target) {
                 (Some(current), Some(replica)) => {
                     self.fix(lane, current, replica, examined.tags).await
                 }
-                (_, replica) => self.copy(lane, &object.key, replica).await,
+                (_, replica) => self.copy(lane, &object.key, object.size, replica).await,
             },
         }
     }
 
-    /// Writes the source object `key` whole over `existing` (`None`: where there is none).
+    /// Writes the source object `key` (of about `size` bytes, as listed) whole over
+    /// `existing` (`None`: where there is none), once the rule's rate limits allow.
     async fn copy(
         &self,
         lane: &Lane<'_>,
         key: &str,
+        size: u64,
         existing: Option<ObjectInfo>,
     ) -> Result<Outcome> {
         let (rule, source, target) = (lane.rule, lane.source, lane.target);
+        // Before the source is read: a stream copy's GET is not left open while waiting.
+        self.take_rate(rule, size).await?;
         let Some((current, body)) = self.engine.read_source(rule, source, key).await? else {
             return Ok(Outcome::Skipped(Skip::SourceGone));
         };
@@ -1140,8 +1200,12 @@ impl Backfiller {
             return Ok(Outcome::Skipped(Skip::Replica));
         }
         if replica.size > MAX_SINGLE_REQUEST {
-            return self.copy(lane, &current.key, Some(replica)).await;
+            return self
+                .copy(lane, &current.key, current.size, Some(replica))
+                .await;
         }
+        // A metadata-only copy moves no byte, but is a request like any other.
+        self.take_rate(lane.rule, 0).await?;
         let tags = match tags {
             Tags::Read { source, .. } => Some(source),
             Tags::Counted => None,
@@ -1161,7 +1225,8 @@ impl Backfiller {
             }
             Err(e @ Error::Service { .. }) => {
                 tracing::warn!(rule_id = %lane.rule.id, key = %replica.key, error = %e, "metadata-only copy refused; copying the object again");
-                self.copy(lane, &current.key, Some(replica)).await
+                self.copy(lane, &current.key, current.size, Some(replica))
+                    .await
             }
             Err(e) => Err(e),
         }
