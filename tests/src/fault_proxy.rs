@@ -20,6 +20,12 @@
 //! AccessDenied, 500 InternalError...) until [`FaultProxy::allow_all`], whether faults are
 //! on or not.
 //!
+//! For rate tests the proxy can *watch* the requests of one method ([`FaultProxy::watch`]):
+//! how many are in flight at once (the peak, taken and reset by [`FaultStats::take_peak`]),
+//! and when each one that succeeded was answered, with its body's size
+//! ([`FaultStats::answered`]); and it can add a fixed latency to them
+//! ([`FaultProxy::delay`]), as a real S3 has, so that concurrency shows.
+//!
 //! For race tests the proxy can also *hold* one chosen request ([`FaultProxy::hold`]):
 //! the request is read whole, then kept from the server until the test releases it, so a
 //! test decides exactly which of two concurrent writes lands last.
@@ -94,9 +100,30 @@ pub struct FaultStats {
     pub reset: AtomicU64,
     pub truncated: AtomicU64,
     pub delayed: AtomicU64,
+    /// Watched requests forwarded and not yet answered.
+    pub in_flight: AtomicU64,
+    /// Most watched requests in flight at once since the last `take_peak`.
+    pub peak_in_flight: AtomicU64,
+    /// Watched requests answered 2xx: when, and their body's size.
+    answered: Mutex<Vec<(std::time::Instant, u64)>>,
 }
 
 impl FaultStats {
+    /// The peak of watched requests in flight since the last call; the next peak starts
+    /// from what is in flight now.
+    pub fn take_peak(&self) -> u64 {
+        let now = self.in_flight.load(Ordering::SeqCst);
+        self.peak_in_flight.swap(now, Ordering::SeqCst)
+    }
+
+    /// Watched requests answered 2xx so far: (when, body bytes), in order.
+    pub fn answered(&self) -> Vec<(std::time::Instant, u64)> {
+        self.answered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Requests that failed (not counting delays).
     pub fn faults(&self) -> u64 {
         [
@@ -185,6 +212,8 @@ struct Shared {
     plan: FaultPlan,
     stats: Arc<FaultStats>,
     seen: Mutex<HashMap<String, u64>>,
+    /// The method watched (see `FaultProxy::watch`), and the latency added to it.
+    watched: Mutex<Option<(String, Duration)>>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -219,6 +248,7 @@ impl FaultProxy {
             plan,
             stats: stats.clone(),
             seen: Mutex::new(HashMap::new()),
+            watched: Mutex::new(None),
             client: Client::builder(TokioExecutor::new()).build_http(),
         });
         let control = shared.clone();
@@ -292,6 +322,20 @@ impl FaultProxy {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+    }
+
+    /// Watches the requests of `method` (see `FaultStats::take_peak`, `answered`).
+    pub fn watch(&self, method: &str) {
+        self.delay(method, Duration::ZERO);
+    }
+
+    /// Watches the requests of `method` and forwards each only after `latency`.
+    pub fn delay(&self, method: &str, latency: Duration) {
+        *self
+            .shared
+            .watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((method.to_string(), latency));
     }
 
     /// Turns fault injection on or off (off when started).
@@ -415,7 +459,17 @@ impl Shared {
             }
             _ => {}
         }
-        let upstream = match self.forward(req, &path).await {
+        let watched = self
+            .watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|(method, _)| method == req.method().as_str());
+        let upstream = match watched {
+            Some((_, latency)) => self.forward_watched(req, &path, latency).await,
+            None => self.forward(req, &path).await,
+        };
+        let upstream = match upstream {
             Ok(resp) => resp,
             Err(e) => {
                 return Ok(xml_error(
@@ -460,6 +514,41 @@ impl Shared {
                 Full::new(body).map_err(|never| match never {}).boxed(),
             )),
         }
+    }
+
+    /// `forward`, counted in flight from before the added latency to the reply, and
+    /// recorded when answered 2xx.
+    async fn forward_watched(
+        &self,
+        req: Request<Incoming>,
+        path: &str,
+        latency: Duration,
+    ) -> Result<(hyper::http::response::Parts, Bytes)> {
+        // An aws-chunked body (with a trailing checksum) says its payload's size apart.
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        let size = header("x-amz-decoded-content-length")
+            .or_else(|| header("content-length"))
+            .unwrap_or(0);
+        let now = self.stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.stats.peak_in_flight.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(latency).await;
+        let answer = self.forward(req, path).await;
+        self.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if let Ok((parts, _)) = &answer
+            && parts.status.is_success()
+        {
+            self.stats
+                .answered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((std::time::Instant::now(), size));
+        }
+        answer
     }
 
     /// Sends the request on unchanged (headers, Host included) and reads the whole reply.

@@ -827,32 +827,8 @@ impl Backfiller {
                 async move {
                     let copied = self
                         .retry
-                        .run(Some(deadline), "backfill object", || {
-                            let in_flight = in_flight.clone();
-                            // A SlowDown is answered with fewer copies in flight, and the
-                            // object waits for a place again: it uses none of its retries.
-                            async move {
-                                loop {
-                                    let place = in_flight.acquire().await;
-                                    match self.backfill_object(lane, o, seen).await {
-                                        Err(e)
-                                            if e.is_throttled()
-                                                && !self.retry.out_of_time(deadline) =>
-                                        {
-                                            place.throttled();
-                                            tokio::time::sleep(Duration::from_millis(
-                                                fastrand::u64(50..250),
-                                            ))
-                                            .await;
-                                        }
-                                        Ok(outcome) => {
-                                            place.succeeded();
-                                            return Ok(outcome);
-                                        }
-                                        Err(e) => return Err(e),
-                                    }
-                                }
-                            }
+                        .run(Some(deadline), "backfill object", move || {
+                            self.backfill_adaptive(lane, o, seen, in_flight.clone())
                         })
                         .await;
                     (o, copied)
@@ -1097,6 +1073,32 @@ impl Backfiller {
             })
             .await
             .map(|_| ())
+    }
+
+    /// `backfill_object` within the prefix's AIMD limit on copies in flight. A SlowDown is
+    /// answered with fewer copies in flight, and the object waits for a place again: it
+    /// uses none of the retries of `RetryPolicy`, which only sees it once time runs out.
+    async fn backfill_adaptive(
+        &self,
+        lane: &Lane<'_>,
+        object: &ListedObject,
+        listed: Option<&ListedObject>,
+        in_flight: Arc<crate::rate_limit::Aimd>,
+    ) -> Result<Outcome> {
+        loop {
+            let place = in_flight.acquire().await;
+            match self.backfill_object(lane, object, listed).await {
+                Err(e) if e.is_throttled() && !self.retry.out_of_time(lane.deadline) => {
+                    place.throttled();
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(50..250))).await;
+                }
+                Ok(outcome) => {
+                    place.succeeded();
+                    return Ok(outcome);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Examines one listed object and writes what the plan says: the whole object, or its
