@@ -389,7 +389,7 @@ pub fn format_rate(bytes: u64) -> String {
         (1_000, "KB"),
     ];
     for (size, unit) in UNITS {
-        if bytes >= *size && bytes % size == 0 {
+        if bytes >= *size && bytes.is_multiple_of(*size) {
             return format!("{}{unit}/s", bytes / size);
         }
     }
