@@ -54,41 +54,39 @@ pub enum RuleCommand {
 pub struct UpdateArgs {
     id: String,
     /// Most objects per second the migration writes, or `none`.
-    #[arg(long, value_name = "N|none", value_parser = parse_objects_limit)]
-    max_objects_per_second: Option<Limit>,
+    #[arg(long, value_name = "N|none")]
+    max_objects_per_second: Option<String>,
     /// Most bytes per second the migration copies (200MiB/s, 1.5GB/s, 500KiB/s), or `none`.
-    #[arg(long, value_name = "RATE|none", value_parser = parse_bandwidth_limit)]
-    max_bandwidth: Option<Limit>,
+    #[arg(long, value_name = "RATE|none")]
+    max_bandwidth: Option<String>,
     /// Print the updated rule as JSON.
     #[arg(long)]
     json: bool,
 }
 
-/// A limit given on the command line: a value, or `none` to remove it.
-#[derive(Clone, Copy, Debug)]
-struct Limit(Option<u64>);
+// Limits are parsed here rather than by clap, so that a bad one is refused like any
+// other rule field: one line naming the field.
 
-fn parse_objects_limit(text: &str) -> Result<Limit, String> {
+/// `--max-objects-per-second` (`none`, for `update`: no limit).
+fn objects_limit(text: &str) -> Result<Option<u64>, Error> {
     if text.eq_ignore_ascii_case("none") {
-        return Ok(Limit(None));
+        return Ok(None);
     }
-    match text.trim().parse::<u64>() {
-        Ok(n) if n > 0 => Ok(Limit(Some(n))),
-        _ => Err(format!(
-            "'{text}' is not a positive whole number of objects per second (or `none`)"
-        )),
-    }
+    text.trim()
+        .parse::<u64>()
+        .map(Some)
+        .map_err(|_| Error::InvalidRule {
+            field: "max_objects_per_second".into(),
+            reason: format!("'{text}' is not a whole number of objects per second"),
+        })
 }
 
-fn parse_bandwidth_limit(text: &str) -> Result<Limit, String> {
+/// `--max-bandwidth` (`none`, for `update`: no limit).
+fn bandwidth_limit(text: &str) -> Result<Option<u64>, Error> {
     if text.eq_ignore_ascii_case("none") {
-        return Ok(Limit(None));
+        return Ok(None);
     }
-    parse_bandwidth(text).map(|b| Limit(Some(b)))
-}
-
-fn parse_bandwidth(text: &str) -> Result<u64, String> {
-    crr_shared::rate_limit::parse_rate("max_bandwidth", text).map_err(|e| e.to_string())
+    crr_shared::rate_limit::parse_rate("max_bandwidth", text).map(Some)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -159,11 +157,11 @@ pub struct CreateArgs {
     target_kms_key_id: Option<String>,
     /// Most objects per second the historical migration writes, over all its invocations.
     #[arg(long, value_name = "N")]
-    max_objects_per_second: Option<u64>,
+    max_objects_per_second: Option<String>,
     /// Most bytes per second the historical migration copies, over all its invocations
     /// (200MiB/s, 1.5GB/s, 500KiB/s, 10MB/s).
-    #[arg(long, value_name = "RATE", value_parser = parse_bandwidth)]
-    max_bandwidth: Option<u64>,
+    #[arg(long, value_name = "RATE")]
+    max_bandwidth: Option<String>,
     /// Deliver source events straight to this SQS queue instead of through EventBridge.
     #[arg(long, conflicts_with = "notify_external")]
     notify_queue_arn: Option<String>,
@@ -181,8 +179,16 @@ pub struct CreateArgs {
 }
 
 impl CreateArgs {
-    fn into_rule(self) -> Rule {
-        Rule {
+    fn into_rule(self) -> Result<Rule, Error> {
+        let max_objects_per_second = match &self.max_objects_per_second {
+            Some(text) if !text.eq_ignore_ascii_case("none") => objects_limit(text)?,
+            _ => None,
+        };
+        let max_bandwidth = match &self.max_bandwidth {
+            Some(text) if !text.eq_ignore_ascii_case("none") => bandwidth_limit(text)?,
+            _ => None,
+        };
+        Ok(Rule {
             id: self.id,
             source: BucketRef {
                 bucket: self.source_bucket,
@@ -220,11 +226,11 @@ impl CreateArgs {
             storage_class: self.storage_class,
             copy_acl: !self.no_copy_acl,
             target_kms_key_id: self.target_kms_key_id,
-            max_objects_per_second: self.max_objects_per_second,
-            max_bandwidth: self.max_bandwidth,
+            max_objects_per_second,
+            max_bandwidth,
             paused: false,
             created_at: String::new(),
-        }
+        })
     }
 }
 
@@ -269,7 +275,7 @@ pub async fn run(aws: &AwsArgs, cmd: RuleCommand) -> Result<()> {
             };
             let s3 = S3Clients::new(sdk);
             let created =
-                rule_admin::create_rule_with(&state, &s3, args.into_rule(), &options).await?;
+                rule_admin::create_rule_with(&state, &s3, args.into_rule()?, &options).await?;
             for warning in &created.warnings {
                 eprintln!("crr: warning (--force): {warning}");
             }
@@ -302,8 +308,16 @@ pub async fn run(aws: &AwsArgs, cmd: RuleCommand) -> Result<()> {
         }
         RuleCommand::Update(args) => {
             let update = rule_admin::LimitsUpdate {
-                max_objects_per_second: args.max_objects_per_second.map(|l| l.0),
-                max_bandwidth: args.max_bandwidth.map(|l| l.0),
+                max_objects_per_second: args
+                    .max_objects_per_second
+                    .as_deref()
+                    .map(objects_limit)
+                    .transpose()?,
+                max_bandwidth: args
+                    .max_bandwidth
+                    .as_deref()
+                    .map(bandwidth_limit)
+                    .transpose()?,
             };
             if update == rule_admin::LimitsUpdate::default() {
                 anyhow::bail!(

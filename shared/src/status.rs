@@ -205,6 +205,12 @@ pub struct RuleStatus {
     pub prefixes: Vec<String>,
     pub policy: Policy,
     pub paused: bool,
+    /// The historical migration's rate limits (absent: none), as in the rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_objects_per_second: Option<u64>,
+    /// Bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth: Option<u64>,
     pub realtime: RealtimeStatus,
     pub historical: HistoricalStatus,
     /// Minute by minute activity, when asked for (`?series=24h`, `--series 24h`).
@@ -444,6 +450,8 @@ pub fn rule_status(
         prefixes: rule.prefixes.clone(),
         policy: rule.policy,
         paused: rule.paused,
+        max_objects_per_second: rule.max_objects_per_second,
+        max_bandwidth: rule.max_bandwidth,
         realtime,
         historical: historical_status(job, segments, now),
         series: None,

@@ -298,7 +298,7 @@
       planButton, planBody);
     historical.addEventListener('change', () => { historyBox.hidden = form.historical.value !== 'yes'; });
 
-    const advanced = el('details', { class: 'advanced' }, el('summary', {}, 'Advanced: endpoints, notifications, copy mode, storage class'),
+    const advanced = el('details', { class: 'advanced' }, el('summary', {}, 'Advanced: endpoints, notifications, copy mode, storage class, migration limits'),
       el('div', { class: 'grid2' },
         field('source.endpoint_url', 'Source endpoint URL', text({ placeholder: 'AWS S3 when empty' }), 'For S3-compatible sources (OSS, MinIO) and local servers.'),
         field('target.endpoint_url', 'Target endpoint URL', text({ placeholder: 'AWS S3 when empty' })),
@@ -315,7 +315,9 @@
           el('option', { value: 'event-bridge' }, 'Through EventBridge (default)'),
           el('option', { value: 'queue' }, 'Straight to an SQS queue'),
           el('option', { value: 'external' }, 'By the provider\'s own mechanism'))),
-        field('notify.arn', 'SQS queue ARN (straight to a queue)', text({ placeholder: 'arn:aws:sqs:us-east-1:123456789012:crr-events' }))));
+        field('notify.arn', 'SQS queue ARN (straight to a queue)', text({ placeholder: 'arn:aws:sqs:us-east-1:123456789012:crr-events' })),
+        field('max_objects_per_second', 'Historical migration: most objects per second', text({ placeholder: 'No limit', inputmode: 'numeric' }), 'Over every backfill invocation together; real-time replication is not limited.'),
+        field('max_bandwidth', 'Historical migration: most bandwidth', text({ placeholder: 'No limit, or like 200MiB/s' }), 'KiB/s, MiB/s, GiB/s (powers of 1024) or KB/s, MB/s, GB/s (powers of 1000).')));
 
     const formError = el('div', { class: 'alert', id: 'form-error', role: 'alert', hidden: true });
     const submit = el('button', { type: 'submit', class: 'button primary', id: 'create-submit' }, 'OK');
@@ -351,6 +353,10 @@
         copy_mode: v('copy_mode'),
       };
       if (v('storage_class')) rule.storage_class = v('storage_class');
+      // Numbers as numbers; anything else is sent as typed, for the server to name what is wrong.
+      const objects = v('max_objects_per_second');
+      if (objects) rule.max_objects_per_second = /^[0-9]+$/.test(objects) ? Number(objects) : objects;
+      if (v('max_bandwidth')) rule.max_bandwidth = v('max_bandwidth');
       rule.notify = v('notify.type') === 'queue' ? { type: 'queue', arn: v('notify.arn') } : { type: v('notify.type') };
       return rule;
     }
