@@ -159,6 +159,11 @@ pub enum Error {
     /// Configuration is missing or wrong (environment, endpoints).
     #[error("configuration: {0}")]
     Config(String),
+
+    /// An S3 Inventory report given as a backfill's input cannot be used: `location` is
+    /// the file (`s3://bucket/key`), `reason` names the field or row at fault.
+    #[error("inventory {location}: {reason}")]
+    Inventory { location: String, reason: String },
 }
 
 /// Longest reason text kept, in bytes.
@@ -240,6 +245,7 @@ impl Error {
             Error::CopyContinues { .. } => "CopyContinues",
             Error::Service { .. } => "Service",
             Error::Config(_) => "Config",
+            Error::Inventory { .. } => "InvalidInventory",
         }
     }
 
