@@ -20,6 +20,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 
 use super::{Backfiller, Job, Segment};
+use crate::allowed::Side;
 use crate::error::{Error, Result};
 use crate::object_store::{ListedObject, ObjectInfo, ObjectStore};
 use crate::rule::{BucketRef, Rule};
@@ -378,6 +379,11 @@ impl Backfiller {
     /// Reads and checks the manifest at `url` for `rule`'s source.
     pub(super) async fn manifest(&self, rule: &Rule, url: &str) -> Result<Manifest> {
         let location = InventoryLocation::parse(url)?;
+        // Reading the report is reading on the source side: its bucket must be one the
+        // deployment may read as a source (the same list, and IAM, as the source's).
+        let mut scope = rule.clone();
+        scope.source.bucket = location.bucket.clone();
+        self.settings.allowed.check_bucket(&scope, Side::Source)?;
         let store = self.inventory_store(rule, &location);
         Manifest::read(store.as_ref(), &location, &rule.source.bucket).await
     }
