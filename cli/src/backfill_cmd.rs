@@ -47,6 +47,9 @@ pub enum BackfillCommand {
         /// Keys per listing page.
         #[arg(long, default_value_t = 1000)]
         page_size: i32,
+        /// Read the objects from this S3 Inventory report instead of listing (as `start`).
+        #[arg(long, value_name = "s3://BUCKET/KEY/manifest.json")]
+        inventory: Option<String>,
     },
     /// List the objects the migration could not copy, with their reason codes (README
     /// "Failure reasons").
@@ -121,9 +124,11 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
     };
     let backfiller = backfiller(state.clone(), clients.clone(), settings)?;
     match cmd {
-        BackfillCommand::Run { rule, .. } => {
+        BackfillCommand::Run {
+            rule, inventory, ..
+        } => {
             let started = std::time::Instant::now();
-            backfiller.start(&rule).await?;
+            backfiller.start_from(&rule, inventory.as_deref()).await?;
             let owner = format!("crr-cli-{}", uuid::Uuid::new_v4().simple());
             let mut total = crr_shared::backfill::RunReport::default();
             loop {
