@@ -22,6 +22,7 @@
 //! copying pages, checkpoints) and `failures` (the objects that failed: recorded, listed,
 //! tried again).
 
+pub mod discovery;
 mod failures;
 pub mod inventory;
 mod lease;
