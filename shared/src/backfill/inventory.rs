@@ -8,6 +8,10 @@
 //! worker reads its segment's rows again and checks each against the source at copy time,
 //! since the report may be a day old (`worker.rs`).
 //!
+//! Keys in the CSV are URL-encoded with a space as '+' (form encoding, as in S3's event
+//! notifications and `encoding-type=url` listings; tools reading inventories decode them
+//! with `unquote_plus`), so a literal '+' arrives as `%2B`.
+//!
 //! Files are read in ranged GETs of `CHUNK` bytes through a push-based gzip decoder, so
 //! neither a whole compressed file nor a whole decompressed one is held in memory.
 
