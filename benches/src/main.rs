@@ -1,6 +1,8 @@
 //! `crr-bench`: the measuring parts of `scripts/bench` (which starts the servers, runs
 //! the peers and writes the report). Every command prints one JSON object.
 
+mod latency_proxy;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -41,6 +43,18 @@ impl BucketArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Forward every request to `upstream` after a uniform `min_ms..=max_ms` wait: S3-like
+    /// latency in front of a local server (prints `{"listening": ADDR}` first).
+    LatencyProxy {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        upstream: String,
+        #[arg(long, default_value_t = 20)]
+        min_ms: u64,
+        #[arg(long, default_value_t = 40)]
+        max_ms: u64,
+    },
     /// PUT `count` objects of `min..=max` bytes (sizes from `seed`) into a new bucket, at
     /// `concurrency`, with a plain SDK loop: the server's raw PUT rate, and the seeding.
     Put {
@@ -160,6 +174,20 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     let sdk = aws_config::load_from_env().await;
     match cli.command {
+        Cmd::LatencyProxy {
+            listen,
+            upstream,
+            min_ms,
+            max_ms,
+        } => {
+            latency_proxy::serve(
+                listen,
+                &upstream,
+                Duration::from_millis(min_ms),
+                Duration::from_millis(max_ms),
+            )
+            .await?
+        }
         Cmd::Bucket { at } => {
             let s3 = plain_client(&sdk, &at.bucket_ref());
             create_bucket(&s3, &at.bucket, &at.region).await?;

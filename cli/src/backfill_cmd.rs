@@ -16,8 +16,17 @@ use crate::AwsArgs;
 #[derive(Subcommand)]
 pub enum BackfillCommand {
     /// Request (or resume) the historical migration; the backfill function does the work.
-    #[command(after_help = "Example:\n  crr backfill start photos")]
-    Start { rule: String },
+    #[command(
+        after_help = "Examples:\n  crr backfill start photos\n  crr backfill start photos --inventory s3://photos-inventory/photos/daily/2026-12-01T01-00Z/manifest.json"
+    )]
+    Start {
+        rule: String,
+        /// Read the objects to migrate from this S3 Inventory report (its manifest.json,
+        /// CSV format) instead of listing the source; read with the source's endpoint and
+        /// credentials.
+        #[arg(long, value_name = "s3://BUCKET/KEY/manifest.json")]
+        inventory: Option<String>,
+    },
     /// Pause it: workers stop after their current page; `start` resumes.
     #[command(after_help = "Example:\n  crr backfill pause photos")]
     Pause { rule: String },
@@ -38,6 +47,9 @@ pub enum BackfillCommand {
         /// Keys per listing page.
         #[arg(long, default_value_t = 1000)]
         page_size: i32,
+        /// Read the objects from this S3 Inventory report instead of listing (as `start`).
+        #[arg(long, value_name = "s3://BUCKET/KEY/manifest.json")]
+        inventory: Option<String>,
     },
     /// List the objects the migration could not copy, with their reason codes (README
     /// "Failure reasons").
@@ -113,9 +125,11 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
     };
     let backfiller = backfiller(state.clone(), clients.clone(), settings)?;
     match cmd {
-        BackfillCommand::Run { rule, .. } => {
+        BackfillCommand::Run {
+            rule, inventory, ..
+        } => {
             let started = std::time::Instant::now();
-            backfiller.start(&rule).await?;
+            backfiller.start_from(&rule, inventory.as_deref()).await?;
             let owner = format!("crr-cli-{}", uuid::Uuid::new_v4().simple());
             let mut total = crr_shared::backfill::RunReport::default();
             loop {
@@ -150,9 +164,15 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
                 println!("failed objects: `crr backfill failures {rule}`");
             }
         }
-        BackfillCommand::Start { rule } => {
-            let job = backfiller.start(&rule).await?;
-            println!("backfill of rule {rule}: {}", job.state.as_str());
+        BackfillCommand::Start { rule, inventory } => {
+            let job = backfiller.start_from(&rule, inventory.as_deref()).await?;
+            match &job.inventory {
+                Some(url) => println!(
+                    "backfill of rule {rule}: {} (from the inventory {url})",
+                    job.state.as_str()
+                ),
+                None => println!("backfill of rule {rule}: {}", job.state.as_str()),
+            }
         }
         BackfillCommand::Pause { rule } => {
             backfiller.pause(&rule).await?;

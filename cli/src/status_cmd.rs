@@ -253,8 +253,12 @@ fn historical_line(h: &HistoricalStatus) -> Line {
             label,
             percent: None,
             message: format!(
-                "{}: counting, {} objects ({}) so far",
+                "{}: counting{}, {} objects ({}) so far",
                 h.state,
+                match h.total_source {
+                    Some(crr_shared::status::TotalSource::Inventory) => " the inventory's rows",
+                    _ => "",
+                },
                 h.objects_total,
                 bytes(h.bytes_total)
             ),

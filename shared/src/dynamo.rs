@@ -932,6 +932,7 @@ fn job_from_item(rule_id: &str, item: &Item) -> Job {
         updated_at: time_attr(item, "updated_at").unwrap_or_default(),
         completed_at: time_attr(item, "completed_at"),
         last_error: opt_string(item, "last_error"),
+        inventory: opt_string(item, "inventory"),
     }
 }
 
@@ -958,6 +959,7 @@ fn segment_from_item(item: &Item) -> Segment {
         skipped: number_attr(item, "skipped"),
         failed: number_attr(item, "failed"),
         updated_at: time_attr(item, "updated_at"),
+        inventory_file: opt_string(item, "inventory_file"),
     }
 }
 
@@ -1068,6 +1070,7 @@ impl BackfillStore for DynamoStore {
         item.insert("segment_count".into(), n(u64::from(job.segments)));
         item.insert("started_at".into(), rfc3339(job.started_at));
         item.insert("updated_at".into(), rfc3339(job.updated_at));
+        put_opt(&mut item, "inventory", &job.inventory);
         let sent = self
             .client
             .put_item()
@@ -1143,6 +1146,7 @@ impl BackfillStore for DynamoStore {
         put_opt(&mut item, "prefix", &Some(segment.prefix.clone()));
         put_opt(&mut item, "start_after", &segment.start_after);
         put_opt(&mut item, "end_key", &segment.end);
+        put_opt(&mut item, "inventory_file", &segment.inventory_file);
         item.insert("planned_objects".into(), n(segment.planned_objects));
         item.insert("done".into(), AttributeValue::Bool(false));
         item.insert("lease_until".into(), n(0));

@@ -162,6 +162,11 @@ pub enum Error {
     /// Configuration is missing or wrong (environment, endpoints).
     #[error("configuration: {0}")]
     Config(String),
+
+    /// An S3 Inventory report given as a backfill's input cannot be used: `location` is
+    /// the file (`s3://bucket/key`), `reason` names the field or row at fault.
+    #[error("inventory {location}: {reason}")]
+    Inventory { location: String, reason: String },
 }
 
 /// Longest reason text kept, in bytes.
@@ -255,6 +260,7 @@ impl Error {
             Error::CopyContinues { .. } => "CopyContinues",
             Error::Service { .. } => "Service",
             Error::Config(_) => "Config",
+            Error::Inventory { .. } => "InvalidInventory",
         }
     }
 

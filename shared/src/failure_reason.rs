@@ -171,6 +171,7 @@ impl FailureReason {
             // The rule, the deployment or the state table: nothing one object can fix.
             Error::InvalidRule { .. }
             | Error::BadRequest(_)
+            | Error::Inventory { .. }
             | Error::BucketClaimed { .. }
             | Error::RuleExists(_)
             | Error::RuleNotFound(_)

@@ -29,7 +29,8 @@
 //!
 //! # Historical percent and ETA
 //!
-//! Totals come from the backfill's counting pass (`total_final` once it is over; percent
+//! Totals come from the backfill's counting pass (`total_final` once it is over,
+//! `total_source` says whether it listed the source or read an S3 Inventory report; percent
 //! is `null` before). Objects found after the count (written meanwhile under the last
 //! segment) raise the total to what was examined, so percent never exceeds 100; once the
 //! job is complete the totals are what it examined (objects deleted meanwhile are gone).
@@ -38,6 +39,17 @@
 //! `null` while counting, paused, failed or before the first checkpoint; `0` when done.
 
 use std::collections::HashMap;
+
+/// Where a backfill's totals come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TotalSource {
+    /// The counting pass listed the source.
+    Listing,
+    /// The counting pass read the rows of an S3 Inventory report (as of the report's
+    /// date: objects gone since are counted, and skipped when their row is worked).
+    Inventory,
+}
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -174,6 +186,10 @@ pub struct HistoricalStatus {
     pub bytes_total: u64,
     /// The counting pass is over, so the totals are final.
     pub total_final: bool,
+    /// How the totals were obtained: `listing` (the counting pass listed the source) or
+    /// `inventory` (it read an S3 Inventory report's rows); `null` with no job.
+    #[serde(default)]
+    pub total_source: Option<TotalSource>,
     pub percent_objects: Option<f64>,
     pub percent_bytes: Option<f64>,
     /// Key-range segments: all, finished, and leased by a running worker now.
@@ -514,6 +530,7 @@ pub fn historical_status(
             objects_total: 0,
             bytes_total: 0,
             total_final: false,
+            total_source: None,
             percent_objects: None,
             percent_bytes: None,
             segments: 0,
@@ -579,6 +596,10 @@ pub fn historical_status(
         objects_total,
         bytes_total,
         total_final: job.planned,
+        total_source: Some(match job.inventory {
+            Some(_) => TotalSource::Inventory,
+            None => TotalSource::Listing,
+        }),
         percent_objects: percent(objects_done, objects_total),
         percent_bytes: percent(bytes_done, bytes_total),
         segments: job.segments,
@@ -881,6 +902,7 @@ mod tests {
             updated_at: at("2026-11-22T09:30:00Z"),
             completed_at: None,
             last_error: None,
+            inventory: None,
         }
     }
 
@@ -903,6 +925,7 @@ mod tests {
             skipped: 0,
             failed: 0,
             updated_at: None,
+            inventory_file: None,
         }
     }
 

@@ -328,7 +328,7 @@ async fn verify_stream(
     let source: Arc<dyn ObjectStore> = Arc::new(console.s3.store(&rule.source));
     let target: Arc<dyn ObjectStore> = Arc::new(console.s3.store(&rule.target));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let drift_tx = tx.clone();
         let progress_tx = tx.clone();
         let mut last_progress = std::time::Instant::now();
@@ -371,8 +371,20 @@ async fn verify_stream(
         };
         let _ = tx.send(last);
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|event| (Ok(event), rx))
+    // A page that goes away (closed, reloaded) stops the comparison: the stream owns
+    // the task's abort handle.
+    let guard = AbortOnDrop(task.abort_handle());
+    let stream = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+        rx.recv().await.map(|event| (Ok(event), (rx, guard)))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

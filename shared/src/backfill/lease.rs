@@ -451,6 +451,7 @@ mod tests {
             skipped: 0,
             failed: 0,
             updated_at: None,
+            inventory_file: None,
         }
     }
 
@@ -485,6 +486,7 @@ mod tests {
             updated_at: now,
             completed_at: None,
             last_error: None,
+            inventory: None,
         };
         let mut empty = job.clone();
         empty.segments = 0;

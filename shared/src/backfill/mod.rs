@@ -22,7 +22,9 @@
 //! copying pages, checkpoints) and `failures` (the objects that failed: recorded, listed,
 //! tried again).
 
+pub mod discovery;
 mod failures;
+pub mod inventory;
 mod lease;
 mod plan;
 mod worker;
@@ -107,6 +109,10 @@ pub struct Job {
     pub completed_at: Option<DateTime<Utc>>,
     /// Why the job is `Failed` (a permanent error: missing bucket, access denied...).
     pub last_error: Option<String>,
+    /// The S3 Inventory manifest (`s3://bucket/key/manifest.json`) the job reads its
+    /// objects from instead of listing the source; then `plan_prefix` counts the
+    /// manifest's data files read so far, and the segments are row ranges of them.
+    pub inventory: Option<String>,
 }
 
 /// A key range `(start_after, end]` under one prefix.
@@ -142,6 +148,11 @@ pub struct Segment {
     pub failed: u64,
     /// Time of the last checkpoint.
     pub updated_at: Option<DateTime<Utc>>,
+    /// For a job reading an S3 Inventory report: the data file (key in the inventory
+    /// bucket) the segment is a row range of. `start_after`, `end` and `checkpoint` are
+    /// then row numbers of that file (1-based, every data line counted), and `prefix` is
+    /// empty: rows outside the rule's prefixes are passed over.
+    pub inventory_file: Option<String>,
 }
 
 /// What one checkpoint adds to a segment (`Segment` says what each counter means).

@@ -64,7 +64,7 @@ pub struct RunReport {
 pub struct Backfiller {
     pub(super) rules: Arc<dyn RuleStore>,
     pub(super) jobs: Arc<dyn BackfillStore>,
-    stores: Arc<dyn StoreProvider>,
+    pub(super) stores: Arc<dyn StoreProvider>,
     engine: CopyEngine,
     pub(super) settings: BackfillSettings,
     retry: RetryPolicy,
@@ -184,10 +184,30 @@ impl Backfiller {
 
     /// Requests (or resumes) the backfill of a rule.
     pub async fn start(&self, rule_id: &str) -> Result<Job> {
-        self.rules
+        self.start_from(rule_id, None).await
+    }
+
+    /// Requests (or resumes) the backfill of a rule, reading its objects from the S3
+    /// Inventory report whose manifest is at `inventory` (`s3://bucket/key`) instead of
+    /// listing the source. The manifest is read and checked here, so a wrong one is an
+    /// error now rather than a failed job later.
+    pub async fn start_from(&self, rule_id: &str, inventory: Option<&str>) -> Result<Job> {
+        let rule = self
+            .rules
             .get_rule(rule_id)
             .await?
             .ok_or_else(|| Error::RuleNotFound(rule_id.to_string()))?;
+        if let Some(url) = inventory {
+            self.manifest(&rule, url).await?;
+            if let Some(job) = self.jobs.job(rule_id).await?
+                && job.inventory.as_deref() != Some(url)
+            {
+                return Err(Error::BadRequest(format!(
+                    "rule '{rule_id}' has a backfill already (from {}); it cannot change its input",
+                    job.inventory.as_deref().unwrap_or("listing")
+                )));
+            }
+        }
         let now = Utc::now();
         let fresh = Job {
             rule_id: rule_id.to_string(),
@@ -202,6 +222,7 @@ impl Backfiller {
             updated_at: now,
             completed_at: None,
             last_error: None,
+            inventory: inventory.map(str::to_string),
         };
         if !self.jobs.create_job(&fresh).await? {
             let job = self.jobs.job(rule_id).await?.unwrap_or(fresh.clone());
@@ -439,6 +460,9 @@ impl Backfiller {
         deadline: Instant,
         cuts: Option<&tokio::sync::watch::Sender<bool>>,
     ) -> Result<Job> {
+        if let Some(url) = job.inventory.clone() {
+            return self.plan_inventory(rule, job, &url, deadline, cuts).await;
+        }
         let source = self.stores.store(&rule.source);
         let prefixes = rule.listing_prefixes();
         // Counted since the last cut (not yet in `job`'s totals).
@@ -491,6 +515,7 @@ impl Backfiller {
                 skipped: 0,
                 failed: 0,
                 updated_at: None,
+                inventory_file: None,
             };
             let mut next = job.clone();
             next.segments += 1;
@@ -681,6 +706,10 @@ impl Backfiller {
         let source = self.stores.store(&rule.source);
         let target = self.stores.store(&rule.target);
         let (source, target) = (source.as_ref(), target.as_ref());
+        let rows = match segment.inventory_file {
+            Some(_) => Some(self.segment_rows(rule, &segment).await?),
+            None => None,
+        };
         let lane = Lane {
             rule,
             mark,
@@ -690,6 +719,7 @@ impl Backfiller {
             source,
             target,
             deadline,
+            rows: rows.as_ref(),
         };
         let mut after = segment.checkpoint.clone().or(segment.start_after.clone());
         if !self.time_left(deadline) {
@@ -702,7 +732,11 @@ impl Backfiller {
         examined += page.objects.len() as u64;
         let mut settling: Option<Settle> = None;
         loop {
-            let last = page.objects.last().map(|o| o.key.clone()).or(after.clone());
+            let last = page
+                .resume_after
+                .clone()
+                .or_else(|| page.objects.last().map(|o| o.key.clone()))
+                .or(after.clone());
             let go_on = !page.reached_end && self.time_left(deadline);
             let copies = tokio::time::timeout_at(
                 hard_stop(deadline).into(),
@@ -772,6 +806,18 @@ impl Backfiller {
         {
             return Ok(None);
         }
+        if let Some(rows) = lane.rows {
+            let rows = self
+                .rows_page(rows, lane.source, lane.target, after.as_deref())
+                .await?;
+            return Ok(Some(Page {
+                objects: rows.objects,
+                reached_end: rows.reached_end,
+                target: rows.target,
+                gone: rows.gone,
+                resume_after: rows.last_row.or(after),
+            }));
+        }
         let segment = lane.segment;
         let mut listed = lane
             .source
@@ -804,6 +850,8 @@ impl Backfiller {
             objects: listed.objects,
             reached_end,
             target,
+            gone: 0,
+            resume_after: None,
         }))
     }
 
@@ -980,15 +1028,21 @@ impl Backfiller {
             return Ok(0);
         };
         let (source, target) = (lane.source, lane.target);
-        let present = list_range(
-            source,
-            &lane.segment.prefix,
-            after,
-            last,
-            self.keys_hint(listed),
-            self.settings.page_size,
-        )
-        .await?;
+        // An inventory segment's keys are not a key range: each is checked by HEAD.
+        let present = match lane.rows {
+            Some(_) => HashMap::new(),
+            None => {
+                list_range(
+                    source,
+                    &lane.segment.prefix,
+                    after,
+                    last,
+                    self.keys_hint(listed),
+                    self.settings.page_size,
+                )
+                .await?
+            }
+        };
         let mut undone = 0;
         for (key, etag) in created {
             if present.contains_key(key) || source.head(key).await?.is_some() {
@@ -1065,6 +1119,7 @@ impl Backfiller {
             source,
             target,
             deadline,
+            rows: None,
         };
         let (lane, object, seen) = (&lane, &object, seen.as_ref());
         self.retry
@@ -1274,6 +1329,8 @@ struct Lane<'a> {
     target: &'a dyn ObjectStore,
     /// When the invocation ends.
     deadline: Instant,
+    /// An inventory segment's rows (`None`: the segment is a key range, listed).
+    rows: Option<&'a super::inventory::SegmentRows>,
 }
 
 /// One listed page of a segment.
@@ -1284,6 +1341,11 @@ struct Page {
     reached_end: bool,
     /// What the target holds over the page's keys.
     target: HashMap<String, ListedObject>,
+    /// Inventory rows whose source object is gone since the report (skipped).
+    gone: u64,
+    /// Where the next page starts, when not after the last object's key (an inventory
+    /// segment's row number).
+    resume_after: Option<String>,
 }
 
 /// A copied page, waiting for its undo check and checkpoint.
@@ -1312,8 +1374,9 @@ impl Settle {
             last_key,
             reached_end: page.reached_end,
             tally: PageTally {
-                objects: page.objects.len() as u64,
+                objects: page.objects.len() as u64 + page.gone,
                 bytes: page.objects.iter().map(|o| o.size).sum(),
+                skipped: page.gone,
                 ..PageTally::default()
             },
             yielded: 0,
