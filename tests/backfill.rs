@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use aws_sdk_s3::primitives::ByteStream;
 use crr_shared::backfill::{
-    BackfillSettings, BackfillStore, Backfiller, Checkpoint, JobState, PageTally, RunReport,
-    Segment, dry_run,
+    BackfillSettings, BackfillStore, Backfiller, Checkpoint, JobProgress, JobState, PageTally,
+    RunReport, Segment, dry_run,
 };
 use crr_shared::copy::CopyEngine;
 use crr_shared::dynamo::DynamoStore;
@@ -158,8 +158,16 @@ impl Fixture {
     }
 
     /// The job's counters over all segments: (objects, copied, fixed, in place, skipped).
+    /// The job item's totals (what status reads) must be exactly the segments' sums.
     async fn counters(&self) -> Result<(u64, u64, u64, u64, u64)> {
         let segments = self.state.segments(&self.rule.id).await?;
+        let job = self.state.job(&self.rule.id).await?.context("no job")?;
+        ensure!(
+            job.progress == JobProgress::of_segments(&segments),
+            "job totals {:?} are not the segments' {:?}",
+            job.progress,
+            JobProgress::of_segments(&segments)
+        );
         let sum = |f: fn(&Segment) -> u64| segments.iter().map(f).sum::<u64>();
         Ok((
             sum(|s| s.objects_done),

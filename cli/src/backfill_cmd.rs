@@ -1,4 +1,4 @@
-//! `crr backfill start|pause|run|plan|failures|retry-failed`: the historical migration of
+//! `crr backfill start|pause|run|plan|failures|retry-failed|segments`: the historical migration of
 //! a rule.
 
 use std::sync::Arc;
@@ -65,6 +65,16 @@ pub enum BackfillCommand {
     /// empties becomes `completed`.
     #[command(after_help = "Example:\n  crr backfill retry-failed photos")]
     RetryFailed {
+        rule: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Report every key-range segment of the job (range, checkpoint, lease, counters) and
+    /// check the job's totals against the segments' sums. The one command that reads every
+    /// segment item: claims and status read only the job item.
+    #[command(after_help = "Example:\n  crr backfill segments photos --json")]
+    Segments {
         rule: String,
         /// Print JSON.
         #[arg(long)]
@@ -213,6 +223,7 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
                 failed.len()
             );
         }
+        BackfillCommand::Segments { rule, json } => segments_report(&state, &rule, json).await?,
         BackfillCommand::RetryFailed { rule, json } => {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
             let report = backfiller.retry_failed(&rule, deadline).await?;
@@ -295,6 +306,101 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `crr backfill segments`: every segment, and whether the job item's totals (what the
+/// status shows) are the segments' sums.
+async fn segments_report(
+    state: &crr_shared::dynamo::DynamoStore,
+    rule: &str,
+    json: bool,
+) -> Result<()> {
+    let job = state
+        .job(rule)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("rule {rule} has no backfill job"))?;
+    let segments = state.segments(rule).await?;
+    let sums = crr_shared::backfill::JobProgress::of_segments(&segments);
+    let consistent = sums == job.progress;
+    if json {
+        let listed: Vec<_> = segments
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "index": s.index,
+                    "prefix": s.prefix,
+                    "start_after": s.start_after,
+                    "end": s.end,
+                    "checkpoint": s.checkpoint,
+                    "done": s.done,
+                    "lease_owner": s.lease_owner,
+                    "lease_until_ms": s.lease_until,
+                    "objects_done": s.objects_done,
+                    "bytes_done": s.bytes_done,
+                    "copied": s.copied,
+                    "fixed": s.fixed,
+                    "in_place": s.in_place,
+                    "skipped": s.skipped,
+                    "failed": s.failed,
+                })
+            })
+            .collect();
+        let totals = |p: &crr_shared::backfill::JobProgress| {
+            serde_json::json!({
+                "objects_done": p.tally.objects,
+                "bytes_done": p.tally.bytes,
+                "copied": p.tally.copied,
+                "fixed": p.tally.fixed,
+                "in_place": p.tally.in_place,
+                "skipped": p.tally.skipped,
+                "failed": p.tally.failed,
+                "segments_done": p.segments_done,
+            })
+        };
+        let report = serde_json::json!({
+            "rule_id": rule,
+            "segments": listed,
+            "job_totals": totals(&job.progress),
+            "segment_sums": totals(&sums),
+            "consistent": consistent,
+            "claim_next": job.claims.next,
+            "board": job.claims.leases.len(),
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{:>6} {:<5} {:>10} {:>10}  {:<30} {:<30}  lease",
+        "index", "done", "objects", "bytes", "end", "checkpoint"
+    );
+    for s in &segments {
+        println!(
+            "{:>6} {:<5} {:>10} {:>10}  {:<30} {:<30}  {}",
+            s.index,
+            s.done,
+            s.objects_done,
+            s.bytes_done,
+            s.end.as_deref().unwrap_or("(end of prefix)"),
+            s.checkpoint.as_deref().unwrap_or("-"),
+            s.lease_owner.as_deref().unwrap_or("-"),
+        );
+    }
+    println!(
+        "{} segment(s), {} done; job totals {} the segments' sums ({} objects, {} bytes)",
+        segments.len(),
+        sums.segments_done,
+        if consistent { "equal" } else { "DIFFER FROM" },
+        sums.tally.objects,
+        sums.tally.bytes
+    );
+    if !consistent {
+        anyhow::bail!(
+            "the job item's totals differ from its segments': {:?} vs {:?}",
+            job.progress,
+            sums
+        );
     }
     Ok(())
 }

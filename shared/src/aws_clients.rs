@@ -2,7 +2,9 @@
 //!
 //! With `CRR_OPERATION_LOG=<file>` set, every AWS operation a client starts is appended to
 //! the file as `service:Operation` (DynamoDB item writes add the item family: `DynamoDB:UpdateItem
-//! STATS`). The IAM cross-check test (`tests/iam.rs`) runs the
+//! STATS`), and each DynamoDB read that answered adds a line with the item family it read
+//! (where it names one) and the items it returned (`DynamoDB:Query BACKFILL items=25`), so
+//! tests can count what an operation reads. The IAM cross-check test (`tests/iam.rs`) runs the
 //! functions with it and checks that `infra/template.yaml` grants each function every
 //! action its operations need. Off by default: nothing is recorded in a deployment.
 
@@ -13,10 +15,12 @@ use std::sync::{Arc, Mutex};
 use aws_config::SdkConfig;
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
-use aws_smithy_runtime_api::client::interceptors::context::BeforeSerializationInterceptorContextRef;
+use aws_smithy_runtime_api::client::interceptors::context::{
+    AfterDeserializationInterceptorContextRef, BeforeSerializationInterceptorContextRef,
+};
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
-use aws_smithy_types::config_bag::ConfigBag;
+use aws_smithy_types::config_bag::{ConfigBag, Storable, StoreReplace};
 
 /// Environment variable naming the operation log file.
 pub const OPERATION_LOG_ENV: &str = "CRR_OPERATION_LOG";
@@ -41,6 +45,14 @@ impl OperationLog {
             }
         }
     }
+
+    /// A log appending to `path` (tests that build their own clients).
+    pub fn to_file(path: &std::path::Path) -> std::io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self {
+            file: Arc::new(Mutex::new(file)),
+        })
+    }
 }
 
 impl Intercept for OperationLog {
@@ -64,7 +76,84 @@ impl Intercept for OperationLog {
             },
             None => writeln!(file, "unknown:unknown")?,
         }
+        if let Some(family) = read_family(context) {
+            cfg.interceptor_state().store_put(ReadFamily(family));
+        }
         Ok(())
+    }
+
+    fn read_after_deserialization(
+        &self,
+        context: &AfterDeserializationInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let Ok(output) = context.output_or_error() else {
+            return Ok(());
+        };
+        let Some(items) = items_read(output) else {
+            return Ok(());
+        };
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let family = cfg.load::<ReadFamily>().map_or("", |f| f.0.as_str());
+        if let Some(op) = cfg.load::<Metadata>() {
+            writeln!(
+                file,
+                "{}:{} {family} items={items}",
+                op.service(),
+                op.name()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The item family a DynamoDB read reads (its partition key's, as `item_family`), kept
+/// from the request for the line written with the response.
+#[derive(Debug, Clone)]
+struct ReadFamily(String);
+
+impl Storable for ReadFamily {
+    type Storer = StoreReplace<Self>;
+}
+
+/// For a GetItem or a Query (whose partition is `:pk`, as every query of the table's),
+/// the item family it reads.
+fn read_family(context: &BeforeSerializationInterceptorContextRef<'_>) -> Option<String> {
+    use aws_sdk_dynamodb::operation::{get_item::GetItemInput, query::QueryInput};
+    let input = context.input();
+    let pk = if let Some(get) = input.downcast_ref::<GetItemInput>() {
+        get.key()?.get("pk")?
+    } else {
+        input
+            .downcast_ref::<QueryInput>()?
+            .expression_attribute_values()?
+            .get(":pk")?
+    };
+    let pk = pk.as_s().ok()?;
+    Some(pk.split('#').next().unwrap_or_default().to_string())
+}
+
+/// For a DynamoDB read, the items it returned.
+fn items_read(
+    output: &aws_smithy_runtime_api::client::interceptors::context::Output,
+) -> Option<usize> {
+    use aws_sdk_dynamodb::operation::{
+        batch_get_item::BatchGetItemOutput, get_item::GetItemOutput, query::QueryOutput,
+        scan::ScanOutput,
+    };
+    if let Some(get) = output.downcast_ref::<GetItemOutput>() {
+        Some(usize::from(get.item().is_some()))
+    } else if let Some(query) = output.downcast_ref::<QueryOutput>() {
+        Some(query.items().len())
+    } else if let Some(scan) = output.downcast_ref::<ScanOutput>() {
+        Some(scan.items().len())
+    } else {
+        output.downcast_ref::<BatchGetItemOutput>().map(|batch| {
+            batch
+                .responses()
+                .map_or(0, |r| r.values().map(Vec::len).sum())
+        })
     }
 }
 

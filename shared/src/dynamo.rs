@@ -12,7 +12,7 @@
 //! | suppressed    | `SUPPRESSED#<rule>` | `<md5 of key>#<identity>` | `key`, `event_time`, `recorded_at`, ... |
 //! | upload        | `UPLOAD#<rule>`  | `<writer>#<md5 of key>` | `key`, `upload_id`, `source_etag`, `parts` (binary), ..., TTL |
 //! | deployment    | `DEPLOYMENT`     | `DEPLOYMENT`  | `deployment` (JSON)                |
-//! | backfill job  | `BACKFILL#<rule>` | `JOB`        | state, plan position, totals       |
+//! | backfill job  | `BACKFILL#<rule>` | `JOB`        | state, plan position, totals, `done_*` (segments' sums), `segments_done`, claim board (`claim_next`, `leases` map) |
 //! | segment       | `BACKFILL#<rule>` | `SEG#<index>` | range, checkpoint, lease, counters |
 //! | failed object | `BACKFILL#<rule>` | `FAIL#<md5 of key>` | `key`, `size`, `reason`, `message`, `attempts`, `last_try`, ... |
 //! | rate window   | `RATE#<rule>`    | `<objects\|bytes>#<epoch second>` | `used`, TTL (`rate_limit.rs`) |
@@ -35,7 +35,10 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use md5::Digest;
 
-use crate::backfill::{BackfillStore, Checkpoint, FailedObject, Job, JobState, Segment};
+use crate::backfill::{
+    BackfillStore, Checkpoint, ClaimBoard, FailedObject, Job, JobProgress, JobState, PageTally,
+    Segment,
+};
 use crate::deployment::Deployment;
 use crate::error::{Error, Result, dynamodb_permission, from_sdk};
 use crate::ledger::{LEDGER_TTL_DAYS, LedgerEntry};
@@ -933,7 +936,41 @@ fn job_from_item(rule_id: &str, item: &Item) -> Job {
         completed_at: time_attr(item, "completed_at"),
         last_error: opt_string(item, "last_error"),
         inventory: opt_string(item, "inventory"),
+        progress: JobProgress {
+            tally: PageTally {
+                objects: number_attr(item, "done_objects"),
+                bytes: number_attr(item, "done_bytes"),
+                copied: number_attr(item, "done_copied"),
+                fixed: number_attr(item, "done_fixed"),
+                in_place: number_attr(item, "done_in_place"),
+                skipped: number_attr(item, "done_skipped"),
+                failed: number_attr(item, "done_failed"),
+            },
+            segments_done: number_attr(item, "segments_done") as u32,
+        },
+        claims: ClaimBoard {
+            next: number_attr(item, "claim_next") as u32,
+            leases: item
+                .get("leases")
+                .and_then(|m| m.as_m().ok())
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_n().ok()?.parse().ok()?)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        },
     }
+}
+
+/// The job item's key.
+fn job_key(rule_id: &str) -> Item {
+    key_item(backfill_pk(rule_id), "JOB")
+}
+
+/// Epoch milliseconds now.
+fn now_millis() -> u64 {
+    u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
 }
 
 fn segment_from_item(item: &Item) -> Segment {
@@ -1051,6 +1088,174 @@ impl DynamoStore {
             Err(e) => Err(self.err(op, e)),
         }
     }
+
+    /// Takes segment `index`'s lease for `owner` if it is free or expired and the segment
+    /// not done: the segment as the claim left it, or (`Err`) the segment as it was when
+    /// the condition failed (`None`: there is no such segment).
+    async fn take_lease(
+        &self,
+        rule_id: &str,
+        index: u32,
+        owner: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<std::result::Result<Segment, Option<Item>>> {
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key_item(backfill_pk(rule_id), segment_sk(index))))
+            .update_expression("SET lease_owner = :o, lease_until = :u")
+            .condition_expression(
+                "done = :f AND (attribute_not_exists(lease_owner) OR lease_until < :now)",
+            )
+            .expression_attribute_values(":o", s(owner))
+            .expression_attribute_values(":u", n(until_ms))
+            .expression_attribute_values(":f", AttributeValue::Bool(false))
+            .expression_attribute_values(":now", n(now_ms))
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
+            .return_values_on_condition_check_failure(
+                aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure::AllOld,
+            )
+            .send()
+            .await;
+        match sent {
+            // ALL_NEW always returns the item; without it the claim cannot be used.
+            Ok(out) => Ok(out.attributes().map(segment_from_item).ok_or(None)),
+            Err(SdkError::ServiceError(service)) if service.err().is_condition_failed() => {
+                match service.into_err() {
+                    UpdateItemError::ConditionalCheckFailedException(e) => Ok(Err(e.item)),
+                    _ => Ok(Err(None)),
+                }
+            }
+            Err(e) => Err(self.err("UpdateItem", e)),
+        }
+    }
+
+    /// Writes segment `index`'s lease expiry on the job's claim board; `only_if_listed`:
+    /// only if the segment is still on it (it leaves when done).
+    async fn board_entry(
+        &self,
+        rule_id: &str,
+        index: u32,
+        until_ms: u64,
+        only_if_listed: bool,
+    ) -> Result<()> {
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(job_key(rule_id)))
+            .update_expression("SET leases.#i = :u")
+            .expression_attribute_names("#i", index.to_string())
+            .expression_attribute_values(":u", n(until_ms));
+        if only_if_listed {
+            req = req.condition_expression("attribute_exists(leases.#i)");
+        }
+        let sent = req.send().await;
+        // A hint only (the segment's own lease decides every claim): a write lost here
+        // costs a claim that fails and corrects it, so it never fails the caller.
+        if let Err(e) = self.conditional("UpdateItem", sent) {
+            tracing::warn!(rule_id, segment = index, error = %e, "claim board not updated");
+        }
+        Ok(())
+    }
+
+    /// A claim of segment `index` failed on the segment's condition: the board learns
+    /// why (done or missing: off the board; leased: its real expiry), so the next claim
+    /// does not try it again before that.
+    async fn settle_board(&self, rule_id: &str, index: u32, found: Option<&Item>) -> Result<()> {
+        // DynamoDB answers a failed condition with the item (ALL_OLD); servers that do not
+        // (DynamoDB Local before 2.x) cost one read of the segment, on failed claims only.
+        let read;
+        let found = match found {
+            Some(item) => Some(item),
+            None => {
+                read = self
+                    .get(key_item(backfill_pk(rule_id), segment_sk(index)))
+                    .await?;
+                read.as_ref()
+            }
+        };
+        let leased = found
+            .map(segment_from_item)
+            .filter(|seg| !seg.done)
+            .map(|seg| seg.lease_until);
+        match leased {
+            Some(until) => self.board_entry(rule_id, index, until, true).await,
+            None => {
+                let sent = self
+                    .client
+                    .update_item()
+                    .table_name(&self.table)
+                    .set_key(Some(job_key(rule_id)))
+                    .update_expression("REMOVE leases.#i")
+                    .condition_expression("attribute_exists(leases)")
+                    .expression_attribute_names("#i", index.to_string())
+                    .send()
+                    .await;
+                if let Err(e) = self.conditional("UpdateItem", sent) {
+                    tracing::warn!(rule_id, segment = index, error = %e, "claim board not updated");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Gives a job item written before the claim board its board and totals: the one
+    /// time its segments are all read. The cursor starts at 0, so every segment is offered
+    /// once (a done one leaves the board at its first failed claim).
+    async fn add_claim_board(&self, rule_id: &str) -> Result<()> {
+        let segments = self.segments(rule_id).await?;
+        let p = JobProgress::of_segments(&segments);
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(job_key(rule_id)))
+            .update_expression(
+                "SET leases = :empty, claim_next = :zero, segments_done = :sd, \
+                 done_objects = :a, done_bytes = :b, done_copied = :c, done_fixed = :f, \
+                 done_in_place = :i, done_skipped = :k, done_failed = :x",
+            )
+            .condition_expression("attribute_exists(pk) AND attribute_not_exists(leases)")
+            .expression_attribute_values(":empty", AttributeValue::M(HashMap::new()))
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":sd", n(u64::from(p.segments_done)))
+            .expression_attribute_values(":a", n(p.tally.objects))
+            .expression_attribute_values(":b", n(p.tally.bytes))
+            .expression_attribute_values(":c", n(p.tally.copied))
+            .expression_attribute_values(":f", n(p.tally.fixed))
+            .expression_attribute_values(":i", n(p.tally.in_place))
+            .expression_attribute_values(":k", n(p.tally.skipped))
+            .expression_attribute_values(":x", n(p.tally.failed))
+            .send()
+            .await;
+        self.conditional("UpdateItem", sent).map(|_| ())
+    }
+}
+
+/// The client request token of a checkpoint's transaction (at most 36 characters): the
+/// same for the SDK's retries of one attempt, different for every checkpoint and attempt.
+fn checkpoint_token(
+    rule_id: &str,
+    index: u32,
+    owner: &str,
+    checkpoint: &Checkpoint,
+    attempt: u32,
+) -> String {
+    let mut digest = md5::Md5::new();
+    digest.update(format!(
+        "{rule_id}\n{index}\n{owner}\n{}\n{}\n{:?}\n{attempt}",
+        checkpoint.lease_until,
+        checkpoint.last_key.as_deref().unwrap_or(""),
+        checkpoint.tally
+    ));
+    digest
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[async_trait]
@@ -1068,6 +1273,9 @@ impl BackfillStore for DynamoStore {
         item.insert("total_objects".into(), n(job.total_objects));
         item.insert("total_bytes".into(), n(job.total_bytes));
         item.insert("segment_count".into(), n(u64::from(job.segments)));
+        // The claim board starts empty (its map must exist for per-segment updates).
+        item.insert("claim_next".into(), n(0));
+        item.insert("leases".into(), AttributeValue::M(HashMap::new()));
         item.insert("started_at".into(), rfc3339(job.started_at));
         item.insert("updated_at".into(), rfc3339(job.updated_at));
         put_opt(&mut item, "inventory", &job.inventory);
@@ -1200,6 +1408,72 @@ impl BackfillStore for DynamoStore {
         Ok(items.iter().map(segment_from_item).collect())
     }
 
+    async fn claim_next_segment(
+        &self,
+        rule_id: &str,
+        next: u32,
+        owner: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<Option<Segment>> {
+        // The cursor moves on and the segment enters the board in one write: a crash after
+        // it leaves the segment on the board, where it is taken again once `until_ms` is
+        // past, never lost.
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(job_key(rule_id)))
+            .update_expression("SET claim_next = :n1, leases.#i = :u")
+            // A job item from before the board has no cursor: it is at 0.
+            .condition_expression(if next == 0 {
+                "(attribute_not_exists(claim_next) OR claim_next = :n) AND segment_count > :n"
+            } else {
+                "claim_next = :n AND segment_count > :n"
+            })
+            .expression_attribute_names("#i", next.to_string())
+            .expression_attribute_values(":n", n(u64::from(next)))
+            .expression_attribute_values(":n1", n(u64::from(next) + 1))
+            .expression_attribute_values(":u", n(until_ms))
+            .send()
+            .await;
+        match sent {
+            Ok(_) => {}
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(ConditionFailed::is_condition_failed) =>
+            {
+                return Ok(None);
+            }
+            // The job item was in a checkpoint's transaction: read it again and retry.
+            Err(e)
+                if e.as_service_error().and_then(|s| s.meta().code())
+                    == Some("TransactionConflictException") =>
+            {
+                return Ok(None);
+            }
+            // A job item from before the claim board: no `leases` map to write into.
+            Err(e)
+                if e.as_service_error().and_then(|s| s.meta().code())
+                    == Some("ValidationException") =>
+            {
+                self.add_claim_board(rule_id).await?;
+                return Ok(None);
+            }
+            Err(e) => return Err(self.err("UpdateItem", e)),
+        }
+        match self
+            .take_lease(rule_id, next, owner, now_ms, until_ms)
+            .await?
+        {
+            Ok(segment) => Ok(Some(segment)),
+            Err(found) => {
+                self.settle_board(rule_id, next, found.as_ref()).await?;
+                Ok(None)
+            }
+        }
+    }
+
     async fn claim_segment(
         &self,
         rule_id: &str,
@@ -1208,32 +1482,20 @@ impl BackfillStore for DynamoStore {
         now_ms: u64,
         until_ms: u64,
     ) -> Result<Option<Segment>> {
-        let sent = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key_item(backfill_pk(rule_id), segment_sk(index))))
-            .update_expression("SET lease_owner = :o, lease_until = :u")
-            .condition_expression(
-                "done = :f AND (attribute_not_exists(lease_owner) OR lease_until < :now)",
-            )
-            .expression_attribute_values(":o", s(owner))
-            .expression_attribute_values(":u", n(until_ms))
-            .expression_attribute_values(":f", AttributeValue::Bool(false))
-            .expression_attribute_values(":now", n(now_ms))
-            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
-            .send()
-            .await;
-        match sent {
-            // ALL_NEW always returns the item; without it the claim cannot be used.
-            Ok(out) => Ok(out.attributes().map(segment_from_item)),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(ConditionFailed::is_condition_failed) =>
-            {
+        match self
+            .take_lease(rule_id, index, owner, now_ms, until_ms)
+            .await?
+        {
+            Ok(segment) => {
+                // Only this owner writes the segment's lease until `until_ms`: the board
+                // entry cannot go stale in between.
+                self.board_entry(rule_id, index, until_ms, false).await?;
+                Ok(Some(segment))
+            }
+            Err(found) => {
+                self.settle_board(rule_id, index, found.as_ref()).await?;
                 Ok(None)
             }
-            Err(e) => Err(self.err("UpdateItem", e)),
         }
     }
 
@@ -1258,7 +1520,13 @@ impl BackfillStore for DynamoStore {
             .expression_attribute_values(":now", n(now_ms))
             .send()
             .await;
-        self.conditional("UpdateItem", sent)
+        let extended = self.conditional("UpdateItem", sent)?;
+        if extended {
+            // The heartbeat runs beside the checkpoints: only an entry still there (the
+            // segment not finished meanwhile) is moved.
+            self.board_entry(rule_id, index, until_ms, true).await?;
+        }
+        Ok(extended)
     }
 
     async fn checkpoint_segment(
@@ -1268,10 +1536,9 @@ impl BackfillStore for DynamoStore {
         owner: &str,
         checkpoint: &Checkpoint,
     ) -> Result<bool> {
+        let now = Utc::now();
         let mut set = "SET done = :d, lease_until = :u, updated_at = :now".to_string();
-        let mut req = self
-            .client
-            .update_item()
+        let mut segment = aws_sdk_dynamodb::types::Update::builder()
             .table_name(&self.table)
             .set_key(Some(key_item(backfill_pk(rule_id), segment_sk(index))))
             // The lease still the writer's (a lease taken over has another owner; one that
@@ -1281,35 +1548,101 @@ impl BackfillStore for DynamoStore {
                 "lease_owner = :o AND lease_until >= :now_ms AND done = :not_done",
             )
             .expression_attribute_values(":o", s(owner))
-            .expression_attribute_values(
-                ":now_ms",
-                n(u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)),
-            )
+            .expression_attribute_values(":now_ms", n(now_millis()))
             .expression_attribute_values(":not_done", AttributeValue::Bool(false))
             .expression_attribute_values(":d", AttributeValue::Bool(checkpoint.done))
             .expression_attribute_values(":u", n(checkpoint.lease_until))
-            .expression_attribute_values(":a", n(checkpoint.tally.objects))
-            .expression_attribute_values(":b", n(checkpoint.tally.bytes))
-            .expression_attribute_values(":c", n(checkpoint.tally.copied))
-            .expression_attribute_values(":f", n(checkpoint.tally.fixed))
-            .expression_attribute_values(":i", n(checkpoint.tally.in_place))
-            .expression_attribute_values(":k", n(checkpoint.tally.skipped))
-            .expression_attribute_values(":x", n(checkpoint.tally.failed))
-            .expression_attribute_values(":now", rfc3339(Utc::now()));
+            .expression_attribute_values(":now", rfc3339(now));
+        let t = &checkpoint.tally;
+        let tally = [
+            (":a", t.objects),
+            (":b", t.bytes),
+            (":c", t.copied),
+            (":f", t.fixed),
+            (":i", t.in_place),
+            (":k", t.skipped),
+            (":x", t.failed),
+        ];
+        for (name, value) in tally {
+            segment = segment.expression_attribute_values(name, n(value));
+        }
         if let Some(key) = checkpoint.last_key.as_deref().filter(|k| !k.is_empty()) {
             set.push_str(", checkpoint = :cp");
-            req = req.expression_attribute_values(":cp", s(key));
+            segment = segment.expression_attribute_values(":cp", s(key));
         }
         set.push_str(
             " ADD objects_done :a, bytes_done :b, copied :c, #fixed :f, in_place :i, skipped :k, failed :x",
         );
-        let sent = req
+        let segment = segment
             .update_expression(set)
             // FIXED is one of DynamoDB's reserved words.
             .expression_attribute_names("#fixed", "fixed")
-            .send()
-            .await;
-        self.conditional("UpdateItem", sent)
+            .build()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        // The job's totals get the same tally in the same transaction: both or neither.
+        let mut job_set = "SET updated_at = :now".to_string();
+        let job_add = " ADD done_objects :a, done_bytes :b, done_copied :c, done_fixed :f, done_in_place :i, done_skipped :k, done_failed :x";
+        let mut job = aws_sdk_dynamodb::types::Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(job_key(rule_id)))
+            .expression_attribute_names("#i", index.to_string())
+            .expression_attribute_values(":now", rfc3339(now));
+        for (name, value) in tally {
+            job = job.expression_attribute_values(name, n(value));
+        }
+        let expr = if checkpoint.done {
+            job = job.expression_attribute_values(":one", n(1));
+            format!("{job_set}{job_add}, segments_done :one REMOVE leases.#i")
+        } else {
+            job_set.push_str(", leases.#i = :u");
+            job = job.expression_attribute_values(":u", n(checkpoint.lease_until));
+            format!("{job_set}{job_add}")
+        };
+        let job = job
+            .update_expression(expr)
+            .build()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let items = vec![
+            TransactWriteItem::builder().update(segment).build(),
+            TransactWriteItem::builder().update(job).build(),
+        ];
+        // A lost response retried by the SDK carries the same token, so DynamoDB applies
+        // the checkpoint (and its ADDs) once. A transaction cancelled by a conflict with
+        // another one on the job item was not applied: it is sent again under a new token.
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let token = checkpoint_token(rule_id, index, owner, checkpoint, attempt);
+            let sent = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(items.clone()))
+                .client_request_token(token)
+                .send()
+                .await;
+            let err = match sent {
+                Ok(_) => return Ok(true),
+                Err(err) => err,
+            };
+            if let SdkError::ServiceError(service) = &err
+                && let TransactWriteItemsError::TransactionCanceledException(cancel) = service.err()
+            {
+                let codes: Vec<&str> = cancel
+                    .cancellation_reasons()
+                    .iter()
+                    .filter_map(|r| r.code())
+                    .collect();
+                if codes.contains(&"ConditionalCheckFailed") {
+                    return Ok(false);
+                }
+                if codes.contains(&"TransactionConflict") && attempt < 10 {
+                    let jitter = fastrand::u64(0..20 * u64::from(attempt));
+                    tokio::time::sleep(Duration::from_millis(10 + jitter)).await;
+                    continue;
+                }
+            }
+            return Err(self.err("TransactWriteItems", err));
+        }
     }
 
     async fn release_segment(&self, rule_id: &str, index: u32, owner: &str) -> Result<()> {
@@ -1324,7 +1657,11 @@ impl BackfillStore for DynamoStore {
             .expression_attribute_values(":zero", n(0))
             .send()
             .await;
-        self.conditional("UpdateItem", sent).map(|_| ())
+        if self.conditional("UpdateItem", sent)? {
+            // Released: claimable at once (a done segment has no entry and gets none).
+            self.board_entry(rule_id, index, 0, true).await?;
+        }
+        Ok(())
     }
 
     async fn record_failures(&self, rule_id: &str, failed: &[FailedObject]) -> Result<()> {

@@ -312,6 +312,9 @@ const RETRYABLE_CODES: &[&str] = &[
     "InternalServerError",
     "ServiceUnavailable",
     "TransactionInProgressException",
+    // A DynamoDB write that met a transaction in flight on the same item (the backfill's
+    // job item takes both): the same write again goes through.
+    "TransactionConflictException",
     // 409s S3 asks callers to repeat: a concurrent conditional write or bucket-level
     // operation got in the way.
     "ConditionalRequestConflict",

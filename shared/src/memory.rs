@@ -787,12 +787,17 @@ impl MemoryState {
         Ok(f(job))
     }
 
-    /// Applies `f` to segment `index` of the rule's job; `false` if there is none.
-    fn segment_mut(&self, rule_id: &str, index: u32, f: impl FnOnce(&mut Segment) -> bool) -> bool {
+    /// Applies `f` to the rule's job and its segment `index`; `None` if there is none.
+    fn job_and_segment<T>(
+        &self,
+        rule_id: &str,
+        index: u32,
+        f: impl FnOnce(&mut Job, &mut Segment) -> T,
+    ) -> Option<T> {
         let mut all = locked(&self.backfill);
-        all.get_mut(rule_id)
-            .and_then(|(_, segments)| segments.get_mut(&index))
-            .is_some_and(f)
+        let (job, segments) = all.get_mut(rule_id)?;
+        let segment = segments.get_mut(&index)?;
+        Some(f(job, segment))
     }
 }
 
@@ -887,6 +892,29 @@ impl BackfillStore for MemoryState {
             .unwrap_or_default())
     }
 
+    async fn claim_next_segment(
+        &self,
+        rule_id: &str,
+        next: u32,
+        owner: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<Option<Segment>> {
+        {
+            let mut all = locked(&self.backfill);
+            let Some((job, _)) = all.get_mut(rule_id) else {
+                return Ok(None);
+            };
+            if job.claims.next != next || job.segments <= next {
+                return Ok(None);
+            }
+            job.claims.next = next + 1;
+            job.claims.leases.insert(next, until_ms);
+        }
+        self.claim_segment(rule_id, next, owner, now_ms, until_ms)
+            .await
+    }
+
     async fn claim_segment(
         &self,
         rule_id: &str,
@@ -895,17 +923,24 @@ impl BackfillStore for MemoryState {
         now_ms: u64,
         until_ms: u64,
     ) -> Result<Option<Segment>> {
-        let mut claimed = None;
-        self.segment_mut(rule_id, index, |segment| {
-            if segment.done || (segment.lease_owner.is_some() && segment.lease_until >= now_ms) {
-                return false;
-            }
-            segment.lease_owner = Some(owner.to_string());
-            segment.lease_until = until_ms;
-            claimed = Some(segment.clone());
-            true
-        });
-        Ok(claimed)
+        Ok(self
+            .job_and_segment(rule_id, index, |job, segment| {
+                if segment.done {
+                    job.claims.leases.remove(&index);
+                    return None;
+                }
+                if segment.lease_owner.is_some() && segment.lease_until >= now_ms {
+                    if let Some(entry) = job.claims.leases.get_mut(&index) {
+                        *entry = segment.lease_until;
+                    }
+                    return None;
+                }
+                segment.lease_owner = Some(owner.to_string());
+                segment.lease_until = until_ms;
+                job.claims.leases.insert(index, until_ms);
+                Some(segment.clone())
+            })
+            .flatten())
     }
 
     async fn extend_lease(
@@ -916,13 +951,18 @@ impl BackfillStore for MemoryState {
         now_ms: u64,
         until_ms: u64,
     ) -> Result<bool> {
-        Ok(self.segment_mut(rule_id, index, |segment| {
-            if !holds(segment, owner, now_ms) {
-                return false;
-            }
-            segment.lease_until = until_ms;
-            true
-        }))
+        Ok(self
+            .job_and_segment(rule_id, index, |job, segment| {
+                if !holds(segment, owner, now_ms) {
+                    return false;
+                }
+                segment.lease_until = until_ms;
+                if let Some(entry) = job.claims.leases.get_mut(&index) {
+                    *entry = until_ms;
+                }
+                true
+            })
+            .unwrap_or(false))
     }
 
     async fn checkpoint_segment(
@@ -932,39 +972,61 @@ impl BackfillStore for MemoryState {
         owner: &str,
         checkpoint: &Checkpoint,
     ) -> Result<bool> {
-        Ok(self.segment_mut(rule_id, index, |segment| {
-            if !holds(segment, owner, epoch_ms()) {
-                return false;
-            }
-            segment.done = checkpoint.done;
-            segment.lease_until = checkpoint.lease_until;
-            segment.updated_at = Some(Utc::now());
-            if let Some(key) = checkpoint.last_key.as_ref().filter(|k| !k.is_empty()) {
-                segment.checkpoint = Some(key.clone());
-            }
-            let t = &checkpoint.tally;
-            segment.objects_done += t.objects;
-            segment.bytes_done += t.bytes;
-            segment.copied += t.copied;
-            segment.fixed += t.fixed;
-            segment.in_place += t.in_place;
-            segment.skipped += t.skipped;
-            segment.failed += t.failed;
-            true
-        }))
+        Ok(self
+            .job_and_segment(rule_id, index, |job, segment| {
+                if !holds(segment, owner, epoch_ms()) {
+                    return false;
+                }
+                let now = Utc::now();
+                segment.done = checkpoint.done;
+                segment.lease_until = checkpoint.lease_until;
+                segment.updated_at = Some(now);
+                if let Some(key) = checkpoint.last_key.as_ref().filter(|k| !k.is_empty()) {
+                    segment.checkpoint = Some(key.clone());
+                }
+                let t = &checkpoint.tally;
+                segment.objects_done += t.objects;
+                segment.bytes_done += t.bytes;
+                segment.copied += t.copied;
+                segment.fixed += t.fixed;
+                segment.in_place += t.in_place;
+                segment.skipped += t.skipped;
+                segment.failed += t.failed;
+                // The job's totals in the same step, as the table's transaction does.
+                let p = &mut job.progress;
+                p.tally.objects += t.objects;
+                p.tally.bytes += t.bytes;
+                p.tally.copied += t.copied;
+                p.tally.fixed += t.fixed;
+                p.tally.in_place += t.in_place;
+                p.tally.skipped += t.skipped;
+                p.tally.failed += t.failed;
+                job.updated_at = now;
+                if checkpoint.done {
+                    p.segments_done += 1;
+                    job.claims.leases.remove(&index);
+                } else {
+                    job.claims.leases.insert(index, checkpoint.lease_until);
+                }
+                true
+            })
+            .unwrap_or(false))
     }
 
     async fn release_segment(&self, rule_id: &str, index: u32, owner: &str) -> Result<()> {
-        self.segment_mut(rule_id, index, |segment| {
+        self.job_and_segment(rule_id, index, |job, segment| {
             if segment.lease_owner.as_deref() != Some(owner) {
-                return false;
+                return;
             }
             segment.lease_owner = None;
             segment.lease_until = 0;
-            true
+            if let Some(entry) = job.claims.leases.get_mut(&index) {
+                *entry = 0;
+            }
         });
         Ok(())
     }
+
     async fn record_failures(&self, rule_id: &str, failed: &[FailedObject]) -> Result<()> {
         let mut all = locked(&self.failures);
         let list = all.entry(rule_id.to_string()).or_default();

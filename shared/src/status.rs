@@ -57,7 +57,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::backfill::{BackfillStore, Job, JobState, Segment};
+use crate::backfill::{BackfillStore, Job, JobState};
 use crate::deployment::{Deployment, Finding};
 use crate::error::{Error, Result, from_sdk};
 use crate::metrics;
@@ -340,19 +340,16 @@ impl StatusService {
             let read = self.read_stats(&rule.id, from, now, queue.as_ref()).await?;
             let counters = read.lifetime();
             let job = self.jobs.job(&rule.id).await?;
-            let (segments, failed_objects) = match &job {
-                Some(_) => (
-                    self.jobs.segments(&rule.id).await?,
-                    self.jobs.failure_count(&rule.id).await?,
-                ),
-                None => (vec![], 0),
+            // The job item holds the totals: no segment is read, however many there are.
+            let failed_objects = match &job {
+                Some(_) => self.jobs.failure_count(&rule.id).await?,
+                None => 0,
             };
             let mut status = rule_status(
                 rule,
                 &counters,
                 queue.as_ref(),
                 job.as_ref(),
-                &segments,
                 self.settle,
                 now,
             );
@@ -426,7 +423,6 @@ pub fn rule_status(
     counters: &RealtimeCounters,
     queue: Option<&Backlog>,
     job: Option<&Job>,
-    segments: &[Segment],
     settle: Duration,
     now: DateTime<Utc>,
 ) -> RuleStatus {
@@ -469,7 +465,7 @@ pub fn rule_status(
         max_objects_per_second: rule.max_objects_per_second,
         max_bandwidth: rule.max_bandwidth,
         realtime,
-        historical: historical_status(job, segments, now),
+        historical: historical_status(job, now),
         series: None,
     }
 }
@@ -509,12 +505,9 @@ fn seconds_between(earlier: DateTime<Utc>, later: DateTime<Utc>) -> u64 {
     u64::try_from((later - earlier).num_seconds()).unwrap_or(0)
 }
 
-/// A rule's historical migration from its job and segments (pure).
-pub fn historical_status(
-    job: Option<&Job>,
-    segments: &[Segment],
-    now: DateTime<Utc>,
-) -> HistoricalStatus {
+/// A rule's historical migration from its job (pure): the job item carries the totals of
+/// its segments (`Job::progress`) and their leases (`Job::claims`).
+pub fn historical_status(job: Option<&Job>, now: DateTime<Utc>) -> HistoricalStatus {
     let Some(job) = job else {
         return HistoricalStatus {
             state: "not_requested".into(),
@@ -543,9 +536,9 @@ pub fn historical_status(
             error: None,
         };
     };
-    let sum = |f: fn(&Segment) -> u64| segments.iter().map(f).sum::<u64>();
-    let objects_done = sum(|s| s.objects_done);
-    let bytes_done = sum(|s| s.bytes_done);
+    let done = &job.progress.tally;
+    let objects_done = done.objects;
+    let bytes_done = done.bytes;
     let completed = job.state.is_finished();
     // Objects written under the last segment after the count are examined too, and once
     // the job is complete the totals are what it examined (objects deleted meanwhile gone).
@@ -569,11 +562,8 @@ pub fn historical_status(
         }
     };
     let now_ms = u64::try_from(now.timestamp_millis()).unwrap_or(0);
-    let updated = segments
-        .iter()
-        .filter_map(|s| s.updated_at)
-        .chain(std::iter::once(job.updated_at))
-        .max();
+    // Every checkpoint writes the job's time too.
+    let updated = Some(job.updated_at);
     let phase = if completed {
         "done"
     } else if job.planned {
@@ -586,11 +576,11 @@ pub fn historical_status(
         phase: Some(phase.to_string()),
         objects_done,
         bytes_done,
-        copied: sum(|s| s.copied),
-        fixed: sum(|s| s.fixed),
-        in_place: sum(|s| s.in_place),
-        skipped: sum(|s| s.skipped),
-        failed: sum(|s| s.failed),
+        copied: done.copied,
+        fixed: done.fixed,
+        in_place: done.in_place,
+        skipped: done.skipped,
+        failed: done.failed,
         // Read apart from the job and segments (`StatusService::report`).
         failed_objects: 0,
         objects_total,
@@ -603,11 +593,8 @@ pub fn historical_status(
         percent_objects: percent(objects_done, objects_total),
         percent_bytes: percent(bytes_done, bytes_total),
         segments: job.segments,
-        segments_done: segments.iter().filter(|s| s.done).count() as u32,
-        workers_active: segments
-            .iter()
-            .filter(|s| !s.done && s.lease_owner.is_some() && s.lease_until > now_ms)
-            .count() as u32,
+        segments_done: job.progress.segments_done,
+        workers_active: job.claims.active(now_ms.saturating_add(1)),
         started_at: Some(job.started_at),
         updated_at: updated,
         completed_at: job.completed_at,
@@ -871,6 +858,7 @@ impl EventQueue for SqsEventQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backfill::Segment;
     use crate::rule::tests::rule;
 
     fn at(s: &str) -> DateTime<Utc> {
@@ -903,7 +891,33 @@ mod tests {
             completed_at: None,
             last_error: None,
             inventory: None,
+            progress: Default::default(),
+            claims: Default::default(),
         }
+    }
+
+    /// The status of `job` with `segments` summed into its totals and leases on its board,
+    /// as the checkpoints and claims leave the job item.
+    fn historical_status(
+        job: Option<&Job>,
+        segments: &[Segment],
+        now: DateTime<Utc>,
+    ) -> HistoricalStatus {
+        let job = job.map(|j| {
+            let mut j = j.clone();
+            j.progress = crate::backfill::JobProgress::of_segments(segments);
+            for s in segments
+                .iter()
+                .filter(|s| !s.done && s.lease_owner.is_some())
+            {
+                j.claims.leases.insert(s.index, s.lease_until);
+            }
+            if let Some(latest) = segments.iter().filter_map(|s| s.updated_at).max() {
+                j.updated_at = j.updated_at.max(latest);
+            }
+            j
+        });
+        super::historical_status(job.as_ref(), now)
     }
 
     fn segment(index: u32, objects: u64, bytes: u64, done: bool) -> Segment {
@@ -973,7 +987,6 @@ mod tests {
             &counters,
             Some(&backlog(0, 0, None)),
             None,
-            &[],
             Duration::from_secs(60),
             now,
         );
@@ -993,7 +1006,6 @@ mod tests {
             &counters,
             Some(&backlog(4, 2, None)),
             None,
-            &[],
             Duration::ZERO,
             now,
         );
@@ -1003,7 +1015,7 @@ mod tests {
             (s.realtime.synced_up_to, s.realtime.lag_seconds),
             (None, None)
         );
-        let s = rule_status(&r, &counters, None, None, &[], Duration::ZERO, now);
+        let s = rule_status(&r, &counters, None, None, Duration::ZERO, now);
         assert_eq!(s.realtime.state, "unknown");
     }
 
@@ -1156,7 +1168,6 @@ mod tests {
                 &RealtimeCounters::default(),
                 Some(&backlog(0, 0, None)),
                 None,
-                &[],
                 Duration::from_secs(60),
                 now,
             );

@@ -284,6 +284,24 @@ mod tests {
         async fn segments(&self, rule_id: &str) -> Result<Vec<Segment>> {
             self.state.segments(rule_id).await
         }
+        async fn claim_next_segment(
+            &self,
+            rule_id: &str,
+            next: u32,
+            owner: &str,
+            now_ms: u64,
+            until_ms: u64,
+        ) -> Result<Option<Segment>> {
+            // As `claim_segment` below: only the first claim goes through.
+            let heartbeats_fail =
+                matches!(self.fault, Fault::HeartbeatRefused | Fault::HeartbeatHangs);
+            if heartbeats_fail && self.lose.swap(true, Ordering::SeqCst) {
+                return Ok(None);
+            }
+            self.state
+                .claim_next_segment(rule_id, next, owner, now_ms, until_ms)
+                .await
+        }
         async fn claim_segment(
             &self,
             rule_id: &str,
@@ -487,6 +505,8 @@ mod tests {
             completed_at: None,
             last_error: None,
             inventory: None,
+            progress: Default::default(),
+            claims: Default::default(),
         };
         let mut empty = job.clone();
         empty.segments = 0;

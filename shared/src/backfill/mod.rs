@@ -113,6 +113,77 @@ pub struct Job {
     /// objects from instead of listing the source; then `plan_prefix` counts the
     /// manifest's data files read so far, and the segments are row ranges of them.
     pub inventory: Option<String>,
+    /// What every checkpoint so far added, summed in the job item by each checkpoint (so
+    /// status reads one item, however many segments there are).
+    pub progress: JobProgress,
+    /// Who may claim which segment, without reading the segments (`ClaimBoard`).
+    pub claims: ClaimBoard,
+}
+
+/// A job's totals over its segments, kept in the job item: each checkpoint adds its page's
+/// tally (and one finished segment with the segment's last page) in the same transaction
+/// that writes the segment's checkpoint, so the totals are exactly the segments' sums.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobProgress {
+    /// Summed `Segment` counters (`objects` = `objects_done`, `bytes` = `bytes_done`).
+    pub tally: PageTally,
+    pub segments_done: u32,
+}
+
+impl JobProgress {
+    /// The totals a list of segments adds up to (for reports and tests; the job item keeps
+    /// them as it goes).
+    pub fn of_segments(segments: &[Segment]) -> Self {
+        let mut p = JobProgress::default();
+        for s in segments {
+            p.tally.objects += s.objects_done;
+            p.tally.bytes += s.bytes_done;
+            p.tally.copied += s.copied;
+            p.tally.fixed += s.fixed;
+            p.tally.in_place += s.in_place;
+            p.tally.skipped += s.skipped;
+            p.tally.failed += s.failed;
+            p.segments_done += u32::from(s.done);
+        }
+        p
+    }
+}
+
+/// The claim state of a job, kept in the job item so a claim reads one item, not every
+/// segment.
+///
+/// Segments `next..segments` were never claimed: a claim takes `next` by moving it on with
+/// a conditional write (and entering the segment in `leases` in the same write). Every
+/// segment handed out and not done has an entry in `leases`: its lease's expiry as far as
+/// the job item knows (0: released). An entry is only a hint, written after the segment's
+/// own lease: the segment's conditional claim decides. So a claim looks at `leases` for
+/// an expired or released segment, then at `next`; `leases` holds at most about as many
+/// entries as workers ever ran at once (a segment leaves it when done).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimBoard {
+    /// The first segment index never handed out.
+    pub next: u32,
+    /// Segment index -> lease expiry (epoch ms; 0 when released).
+    pub leases: std::collections::BTreeMap<u32, u64>,
+}
+
+impl ClaimBoard {
+    /// Segments whose lease expired or was released (at `now_ms`): claimable again.
+    pub fn stale(&self, now_ms: u64) -> Vec<u32> {
+        self.leases
+            .iter()
+            .filter(|(_, until)| **until < now_ms)
+            .map(|(index, _)| *index)
+            .collect()
+    }
+
+    /// Segments leased now.
+    pub fn active(&self, now_ms: u64) -> u32 {
+        self.leases
+            .values()
+            .filter(|until| **until >= now_ms)
+            .count() as u32
+    }
 }
 
 /// A key range `(start_after, end]` under one prefix.
@@ -202,11 +273,27 @@ pub trait BackfillStore: Send + Sync {
         job: &Job,
         expected_segments: u32,
     ) -> Result<bool>;
+    /// Every segment of the job: an explicit report only (`crr backfill segments`, tests);
+    /// claims and status read the job item (`Job::claims`, `Job::progress`).
     async fn segments(&self, rule_id: &str) -> Result<Vec<Segment>>;
+    /// Hands out the never-claimed segment `next` (`ClaimBoard::next`) to `owner` until
+    /// `until_ms`, if the job's cursor is still at `next`: the cursor moves on and the
+    /// segment enters the board in one conditional write, then the segment's lease is
+    /// taken as `claim_segment` does. `None` if another claim moved the cursor first (read
+    /// the job again), or if the segment was not free (then it is left on the board).
+    async fn claim_next_segment(
+        &self,
+        rule_id: &str,
+        next: u32,
+        owner: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<Option<Segment>>;
     /// Takes the segment's lease for `owner` until `until_ms` if it is free or expired
     /// (at `now_ms`) and the segment is not done; the segment as the claim left it (its
     /// checkpoint and counters as of the claim, not of an earlier listing), `None` if the
-    /// lease was not free.
+    /// lease was not free. The job's board learns the new lease (or, when the claim
+    /// failed, the segment's real state: done segments leave it).
     async fn claim_segment(
         &self,
         rule_id: &str,
@@ -229,7 +316,8 @@ pub trait BackfillStore: Send + Sync {
     /// Writes a page's checkpoint and extends the lease, if `owner` still holds an
     /// unexpired lease and the segment is not done yet; `Ok(false)` (nothing written) if
     /// not. So a worker that lost its lease adds nothing, and a done segment never gets
-    /// `done` set back or counters added.
+    /// `done` set back or counters added. The job's totals (`Job::progress`) get the same
+    /// tally in the same atomic write, exactly once also when the write is retried.
     async fn checkpoint_segment(
         &self,
         rule_id: &str,

@@ -166,9 +166,8 @@ impl Backfiller {
             if let Ok(Some(job)) = self.jobs.job(&rule.id).await
                 && job.state == JobState::Running
                 && job.planned
-                && let Ok(segments) = self.jobs.segments(&rule.id).await
             {
-                let done: u64 = segments.iter().map(|s| s.bytes_done).sum();
+                let done = job.progress.tally.bytes;
                 metrics::emit_bytes_pending(&rule.id, job.total_bytes.saturating_sub(done));
             }
         }
@@ -223,6 +222,8 @@ impl Backfiller {
             completed_at: None,
             last_error: None,
             inventory: inventory.map(str::to_string),
+            progress: Default::default(),
+            claims: Default::default(),
         };
         if !self.jobs.create_job(&fresh).await? {
             let job = self.jobs.job(rule_id).await?.unwrap_or(fresh.clone());
@@ -426,28 +427,30 @@ impl Backfiller {
         let Some(job) = self.jobs.job(&rule.id).await? else {
             return Ok(JobState::Pending);
         };
-        if job.state == JobState::Running && job.planned {
-            let segments = self.jobs.segments(&rule.id).await?;
-            if segments.iter().all(|s| s.done) {
-                let state = match self.jobs.failure_count(&rule.id).await? {
-                    0 => JobState::Completed,
-                    failed => {
-                        tracing::warn!(rule_id = %rule.id, failed, "backfill completed with failed objects (`crr backfill failures`)");
-                        JobState::CompletedWithFailures
-                    }
-                };
-                if self
-                    .jobs
-                    .advance_job(&rule.id, JobState::Running, state)
-                    .await?
-                {
-                    tracing::info!(rule_id = %rule.id, state = state.as_str(), "backfill completed");
-                    return Ok(state);
+        // The job item counts its finished segments (each finishes once: its last
+        // checkpoint is refused if it is done already), so no segment is read here.
+        if job.state == JobState::Running
+            && job.planned
+            && job.progress.segments_done >= job.segments
+        {
+            let state = match self.jobs.failure_count(&rule.id).await? {
+                0 => JobState::Completed,
+                failed => {
+                    tracing::warn!(rule_id = %rule.id, failed, "backfill completed with failed objects (`crr backfill failures`)");
+                    JobState::CompletedWithFailures
                 }
-                // Completed by another invocation meanwhile (or paused): as it is now.
-                let now = self.jobs.job(&rule.id).await?;
-                return Ok(now.map_or(state, |j| j.state));
+            };
+            if self
+                .jobs
+                .advance_job(&rule.id, JobState::Running, state)
+                .await?
+            {
+                tracing::info!(rule_id = %rule.id, state = state.as_str(), "backfill completed");
+                return Ok(state);
             }
+            // Completed by another invocation meanwhile (or paused): as it is now.
+            let now = self.jobs.job(&rule.id).await?;
+            return Ok(now.map_or(state, |j| j.state));
         }
         Ok(job.state)
     }
@@ -618,29 +621,51 @@ impl Backfiller {
         Ok(report)
     }
 
-    async fn claim(&self, rule: &Rule, owner: &str) -> Result<Option<Segment>> {
-        let now = now_ms();
-        let mut free: Vec<Segment> = self
-            .jobs
-            .segments(&rule.id)
-            .await?
-            .into_iter()
-            .filter(|s| !s.done && (s.lease_owner.is_none() || s.lease_until < now))
-            .collect();
-        // Spread workers over segments rather than all racing for the first one.
-        fastrand::shuffle(&mut free);
-        let until = now + self.settings.lease.as_millis() as u64;
-        for segment in free {
-            // Work resumes from the segment as the claim found it: since the listing above,
-            // another worker may have checkpointed pages of it and let it go.
+    /// Claims a segment from the job's claim board (`ClaimBoard`): one whose lease expired
+    /// or was released, else the next never claimed. Reads the job item, not the segments:
+    /// the cost of a claim does not grow with the number of segments.
+    pub async fn claim(&self, rule: &Rule, owner: &str) -> Result<Option<Segment>> {
+        // Each round reads the job afresh; a round is lost only to another claim that
+        // moved the board first, so a few suffice even with many workers starting at once.
+        for _ in 0..16 {
+            let Some(job) = self.jobs.job(&rule.id).await? else {
+                return Ok(None);
+            };
+            let now = now_ms();
+            let until = now + self.settings.lease.as_millis() as u64;
+            let mut stale = job.claims.stale(now);
+            // Spread workers over segments rather than all racing for the first one.
+            fastrand::shuffle(&mut stale);
+            // Work resumes from the segment as the claim found it (its checkpoint and
+            // counters as of the claim).
+            for index in stale.into_iter().take(3) {
+                if let Some(claimed) = self
+                    .jobs
+                    .claim_segment(&rule.id, index, owner, now, until)
+                    .await?
+                {
+                    tracing::info!(rule_id = %rule.id, segment = index, owner, "segment claimed again");
+                    return Ok(Some(claimed));
+                }
+            }
+            let next = job.claims.next;
+            if next >= job.segments {
+                // Nothing never claimed is left; only leases still held (or, if the stale
+                // ones above were all taken meanwhile, another round may find more).
+                if job.claims.stale(now).is_empty() {
+                    return Ok(None);
+                }
+                continue;
+            }
             if let Some(claimed) = self
                 .jobs
-                .claim_segment(&rule.id, segment.index, owner, now, until)
+                .claim_next_segment(&rule.id, next, owner, now, until)
                 .await?
             {
-                tracing::info!(rule_id = %rule.id, segment = segment.index, owner, "segment claimed");
+                tracing::info!(rule_id = %rule.id, segment = next, owner, "segment claimed");
                 return Ok(Some(claimed));
             }
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(1..20))).await;
         }
         Ok(None)
     }
