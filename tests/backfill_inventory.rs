@@ -16,31 +16,17 @@ use crr_shared::copy::CopyEngine;
 use crr_shared::dynamo::DynamoStore;
 use crr_shared::rule::{Notify, Rule};
 use crr_shared::rule_admin::create_rule;
-use crr_tests::{RunningFunction, Stack, invoke, list_all, rule, seed, unique};
+use crr_tests::{RunningFunction, Stack, encode_key_like_s3, invoke, list_all, rule, seed, unique};
 use md5::{Digest, Md5};
 
 const SCHEMA: &str =
     "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag, StorageClass";
 
-/// Encodes a key as S3 Inventory writes it: URL-encoded, a space as '+'.
-fn inventory_key(key: &str) -> String {
-    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'_')
-        .remove(b'.')
-        .remove(b'~')
-        .remove(b'/')
-        .remove(b' ');
-    percent_encoding::utf8_percent_encode(key, KEEP)
-        .to_string()
-        .replace(' ', "+")
-}
-
 /// One CSV line of a versioned bucket's report, every field quoted.
 fn row(bucket: &str, key: &str, version: &str, latest: bool, marker: bool, size: usize) -> String {
     let fields = [
         bucket.to_string(),
-        inventory_key(key),
+        encode_key_like_s3(key),
         version.to_string(),
         latest.to_string(),
         marker.to_string(),

@@ -459,17 +459,8 @@ impl Backfiller {
                     }
                 }
                 next.planned = next.plan_prefix >= manifest.files.len();
-                if !self
-                    .jobs
-                    .add_segment(&rule.id, &segment, &next, job.segments)
-                    .await?
-                {
-                    // Another invocation is counting too and cut first: take its progress.
-                    return self
-                        .jobs
-                        .job(&rule.id)
-                        .await?
-                        .ok_or_else(|| Error::Config("backfill job vanished".into()));
+                if let Some(theirs) = self.cut(&rule.id, &segment, &next, &job).await? {
+                    return Ok(theirs);
                 }
                 job = next;
                 after = job.plan_after.clone();

@@ -455,6 +455,31 @@ impl Backfiller {
         Ok(job.state)
     }
 
+    /// Records a segment cut by a counting pass (listing or inventory) with the job's
+    /// progress `next`. `Some(job)`: another invocation counting too cut first; its
+    /// progress is the job's, and this pass stops.
+    pub(super) async fn cut(
+        &self,
+        rule_id: &str,
+        segment: &Segment,
+        next: &Job,
+        job: &Job,
+    ) -> Result<Option<Job>> {
+        if self
+            .jobs
+            .add_segment(rule_id, segment, next, job.segments)
+            .await?
+        {
+            return Ok(None);
+        }
+        let theirs = self
+            .jobs
+            .job(rule_id)
+            .await?
+            .ok_or_else(|| Error::Config("backfill job vanished".into()))?;
+        Ok(Some(theirs))
+    }
+
     /// The counting pass, resumable: each cut is written with the plan's position.
     async fn plan(
         &self,
@@ -531,17 +556,8 @@ impl Backfiller {
                 next.plan_after = cut_at.clone();
             }
             next.planned = next.plan_prefix >= prefixes.len();
-            if !self
-                .jobs
-                .add_segment(&rule.id, &segment, &next, job.segments)
-                .await?
-            {
-                // Another invocation is counting too and cut first: take its progress.
-                return self
-                    .jobs
-                    .job(&rule.id)
-                    .await?
-                    .ok_or_else(|| Error::Config("backfill job vanished".into()));
+            if let Some(theirs) = self.cut(&rule.id, &segment, &next, &job).await? {
+                return Ok(theirs);
             }
             job = next;
             if let Some(cuts) = cuts {
