@@ -260,17 +260,32 @@ impl Browser {
     }
 
     /// Clicks the element `css` (waiting for it), scrolled to the middle of the window
-    /// first so the sticky top bar cannot cover it.
+    /// first so the sticky top bar cannot cover it. Live pages redraw parts of themselves:
+    /// an element replaced between finding and clicking is found again (a few times).
     pub async fn click(&self, css: &str) -> Result<()> {
-        let el = self.wait_for(css).await?;
-        self.client
-            .execute(
-                "arguments[0].scrollIntoView({block: 'center'});",
-                vec![serde_json::to_value(&el)?],
-            )
-            .await?;
-        el.click().await?;
-        Ok(())
+        let mut last_error = None;
+        for _ in 0..5 {
+            let el = self.wait_for(css).await?;
+            let clicked = async {
+                self.client
+                    .execute(
+                        "arguments[0].scrollIntoView({block: 'center'});",
+                        vec![serde_json::to_value(&el)?],
+                    )
+                    .await?;
+                el.click().await?;
+                anyhow::Ok(())
+            }
+            .await;
+            match clicked {
+                Ok(()) => return Ok(()),
+                Err(e) => last_error = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(last_error
+            .unwrap_or_else(|| anyhow::anyhow!("no click"))
+            .context(format!("clicking '{css}'")))
     }
 
     /// Replaces the value of the input `css` by typing `text`.

@@ -526,17 +526,25 @@
         el('button', { class: 'button danger ghost', id: 'delete', onclick: () => confirmDelete(id) }, 'Delete'));
     }
 
+    let headKey = '';
+
     function drawStatus(report) {
       const s = report.rules[0];
       historicalOn = s.historical.state !== 'not_requested';
-      head.replaceChildren(
-        el('a', { href: '#/', class: 'back' }, '← Rules'),
-        el('div', { class: 'title-row' },
-          el('h1', {}, `Rule ${s.rule_id}`),
-          s.paused ? badge('Paused', 'warn') : badge('Enabled', 'ok'),
-          badge(s.policy === 'full' ? 'Add/Change/Delete' : 'Add/Change', 'muted')),
-        el('div', { class: 'pair big' }, where(s.source), el('span', { class: 'arrow' }, '→'), where(s.target), prefixes(s.prefixes)),
-        actions(s));
+      // The title and the action buttons are drawn again only when what they show
+      // changed: a button redrawn under the pointer would lose its click.
+      const key = JSON.stringify([s.paused, s.policy, s.historical.state, s.source, s.target, s.prefixes]);
+      if (key !== headKey) {
+        headKey = key;
+        head.replaceChildren(
+          el('a', { href: '#/', class: 'back' }, '← Rules'),
+          el('div', { class: 'title-row' },
+            el('h1', {}, `Rule ${s.rule_id}`),
+            s.paused ? badge('Paused', 'warn') : badge('Enabled', 'ok'),
+            badge(s.policy === 'full' ? 'Add/Change/Delete' : 'Add/Change', 'muted')),
+          el('div', { class: 'pair big' }, where(s.source), el('span', { class: 'arrow' }, '→'), where(s.target), prefixes(s.prefixes)),
+          actions(s));
+      }
       overviewCards.replaceChildren(
         el('section', { class: 'card', 'data-rule': s.rule_id }, el('h2', {}, 'Real-time sync'), realtimeCell(s.realtime),
           el('div', { class: 'kv small muted' }, `Skipped: ${fmt.count(s.realtime.skipped_stale)} stale or duplicate, ${fmt.count(s.realtime.skipped_other)} outside the rule · last event ${fmt.time(s.realtime.last_event_at)}`)),
