@@ -23,20 +23,18 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use async_trait::async_trait;
 use aws_sdk_s3::primitives::ByteStream;
-use bytes::Bytes;
 use crr_shared::backfill::{BackfillSettings, BackfillStore, Backfiller, JobState};
 use crr_shared::copy::CopyEngine;
 use crr_shared::dead_letter::DeadLetters;
 use crr_shared::dynamo::DynamoStore;
 use crr_shared::error::Error;
-use crr_shared::object_store::{
-    AccessInfo, FetchedObject, ListPage, ObjectInfo, ObjectStore, UploadedPart, WriteAttrs,
-};
+use crr_shared::object_store::ObjectStore;
 use crr_shared::replicate::{Replicator, ReplicatorSettings, StoreProvider};
 use crr_shared::resumable::{Continuations, UploadStore};
 use crr_shared::rule::{BucketRef, CopyMode, Notify, Rule};
 use crr_shared::rule_admin::{create_rule, delete_rule};
 use crr_shared::s3::S3Clients;
+use crr_shared::testing::intercepted::{Hooks, Intercepted, Write};
 use crr_tests::{OwnMoto, S3Server, Stack, rule, s3_notification, unique, upload_in_parts};
 use serde_json::{Value, json};
 
@@ -73,128 +71,24 @@ async fn upload_source(
     .await
 }
 
-/// An `ObjectStore` that counts the parts it uploads (or copies), each taking at least
+/// Counts the parts a store uploads (or copies), each upload taking at least
 /// `part_delay` (a slow link).
-struct Counted {
-    inner: Arc<dyn ObjectStore>,
+struct PartCounter {
     parts: Arc<AtomicU64>,
     part_delay: Duration,
 }
 
 #[async_trait]
-impl ObjectStore for Counted {
-    fn bucket(&self) -> &str {
-        self.inner.bucket()
+impl Hooks for PartCounter {
+    async fn before_write(&self, write: Write, _bytes: u64) {
+        if write == Write::Part {
+            tokio::time::sleep(self.part_delay).await;
+        }
     }
-    async fn head(&self, key: &str) -> crr_shared::Result<Option<ObjectInfo>> {
-        self.inner.head(key).await
-    }
-    async fn fetch(
-        &self,
-        key: &str,
-        limit: u64,
-        budget: &crr_shared::memory_budget::MemoryBudget,
-    ) -> crr_shared::Result<Option<FetchedObject>> {
-        self.inner.fetch(key, limit, budget).await
-    }
-    async fn get(
-        &self,
-        key: &str,
-        range: Option<(u64, u64)>,
-        if_match: &str,
-    ) -> crr_shared::Result<Bytes> {
-        self.inner.get(key, range, if_match).await
-    }
-    async fn put(&self, key: &str, body: Bytes, attrs: &WriteAttrs) -> crr_shared::Result<String> {
-        self.inner.put(key, body, attrs).await
-    }
-    async fn create_multipart(&self, key: &str, attrs: &WriteAttrs) -> crr_shared::Result<String> {
-        self.inner.create_multipart(key, attrs).await
-    }
-    async fn upload_part(
-        &self,
-        key: &str,
-        upload_id: &str,
-        part_number: i32,
-        body: Bytes,
-    ) -> crr_shared::Result<String> {
-        tokio::time::sleep(self.part_delay).await;
-        let etag = self
-            .inner
-            .upload_part(key, upload_id, part_number, body)
-            .await?;
-        self.parts.fetch_add(1, Ordering::SeqCst);
-        Ok(etag)
-    }
-    async fn complete_multipart(
-        &self,
-        key: &str,
-        upload_id: &str,
-        parts: &[UploadedPart],
-        precondition: Option<&crr_shared::object_store::TargetPrecondition>,
-    ) -> crr_shared::Result<String> {
-        self.inner
-            .complete_multipart(key, upload_id, parts, precondition)
-            .await
-    }
-    async fn abort_multipart(&self, key: &str, upload_id: &str) -> crr_shared::Result<()> {
-        self.inner.abort_multipart(key, upload_id).await
-    }
-    async fn upload_part_copy(
-        &self,
-        key: &str,
-        upload_id: &str,
-        part_number: i32,
-        source_bucket: &str,
-        range: (u64, u64),
-        if_match: &str,
-    ) -> crr_shared::Result<String> {
-        let etag = self
-            .inner
-            .upload_part_copy(key, upload_id, part_number, source_bucket, range, if_match)
-            .await?;
-        self.parts.fetch_add(1, Ordering::SeqCst);
-        Ok(etag)
-    }
-    async fn access(&self, key: &str) -> crr_shared::Result<AccessInfo> {
-        self.inner.access(key).await
-    }
-    async fn acls_enabled(&self) -> crr_shared::Result<bool> {
-        self.inner.acls_enabled().await
-    }
-    async fn tags(&self, key: &str) -> crr_shared::Result<Vec<(String, String)>> {
-        self.inner.tags(key).await
-    }
-    async fn first_part_size(&self, key: &str) -> crr_shared::Result<Option<u64>> {
-        self.inner.first_part_size(key).await
-    }
-    async fn copy_from(
-        &self,
-        source_bucket: &str,
-        key: &str,
-        if_match: &str,
-        attrs: &WriteAttrs,
-    ) -> crr_shared::Result<String> {
-        self.inner
-            .copy_from(source_bucket, key, if_match, attrs)
-            .await
-    }
-    async fn delete(&self, key: &str) -> crr_shared::Result<()> {
-        self.inner.delete(key).await
-    }
-    async fn list_page(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        max_keys: i32,
-    ) -> crr_shared::Result<ListPage> {
-        self.inner.list_page(prefix, start_after, max_keys).await
-    }
-    async fn check_readable(&self) -> crr_shared::Result<()> {
-        self.inner.check_readable().await
-    }
-    async fn check_writable(&self, probe_key: &str) -> crr_shared::Result<()> {
-        self.inner.check_writable(probe_key).await
+    async fn after_write(&self, write: Write, _bytes: u64, ok: bool) {
+        if ok && write != Write::Put {
+            self.parts.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -207,10 +101,12 @@ struct CountingStores {
 
 impl StoreProvider for CountingStores {
     fn store(&self, bucket: &BucketRef) -> Arc<dyn ObjectStore> {
-        Arc::new(Counted {
+        Arc::new(Intercepted {
             inner: Arc::new(self.clients.store(bucket)),
-            parts: self.parts.clone(),
-            part_delay: self.part_delay,
+            hooks: PartCounter {
+                parts: self.parts.clone(),
+                part_delay: self.part_delay,
+            },
         })
     }
 }

@@ -37,6 +37,8 @@ pub mod s3;
 pub mod series;
 pub mod state;
 pub mod status;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod verify;
 
 pub use error::{Error, Result};

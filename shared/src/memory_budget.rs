@@ -168,13 +168,10 @@ mod tests {
     use async_trait::async_trait;
 
     use crate::copy::{CopyEngine, CopyMethod};
-    use crate::error::Result;
     use crate::memory::{MemoryObjectStore, MemoryWorld};
-    use crate::object_store::{
-        AccessInfo, FetchedObject, ListPage, ObjectInfo, ObjectStore, TargetPrecondition,
-        UploadedPart, WriteAttrs,
-    };
+    use crate::object_store::{ObjectStore, WriteAttrs};
     use crate::rule::CopyMode;
+    use crate::testing::intercepted::{Hooks, Intercepted, Write};
 
     /// Object bytes the copies hold: read from the source (fetch, get) and not yet
     /// written to the target (put, upload_part), with the most ever held at once.
@@ -196,134 +193,27 @@ mod tests {
 
     /// A memory bucket whose reads and writes take a moment (so that copies overlap),
     /// counting the bytes in flight between them.
-    struct Watched {
-        inner: MemoryObjectStore,
-        held: Arc<Held>,
-    }
+    type Watched = Intercepted<MemoryObjectStore, Arc<Held>>;
 
     async fn a_moment() {
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
 
     #[async_trait]
-    impl ObjectStore for Watched {
-        fn bucket(&self) -> &str {
-            self.inner.bucket()
+    impl Hooks for Arc<Held> {
+        async fn read(&self, bytes: u64) {
+            self.add(bytes);
+            a_moment().await;
         }
-        async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
-            self.inner.head(key).await
-        }
-        async fn fetch(
-            &self,
-            key: &str,
-            body_limit: u64,
-            budget: &MemoryBudget,
-        ) -> Result<Option<FetchedObject>> {
-            let fetched = self.inner.fetch(key, body_limit, budget).await?;
-            if let Some(body) = fetched.as_ref().and_then(|f| f.body.as_ref()) {
-                self.held.add(body.len() as u64);
+        async fn before_write(&self, write: Write, _bytes: u64) {
+            if write != Write::PartCopy {
+                a_moment().await;
             }
-            a_moment().await;
-            Ok(fetched)
         }
-        async fn get(&self, key: &str, range: Option<(u64, u64)>, if_match: &str) -> Result<Bytes> {
-            let body = self.inner.get(key, range, if_match).await?;
-            self.held.add(body.len() as u64);
-            a_moment().await;
-            Ok(body)
-        }
-        async fn put(&self, key: &str, body: Bytes, attrs: &WriteAttrs) -> Result<String> {
-            a_moment().await;
-            let n = body.len() as u64;
-            let etag = self.inner.put(key, body, attrs).await;
-            self.held.sub(n);
-            etag
-        }
-        async fn create_multipart(&self, key: &str, attrs: &WriteAttrs) -> Result<String> {
-            self.inner.create_multipart(key, attrs).await
-        }
-        async fn upload_part(
-            &self,
-            key: &str,
-            upload_id: &str,
-            part_number: i32,
-            body: Bytes,
-        ) -> Result<String> {
-            a_moment().await;
-            let n = body.len() as u64;
-            let etag = self
-                .inner
-                .upload_part(key, upload_id, part_number, body)
-                .await;
-            self.held.sub(n);
-            etag
-        }
-        async fn complete_multipart(
-            &self,
-            key: &str,
-            upload_id: &str,
-            parts: &[UploadedPart],
-            precondition: Option<&TargetPrecondition>,
-        ) -> Result<String> {
-            self.inner
-                .complete_multipart(key, upload_id, parts, precondition)
-                .await
-        }
-        async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()> {
-            self.inner.abort_multipart(key, upload_id).await
-        }
-        async fn upload_part_copy(
-            &self,
-            key: &str,
-            upload_id: &str,
-            part_number: i32,
-            source_bucket: &str,
-            range: (u64, u64),
-            if_match: &str,
-        ) -> Result<String> {
-            self.inner
-                .upload_part_copy(key, upload_id, part_number, source_bucket, range, if_match)
-                .await
-        }
-        async fn access(&self, key: &str) -> Result<AccessInfo> {
-            self.inner.access(key).await
-        }
-        async fn acls_enabled(&self) -> Result<bool> {
-            self.inner.acls_enabled().await
-        }
-        async fn tags(&self, key: &str) -> Result<Vec<(String, String)>> {
-            self.inner.tags(key).await
-        }
-        async fn first_part_size(&self, key: &str) -> Result<Option<u64>> {
-            self.inner.first_part_size(key).await
-        }
-        async fn copy_from(
-            &self,
-            source_bucket: &str,
-            key: &str,
-            if_match: &str,
-            attrs: &WriteAttrs,
-        ) -> Result<String> {
-            self.inner
-                .copy_from(source_bucket, key, if_match, attrs)
-                .await
-        }
-        async fn delete(&self, key: &str) -> Result<()> {
-            self.inner.delete(key).await
-        }
-        async fn list_page(
-            &self,
-            prefix: &str,
-            start_after: Option<&str>,
-            max_keys: i32,
-        ) -> Result<ListPage> {
-            self.inner.list_page(prefix, start_after, max_keys).await
-        }
-        async fn check_readable(&self) -> Result<()> {
-            self.inner.check_readable().await
-        }
-        async fn check_writable(&self, probe_key: &str) -> Result<()> {
-            self.inner.check_writable(probe_key).await
+        async fn after_write(&self, write: Write, bytes: u64, _ok: bool) {
+            if write != Write::PartCopy {
+                self.sub(bytes);
+            }
         }
     }
 
@@ -334,12 +224,12 @@ mod tests {
         let world = MemoryWorld::default();
         let held = Arc::new(Held::default());
         let source = Watched {
-            inner: world.store("src"),
-            held: held.clone(),
+            inner: Arc::new(world.store("src")),
+            hooks: held.clone(),
         };
         let target = Watched {
-            inner: world.store("dst"),
-            held: held.clone(),
+            inner: Arc::new(world.store("dst")),
+            hooks: held.clone(),
         };
         for (i, size) in sizes.iter().enumerate() {
             let data = vec![i as u8; *size as usize];
