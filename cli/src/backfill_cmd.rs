@@ -146,11 +146,7 @@ pub async fn run(aws: &AwsArgs, cmd: BackfillCommand) -> Result<()> {
                 // Long "invocations": the deadline only bounds how long a lease is held.
                 let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
                 for report in backfiller.run(Some(&rule), &owner, deadline).await? {
-                    total.copied += report.copied;
-                    total.fixed += report.fixed;
-                    total.in_place += report.in_place;
-                    total.skipped += report.skipped;
-                    total.failed += report.failed;
+                    total.add(&report);
                 }
                 match state.job(&rule).await?.map(|j| j.state) {
                     Some(s) if s.is_finished() => break,

@@ -984,23 +984,10 @@ impl BackfillStore for MemoryState {
                 if let Some(key) = checkpoint.last_key.as_ref().filter(|k| !k.is_empty()) {
                     segment.checkpoint = Some(key.clone());
                 }
-                let t = &checkpoint.tally;
-                segment.objects_done += t.objects;
-                segment.bytes_done += t.bytes;
-                segment.copied += t.copied;
-                segment.fixed += t.fixed;
-                segment.in_place += t.in_place;
-                segment.skipped += t.skipped;
-                segment.failed += t.failed;
+                segment.add_tally(&checkpoint.tally);
                 // The job's totals in the same step, as the table's transaction does.
                 let p = &mut job.progress;
-                p.tally.objects += t.objects;
-                p.tally.bytes += t.bytes;
-                p.tally.copied += t.copied;
-                p.tally.fixed += t.fixed;
-                p.tally.in_place += t.in_place;
-                p.tally.skipped += t.skipped;
-                p.tally.failed += t.failed;
+                p.tally.add(&checkpoint.tally);
                 job.updated_at = now;
                 if checkpoint.done {
                     p.segments_done += 1;

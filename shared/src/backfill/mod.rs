@@ -136,13 +136,7 @@ impl JobProgress {
     pub fn of_segments(segments: &[Segment]) -> Self {
         let mut p = JobProgress::default();
         for s in segments {
-            p.tally.objects += s.objects_done;
-            p.tally.bytes += s.bytes_done;
-            p.tally.copied += s.copied;
-            p.tally.fixed += s.fixed;
-            p.tally.in_place += s.in_place;
-            p.tally.skipped += s.skipped;
-            p.tally.failed += s.failed;
+            p.tally.add(&s.tally());
             p.segments_done += u32::from(s.done);
         }
         p
@@ -236,6 +230,45 @@ pub struct PageTally {
     pub in_place: u64,
     pub skipped: u64,
     pub failed: u64,
+}
+
+impl PageTally {
+    /// Adds `other` into `self`.
+    pub fn add(&mut self, other: &PageTally) {
+        self.objects += other.objects;
+        self.bytes += other.bytes;
+        self.copied += other.copied;
+        self.fixed += other.fixed;
+        self.in_place += other.in_place;
+        self.skipped += other.skipped;
+        self.failed += other.failed;
+    }
+}
+
+impl Segment {
+    /// The segment's counters so far, as one tally.
+    pub fn tally(&self) -> PageTally {
+        PageTally {
+            objects: self.objects_done,
+            bytes: self.bytes_done,
+            copied: self.copied,
+            fixed: self.fixed,
+            in_place: self.in_place,
+            skipped: self.skipped,
+            failed: self.failed,
+        }
+    }
+
+    /// Adds a checkpoint's tally to the segment's counters.
+    pub fn add_tally(&mut self, t: &PageTally) {
+        self.objects_done += t.objects;
+        self.bytes_done += t.bytes;
+        self.copied += t.copied;
+        self.fixed += t.fixed;
+        self.in_place += t.in_place;
+        self.skipped += t.skipped;
+        self.failed += t.failed;
+    }
 }
 
 /// A page finished: where the segment stands after it.

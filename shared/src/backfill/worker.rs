@@ -60,6 +60,21 @@ pub struct RunReport {
     pub segments_finished: u64,
 }
 
+impl RunReport {
+    /// Adds another run's counters into this one.
+    pub fn add(&mut self, other: &RunReport) {
+        self.pages += other.pages;
+        self.copied += other.copied;
+        self.fixed += other.fixed;
+        self.in_place += other.in_place;
+        self.skipped += other.skipped;
+        self.failed += other.failed;
+        self.yielded += other.yielded;
+        self.undone += other.undone;
+        self.segments_finished += other.segments_finished;
+    }
+}
+
 /// The backfill function's logic.
 pub struct Backfiller {
     pub(super) rules: Arc<dyn RuleStore>,
@@ -401,16 +416,7 @@ impl Backfiller {
         self.write_progress(&rule.id, self.progress.take(&rule.id, Utc::now()))
             .await;
         for done in worked {
-            let done = done?;
-            report.pages += done.pages;
-            report.copied += done.copied;
-            report.fixed += done.fixed;
-            report.in_place += done.in_place;
-            report.skipped += done.skipped;
-            report.failed += done.failed;
-            report.yielded += done.yielded;
-            report.undone += done.undone;
-            report.segments_finished += done.segments_finished;
+            report.add(&done?);
         }
         planned?;
         let state = self.finish_if_done(rule).await?;

@@ -527,6 +527,7 @@
     }
 
     let headKey = '';
+    let listsKey = '';
 
     function drawStatus(report) {
       const s = report.rules[0];
@@ -581,6 +582,14 @@
         return;
       }
       drawStatus(res.data);
+      // The lists are read again only when their counts move: reading the dead-letter
+      // queue receives its messages (and raises their receive counts).
+      const s = res.data.rules[0];
+      const key = JSON.stringify([res.data.queue && res.data.queue.dead_letters, s.realtime.failed, s.historical.failed_objects, s.realtime.suppressed_deletes]);
+      if (key !== listsKey) {
+        listsKey = key;
+        refreshLists();
+      }
     }
 
     async function refreshSeries() {
@@ -668,7 +677,6 @@
 
     every(STATUS_EVERY_MS, refresh);
     every(SERIES_EVERY_MS, refreshSeries);
-    every(SERIES_EVERY_MS, refreshLists);
   }
 
   // ---- routing -------------------------------------------------------------------------
