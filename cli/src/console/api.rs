@@ -185,19 +185,13 @@ async fn plan(
         .map_err(anyhow_failed)?;
     let source = console.s3.store(&rule.source);
     let target = console.s3.store(&rule.target);
-    // The dry run's future is not `Send` for every lifetime the router asks of a handler;
-    // it runs on a blocking thread of its own instead.
-    let handle = tokio::runtime::Handle::current();
-    let report = tokio::task::spawn_blocking(move || {
-        handle.block_on(dry_run(
-            &rule,
-            &source as &dyn ObjectStore,
-            &target as &dyn ObjectStore,
-            1000,
-        ))
-    })
+    let report = dry_run(
+        &rule,
+        &source as &dyn ObjectStore,
+        &target as &dyn ObjectStore,
+        1000,
+    )
     .await
-    .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None))?
     .map_err(failed)?;
     ok(report)
 }

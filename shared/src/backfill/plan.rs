@@ -364,13 +364,14 @@ pub async fn dry_run(
                 }
                 None => HashMap::new(),
             };
-            let verdicts = futures::stream::iter(page.objects.iter())
+            // Owned objects: a closure over borrowed ones makes the future `Send` for
+            // one lifetime only, and no caller could spawn the dry run.
+            let verdicts = futures::stream::iter(page.objects.iter().cloned())
                 .map(|o| {
                     let seen = listed.get(&o.key);
                     async move {
-                        examine(rule, None, source, target, o, seen)
-                            .await
-                            .map(|e| (o, e))
+                        let examined = examine(rule, None, source, target, &o, seen).await;
+                        examined.map(|e| (o, e))
                     }
                 })
                 .buffered(16)
