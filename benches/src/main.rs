@@ -91,10 +91,17 @@ enum Cmd {
         #[command(flatten)]
         at: BucketArgs,
     },
-    /// Counts the objects of a bucket (to check a peer really copied).
+    /// Counts the objects of a bucket (to check a peer really copied), timing the LISTs;
+    /// with `--etags`, also HEADs every object (`concurrency` at a time) and prints a
+    /// digest of the sorted keys and ETags, equal for two buckets holding the same objects
+    /// (s3s-fs lists no ETags).
     Count {
         #[command(flatten)]
         at: BucketArgs,
+        #[arg(long)]
+        etags: bool,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
     },
     /// Release binary start to its first Runtime API request, `runs` times.
     ColdStart {
@@ -250,24 +257,16 @@ async fn main() -> Result<()> {
                 json!({ "key": key, "bytes": size, "etag": etag, "seconds": secs })
             );
         }
-        Cmd::Count { at } => {
+        Cmd::Count {
+            at,
+            etags,
+            concurrency,
+        } => {
             let s3 = plain_client(&sdk, &at.bucket_ref());
-            let bucket = at.bucket;
-            let (mut objects, mut token) = (0usize, None::<String>);
-            loop {
-                let out = s3
-                    .list_objects_v2()
-                    .bucket(&bucket)
-                    .set_continuation_token(token.take())
-                    .send()
-                    .await?;
-                objects += out.contents().len();
-                match out.next_continuation_token() {
-                    Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
-                    _ => break,
-                }
-            }
-            println!("{}", json!({ "bucket": bucket, "objects": objects }));
+            println!(
+                "{}",
+                count(&s3, &at.bucket, etags.then_some(concurrency)).await?
+            );
         }
         Cmd::ColdStart { binary, runs } => cold_start(&binary, runs)?,
         Cmd::Latency {
@@ -289,6 +288,79 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Lists `bucket` (timing the first page and the whole walk); with `heads`, HEADs every
+/// key that many at a time and digests "key etag" lines in key order.
+async fn count(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    heads: Option<usize>,
+) -> Result<serde_json::Value> {
+    let started = Instant::now();
+    let (mut keys, mut token, mut pages) = (Vec::new(), None::<String>, 0usize);
+    let mut first_page = None;
+    loop {
+        let out = s3
+            .list_objects_v2()
+            .bucket(bucket)
+            .set_continuation_token(token.take())
+            .send()
+            .await
+            .context("LIST")?;
+        pages += 1;
+        first_page.get_or_insert_with(|| started.elapsed().as_secs_f64());
+        keys.extend(
+            out.contents()
+                .iter()
+                .filter_map(|o| o.key().map(String::from)),
+        );
+        match out.next_continuation_token() {
+            Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
+            _ => break,
+        }
+    }
+    let list_seconds = started.elapsed().as_secs_f64();
+    let mut result = json!({
+        "bucket": bucket, "objects": keys.len(), "pages": pages,
+        "list_seconds": list_seconds, "first_page_seconds": first_page.unwrap_or(0.0),
+    });
+    if let Some(concurrency) = heads {
+        let heads_started = Instant::now();
+        let mut etags: Vec<(String, String)> = futures::stream::iter(keys.into_iter().map(|key| {
+            let s3 = s3.clone();
+            async move {
+                let head = s3
+                    .head_object()
+                    .bucket(bucket)
+                    .key(&key)
+                    .send()
+                    .await
+                    .with_context(|| format!("HEAD {key}"))?;
+                let etag = head
+                    .e_tag()
+                    .unwrap_or_default()
+                    .trim_matches('"')
+                    .to_string();
+                anyhow::Ok((key, etag))
+            }
+        }))
+        .buffer_unordered(concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_>>()?;
+        etags.sort();
+        use md5::Digest;
+        let mut md5 = md5::Md5::new();
+        for (key, etag) in &etags {
+            md5.update(format!("{key} {etag}\n").as_bytes());
+        }
+        let digest: String = md5.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        result["digest"] = digest.into();
+        result["head_seconds"] = heads_started.elapsed().as_secs_f64().into();
+    }
+    Ok(result)
 }
 
 /// A multipart upload of `size` bytes (a repeating pattern), four parts at a time.

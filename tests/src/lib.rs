@@ -560,8 +560,23 @@ impl RunningFunction {
         table: &str,
         env: &[String],
     ) -> Result<Self> {
-        let child = Self::command(stack, function, table, 20, env)?
+        Self::start_fed(stack, function, queue_url, table, 20, env, &[])
+    }
+
+    /// As `start_with`, with `timeout_secs` per invocation and extra arguments for
+    /// `crr local run-function` (e.g. `--instances 3`, `--batch-size 1`).
+    pub fn start_fed(
+        stack: &Stack,
+        function: &str,
+        queue_url: &str,
+        table: &str,
+        timeout_secs: u64,
+        env: &[String],
+        args: &[&str],
+    ) -> Result<Self> {
+        let child = Self::command(stack, function, table, timeout_secs, env)?
             .args(["--queue-url", queue_url])
+            .args(args)
             .spawn()
             .context("starting crr local run-function")?;
         Ok(Self { child, port: 0 })
@@ -641,7 +656,7 @@ impl RunningFunction {
         Ok(cmd)
     }
 
-    /// PIDs of the function processes the emulator runs (its children), by PID.
+    /// PIDs of the function processes the emulator runs (its children: one per instance).
     pub fn function_pids(&self) -> Vec<i32> {
         let pid = self.child.id();
         let mut pids = Vec::new();

@@ -1,6 +1,7 @@
 //! `crr local ...`: running the functions on this machine as real Lambda binaries.
 
 mod demo;
+mod instances;
 mod poller;
 mod runtime_api;
 
@@ -27,7 +28,8 @@ pub enum LocalCommand {
     /// Run a function binary behind a Lambda Runtime API emulator on 127.0.0.1; with
     /// --queue-url, also poll that SQS queue and invoke the function with its batches
     /// (deleting the messages the function did not report as failed), as Lambda's SQS
-    /// event source mapping does.
+    /// event source mapping does. --instances N runs N processes of the binary, each
+    /// behind its own emulator, fed by N pollers (a mapping's MaximumConcurrency N).
     #[command(
         after_help = "Example:\n  crr local run-function --name replicate --binary target/debug/crr-replicate \\\n    --queue-url http://127.0.0.1:25101/123456789012/crr-events --env CRR_TABLE=crr"
     )]
@@ -46,9 +48,16 @@ pub struct RunFunctionArgs {
     /// The function's executable.
     #[arg(long)]
     pub binary: PathBuf,
-    /// Port of the emulator (Runtime API and Invoke API); 0 picks a free one.
+    /// Port of the first instance's emulator (its Runtime API, and the function's Invoke
+    /// API); 0 picks a free one. Other instances listen on free ports.
     #[arg(long, default_value_t = 0)]
     pub port: u16,
+    /// Processes of the function, each behind its own Runtime API emulator, as Lambda
+    /// runs one execution environment per invocation in flight. An invocation (from a
+    /// poller, the schedule or the Invoke API on any instance's port) goes to an idle
+    /// instance. With --queue-url, this many pollers each keep one batch in flight.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub instances: u16,
     /// Seconds an invocation may run before it is failed and the process restarted.
     #[arg(long, default_value_t = 30)]
     pub timeout_secs: u64,
@@ -65,7 +74,7 @@ pub struct RunFunctionArgs {
     #[arg(long, default_value_t = 10)]
     pub batch_size: i32,
     /// Invoke the function with `{}` every this many seconds, as an EventBridge schedule
-    /// does the backfill function (one invocation at a time).
+    /// does the backfill function (one invocation at a time, on one instance).
     #[arg(long)]
     pub schedule_secs: Option<f64>,
 }
@@ -125,52 +134,64 @@ async fn run_function(aws: &AwsArgs, args: RunFunctionArgs) -> Result<()> {
     }
     let envs = parse_envs(&args.envs)?;
     let timeout = Duration::from_secs(args.timeout_secs);
-    let emulator = runtime_api::Emulator::start(&args.name, args.port, timeout)
+    let count = usize::from(args.instances);
+    let function = instances::Instances::start(&args.name, count, args.port, timeout)
         .await
-        .context("starting the Runtime API emulator")?;
-    eprintln!(
-        "crr local: {} Runtime API and Invoke API on http://{}",
-        args.name,
-        emulator.addr()
-    );
-    let supervisor = tokio::spawn(runtime_api::supervise(
-        emulator.clone(),
-        args.binary.clone(),
-        envs,
-    ));
-    let poller = match &args.queue_url {
-        Some(url) => {
-            let sdk = aws.sdk_config().await;
-            Some(tokio::spawn(poller::run(
-                sdk,
+        .context("starting the Runtime API emulators")?;
+    for (i, addr) in function.addrs().into_iter().enumerate() {
+        eprintln!(
+            "crr local: {} instance {i}: Runtime API and Invoke API on http://{addr}",
+            args.name
+        );
+    }
+    let supervisors: Vec<_> = function
+        .emulators()
+        .iter()
+        .map(|emulator| {
+            tokio::spawn(runtime_api::supervise(
                 emulator.clone(),
+                args.binary.clone(),
+                envs.clone(),
+            ))
+        })
+        .collect();
+    let mut feeders = Vec::new();
+    if let Some(url) = &args.queue_url {
+        let sdk = aws.sdk_config().await;
+        for _ in 0..count {
+            feeders.push(tokio::spawn(poller::run(
+                sdk.clone(),
+                function.clone(),
                 url.clone(),
                 args.sqs_endpoint_url.clone(),
                 args.batch_size,
-            )))
+            )));
         }
-        None => None,
-    };
-    let schedule = args.schedule_secs.map(|secs| {
-        let emulator = emulator.clone();
+    }
+    if let Some(secs) = args.schedule_secs {
+        let function = function.clone();
         let every = Duration::from_secs_f64(secs.max(0.1));
-        tokio::spawn(async move {
+        feeders.push(tokio::spawn(async move {
             loop {
-                let result = emulator.invoke(axum::body::Bytes::from_static(b"{}")).await;
+                let result = function.invoke(axum::body::Bytes::from_static(b"{}")).await;
                 tracing::info!(?result, "scheduled invocation finished");
                 tokio::time::sleep(every).await;
             }
-        })
-    });
+        }));
+    }
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = sigterm.recv() => {}
     }
-    for task in [poller, schedule].into_iter().flatten() {
+    for task in feeders {
         task.abort();
     }
-    emulator.shutdown();
-    let _ = tokio::time::timeout(Duration::from_secs(5), supervisor).await;
+    function.shutdown();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures::future::join_all(supervisors),
+    )
+    .await;
     Ok(())
 }

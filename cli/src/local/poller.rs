@@ -1,5 +1,7 @@
 //! A local SQS event source: receives batches from a queue, invokes the function with
 //! them, and deletes the messages it did not report as failed (partial batch response).
+//! One poller has one batch in flight at a time: `--instances N` runs N of them, as an
+//! event source mapping with `MaximumConcurrency` N invokes up to N batches at once.
 //! Failed and unanswered messages reappear after the queue's visibility timeout, and a
 //! redrive policy on the queue moves them to its DLQ, as with Lambda's own mapping.
 
@@ -13,11 +15,12 @@ use aws_sdk_sqs::types::{
 use axum::body::Bytes;
 use serde_json::{Value, json};
 
-use super::runtime_api::{Emulator, InvokeResult};
+use super::instances::Instances;
+use super::runtime_api::InvokeResult;
 
 pub async fn run(
     sdk: aws_config::SdkConfig,
-    emulator: Emulator,
+    function: Instances,
     queue_url: String,
     endpoint: Option<String>,
     batch_size: i32,
@@ -91,7 +94,7 @@ pub async fn run(
             })
             .collect();
         let payload = Bytes::from(json!({"Records": records}).to_string());
-        let failed: HashSet<String> = match emulator.invoke(payload).await {
+        let failed: HashSet<String> = match function.invoke(payload).await {
             InvokeResult::Ok(body) => match serde_json::from_slice::<SqsBatchResponse>(&body) {
                 Ok(response) => response
                     .batch_item_failures

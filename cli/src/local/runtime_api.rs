@@ -1,6 +1,7 @@
 //! A Lambda Runtime API emulator (the `/2018-06-01/runtime/...` endpoints a function
-//! binary polls) plus the Invoke API (`/2015-03-31/functions/NAME/invocations`), and a
-//! supervisor that keeps the function process running.
+//! binary polls) for one instance of a function, and a supervisor that keeps that
+//! instance's process running. The Invoke API beside it is the whole function's
+//! (`instances.rs`).
 //!
 //! `lambda_runtime` panics if `/next` answers anything but 200, so `/next` only ever
 //! answers 200: it waits until there is an invocation to hand out.
@@ -50,7 +51,7 @@ struct Inner {
 #[derive(Clone)]
 pub struct Emulator(Arc<Inner>);
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -62,8 +63,12 @@ fn now_ms() -> u64 {
 }
 
 impl Emulator {
-    /// Binds 127.0.0.1:`port` and serves until [`Emulator::shutdown`].
-    pub async fn start(name: &str, port: u16, timeout: Duration) -> Result<Self> {
+    /// Binds 127.0.0.1:`port` (0 picks a free one); [`Emulator::serve`] serves it.
+    pub async fn bind(
+        name: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<(Self, tokio::net::TcpListener)> {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
         let emulator = Emulator(Arc::new(Inner {
@@ -77,6 +82,11 @@ impl Emulator {
             stop: Notify::new(),
             stopping: false.into(),
         }));
+        Ok((emulator, listener))
+    }
+
+    /// Serves this instance's Runtime API, and `invoke_api` beside it, on `listener`.
+    pub fn serve(&self, listener: tokio::net::TcpListener, invoke_api: Router) {
         let app = Router::new()
             .route("/2018-06-01/runtime/invocation/next", get(next))
             .route(
@@ -85,14 +95,13 @@ impl Emulator {
             )
             .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
             .route("/2018-06-01/runtime/init/error", post(init_error))
-            .route("/2015-03-31/functions/{name}/invocations", post(invoke_api))
-            .with_state(emulator.clone());
+            .with_state(self.clone())
+            .merge(invoke_api);
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 eprintln!("crr local: emulator stopped: {e}");
             }
         });
-        Ok(emulator)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -213,19 +222,6 @@ async fn init_error(body: Bytes) -> StatusCode {
         String::from_utf8_lossy(&body)
     );
     StatusCode::ACCEPTED
-}
-
-async fn invoke_api(
-    State(emu): State<Emulator>,
-    Path(_name): Path<String>,
-    body: Bytes,
-) -> Response {
-    match emu.invoke(body).await {
-        InvokeResult::Ok(b) => (StatusCode::OK, b).into_response(),
-        InvokeResult::Error(b) => {
-            (StatusCode::OK, [("x-amz-function-error", "Unhandled")], b).into_response()
-        }
-    }
 }
 
 /// Keeps the function process running: starts it, restarts it when it exits or an
