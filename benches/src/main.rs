@@ -102,6 +102,22 @@ enum Cmd {
         etags: bool,
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Stop after this many pages (a LIST's cost without the whole walk).
+        #[arg(long)]
+        max_pages: Option<usize>,
+    },
+    /// HEADs the keys `put` wrote (`<prefix><index>`, index below `count`), `concurrency`
+    /// at a time, without listing (a LIST of s3s-fs walks the whole bucket for every
+    /// page): an MD5 over the sorted "key ETag" lines, and how many keys are missing.
+    Digest {
+        #[command(flatten)]
+        at: BucketArgs,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value = "obj/")]
+        prefix: String,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
     },
     /// Release binary start to its first Runtime API request, `runs` times.
     ColdStart {
@@ -261,11 +277,28 @@ async fn main() -> Result<()> {
             at,
             etags,
             concurrency,
+            max_pages,
         } => {
             let s3 = plain_client(&sdk, &at.bucket_ref());
+            let heads = etags.then_some(concurrency);
+            println!("{}", count(&s3, &at.bucket, max_pages, heads).await?);
+        }
+        Cmd::Digest {
+            at,
+            count,
+            prefix,
+            concurrency,
+        } => {
+            let s3 = plain_client(&sdk, &at.bucket_ref());
+            let keys = (0..count).map(|i| format!("{prefix}{i:07}")).collect();
+            let (digest, missing, seconds) =
+                etag_digest(&s3, &at.bucket, keys, concurrency).await?;
             println!(
                 "{}",
-                count(&s3, &at.bucket, etags.then_some(concurrency)).await?
+                json!({
+                    "bucket": at.bucket, "keys": count, "missing": missing,
+                    "digest": digest, "seconds": seconds,
+                })
             );
         }
         Cmd::ColdStart { binary, runs } => cold_start(&binary, runs)?,
@@ -290,17 +323,18 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// Lists `bucket` (timing the first page and the whole walk); with `heads`, HEADs every
-/// key that many at a time and digests "key etag" lines in key order.
+/// Lists `bucket`, at most `max_pages` pages (timing the first page and the whole walk);
+/// with `heads`, HEADs every key listed that many at a time and digests their ETags.
 async fn count(
     s3: &aws_sdk_s3::Client,
     bucket: &str,
+    max_pages: Option<usize>,
     heads: Option<usize>,
 ) -> Result<serde_json::Value> {
     let started = Instant::now();
     let (mut keys, mut token, mut pages) = (Vec::new(), None::<String>, 0usize);
     let mut first_page = None;
-    loop {
+    let complete = loop {
         let out = s3
             .list_objects_v2()
             .bucket(bucket)
@@ -317,32 +351,51 @@ async fn count(
         );
         match out.next_continuation_token() {
             Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
-            _ => break,
+            _ => break true,
         }
-    }
-    let list_seconds = started.elapsed().as_secs_f64();
+        if max_pages.is_some_and(|max| pages >= max) {
+            break false;
+        }
+    };
     let mut result = json!({
-        "bucket": bucket, "objects": keys.len(), "pages": pages,
-        "list_seconds": list_seconds, "first_page_seconds": first_page.unwrap_or(0.0),
+        "bucket": bucket, "objects": keys.len(), "pages": pages, "complete": complete,
+        "list_seconds": started.elapsed().as_secs_f64(),
+        "first_page_seconds": first_page.unwrap_or(0.0),
     });
     if let Some(concurrency) = heads {
-        let heads_started = Instant::now();
-        let mut etags: Vec<(String, String)> = futures::stream::iter(keys.into_iter().map(|key| {
+        let (digest, missing, seconds) = etag_digest(s3, bucket, keys, concurrency).await?;
+        result["digest"] = digest.into();
+        result["missing"] = missing.into();
+        result["head_seconds"] = seconds.into();
+    }
+    Ok(result)
+}
+
+/// HEADs `keys` of `bucket`, `concurrency` at a time: an MD5 over the sorted
+/// "key ETag" lines (equal for two buckets holding the same keys and contents), how many
+/// keys are missing, and the seconds it took.
+async fn etag_digest(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    keys: Vec<String>,
+    concurrency: usize,
+) -> Result<(String, usize, f64)> {
+    use md5::Digest;
+    let started = Instant::now();
+    let mut etags: Vec<(String, Option<String>)> =
+        futures::stream::iter(keys.into_iter().map(|key| {
             let s3 = s3.clone();
             async move {
-                let head = s3
-                    .head_object()
-                    .bucket(bucket)
-                    .key(&key)
-                    .send()
-                    .await
-                    .with_context(|| format!("HEAD {key}"))?;
-                let etag = head
-                    .e_tag()
-                    .unwrap_or_default()
-                    .trim_matches('"')
-                    .to_string();
-                anyhow::Ok((key, etag))
+                match s3.head_object().bucket(bucket).key(&key).send().await {
+                    Ok(head) => {
+                        let etag = head.e_tag().unwrap_or_default().trim_matches('"');
+                        Ok((key, Some(etag.to_string())))
+                    }
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
+                        Ok((key, None))
+                    }
+                    Err(e) => Err(anyhow::Error::new(e).context(format!("HEAD {key}"))),
+                }
             }
         }))
         .buffer_unordered(concurrency.max(1))
@@ -350,17 +403,18 @@ async fn count(
         .await
         .into_iter()
         .collect::<Result<_>>()?;
-        etags.sort();
-        use md5::Digest;
-        let mut md5 = md5::Md5::new();
-        for (key, etag) in &etags {
-            md5.update(format!("{key} {etag}\n").as_bytes());
-        }
-        let digest: String = md5.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        result["digest"] = digest.into();
-        result["head_seconds"] = heads_started.elapsed().as_secs_f64().into();
+    etags.sort();
+    let mut md5 = md5::Md5::new();
+    let mut missing = 0;
+    for (key, etag) in &etags {
+        let etag = etag.as_deref().unwrap_or_else(|| {
+            missing += 1;
+            "missing"
+        });
+        md5.update(format!("{key} {etag}\n").as_bytes());
     }
-    Ok(result)
+    let digest = md5.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok((digest, missing, started.elapsed().as_secs_f64()))
 }
 
 /// A multipart upload of `size` bytes (a repeating pattern), four parts at a time.
