@@ -74,6 +74,28 @@ enum Cmd {
         #[arg(long, default_value = "obj/")]
         prefix: String,
     },
+    /// Writes an S3 Inventory report (manifest.json and CSV.gz data files of
+    /// `rows_per_file` rows, as S3 writes them) of the objects `put` wrote with the same
+    /// `count`, `min`, `max`, `seed` and `prefix` into bucket `source_bucket`, without
+    /// listing it; prints the manifest's `s3://` URL. The bucket `at` holds the report.
+    Inventory {
+        #[command(flatten)]
+        at: BucketArgs,
+        #[arg(long)]
+        source_bucket: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        min: usize,
+        #[arg(long)]
+        max: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        #[arg(long, default_value = "obj/")]
+        prefix: String,
+        #[arg(long, default_value_t = 10_000)]
+        rows_per_file: usize,
+    },
     /// Uploads one object of `size` bytes in parts of `part_size` (a large object without
     /// holding it in memory).
     Big {
@@ -231,8 +253,7 @@ async fn main() -> Result<()> {
             if s3.head_bucket().bucket(&bucket).send().await.is_err() {
                 create_bucket(&s3, &bucket, &at.region).await?;
             }
-            let mut rng = fastrand::Rng::with_seed(seed);
-            let sizes: Vec<usize> = (0..count).map(|_| rng.usize(min..=max)).collect();
+            let sizes = object_sizes(count, min, max, seed);
             let total: usize = sizes.iter().sum();
             let body = bytes::Bytes::from(vec![b'x'; max]);
             let started = Instant::now();
@@ -300,6 +321,32 @@ async fn main() -> Result<()> {
                     "digest": digest, "seconds": seconds,
                 })
             );
+        }
+        Cmd::Inventory {
+            at,
+            source_bucket,
+            count,
+            min,
+            max,
+            seed,
+            prefix,
+            rows_per_file,
+        } => {
+            let s3 = plain_client(&sdk, &at.bucket_ref());
+            if s3.head_bucket().bucket(&at.bucket).send().await.is_err() {
+                create_bucket(&s3, &at.bucket, &at.region).await?;
+            }
+            let sizes = object_sizes(count, min, max, seed);
+            let url = write_inventory(
+                &s3,
+                &at.bucket,
+                &source_bucket,
+                &prefix,
+                &sizes,
+                rows_per_file,
+            )
+            .await?;
+            println!("{}", json!({ "manifest": url, "rows": count }));
         }
         Cmd::ColdStart { binary, runs } => cold_start(&binary, runs)?,
         Cmd::Latency {
@@ -415,6 +462,74 @@ async fn etag_digest(
     }
     let digest = md5.finalize().iter().map(|b| format!("{b:02x}")).collect();
     Ok((digest, missing, started.elapsed().as_secs_f64()))
+}
+
+/// The sizes of the objects `put` writes (`inventory` describes the same objects).
+fn object_sizes(count: usize, min: usize, max: usize, seed: u64) -> Vec<usize> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..count).map(|_| rng.usize(min..=max)).collect()
+}
+
+/// Writes an S3 Inventory report of the objects `<prefix><index>` of `source` (bodies of
+/// `size` bytes 'x', as `put` writes them) into `reports`; returns the manifest's URL.
+async fn write_inventory(
+    s3: &aws_sdk_s3::Client,
+    reports: &str,
+    source: &str,
+    prefix: &str,
+    sizes: &[usize],
+    rows_per_file: usize,
+) -> Result<String> {
+    use md5::Digest;
+    use std::io::Write as _;
+    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let base = format!("inventory/{source}/bench");
+    let mut etags: std::collections::HashMap<usize, String> = Default::default();
+    let mut files = Vec::new();
+    for (n, chunk) in sizes.chunks(rows_per_file.max(1)).enumerate() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        for (i, size) in chunk.iter().enumerate() {
+            let index = n * rows_per_file.max(1) + i;
+            let etag = etags
+                .entry(*size)
+                .or_insert_with(|| hex(&md5::Md5::digest(vec![b'x'; *size])));
+            // Keys of `put` need no URL-encoding (letters, digits and '/').
+            writeln!(
+                gz,
+                "\"{source}\",\"{prefix}{index:07}\",\"{size}\",\"2026-12-01T00:00:00.000Z\",\"{etag}\",\"STANDARD\""
+            )?;
+        }
+        let body = gz.finish()?;
+        let key = format!("{base}/data/{n:04}.csv.gz");
+        files.push(json!({
+            "key": key, "size": body.len(), "MD5checksum": hex(&md5::Md5::digest(&body)),
+        }));
+        s3.put_object()
+            .bucket(reports)
+            .key(&key)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .with_context(|| format!("PUT {key}"))?;
+    }
+    let manifest = json!({
+        "sourceBucket": source,
+        "destinationBucket": format!("arn:aws:s3:::{reports}"),
+        "version": "2016-11-30",
+        "creationTimestamp": "1764547200000",
+        "fileFormat": "CSV",
+        "fileSchema": "Bucket, Key, Size, LastModifiedDate, ETag, StorageClass",
+        "files": files,
+    });
+    let key = format!("{base}/2026-12-01T00-00Z/manifest.json");
+    s3.put_object()
+        .bucket(reports)
+        .key(&key)
+        .body(ByteStream::from(manifest.to_string().into_bytes()))
+        .send()
+        .await
+        .with_context(|| format!("PUT {key}"))?;
+    Ok(format!("s3://{reports}/{key}"))
 }
 
 /// A multipart upload of `size` bytes (a repeating pattern), four parts at a time.
