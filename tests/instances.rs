@@ -64,7 +64,7 @@ async fn three_instances_fed_by_a_queue_run_three_invocations_at_once() -> Resul
             .await?;
     }
 
-    let function = RunningFunction::start_fed(
+    let function = RunningFunction::start_with_args(
         &stack,
         "crr-replicate",
         &queue_url,

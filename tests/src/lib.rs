@@ -560,12 +560,12 @@ impl RunningFunction {
         table: &str,
         env: &[String],
     ) -> Result<Self> {
-        Self::start_fed(stack, function, queue_url, table, 20, env, &[])
+        Self::start_with_args(stack, function, queue_url, table, 20, env, &[])
     }
 
     /// As `start_with`, with `timeout_secs` per invocation and extra arguments for
     /// `crr local run-function` (e.g. `--instances 3`, `--batch-size 1`).
-    pub fn start_fed(
+    pub fn start_with_args(
         stack: &Stack,
         function: &str,
         queue_url: &str,
