@@ -401,6 +401,7 @@ impl Backfiller {
         else {
             return Ok(Worked::Dropped("segment done or leased"));
         };
+        tracing::info!(rule_id = %rule.id, segment = work.segment, owner, "segment claimed");
         let mark = JobMark::of(&job);
         let mut report = RunReport {
             rule_id: rule.id.clone(),
