@@ -112,6 +112,7 @@ pub const DEPLOYMENT_ENV: &[(&str, &[&str])] = &[
         "crr-backfill",
         &[
             "CRR_TABLE",
+            "CRR_SEGMENT_QUEUE_URL",
             "CRR_SOURCE_BUCKETS",
             "CRR_TARGET_BUCKETS",
             "CRR_ALLOWED_ENDPOINTS",
