@@ -31,7 +31,7 @@ pub enum LocalCommand {
     /// event source mapping does. --instances N runs N processes of the binary, each
     /// behind its own emulator, fed by N pollers (a mapping's MaximumConcurrency N).
     #[command(
-        after_help = "Example:\n  crr local run-function --name replicate --binary target/debug/crr-replicate \\\n    --queue-url http://127.0.0.1:25101/123456789012/crr-events --env CRR_TABLE=crr"
+        after_help = "Examples:\n  crr local run-function --name replicate --binary target/debug/crr-replicate \\\n    --queue-url http://127.0.0.1:25101/123456789012/crr-events --env CRR_TABLE=crr\n  crr local run-function --name backfill --binary target/debug/crr-backfill --instances 4 \\\n    --batch-size 1 --queue-url http://127.0.0.1:25101/123456789012/crr-segments --schedule-secs 60 \\\n    --env CRR_SEGMENT_QUEUE_URL=http://127.0.0.1:25101/123456789012/crr-segments --env CRR_TABLE=crr"
     )]
     RunFunction(RunFunctionArgs),
     /// Replicate between two buckets in two regions of the local stack and show the result
