@@ -883,6 +883,7 @@ mod tests {
             planned,
             plan_prefix: 0,
             plan_after: None,
+            frontier: Vec::new(),
             total_objects: objects,
             total_bytes: bytes,
             segments: 2,

@@ -1,9 +1,13 @@
-//! Parallel discovery: the key space of a prefix is listed by many listers at once, never
-//! by one LIST chain, and cut into segments while it is listed.
+//! Parallel discovery: the key space of a rule's prefixes is listed by many listers at
+//! once, never by one LIST chain, and cut into segments while it is listed. The listing
+//! planner (`Backfiller::plan`, `worker.rs`) runs it with `BackfillSettings::listers`
+//! listers; each segment is recorded (`Backfiller::cut`) as soon as it is cut, and the
+//! workers copy it while discovery goes on.
 //!
-//! A lister owns a key range `(after, upto]` and lists it page by page, counting, cutting
-//! a segment every `segment_objects` keys. Whenever a lister is busy and there is room for
-//! another (fewer than `listers` at work, nothing queued), it splits its range:
+//! A lister owns an open range `(after, upto]` and lists it page by page, counting, cutting
+//! a segment every `segment_objects` keys (the range's `after` moves up to each cut).
+//! Whenever a lister is busy and there is room for another (fewer than `listers` at work,
+//! nothing queued), it splits its range:
 //! - where the keys have structure, by common prefixes: a whole prefix is first listed
 //!   with the delimiter `/`, and its sub-prefixes become ranges of their own (the keys
 //!   between two sub-prefixes go with the range that ends at the next one);
@@ -12,19 +16,25 @@
 //!   above the first split go to other listers (start-after at each split point).
 //!
 //! Every key is in exactly one range: a split only ever divides `(after, upto]` at a
-//! string `m` into `(after, m]` and `(m, upto]`. The segments are exact (their counts were
-//! listed), so the job's total is final once every lister has finished; until then it is
-//! a lower bound, and the status says so.
+//! string `m` into `(after, m]` and `(m, upto]`, above what its lister has listed. The
+//! open ranges (the *frontier*: each with how far it was listed and what it counted since
+//! its last cut) and the segments cut so far partition the key space at every moment, and
+//! each cut hands the sink the frontier as it stands after the cut: stored with the cut
+//! in one atomic write, it is where the next invocation resumes (nothing counted twice,
+//! nothing missed; work listed after the last cut is listed again). A sink that refuses
+//! a cut (another invocation recorded one first) stops the discovery.
 //!
-//! Not wired into the worker yet: the planner (`worker.rs`) still lists each prefix with
-//! one chain. See issue 18 item 1.
+//! The segments are exact (their counts were listed), so the job's total is final once
+//! the frontier is empty; until then the counts so far are a lower bound, and the status
+//! says so (`total_final`).
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
 
 use async_trait::async_trait;
-use tokio::sync::Mutex;
-use tokio::task::JoinSet;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::sync::{Mutex, Notify};
+use tokio::time::Instant;
 
 use crate::error::Result;
 
@@ -35,9 +45,13 @@ pub const MAX_KEY_BYTES: usize = 1024;
 /// The delimiter that gives keys their structure.
 pub const DELIMITER: &str = "/";
 
+/// What the frontier may take in the job item (DynamoDB items are at most 400 KB; the
+/// rest of the job item is small): splits that would make it larger are made coarser.
+pub const MAX_FRONTIER_BYTES: usize = 200 * 1024;
+
 /// Keys `k` under `prefix` with `after < k` (any, if `None`) and `k <= upto` (any, if
 /// `None`), in S3's order (UTF-8 bytes, which is `String`'s order).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyRange {
     pub prefix: String,
     pub after: Option<String>,
@@ -62,6 +76,49 @@ impl KeyRange {
     }
 }
 
+/// A range of the frontier: still to be listed beyond `listed`, and cut from `range.after`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenRange {
+    /// What is left of the range: its `after` is its last cut (or its start).
+    pub range: KeyRange,
+    /// The last key counted (`None`: nothing counted beyond `range.after` yet); listing
+    /// resumes after it.
+    pub listed: Option<String>,
+    /// Objects and bytes counted in `(range.after, listed]`, not in a segment yet.
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+impl OpenRange {
+    /// The whole of `prefix`, nothing listed.
+    pub fn whole(prefix: &str) -> Self {
+        Self {
+            range: KeyRange::whole(prefix),
+            ..Self::default()
+        }
+    }
+
+    /// About what the range takes stored (its strings and some room for names and numbers).
+    pub fn stored_bytes(&self) -> usize {
+        let len = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        self.range.prefix.len()
+            + len(&self.range.after)
+            + len(&self.range.upto)
+            + len(&self.listed)
+            + 64
+    }
+
+    /// Where the next page starts (exclusive).
+    fn position(&self) -> Option<&str> {
+        self.listed.as_deref().or(self.range.after.as_deref())
+    }
+
+    /// A whole prefix, nothing listed: the one kind of range split by the delimiter.
+    fn untouched_whole(&self) -> bool {
+        self.range.after.is_none() && self.range.upto.is_none() && self.listed.is_none()
+    }
+}
+
 /// One page of a listing.
 #[derive(Debug, Clone, Default)]
 pub struct Page {
@@ -73,7 +130,7 @@ pub struct Page {
     pub truncated: bool,
 }
 
-/// The listing discovery needs (ListObjectsV2, in adapters).
+/// The listing discovery needs (ListObjectsV2).
 #[async_trait]
 pub trait KeyLister: Send + Sync {
     /// Up to `max_keys` keys under `prefix` after `start_after`, with `delimiter` if given.
@@ -84,6 +141,36 @@ pub trait KeyLister: Send + Sync {
         delimiter: Option<&str>,
         max_keys: i32,
     ) -> Result<Page>;
+}
+
+/// A bucket, listed for discovery.
+pub struct StoreLister<'a>(pub &'a dyn crate::object_store::ObjectStore);
+
+#[async_trait]
+impl KeyLister for StoreLister<'_> {
+    async fn page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        delimiter: Option<&str>,
+        max_keys: i32,
+    ) -> Result<Page> {
+        let page = match delimiter {
+            Some(d) => {
+                self.0
+                    .list_delimited(prefix, start_after, d, max_keys)
+                    .await?
+            }
+            None => crate::object_store::DelimitedPage::from(
+                self.0.list_page(prefix, start_after, max_keys).await?,
+            ),
+        };
+        Ok(Page {
+            keys: page.objects.into_iter().map(|o| (o.key, o.size)).collect(),
+            common_prefixes: page.common_prefixes,
+            truncated: page.truncated,
+        })
+    }
 }
 
 /// A range found, with what it holds.
@@ -97,7 +184,11 @@ pub struct Found {
 /// Where discovered segments go, as soon as they are cut.
 #[async_trait]
 pub trait SegmentSink: Send + Sync {
-    async fn segment(&self, found: Found) -> Result<()>;
+    /// Records `found` and the frontier as it stands after it (`frontier`: every range
+    /// still open, in no particular order), together, atomically. `Ok(false)`: not
+    /// recorded, because another discovery of the same key space recorded a cut first;
+    /// this one stops.
+    async fn segment(&self, found: Found, frontier: &[OpenRange]) -> Result<bool>;
 }
 
 /// How discovery runs.
@@ -109,6 +200,8 @@ pub struct DiscoveryOptions {
     pub segment_objects: u64,
     /// Keys per LIST page (S3's maximum is 1,000).
     pub page_size: i32,
+    /// No page is started after it (the frontier then holds what is left).
+    pub stop_at: Option<Instant>,
 }
 
 impl Default for DiscoveryOptions {
@@ -117,6 +210,7 @@ impl Default for DiscoveryOptions {
             listers: 16,
             segment_objects: 10_000,
             page_size: 1000,
+            stop_at: None,
         }
     }
 }
@@ -132,92 +226,157 @@ pub struct DiscoveryReport {
     pub lists: u64,
     /// Ranges handed to other listers.
     pub splits: u64,
+    /// The ranges still open when it stopped (empty: the key space is all cut).
+    pub frontier: Vec<OpenRange>,
+    /// The sink refused a cut: another discovery is ahead, and this one stopped.
+    pub overtaken: bool,
 }
 
-struct Shared {
-    queue: Mutex<(VecDeque<KeyRange>, usize)>,
-    report: Mutex<DiscoveryReport>,
-    options: DiscoveryOptions,
+/// The discovery's state, under one lock: ranges change and cuts are recorded under it,
+/// so each cut's frontier is a consistent picture.
+struct State {
+    /// Every open range, by id.
+    open: BTreeMap<u64, OpenRange>,
+    /// Open ranges no lister works on.
+    queue: VecDeque<u64>,
+    /// Listers at work.
+    active: usize,
+    next_id: u64,
+    report: DiscoveryReport,
 }
 
-impl Shared {
+impl State {
+    fn frontier(&self) -> Vec<OpenRange> {
+        self.open.values().cloned().collect()
+    }
+
+    fn frontier_bytes(&self) -> usize {
+        self.open.values().map(OpenRange::stored_bytes).sum()
+    }
+
     /// Whether another lister would find work idle: fewer at work than allowed, none queued.
-    async fn room(&self) -> bool {
-        let q = self.queue.lock().await;
-        q.0.is_empty() && q.1 < self.options.listers
+    fn room(&self, listers: usize) -> bool {
+        self.queue.is_empty() && self.active < listers
     }
 
-    async fn push(&self, range: KeyRange) {
-        self.queue.lock().await.0.push_back(range);
-        self.report.lock().await.splits += 1;
+    fn push(&mut self, range: OpenRange) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.open.insert(id, range);
+        self.queue.push_back(id);
+        self.report.splits += 1;
+    }
+
+    /// Records a cut with the sink, with the frontier as it is now; `false` if refused.
+    async fn cut(&mut self, sink: &dyn SegmentSink, found: Found) -> Result<bool> {
+        let (objects, bytes) = (found.objects, found.bytes);
+        if !sink.segment(found, &self.frontier()).await? {
+            self.report.overtaken = true;
+            return Ok(false);
+        }
+        self.report.segments += 1;
+        self.report.objects += objects;
+        self.report.bytes += bytes;
+        Ok(true)
     }
 }
 
-/// Lists `prefix` with up to `options.listers` listers at once, handing each segment to
-/// `sink` as soon as it is cut.
+struct Shared<'a> {
+    state: Mutex<State>,
+    /// Rings when ranges are queued, so idle slots get listers at once.
+    queued: Notify,
+    options: &'a DiscoveryOptions,
+    lister: &'a dyn KeyLister,
+    sink: &'a dyn SegmentSink,
+}
+
+impl Shared<'_> {
+    fn out_of_time(&self) -> bool {
+        self.options.stop_at.is_some_and(|at| Instant::now() >= at)
+    }
+}
+
+/// The frontier of a discovery not started yet: the whole of each prefix.
+pub fn start(prefixes: &[String]) -> Vec<OpenRange> {
+    prefixes.iter().map(|p| OpenRange::whole(p)).collect()
+}
+
+/// Lists the open ranges of `frontier` (a fresh one from `start`, or one a stopped
+/// discovery left) with up to `options.listers` listers at once, handing each segment to
+/// `sink` as soon as it is cut, with the frontier after it. Stops when the frontier is
+/// empty, at `options.stop_at`, or when the sink refuses a cut.
 pub async fn discover(
-    lister: Arc<dyn KeyLister>,
-    sink: Arc<dyn SegmentSink>,
-    prefix: &str,
-    options: DiscoveryOptions,
-) -> Result<DiscoveryReport> {
-    let shared = Arc::new(Shared {
-        queue: Mutex::new((VecDeque::from([KeyRange::whole(prefix)]), 0)),
-        report: Mutex::new(DiscoveryReport::default()),
-        options,
-    });
-    let mut tasks: JoinSet<Result<()>> = JoinSet::new();
-    loop {
-        // Start a lister for every queued range there is room for.
-        loop {
-            let next = {
-                let mut q = shared.queue.lock().await;
-                if q.1 >= shared.options.listers {
-                    None
-                } else {
-                    let next = q.0.pop_front();
-                    if next.is_some() {
-                        q.1 += 1;
-                    }
-                    next
-                }
-            };
-            let Some(range) = next else { break };
-            let (lister, sink, shared) = (lister.clone(), sink.clone(), shared.clone());
-            tasks.spawn(async move {
-                let result = list_range(&*lister, &*sink, &shared, range).await;
-                shared.queue.lock().await.1 -= 1;
-                result
-            });
-        }
-        match tasks.join_next().await {
-            Some(Ok(result)) => result?,
-            Some(Err(e)) => {
-                return Err(crate::Error::Config(format!("a lister stopped: {e}")));
-            }
-            None => break,
-        }
-    }
-    let report = shared.report.lock().await.clone();
-    Ok(report)
-}
-
-/// One lister: lists `range` page by page, cutting segments, splitting off what another
-/// lister can take.
-async fn list_range(
     lister: &dyn KeyLister,
     sink: &dyn SegmentSink,
-    shared: &Shared,
-    mut range: KeyRange,
-) -> Result<()> {
-    let opts = &shared.options;
-    let mut lists = 0u64;
+    frontier: Vec<OpenRange>,
+    options: &DiscoveryOptions,
+) -> Result<DiscoveryReport> {
+    let count = frontier.len() as u64;
+    let shared = Shared {
+        state: Mutex::new(State {
+            open: (0..count).zip(frontier).collect(),
+            queue: (0..count).collect(),
+            active: 0,
+            next_id: count,
+            report: DiscoveryReport::default(),
+        }),
+        queued: Notify::new(),
+        options,
+        lister,
+        sink,
+    };
+    let mut running = FuturesUnordered::new();
+    loop {
+        // Start a lister for every queued range there is room for.
+        {
+            let mut state = shared.state.lock().await;
+            while state.active < options.listers.max(1) && !state.report.overtaken {
+                let Some(id) = state.queue.pop_front() else {
+                    break;
+                };
+                state.active += 1;
+                running.push(list_range(&shared, id));
+            }
+        }
+        if running.is_empty() {
+            break;
+        }
+        tokio::select! {
+            listed = running.next() => {
+                if let Some(listed) = listed {
+                    listed?;
+                }
+            }
+            () = shared.queued.notified() => {}
+        }
+    }
+    drop(running);
+    let mut state = shared.state.into_inner();
+    state.report.frontier = state.open.into_values().collect();
+    Ok(state.report)
+}
+
+/// One lister: lists the open range `id` page by page, cutting segments, splitting off
+/// what another lister can take, until the range is all cut (or discovery stops).
+async fn list_range(shared: &Shared<'_>, id: u64) -> Result<()> {
+    let listed = list_range_pages(shared, id).await;
+    shared.state.lock().await.active -= 1;
+    listed
+}
+
+async fn list_range_pages(shared: &Shared<'_>, id: u64) -> Result<()> {
+    let opts = shared.options;
+    let Some(open) = shared.state.lock().await.open.get(&id).cloned() else {
+        return Ok(());
+    };
     // A whole prefix is split by its structure first.
-    if range.after.is_none() && range.upto.is_none() {
-        let page = lister
-            .page(&range.prefix, None, Some(DELIMITER), opts.page_size)
+    if open.untouched_whole() && !shared.out_of_time() {
+        let page = shared
+            .lister
+            .page(&open.range.prefix, None, Some(DELIMITER), opts.page_size)
             .await?;
-        lists += 1;
+        let mut state = shared.state.lock().await;
+        state.report.lists += 1;
         if page.common_prefixes.len() >= 2
             || (!page.common_prefixes.is_empty() && !page.keys.is_empty())
         {
@@ -227,115 +386,199 @@ async fn list_range(
                 .iter()
                 .filter_map(|cp| predecessor(cp))
                 .collect();
+            let bounds = within_budget(bounds, &open.range.prefix, state.frontier_bytes());
             let mut after: Option<String> = None;
             for bound in bounds {
-                let part = KeyRange {
-                    prefix: range.prefix.clone(),
-                    after: after.clone(),
-                    upto: Some(bound.clone()),
-                };
-                shared.push(part).await;
+                state.push(OpenRange {
+                    range: KeyRange {
+                        prefix: open.range.prefix.clone(),
+                        after: after.clone(),
+                        upto: Some(bound.clone()),
+                    },
+                    ..OpenRange::default()
+                });
                 after = Some(bound);
             }
             // The rest (the last sub-prefix and what follows) stays with this lister.
-            range.after = after;
+            if let Some(mine) = state.open.get_mut(&id) {
+                mine.range.after = after;
+            }
+            drop(state);
+            shared.queued.notify_one();
         }
     }
-    let mut start = range.after.clone();
-    let mut segment_after = range.after.clone();
-    let (mut objects, mut bytes) = (0u64, 0u64);
-    let mut last: Option<String> = None;
     loop {
-        let page = lister
-            .page(&range.prefix, start.as_deref(), None, opts.page_size)
-            .await?;
-        lists += 1;
-        let mut ended = !page.truncated;
-        for (key, size) in &page.keys {
-            if range.upto.as_deref().is_some_and(|u| key.as_str() > u) {
-                ended = true;
-                break;
+        if shared.out_of_time() {
+            return Ok(());
+        }
+        let (prefix, start) = {
+            let state = shared.state.lock().await;
+            if state.report.overtaken {
+                return Ok(());
             }
+            let Some(open) = state.open.get(&id) else {
+                return Ok(());
+            };
+            (
+                open.range.prefix.clone(),
+                open.position().map(str::to_string),
+            )
+        };
+        let page = shared
+            .lister
+            .page(&prefix, start.as_deref(), None, opts.page_size)
+            .await?;
+        let mut state = shared.state.lock().await;
+        state.report.lists += 1;
+        if state.report.overtaken {
+            return Ok(());
+        }
+        let Some(open) = state.open.get(&id).cloned() else {
+            return Ok(());
+        };
+        let upto = open.range.upto.clone();
+        // The page's keys within the range; the range ends with this page if a key lies
+        // beyond it, or one is its very end, or the listing has no more.
+        let mut keys: Vec<&(String, u64)> = Vec::with_capacity(page.keys.len());
+        let mut ended = !page.truncated || page.keys.is_empty();
+        for entry in &page.keys {
+            match upto.as_deref() {
+                Some(u) if entry.0.as_str() > u => {
+                    ended = true;
+                    break;
+                }
+                Some(u) if entry.0.as_str() == u => {
+                    keys.push(entry);
+                    ended = true;
+                    break;
+                }
+                _ => keys.push(entry),
+            }
+        }
+        // Cuts every `segment_objects` keys counted (from what the range had counted).
+        let mut cuts: Vec<Found> = Vec::new();
+        let (mut objects, mut bytes) = (open.objects, open.bytes);
+        let mut after = open.range.after.clone();
+        for (key, size) in keys.iter().map(|e| (&e.0, e.1)) {
             objects += 1;
             bytes += size;
-            last = Some(key.clone());
-            if objects >= opts.segment_objects {
-                let found = Found {
+            if objects >= opts.segment_objects.max(1) {
+                cuts.push(Found {
                     range: KeyRange {
-                        prefix: range.prefix.clone(),
-                        after: segment_after.clone(),
-                        upto: last.clone(),
+                        prefix: prefix.clone(),
+                        after: after.clone(),
+                        upto: Some(key.clone()),
                     },
                     objects,
                     bytes,
-                };
-                sink.segment(found).await?;
-                note_segment(shared, objects, bytes).await;
-                segment_after = last.clone();
+                });
+                after = Some(key.clone());
                 (objects, bytes) = (0, 0);
             }
         }
-        if ended || page.keys.is_empty() {
-            break;
+        let listed = keys.last().map(|e| e.0.clone()).or(open.listed.clone());
+        if ended {
+            // The rest of the range is the last segment: the last cut reaches to the
+            // range's end when nothing was counted after it (no empty segment after a cut
+            // on the range's last key), else the rest is one more segment (an empty one for
+            // an empty range, so the key space stays covered should keys appear there
+            // before the copy).
+            match cuts.last_mut() {
+                Some(last) if objects == 0 => last.range.upto = upto.clone(),
+                _ => cuts.push(Found {
+                    range: KeyRange {
+                        prefix: prefix.clone(),
+                        after: after.clone(),
+                        upto: upto.clone(),
+                    },
+                    objects,
+                    bytes,
+                }),
+            }
         }
-        start = last.clone();
-        // More to list: hand what lies above to other listers if they would be idle.
-        if shared.room().await
-            && let Some(from) = last.clone()
+        let last = cuts.len();
+        // Each cut is recorded with the frontier after it: this range then starts at the
+        // cut, listed up to the page's last key, with what the page counted beyond the cut.
+        let mut counted_beyond: Vec<(u64, u64)> = Vec::with_capacity(last);
         {
-            let points = split_points(&page.keys, &from, range.upto.as_deref(), &range.prefix);
+            let (mut o, mut b) = (objects, bytes);
+            for cut in cuts.iter().rev() {
+                counted_beyond.push((o, b));
+                (o, b) = (o + cut.objects, b + cut.bytes);
+            }
+            counted_beyond.reverse();
+        }
+        for (n, (cut, (objects, bytes))) in cuts.into_iter().zip(counted_beyond).enumerate() {
+            if ended && n + 1 == last {
+                state.open.remove(&id);
+            } else if let Some(mine) = state.open.get_mut(&id) {
+                mine.range.after = cut.range.upto.clone();
+                mine.listed = listed.clone();
+                mine.objects = objects;
+                mine.bytes = bytes;
+            }
+            if !state.cut(shared.sink, cut).await? {
+                return Ok(());
+            }
+        }
+        if ended {
+            return Ok(());
+        }
+        let Some(mine) = state.open.get_mut(&id) else {
+            return Ok(());
+        };
+        mine.listed = listed.clone();
+        (mine.objects, mine.bytes) = (objects, bytes);
+        // More to list: hand what lies above to other listers if they would be idle.
+        if state.room(opts.listers)
+            && let Some(from) = listed
+        {
+            let points = split_points(&page.keys, &from, upto.as_deref(), &prefix);
+            let points = within_budget(points, &prefix, state.frontier_bytes());
             if let Some(first) = points.first().cloned() {
                 let mut bounds = points.clone();
                 bounds.push(String::new());
                 for pair in bounds.windows(2) {
-                    let upto = if pair[1].is_empty() {
-                        range.upto.clone()
+                    let part_upto = if pair[1].is_empty() {
+                        upto.clone()
                     } else {
                         Some(pair[1].clone())
                     };
-                    let part = KeyRange {
-                        prefix: range.prefix.clone(),
-                        after: Some(pair[0].clone()),
-                        upto,
-                    };
-                    shared.push(part).await;
+                    state.push(OpenRange {
+                        range: KeyRange {
+                            prefix: prefix.clone(),
+                            after: Some(pair[0].clone()),
+                            upto: part_upto,
+                        },
+                        ..OpenRange::default()
+                    });
                 }
-                range.upto = Some(first);
+                if let Some(mine) = state.open.get_mut(&id) {
+                    mine.range.upto = Some(first);
+                }
+                drop(state);
+                shared.queued.notify_one();
             }
         }
     }
-    if objects > 0 || segment_after == range.after {
-        // The rest of the range (or all of an empty one: a segment holding nothing, so the
-        // key space stays covered should keys appear there before the copy).
-        let found = Found {
-            range: KeyRange {
-                prefix: range.prefix.clone(),
-                after: segment_after,
-                upto: range.upto.clone(),
-            },
-            objects,
-            bytes,
-        };
-        sink.segment(found).await?;
-        note_segment(shared, objects, bytes).await;
-    } else if let Some(last_cut) = segment_after.filter(|cut| range.upto.as_ref() != Some(cut)) {
-        // The last cut ended exactly at the last key: what lies above it up to `upto`
-        // (nothing listed now) still needs a segment to be covered.
-        let found = Found {
-            range: KeyRange {
-                prefix: range.prefix.clone(),
-                after: Some(last_cut),
-                upto: range.upto.clone(),
-            },
-            objects: 0,
-            bytes: 0,
-        };
-        sink.segment(found).await?;
-        note_segment(shared, 0, 0).await;
+}
+
+/// Of the split strings `points` (sorted), as many as the frontier has room for (each
+/// makes one more open range), spread over the whole list.
+fn within_budget(points: Vec<String>, prefix: &str, frontier_bytes: usize) -> Vec<String> {
+    let room = MAX_FRONTIER_BYTES.saturating_sub(frontier_bytes);
+    // A new range holds its prefix and two bounds (about the longest a point here is).
+    let longest = points.iter().map(String::len).max().unwrap_or(0);
+    let each = prefix.len() + 2 * longest + 64;
+    let fits = room / each.max(1);
+    if points.len() <= fits {
+        return points;
     }
-    let mut report = shared.report.lock().await;
-    report.lists += lists;
-    Ok(())
+    if fits == 0 {
+        return vec![];
+    }
+    let n = points.len();
+    (0..fits).map(|i| points[i * n / fits].clone()).collect()
 }
 
 /// Split points offered at most in one split (empty ranges cost one LIST each).
@@ -391,16 +634,9 @@ fn split_points(
     points
 }
 
-async fn note_segment(shared: &Shared, objects: u64, bytes: u64) {
-    let mut report = shared.report.lock().await;
-    report.segments += 1;
-    report.objects += objects;
-    report.bytes += bytes;
-}
-
 /// The greatest key below `s` (keys are at most [`MAX_KEY_BYTES`] long): `s` with its
-/// last character lowered by one and the rest filled with the highest character. `None`
-/// for the empty string or one whose last character is U+0000.
+/// last character lowered by one and the rest filled as high as a key can go (see
+/// [`greatest_under`]). `None` for the empty string or one whose last character is U+0000.
 pub fn predecessor(s: &str) -> Option<String> {
     let mut chars: Vec<char> = s.chars().collect();
     let last = chars.pop()? as u32;
@@ -411,10 +647,39 @@ pub fn predecessor(s: &str) -> Option<String> {
     let lowered = char::from_u32(last - 1).or((last == 0xE000).then_some('\u{D7FF}'))?;
     let mut out: String = chars.into_iter().collect();
     out.push(lowered);
-    while out.len() + 4 <= MAX_KEY_BYTES {
-        out.push(char::MAX);
+    Some(greatest_under(out))
+}
+
+/// The greatest string of at most [`MAX_KEY_BYTES`] bytes that starts with `stem`: `stem`
+/// filled with the highest character (4 bytes in UTF-8), then with the highest character
+/// that fits in the 1 to 3 bytes left.
+pub fn greatest_under(mut stem: String) -> String {
+    while stem.len() + 4 <= MAX_KEY_BYTES {
+        stem.push(char::MAX);
     }
-    Some(out)
+    match MAX_KEY_BYTES.saturating_sub(stem.len()) {
+        3 => stem.push('\u{FFFF}'),
+        2 => stem.push('\u{7FF}'),
+        1 => stem.push('\u{7F}'),
+        _ => {}
+    }
+    stem
+}
+
+/// The stem `greatest_under` filled to make `s`, if it is such a string (a compact form
+/// to store it in); `greatest_under(stem) == s`.
+pub fn stem_of_greatest(s: &str) -> Option<&str> {
+    if s.len() + 4 <= MAX_KEY_BYTES {
+        return None;
+    }
+    let mut stem = s;
+    if let Some(last) = stem.chars().last()
+        && matches!(last, '\u{FFFF}' | '\u{7FF}' | '\u{7F}')
+    {
+        stem = &stem[..stem.len() - last.len_utf8()];
+    }
+    let stem = stem.trim_end_matches(char::MAX);
+    (greatest_under(stem.to_string()) == s).then_some(stem)
 }
 
 #[cfg(test)]
@@ -475,14 +740,25 @@ mod tests {
         }
     }
 
+    /// Collects the segments, keeps the last frontier, and refuses cuts once `refuse_after`
+    /// were taken (another discovery ahead).
     #[derive(Default)]
-    struct Collect(StdMutex<Vec<Found>>);
+    struct Collect {
+        found: StdMutex<Vec<Found>>,
+        frontier: StdMutex<Vec<OpenRange>>,
+        refuse_after: Option<usize>,
+    }
 
     #[async_trait]
     impl SegmentSink for Collect {
-        async fn segment(&self, found: Found) -> Result<()> {
-            self.0.lock().unwrap().push(found);
-            Ok(())
+        async fn segment(&self, found: Found, frontier: &[OpenRange]) -> Result<bool> {
+            let mut all = self.found.lock().unwrap();
+            if self.refuse_after.is_some_and(|n| all.len() >= n) {
+                return Ok(false);
+            }
+            all.push(found);
+            *self.frontier.lock().unwrap() = frontier.to_vec();
+            Ok(true)
         }
     }
 
@@ -493,12 +769,18 @@ mod tests {
         prefix: &str,
         options: DiscoveryOptions,
     ) -> (DiscoveryReport, Vec<Found>, u64) {
-        let sink = Arc::new(Collect::default());
+        let sink = Collect::default();
         let started = tokio::time::Instant::now();
-        let report = discover(Arc::new(Keys(keys.clone())), sink.clone(), prefix, options)
-            .await
-            .unwrap();
-        let found = sink.0.lock().unwrap().clone();
+        let report = discover(
+            &Keys(keys.clone()),
+            &sink,
+            start(&[prefix.to_string()]),
+            &options,
+        )
+        .await
+        .unwrap();
+        assert!(report.frontier.is_empty() && !report.overtaken);
+        let found = sink.found.lock().unwrap().clone();
         let took = (started.elapsed().as_millis() / LIST.as_millis()) as u64;
         println!("{prefix}: {report:?}, took {took} LIST latencies");
         (report, found, took)
@@ -523,6 +805,7 @@ mod tests {
             listers,
             segment_objects: segment,
             page_size: 100,
+            stop_at: None,
         }
     }
 
@@ -579,6 +862,7 @@ mod tests {
                 listers,
                 segment_objects: 10_000,
                 page_size: 1000,
+                stop_at: None,
             };
             let (report, found, took) = run(&keys, "seq/", options).await;
             assert_eq!(report.objects, 200_000);

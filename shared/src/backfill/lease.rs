@@ -497,6 +497,7 @@ mod tests {
             planned: true,
             plan_prefix: 1,
             plan_after: None,
+            frontier: Vec::new(),
             total_objects: 20,
             total_bytes: 200,
             segments: 1,
