@@ -686,7 +686,7 @@ pub fn stem_of_greatest(s: &str) -> Option<&str> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
-    use std::sync::Mutex as StdMutex;
+    use std::sync::{Arc, Mutex as StdMutex};
 
     /// A bucket in memory. Each LIST takes 100 ms of the test's paused clock, so listers
     /// interleave as they would against S3, and the time discovery takes is measured.
@@ -909,6 +909,150 @@ mod tests {
         assert_eq!(report.objects, 0);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].range, KeyRange::whole("p/"));
+    }
+
+    /// The job item as the store keeps it: the segments cut, and the frontier written
+    /// with the last of them; a cut is taken only by the discovery that read the item at
+    /// the segment count it has now (the store's condition on `segment_count`).
+    #[derive(Default)]
+    struct JobItem {
+        found: Vec<Found>,
+        frontier: Vec<OpenRange>,
+    }
+
+    struct Cutter {
+        item: Arc<StdMutex<JobItem>>,
+        expected: StdMutex<usize>,
+    }
+
+    #[async_trait]
+    impl SegmentSink for Cutter {
+        async fn segment(&self, found: Found, frontier: &[OpenRange]) -> Result<bool> {
+            let mut item = self.item.lock().unwrap();
+            let mut expected = self.expected.lock().unwrap();
+            if item.found.len() != *expected {
+                return Ok(false);
+            }
+            item.found.push(found);
+            item.frontier = frontier.to_vec();
+            *expected += 1;
+            Ok(true)
+        }
+    }
+
+    /// One invocation: reads the item, resumes from its frontier, stops after `lists`
+    /// LIST latencies. `true` once the key space is all cut.
+    async fn invocation(
+        keys: &BTreeMap<String, u64>,
+        item: &Arc<StdMutex<JobItem>>,
+        lists: u32,
+    ) -> bool {
+        let (frontier, expected) = {
+            let item = item.lock().unwrap();
+            if item.found.is_empty() {
+                (start(&["".to_string()]), 0)
+            } else if item.frontier.is_empty() {
+                return true;
+            } else {
+                (item.frontier.clone(), item.found.len())
+            }
+        };
+        let sink = Cutter {
+            item: item.clone(),
+            expected: StdMutex::new(expected),
+        };
+        let options = DiscoveryOptions {
+            listers: 8,
+            segment_objects: 700,
+            page_size: 100,
+            stop_at: Some(Instant::now() + LIST * lists),
+        };
+        discover(&Keys(keys.clone()), &sink, frontier, &options)
+            .await
+            .unwrap();
+        false
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopped_and_racing_discoveries_resume_from_the_stored_frontier_exactly() {
+        let mut keys = BTreeMap::new();
+        let mut rng = 11u64;
+        for i in 0..6_000u64 {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            keys.insert(format!("blobs/{:012x}", rng >> 16), i % 13);
+            keys.insert(format!("logs/{:02}/{:05}", i % 17, i), 1);
+            if i % 3 == 0 {
+                keys.insert(format!("seq{i:06}"), 2);
+            }
+        }
+        let item = Arc::new(StdMutex::new(JobItem::default()));
+        let mut invocations = 0;
+        // Stopped every few LIST latencies, and two at once every other round: each stop
+        // loses what was listed after its last cut, each race one side's cuts.
+        loop {
+            invocations += 1;
+            assert!(invocations < 500, "no progress");
+            let lists = 2 + invocations % 5;
+            let done = if invocations % 2 == 0 {
+                let (a, b) = tokio::join!(
+                    invocation(&keys, &item, lists),
+                    invocation(&keys, &item, lists + 2)
+                );
+                a || b
+            } else {
+                invocation(&keys, &item, lists).await
+            };
+            if done {
+                break;
+            }
+        }
+        let found = item.lock().unwrap().found.clone();
+        println!("{} segments in {invocations} invocations", found.len());
+        assert!(invocations > 5, "{invocations}");
+        assert_partition(&keys, "", &found);
+        assert_eq!(
+            found.iter().map(|f| f.objects).sum::<u64>(),
+            keys.len() as u64
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_discovery_overtaken_stops_at_its_refused_cut() {
+        let keys: BTreeMap<String, u64> = (0..5_000).map(|i| (format!("k{i:05}"), 1)).collect();
+        let sink = Collect {
+            refuse_after: Some(3),
+            ..Collect::default()
+        };
+        let report = discover(&Keys(keys), &sink, start(&["".into()]), &options(4, 200))
+            .await
+            .unwrap();
+        assert!(report.overtaken);
+        assert_eq!(report.segments, 3);
+        assert_eq!(sink.found.lock().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_split_string_is_stored_by_its_stem() {
+        for s in ["logs/2026-05/", "a", "日本/", "x\u{10FFFF}/"] {
+            let p = predecessor(s).unwrap();
+            assert!(p.len() <= MAX_KEY_BYTES && p.len() > MAX_KEY_BYTES - 4, "{s:?}");
+            let stem = stem_of_greatest(&p).unwrap();
+            assert_eq!(greatest_under(stem.to_string()), p);
+            assert!(stem.len() <= s.len());
+        }
+        assert_eq!(stem_of_greatest("logs/2026"), None);
+    }
+
+    #[test]
+    fn a_frontier_too_large_is_split_more_coarsely() {
+        let points: Vec<String> = (0..1000).map(|i| format!("{i:04}{}", "x".repeat(900))).collect();
+        let kept = within_budget(points.clone(), "p/", 0);
+        assert!(kept.len() < 1000 && !kept.is_empty());
+        assert!(kept.len() * (2 * 904 + 66) <= MAX_FRONTIER_BYTES);
+        assert!(kept.windows(2).all(|w| w[0] < w[1]));
+        assert!(within_budget(points, "p/", MAX_FRONTIER_BYTES).is_empty());
     }
 
     #[test]
