@@ -412,6 +412,13 @@ async fn list_range_pages(shared: &Shared<'_>, id: u64) -> Result<()> {
             shared.queued.notify_one();
         }
     }
+    // Keys this lister counted in its range: a range is split only once it has shown
+    // it holds more than a couple of pages (or a segment), so a small bucket is not cut
+    // into many empty ranges, each a LIST and a segment.
+    let mut counted_here = 0u64;
+    let split_after = opts
+        .segment_objects
+        .min(2 * u64::try_from(opts.page_size.max(1)).unwrap_or(1000));
     loop {
         if shared.out_of_time() {
             return Ok(());
@@ -473,6 +480,7 @@ async fn list_range_pages(shared: &Shared<'_>, id: u64) -> Result<()> {
             }
         }
         let listed = keys.last().map(|e| e.0.clone()).or(open.listed.clone());
+        counted_here += keys.len() as u64;
         if ended {
             // The rest of the range is the last segment: the last cut reaches to the
             // range's end when nothing was counted after it (no empty segment after a cut
@@ -503,6 +511,7 @@ async fn list_range_pages(shared: &Shared<'_>, id: u64) -> Result<()> {
         (mine.objects, mine.bytes) = (objects, bytes);
         // More to list: hand what lies above to other listers if they would be idle.
         if state.room(opts.listers)
+            && counted_here >= split_after
             && let Some(from) = listed
         {
             let points = split_points(&page.keys, &from, upto.as_deref(), &prefix);
@@ -937,6 +946,18 @@ mod tests {
         assert_eq!(report.objects, 9);
         let (_, found, _) = run(&keys, "p/", options(4, 2)).await;
         assert_partition(&keys, "p/", &found);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_small_bucket_is_one_segment_whatever_the_listers() {
+        let keys: BTreeMap<String, u64> = (0..20).map(|i| (format!("k/{i:02}"), 1)).collect();
+        let options = DiscoveryOptions {
+            page_size: 10,
+            ..options(16, 100)
+        };
+        let (report, found, _) = run(&keys, "k/", options).await;
+        assert_eq!((report.segments, report.lists, report.splits), (1, 3, 0));
+        assert_eq!(found[0].range, KeyRange::whole("k/"));
     }
 
     #[tokio::test(start_paused = true)]
