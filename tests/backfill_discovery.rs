@@ -91,7 +91,11 @@ async fn fixture(
         endpoint: source_endpoint.unwrap_or(&stack.a.endpoint).to_string(),
         region: stack.a.region.clone(),
     };
-    let mut r = rule(&unique("rule"), via.bucket(&source), stack.b.bucket(&target));
+    let mut r = rule(
+        &unique("rule"),
+        via.bucket(&source),
+        stack.b.bucket(&target),
+    );
     r.prefixes = prefixes.iter().map(|p| p.to_string()).collect();
     r.historical = true;
     r.notify = Notify::External;
@@ -123,7 +127,11 @@ impl Fixture {
         let mut segments = self.state.segments(&self.rule.id).await?;
         segments.sort_by_key(|s| s.index);
         for (i, s) in segments.iter().enumerate() {
-            ensure!(s.index as usize == i, "segment indices not dense: {i} is {}", s.index);
+            ensure!(
+                s.index as usize == i,
+                "segment indices not dense: {i} is {}",
+                s.index
+            );
         }
         let holds = |s: &Segment, key: &str| {
             key.starts_with(&s.prefix)
@@ -204,7 +212,7 @@ async fn stopped_killed_and_racing_counting_passes_resume_to_an_exact_partition(
         let budget = Duration::from_millis(100 + fastrand::u64(0..200));
         let deadline = Instant::now() + budget;
         let one = async {
-            if rounds % 3 == 0 {
+            if rounds.is_multiple_of(3) {
                 let kill = Duration::from_millis(fastrand::u64(20..400));
                 let _ = tokio::time::timeout(kill, bf.count(&id, deadline)).await;
                 Ok(())
@@ -212,7 +220,7 @@ async fn stopped_killed_and_racing_counting_passes_resume_to_an_exact_partition(
                 bf.count(&id, deadline).await.map(|_| ())
             }
         };
-        if rounds % 2 == 0 {
+        if rounds.is_multiple_of(2) {
             let (a, b) = tokio::join!(one, bf.count(&id, deadline + budget / 2));
             a?;
             b?;
@@ -221,7 +229,10 @@ async fn stopped_killed_and_racing_counting_passes_resume_to_an_exact_partition(
         }
     }
     ensure!(seen_counting, "never saw the pass between two invocations");
-    ensure!(rounds >= 3, "too few invocations ({rounds}) for a resumption test");
+    ensure!(
+        rounds >= 3,
+        "too few invocations ({rounds}) for a resumption test"
+    );
     let segments = f.check_partition().await?;
     println!(
         "{} objects in {} segments after {rounds} invocations",
@@ -240,7 +251,10 @@ async fn stopped_killed_and_racing_counting_passes_resume_to_an_exact_partition(
     );
     let report = status.report(Some(&id)).await?;
     let h = serde_json::to_value(&report.rules[0].historical)?;
-    ensure!(h["total_final"] == true && h["total_source"] == "listing", "{h}");
+    ensure!(
+        h["total_final"] == true && h["total_source"] == "listing",
+        "{h}"
+    );
     ensure!(h["objects_total"] == f.truth.len() as u64, "{h}");
 
     // The segments are worked as cut (their bounds, 1 KB strings below a sub-prefix
@@ -248,8 +262,17 @@ async fn stopped_killed_and_racing_counting_passes_resume_to_an_exact_partition(
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut copied = false;
     while Instant::now() < deadline {
-        let reports = bf.run(Some(&id), &unique("inv"), Instant::now() + Duration::from_secs(30)).await?;
-        if reports.iter().any(|r| r.state == JobState::Completed.as_str()) {
+        let reports = bf
+            .run(
+                Some(&id),
+                &unique("inv"),
+                Instant::now() + Duration::from_secs(30),
+            )
+            .await?;
+        if reports
+            .iter()
+            .any(|r| r.state == JobState::Completed.as_str())
+        {
             copied = true;
             break;
         }
@@ -260,7 +283,10 @@ async fn stopped_killed_and_racing_counting_passes_resume_to_an_exact_partition(
         .into_iter()
         .map(|(k, (size, _))| (k, size as u64))
         .collect();
-    ensure!(target == f.truth, "target is not the source's objects under the prefixes");
+    ensure!(
+        target == f.truth,
+        "target is not the source's objects under the prefixes"
+    );
     Ok(())
 }
 
@@ -323,7 +349,10 @@ async fn sixteen_listers_count_faster_than_one_with_about_as_many_lists() -> Res
     // many pages (plus one for each range a split opens), several at a time: faster, by
     // how much depends on moto's own time per LIST (see the printed figures).
     ensure!(took1 >= Duration::from_millis(30 * 150), "{took1:?}");
-    ensure!(lists16 <= lists1 * 2 + 40, "{lists16} LISTs with 16 listers, {lists1} with one");
+    ensure!(
+        lists16 <= lists1 * 2 + 40,
+        "{lists16} LISTs with 16 listers, {lists1} with one"
+    );
     ensure!(took16 < took1, "16 listers took {took16:?}, one {took1:?}");
     Ok(())
 }

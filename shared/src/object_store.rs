@@ -266,7 +266,11 @@ pub trait ObjectStore: Send + Sync {
         'pages: loop {
             let taken = page.objects.len() + page.common_prefixes.len();
             let listed = self
-                .list_page(prefix, after.as_deref(), i32::try_from(wanted - taken).unwrap_or(1))
+                .list_page(
+                    prefix,
+                    after.as_deref(),
+                    i32::try_from(wanted - taken).unwrap_or(1),
+                )
                 .await?;
             let more = listed.truncated;
             for object in listed.objects {

@@ -1072,7 +1072,10 @@ mod tests {
             ..crate::backfill::discovery::OpenRange::whole("p/")
         }];
         let h = historical_status(Some(&counting), &[segment(0, 400, 400, false)], now);
-        assert_eq!((h.objects_total, h.bytes_total, h.total_final), (800, 800, false));
+        assert_eq!(
+            (h.objects_total, h.bytes_total, h.total_final),
+            (800, 800, false)
+        );
         assert_eq!((h.percent_objects, h.eta_seconds), (Some(50.0), None));
         assert_eq!(h.phase.as_deref(), Some("counting"));
         // All that was counted so far is done: not 100 while the total may grow.

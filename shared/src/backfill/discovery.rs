@@ -266,7 +266,6 @@ impl State {
         self.queue.push_back(id);
         self.report.splits += 1;
     }
-
 }
 
 struct Shared<'a> {
@@ -351,10 +350,7 @@ pub async fn discover(
         }
     }
     drop(running);
-    let mut state = shared
-        .state
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner());
+    let mut state = shared.state.into_inner().unwrap_or_else(|p| p.into_inner());
     state.report.frontier = state.open.into_values().collect();
     Ok(state.report)
 }
@@ -1096,7 +1092,10 @@ mod tests {
     fn a_split_string_is_stored_by_its_stem() {
         for s in ["logs/2026-05/", "a", "日本/", "x\u{10FFFF}/"] {
             let p = predecessor(s).unwrap();
-            assert!(p.len() <= MAX_KEY_BYTES && p.len() > MAX_KEY_BYTES - 4, "{s:?}");
+            assert!(
+                p.len() <= MAX_KEY_BYTES && p.len() > MAX_KEY_BYTES - 4,
+                "{s:?}"
+            );
             let stem = stem_of_greatest(&p).unwrap();
             assert_eq!(greatest_under(stem.to_string()), p);
             assert!(stem.len() <= s.len());
@@ -1106,7 +1105,9 @@ mod tests {
 
     #[test]
     fn a_frontier_too_large_is_split_more_coarsely() {
-        let points: Vec<String> = (0..1000).map(|i| format!("{i:04}{}", "x".repeat(900))).collect();
+        let points: Vec<String> = (0..1000)
+            .map(|i| format!("{i:04}{}", "x".repeat(900)))
+            .collect();
         let kept = within_budget(points.clone(), "p/", 0);
         assert!(kept.len() < 1000 && !kept.is_empty());
         assert!(kept.len() * (2 * 904 + 66) <= MAX_FRONTIER_BYTES);

@@ -523,8 +523,7 @@ impl Backfiller {
             cuts,
         };
         let started = Instant::now();
-        let report =
-            super::discovery::discover(
+        let report = super::discovery::discover(
             &super::discovery::StoreLister(source.as_ref()),
             &sink,
             frontier,
