@@ -19,7 +19,7 @@ use crr_shared::rule::{Notify, OnConflict, Rule};
 use crr_shared::rule_admin::create_rule;
 use crr_shared::verify::{DifferenceKind, VerifyOptions, verify};
 use crr_tests::fault_proxy::{FaultPlan, FaultProxy};
-use crr_tests::{RunningFunction, S3Server, Stack, invoke, list_all, rule, seed, unique};
+use crr_tests::{FannedOutBackfill, S3Server, Stack, list_all, rule, seed, unique};
 use serde_json::json;
 
 struct Fixture {
@@ -274,7 +274,7 @@ fn objects(prefix: &str, n: usize) -> Vec<(String, Vec<u8>)> {
 }
 
 #[tokio::test]
-async fn five_thousand_objects_in_three_prefixes_over_many_invocations() -> Result<()> {
+async fn five_thousand_objects_in_three_prefixes_fanned_out_over_two_instances() -> Result<()> {
     let f = fixture(&["logs/", "img/", "docs/"], |_| {}).await?;
     let mut all = objects("logs/", 1700);
     all.extend(objects("img/", 1650));
@@ -283,25 +283,30 @@ async fn five_thousand_objects_in_three_prefixes_over_many_invocations() -> Resu
     all.extend(objects("logsx", 50)); // shares a first letter, outside every prefix
     f.seed(all).await?;
 
-    // A 5-second deadline: every invocation stops cleanly and the next one resumes.
-    let function =
-        RunningFunction::start_direct(&f.stack, "crr-backfill", &f.table, 5, &f.env(40, 500, 30))?;
+    // A 5-second deadline: a segment that outlasts an invocation is checkpointed and
+    // continues in another one, through a message sent again.
+    let fanout = FannedOutBackfill::start(&f.stack, &f.table, 5, &f.env(40, 500, 30), 2).await?;
     let started = Instant::now();
-    let mut invocations = 0;
+    let mut coordinations = 0;
     while f.job_state().await? != Some(JobState::Completed) {
         ensure!(
             started.elapsed() < Duration::from_secs(900),
             "backfill did not complete in 15 minutes"
         );
-        let (failed, body) = invoke(function.port, "crr-backfill", "{}").await?;
-        ensure!(!failed, "invocation failed: {body}");
-        invocations += 1;
+        fanout.coordinate().await?;
+        coordinations += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let claims = fanout.claims_per_worker();
     println!(
-        "5000 objects in scope backfilled in {invocations} invocations, {:?}",
+        "5000 objects in scope backfilled by 2 instances fed by the segment queue in {:?}: \
+         {coordinations} coordinator runs, segment claims per instance {claims:?}",
         started.elapsed()
     );
-    ensure!(invocations >= 5, "only {invocations} invocations");
+    ensure!(
+        claims.iter().all(|c| *c > 0),
+        "an instance never worked on a segment: {claims:?}"
+    );
     f.assert_exact_copy().await?;
     let job = f.state.job(&f.rule.id).await?.context("job")?;
     assert_eq!(job.total_objects, 5000);
@@ -311,11 +316,15 @@ async fn five_thousand_objects_in_three_prefixes_over_many_invocations() -> Resu
     // Pages cut off by the deadline copied objects without a checkpoint: examined again,
     // they count as the copies they were, not as objects found in place.
     assert_eq!(f.counters().await?, (5000, 5000, 0, 0, 0));
+    // Every segment was handed out through the queue, and none is left on the board.
+    assert_eq!(job.claims.next, job.segments);
+    assert!(job.claims.leases.is_empty(), "{:?}", job.claims.leases);
     Ok(())
 }
 
 #[tokio::test]
-async fn sigkill_at_random_points_still_completes_to_an_exact_copy() -> Result<()> {
+async fn sigkill_at_random_points_of_a_fanned_out_backfill_still_completes_to_an_exact_copy()
+-> Result<()> {
     let f = fixture(&["a/", "b/"], |_| {}).await?;
     // A versioned target counts every write: a key with two versions was copied twice.
     f.stack
@@ -333,20 +342,20 @@ async fn sigkill_at_random_points_still_completes_to_an_exact_copy() -> Result<(
     all.extend(objects("b/", 1000));
     f.seed(all).await?;
 
-    let function = Arc::new(RunningFunction::start_direct(
-        &f.stack,
-        "crr-backfill",
-        &f.table,
-        20,
-        &f.env(50, 300, 2),
-    )?);
-    let port = function.port;
-    let invoker = tokio::spawn(async move {
-        loop {
-            let _ = invoke(port, "crr-backfill", "{}").await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    });
+    // Leases of 2 s; a segment whose worker was killed is sent again 4 s after its lease
+    // ran out (or at once by SQS, when the message's visibility timeout ends first).
+    let mut env = f.env(50, 300, 2);
+    env.push("CRR_BACKFILL_REQUEUE_SECS=4".into());
+    let fanout = Arc::new(FannedOutBackfill::start(&f.stack, &f.table, 20, &env, 3).await?);
+    let coordinator = {
+        let fanout = fanout.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = fanout.coordinate().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
     let mut kills = 0;
     let started = Instant::now();
     while f.job_state().await? != Some(JobState::Completed) {
@@ -356,7 +365,11 @@ async fn sigkill_at_random_points_still_completes_to_an_exact_copy() -> Result<(
         );
         tokio::time::sleep(Duration::from_millis(300 + fastrand::u64(0..1200))).await;
         if kills < 12 {
-            for pid in function.function_pids() {
+            // Kill one process at random: a worker in the middle of a segment, or the
+            // coordinator in the middle of cutting and sending.
+            let pids = fanout.function_pids();
+            if !pids.is_empty() {
+                let pid = pids[fastrand::usize(0..pids.len())];
                 if std::process::Command::new("kill")
                     .args(["-9", &pid.to_string()])
                     .status()?
@@ -367,10 +380,11 @@ async fn sigkill_at_random_points_still_completes_to_an_exact_copy() -> Result<(
             }
         }
     }
-    invoker.abort();
+    coordinator.abort();
     println!(
-        "completed after {kills} SIGKILLs in {:?}",
-        started.elapsed()
+        "completed after {kills} SIGKILLs in {:?}; segment claims per instance {:?}",
+        started.elapsed(),
+        fanout.claims_per_worker()
     );
     ensure!(kills >= 10, "only {kills} kills happened before completion");
     f.assert_exact_copy().await?;

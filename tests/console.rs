@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use aws_sdk_s3::primitives::ByteStream;
+use crr_shared::adapters::sqs::SqsDeadLetters;
 use crr_shared::backfill::{BackfillStore, JobState};
-use crr_shared::dead_letter::{DeadLetters, SqsDeadLetters};
+use crr_shared::dead_letter::DeadLetters;
 use crr_shared::dynamo::DynamoStore;
 use crr_shared::rule::{Notify, Rule};
 use crr_shared::rule_admin::create_rule;

@@ -21,7 +21,9 @@ use crr_shared::backfill::{BackfillStore, JobState};
 use crr_shared::config::DEPLOYMENT_ENV;
 use crr_shared::rule::{Notify, Policy};
 use crr_shared::rule_admin::create_rule;
-use crr_tests::{RunningFunction, S3Server, Stack, eventually, invoke, rule, seed, unique};
+use crr_tests::{
+    FannedOutBackfill, RunningFunction, S3Server, Stack, eventually, invoke, rule, seed, unique,
+};
 use serde_yaml::Value;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -146,6 +148,7 @@ fn actions_for(operation: &str) -> Result<Vec<&'static str>> {
             "dynamodb:ConditionCheckItem",
         ],
         ("sqs", "SendMessage") => &["sqs:SendMessage"],
+        ("sqs", "SendMessageBatch") => &["sqs:SendMessage"],
         ("sqs", "GetQueueAttributes") => &["sqs:GetQueueAttributes"],
         ("cloudwatch", "GetMetricStatistics") => &["cloudwatch:GetMetricStatistics"],
         _ => bail!("operation {operation} has no IAM mapping in tests/iam.rs: add it"),
@@ -312,9 +315,10 @@ async fn backfill_operations(stack: &Stack, dir: &Path) -> Result<BTreeSet<Strin
         ids.push(create_rule(&state, &stack.s3_clients(), r).await?.id);
     }
     let log = dir.join("backfill.log");
-    let function = RunningFunction::start_direct(
+    // Fanned out as deployed: the coordinator sends segments, a worker fed by the queue
+    // (and continuing through it) copies them.
+    let fanout = FannedOutBackfill::start(
         stack,
-        "crr-backfill",
         &table,
         60,
         &[
@@ -322,7 +326,9 @@ async fn backfill_operations(stack: &Stack, dir: &Path) -> Result<BTreeSet<Strin
             "CRR_MULTIPART_THRESHOLD_MB=5".into(),
             "CRR_SERVER_SIDE_THRESHOLD_MB=5".into(),
         ],
-    )?;
+        1,
+    )
+    .await?;
     let started = Instant::now();
     loop {
         let mut done = true;
@@ -333,8 +339,8 @@ async fn backfill_operations(stack: &Stack, dir: &Path) -> Result<BTreeSet<Strin
             break;
         }
         ensure!(started.elapsed() < WAIT, "backfill did not complete");
-        let (failed, body) = invoke(function.port, "crr-backfill", "{}").await?;
-        ensure!(!failed, "backfill failed: {body}");
+        fanout.coordinate().await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     recorded(&log)
 }
@@ -400,7 +406,7 @@ async fn the_template_grants_every_action_and_variable_the_functions_use() -> Re
     let mut missing = vec![];
     for (binary, operations, extra) in [
         ("crr-replicate", &replicate, &event_source[..]),
-        ("crr-backfill", &backfill, &[][..]),
+        ("crr-backfill", &backfill, &event_source[..]),
         ("crr-status", &status, &[][..]),
     ] {
         let function = functions

@@ -57,8 +57,19 @@ impl FunctionConfig {
             margin: optional_number("CRR_BACKFILL_MARGIN_SECS")?
                 .map(Duration::from_secs)
                 .unwrap_or(d.margin),
+            requeue_after: optional_number("CRR_BACKFILL_REQUEUE_SECS")?
+                .map(Duration::from_secs)
+                .unwrap_or(d.requeue_after),
             allowed: AllowedBuckets::from_env(),
         })
+    }
+
+    /// The backfill's segment queue (`CRR_SEGMENT_QUEUE_URL`): when set, the backfill fans
+    /// out (`backfill::fanout`): the schedule coordinates and segment messages do the work.
+    pub fn segment_queue_url() -> Option<String> {
+        std::env::var("CRR_SEGMENT_QUEUE_URL")
+            .ok()
+            .filter(|v| !v.is_empty())
     }
 
     /// Settings of the status function: the event queue to watch (`CRR_QUEUE_URL`) and the
@@ -105,6 +116,7 @@ pub const DEPLOYMENT_ENV: &[(&str, &[&str])] = &[
         "crr-backfill",
         &[
             "CRR_TABLE",
+            "CRR_SEGMENT_QUEUE_URL",
             "CRR_SOURCE_BUCKETS",
             "CRR_TARGET_BUCKETS",
             "CRR_ALLOWED_ENDPOINTS",

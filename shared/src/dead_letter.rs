@@ -10,9 +10,10 @@ use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName};
+use aws_sdk_sqs::types::MessageSystemAttributeName;
 
-use crate::error::{Error, Result, from_sdk};
+use crate::adapters::sqs::sqs_error;
+use crate::error::{Error, Result};
 
 /// Message attribute holding the one-line error.
 pub const ERROR_ATTRIBUTE: &str = "crr-error";
@@ -26,100 +27,6 @@ pub const ORIGINAL_ID_ATTRIBUTE: &str = "crr-original-message-id";
 pub trait DeadLetters: Send + Sync {
     /// Stores `body` with the reason it failed.
     async fn dead_letter(&self, message_id: &str, body: &str, reason: &Error) -> Result<()>;
-}
-
-/// The SQS dead-letter queue.
-pub struct SqsDeadLetters {
-    client: Client,
-    queue_url: String,
-}
-
-impl SqsDeadLetters {
-    pub fn new(client: Client, queue_url: impl Into<String>) -> Self {
-        Self {
-            client,
-            queue_url: queue_url.into(),
-        }
-    }
-}
-
-fn sqs_error<E, R>(
-    operation: &'static str,
-    queue: &str,
-    err: aws_sdk_sqs::error::SdkError<E, R>,
-) -> Error
-where
-    E: aws_smithy_types::error::metadata::ProvideErrorMetadata
-        + std::error::Error
-        + Send
-        + Sync
-        + 'static,
-    R: crate::error::HttpStatus + std::fmt::Debug + Send + Sync + 'static,
-{
-    let permission = match operation {
-        "SendMessage" => "sqs:SendMessage",
-        "ReceiveMessage" => "sqs:ReceiveMessage",
-        "DeleteMessage" => "sqs:DeleteMessage",
-        _ => "sqs:ChangeMessageVisibility",
-    };
-    from_sdk(operation, format!("queue {queue}"), permission, err)
-}
-
-fn text(value: &str) -> Result<MessageAttributeValue> {
-    MessageAttributeValue::builder()
-        .data_type("String")
-        .string_value(value)
-        .build()
-        .map_err(|e| Error::Config(e.to_string()))
-}
-
-#[async_trait]
-impl DeadLetters for SqsDeadLetters {
-    async fn dead_letter(&self, message_id: &str, body: &str, reason: &Error) -> Result<()> {
-        // SQS attribute values are limited in size; the reason is one line anyway (cut on
-        // a character boundary: keys may be any UTF-8).
-        let line = crate::error::clip(&reason.to_string(), 1000);
-        self.client
-            .send_message()
-            .queue_url(&self.queue_url)
-            .message_body(body)
-            .message_attributes(ERROR_ATTRIBUTE, text(&line)?)
-            .message_attributes(KIND_ATTRIBUTE, text(reason.kind())?)
-            .message_attributes(ORIGINAL_ID_ATTRIBUTE, text(message_id)?)
-            .send()
-            .await
-            .map_err(|e| sqs_error("SendMessage", &self.queue_url, e))?;
-        Ok(())
-    }
-}
-
-/// The event queue, taking back a message whose copy continues (`resumable.rs`).
-pub struct SqsContinuations {
-    client: Client,
-    queue_url: String,
-}
-
-impl SqsContinuations {
-    pub fn new(client: Client, queue_url: impl Into<String>) -> Self {
-        Self {
-            client,
-            queue_url: queue_url.into(),
-        }
-    }
-}
-
-#[async_trait]
-impl crate::resumable::Continuations for SqsContinuations {
-    async fn continue_later(&self, body: &str) -> Result<()> {
-        self.client
-            .send_message()
-            .queue_url(&self.queue_url)
-            .message_body(body)
-            .send()
-            .await
-            .map_err(|e| sqs_error("SendMessage", &self.queue_url, e))?;
-        Ok(())
-    }
 }
 
 /// A message found in the dead-letter queue.

@@ -1717,9 +1717,65 @@ impl BackfillStore for DynamoStore {
             .await;
         if self.conditional("UpdateItem", sent)? {
             // Released: claimable at once (a done segment has no entry and gets none).
-            self.board_entry(rule_id, index, 0, true).await?;
+            self.board_entry(rule_id, index, now_millis(), true).await?;
         }
         Ok(())
+    }
+
+    async fn advance_claim_cursor(&self, rule_id: &str, from: u32, to: u32) -> Result<bool> {
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(job_key(rule_id)))
+            .update_expression("SET claim_next = :to")
+            // A job item from before the board has no cursor: it is at 0.
+            .condition_expression(if from == 0 {
+                "attribute_not_exists(claim_next) OR claim_next = :from"
+            } else {
+                "claim_next = :from"
+            })
+            .expression_attribute_values(":from", n(u64::from(from)))
+            .expression_attribute_values(":to", n(u64::from(to)))
+            .send()
+            .await;
+        self.conditional("UpdateItem", sent)
+    }
+
+    async fn rewind_claim_cursor(&self, rule_id: &str, to: u32) -> Result<bool> {
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(job_key(rule_id)))
+            .update_expression("SET claim_next = :to")
+            .condition_expression("claim_next > :to")
+            .expression_attribute_values(":to", n(u64::from(to)))
+            .send()
+            .await;
+        self.conditional("UpdateItem", sent)
+    }
+
+    async fn touch_board_entry(
+        &self,
+        rule_id: &str,
+        index: u32,
+        seen_ms: u64,
+        until_ms: u64,
+    ) -> Result<bool> {
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(job_key(rule_id)))
+            .update_expression("SET leases.#i = :u")
+            .condition_expression("leases.#i = :seen")
+            .expression_attribute_names("#i", index.to_string())
+            .expression_attribute_values(":seen", n(seen_ms))
+            .expression_attribute_values(":u", n(until_ms))
+            .send()
+            .await;
+        self.conditional("UpdateItem", sent)
     }
 
     async fn record_failures(&self, rule_id: &str, failed: &[FailedObject]) -> Result<()> {

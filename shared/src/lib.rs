@@ -7,6 +7,7 @@
 //! [`object_store::ObjectStore`] and [`state::RuleStore`], implemented in [`s3`] and
 //! [`dynamo`] for AWS and in [`memory`] for tests.
 
+pub mod adapters;
 pub mod allowed;
 pub mod aws_clients;
 pub mod backfill;
@@ -27,6 +28,7 @@ pub mod memory_budget;
 pub mod metrics;
 pub mod notification;
 pub mod object_store;
+pub mod ports;
 pub mod rate_limit;
 pub mod replicate;
 pub mod resumable;

@@ -1009,10 +1009,53 @@ impl BackfillStore for MemoryState {
             segment.lease_owner = None;
             segment.lease_until = 0;
             if let Some(entry) = job.claims.leases.get_mut(&index) {
-                *entry = 0;
+                *entry = epoch_ms();
             }
         });
         Ok(())
+    }
+
+    async fn advance_claim_cursor(&self, rule_id: &str, from: u32, to: u32) -> Result<bool> {
+        let mut all = locked(&self.backfill);
+        Ok(match all.get_mut(rule_id) {
+            Some((job, _)) if job.claims.next == from => {
+                job.claims.next = to;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    async fn rewind_claim_cursor(&self, rule_id: &str, to: u32) -> Result<bool> {
+        let mut all = locked(&self.backfill);
+        Ok(match all.get_mut(rule_id) {
+            Some((job, _)) if job.claims.next > to => {
+                job.claims.next = to;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    async fn touch_board_entry(
+        &self,
+        rule_id: &str,
+        index: u32,
+        seen_ms: u64,
+        until_ms: u64,
+    ) -> Result<bool> {
+        let mut all = locked(&self.backfill);
+        let entry = all
+            .get_mut(rule_id)
+            .and_then(|(job, _)| job.claims.leases.get_mut(&index))
+            .filter(|entry| **entry == seen_ms);
+        Ok(match entry {
+            Some(entry) => {
+                *entry = until_ms;
+                true
+            }
+            None => false,
+        })
     }
 
     async fn record_failures(&self, rule_id: &str, failed: &[FailedObject]) -> Result<()> {

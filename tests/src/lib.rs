@@ -363,6 +363,93 @@ pub struct RunningFunction {
     pub port: u16,
 }
 
+/// A migration fanned out as on AWS: `crr-backfill` instances fed by a segment queue of
+/// their own (as the segment queue's event source mapping invokes them), and one more
+/// instance invoked through its Invoke API as the schedule invokes the coordinator.
+pub struct FannedOutBackfill {
+    pub workers: Vec<RunningFunction>,
+    /// Each worker's log.
+    pub logs: Vec<PathBuf>,
+    pub coordinator: RunningFunction,
+    pub queue_url: String,
+}
+
+impl FannedOutBackfill {
+    /// `instances` workers and the coordinator, each invocation `timeout_secs` long, with
+    /// `env` and the queue's URL as `CRR_SEGMENT_QUEUE_URL`. The queue (on moto A) hides a
+    /// message for a little longer than an invocation, as the template sets it.
+    pub async fn start(
+        stack: &Stack,
+        table: &str,
+        timeout_secs: u64,
+        env: &[String],
+        instances: usize,
+    ) -> Result<Self> {
+        let (queue_url, _) = stack
+            .create_queue(&stack.a, &unique("segments"), timeout_secs as u32 + 5)
+            .await?;
+        let mut env = env.to_vec();
+        env.push(format!("CRR_SEGMENT_QUEUE_URL={queue_url}"));
+        let logs: Vec<PathBuf> = (0..instances)
+            .map(|n| std::env::temp_dir().join(format!("{}-worker-{n}.log", unique("fanout"))))
+            .collect();
+        let workers = logs
+            .iter()
+            .map(|log| {
+                RunningFunction::start_fed(
+                    stack,
+                    "crr-backfill",
+                    &queue_url,
+                    table,
+                    timeout_secs,
+                    &env,
+                    log,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let coordinator =
+            RunningFunction::start_direct(stack, "crr-backfill", table, timeout_secs, &env)?;
+        Ok(Self {
+            workers,
+            logs,
+            coordinator,
+            queue_url,
+        })
+    }
+
+    /// One scheduled invocation: the coordinator's run.
+    pub async fn coordinate(&self) -> Result<String> {
+        let (failed, body) = invoke(self.coordinator.port, "crr-backfill", "{}").await?;
+        if failed {
+            bail!("the coordinator's invocation failed: {body}");
+        }
+        Ok(body)
+    }
+
+    /// Segment claims each worker logged: the work really was spread.
+    pub fn claims_per_worker(&self) -> Vec<usize> {
+        self.logs
+            .iter()
+            .map(|log| {
+                std::fs::read_to_string(log)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("segment claimed"))
+                    .count()
+            })
+            .collect()
+    }
+
+    /// Every function process (workers' and coordinator's).
+    pub fn function_pids(&self) -> Vec<i32> {
+        self.workers
+            .iter()
+            .chain([&self.coordinator])
+            .flat_map(RunningFunction::function_pids)
+            .collect()
+    }
+}
+
 /// Increasing sequencers, as S3 writes them into the events of one key (upper-case hex).
 pub struct Sequencers(std::sync::atomic::AtomicU64);
 
@@ -562,6 +649,29 @@ impl RunningFunction {
     ) -> Result<Self> {
         let child = Self::command(stack, function, table, 20, env)?
             .args(["--queue-url", queue_url])
+            .spawn()
+            .context("starting crr local run-function")?;
+        Ok(Self { child, port: 0 })
+    }
+
+    /// Starts `function` fed by the SQS queue at `queue_url` one message per invocation
+    /// (the template's BatchSize for the segment queue), with `timeout_secs` per invocation.
+    /// Everything the function prints (its logs) goes to `log`.
+    pub fn start_fed(
+        stack: &Stack,
+        function: &str,
+        queue_url: &str,
+        table: &str,
+        timeout_secs: u64,
+        env: &[String],
+        log: &std::path::Path,
+    ) -> Result<Self> {
+        let file =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Self::command(stack, function, table, timeout_secs, env)?
+            .args(["--queue-url", queue_url, "--batch-size", "1"])
+            .stdout(file.try_clone()?)
+            .stderr(file)
             .spawn()
             .context("starting crr local run-function")?;
         Ok(Self { child, port: 0 })

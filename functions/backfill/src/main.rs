@@ -1,8 +1,9 @@
-//! The backfill function (EventBridge schedule or on demand): wiring only; the logic is
-//! `crr_shared::backfill`.
+//! The backfill function (EventBridge schedule, on demand, or SQS batches of segment
+//! messages in fan-out mode): wiring only; the logic is `crr_shared::backfill`.
 
 use std::sync::Arc;
 
+use crr_shared::adapters::sqs::SqsSegmentQueue;
 use crr_shared::backfill::Backfiller;
 use crr_shared::config::FunctionConfig;
 use crr_shared::dynamo::DynamoStore;
@@ -27,18 +28,27 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         crr_shared::aws_clients::dynamodb(&aws),
         config.table.clone(),
     ));
-    let backfiller = Arc::new(
-        Backfiller::new(
-            state.clone(),
-            state.clone(),
-            Arc::new(S3Clients::new(aws)),
-            config.engine,
-            settings,
-        )
-        .with_uploads(state.clone())
-        .with_rate_store(state.clone())
-        .with_stats(state),
-    );
+    let segment_queue = FunctionConfig::segment_queue_url().map(|url| {
+        Arc::new(SqsSegmentQueue::new(
+            crr_shared::aws_clients::sqs(&aws),
+            url,
+        ))
+    });
+    let mut backfiller = Backfiller::new(
+        state.clone(),
+        state.clone(),
+        Arc::new(S3Clients::new(aws)),
+        config.engine,
+        settings,
+    )
+    .with_uploads(state.clone())
+    .with_rate_store(state.clone())
+    .with_stats(state);
+    if let Some(queue) = segment_queue {
+        tracing::info!("fan-out mode: the schedule coordinates, the segment queue feeds the work");
+        backfiller = backfiller.with_segment_queue(queue);
+    }
+    let backfiller = Arc::new(backfiller);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
         let backfiller = Arc::clone(&backfiller);
         async move {

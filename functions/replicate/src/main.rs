@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
+use crr_shared::adapters::sqs::{SqsContinuations, SqsDeadLetters};
 use crr_shared::aws_clients;
 use crr_shared::config::FunctionConfig;
-use crr_shared::dead_letter::{DeadLetters, SqsContinuations, SqsDeadLetters};
+use crr_shared::dead_letter::DeadLetters;
 use crr_shared::dynamo::DynamoStore;
 use crr_shared::replicate::{Replicator, diagnostic};
 use crr_shared::retry::instant_of;

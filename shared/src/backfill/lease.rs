@@ -284,6 +284,23 @@ mod tests {
         async fn segments(&self, rule_id: &str) -> Result<Vec<Segment>> {
             self.state.segments(rule_id).await
         }
+        async fn advance_claim_cursor(&self, rule_id: &str, from: u32, to: u32) -> Result<bool> {
+            self.state.advance_claim_cursor(rule_id, from, to).await
+        }
+        async fn rewind_claim_cursor(&self, rule_id: &str, to: u32) -> Result<bool> {
+            self.state.rewind_claim_cursor(rule_id, to).await
+        }
+        async fn touch_board_entry(
+            &self,
+            rule_id: &str,
+            index: u32,
+            seen_ms: u64,
+            until_ms: u64,
+        ) -> Result<bool> {
+            self.state
+                .touch_board_entry(rule_id, index, seen_ms, until_ms)
+                .await
+        }
         async fn claim_next_segment(
             &self,
             rule_id: &str,

@@ -27,12 +27,14 @@
 
 pub mod discovery;
 mod failures;
+mod fanout;
 pub mod inventory;
 mod lease;
 mod plan;
 mod worker;
 
 pub use failures::*;
+pub use fanout::{BatchOutcome, CoordinatorReport, QueuedMessage, SegmentWork, sqs_messages};
 pub use lease::LeaseLost;
 pub use plan::*;
 pub use worker::*;
@@ -399,8 +401,27 @@ pub trait BackfillStore: Send + Sync {
         owner: &str,
         checkpoint: &Checkpoint,
     ) -> Result<bool>;
-    /// Gives the lease up (if `owner` holds it).
+    /// Gives the lease up (if `owner` holds it); the board entry then reads the time of
+    /// the release (stale from then on: claimable, and sent again by the fan-out's
+    /// coordinator if no claim came for a while).
     async fn release_segment(&self, rule_id: &str, index: u32, owner: &str) -> Result<()>;
+    /// Moves the claim cursor (`ClaimBoard::next`) forward from `from` to `to`, if it is
+    /// at `from`; `Ok(false)` if it is not. In fan-out mode the cursor is the first
+    /// segment never sent to the segment queue (`fanout`).
+    async fn advance_claim_cursor(&self, rule_id: &str, from: u32, to: u32) -> Result<bool>;
+    /// Moves the claim cursor back to `to` if it is past it (a segment's message was taken
+    /// off the segment queue without being worked on, the job being paused): that segment
+    /// and every later one are sent again.
+    async fn rewind_claim_cursor(&self, rule_id: &str, to: u32) -> Result<bool>;
+    /// Sets segment `index`'s board entry to `until_ms` if it still reads `seen_ms`
+    /// (`Ok(false)` otherwise: a claim or release moved it meanwhile).
+    async fn touch_board_entry(
+        &self,
+        rule_id: &str,
+        index: u32,
+        seen_ms: u64,
+        until_ms: u64,
+    ) -> Result<bool>;
     /// Records failed objects in the job's list: a key already there gets the new reason,
     /// message, size and time, and one more attempt.
     async fn record_failures(&self, rule_id: &str, failed: &[FailedObject]) -> Result<()>;
@@ -430,6 +451,9 @@ pub struct BackfillSettings {
     pub lease: Duration,
     /// Time kept free before the deadline: no page starts inside it.
     pub margin: Duration,
+    /// Fan-out mode: how long a segment's lease may have run out (or the segment been
+    /// released) without a claim before the coordinator sends it to the queue again.
+    pub requeue_after: Duration,
     /// Buckets this deployment may touch: a rule naming others fails its job.
     pub allowed: AllowedBuckets,
 }
@@ -444,6 +468,7 @@ impl Default for BackfillSettings {
             copy_concurrency: 16,
             lease: Duration::from_secs(120),
             margin: Duration::from_secs(20),
+            requeue_after: Duration::from_secs(240),
             allowed: AllowedBuckets::default(),
         }
     }

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::failure_reason::FailureReason;
 use crate::metrics;
 use crate::object_store::{ListedObject, ObjectInfo, ObjectStore, TargetPrecondition, WriteAttrs};
+use crate::ports::SegmentQueue;
 use crate::rate_limit::{AdaptiveLimits, MemoryRateStore, Meter, RateLimiter, RateStore};
 use crate::replicate::StoreProvider;
 use crate::resumable::{CopyRun, UploadStore, Writer};
@@ -37,6 +38,10 @@ fn hard_stop(deadline: Instant) -> Instant {
 
 pub(super) fn now_ms() -> u64 {
     u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
+}
+
+fn to_json(value: &impl Serialize) -> Result<serde_json::Value> {
+    serde_json::to_value(value).map_err(|e| Error::Config(format!("report: {e}")))
 }
 
 /// What one invocation did for one rule.
@@ -87,11 +92,13 @@ pub struct Backfiller {
     uploads: Option<Arc<dyn UploadStore>>,
     /// Where progress per minute goes (`series.rs`), and the rollup runs each tick.
     stats: Option<Arc<dyn StatsStore>>,
-    progress: ProgressMeter,
+    pub(super) progress: ProgressMeter,
     /// The rules' `max_objects_per_second` and `max_bandwidth` (`rate_limit.rs`).
     rate: RateLimiter,
     /// Copies in flight per rule and prefix, lowered when S3 answers SlowDown.
     adaptive: AdaptiveLimits,
+    /// Fan-out mode (`fanout`): the schedule coordinates, segment messages do the work.
+    segment_queue: Option<Arc<dyn SegmentQueue>>,
 }
 
 impl Backfiller {
@@ -115,7 +122,15 @@ impl Backfiller {
             // Shared by this process's invocations only, until `with_rate_store`.
             rate: RateLimiter::new(Arc::new(MemoryRateStore::default())),
             adaptive: AdaptiveLimits::default(),
+            segment_queue: None,
         }
+    }
+
+    /// Fans the migration out through the segment queue (`fanout`): the schedule only
+    /// coordinates, and invocations fed by the queue work the segments.
+    pub fn with_segment_queue(mut self, queue: Arc<dyn SegmentQueue>) -> Self {
+        self.segment_queue = Some(queue);
+        self
     }
 
     /// Where the rules' rate limits are counted: the state table, so that every
@@ -144,7 +159,11 @@ impl Backfiller {
     }
 
     /// Writes progress accumulated for the rule, when `due` says so.
-    async fn write_progress(&self, rule_id: &str, due: Option<(DateTime<Utc>, Activity)>) {
+    pub(super) async fn write_progress(
+        &self,
+        rule_id: &str,
+        due: Option<(DateTime<Utc>, Activity)>,
+    ) {
         let (Some(stats), Some((minute, activity))) = (&self.stats, due) else {
             return;
         };
@@ -372,13 +391,35 @@ impl Backfiller {
                 .and_then(serde_json::Value::as_bool),
         ) {
             let report = self.retry_failed(rule_id, deadline).await?;
-            return serde_json::to_value(report).map_err(|e| Error::Config(format!("report: {e}")));
+            return to_json(&report);
         }
-        let reports = self.run(only, owner, deadline).await;
+        if let Some(messages) = super::sqs_messages(payload) {
+            let Some(queue) = &self.segment_queue else {
+                return Err(Error::Config(
+                    "segment messages arrived but CRR_SEGMENT_QUEUE_URL is not set: a segment \
+                     not finished in time could not continue"
+                        .into(),
+                ));
+            };
+            let outcome = self
+                .work_batch(queue.as_ref(), messages, owner, deadline)
+                .await;
+            return Ok(outcome.response());
+        }
+        let reports = match (&self.segment_queue, only) {
+            (Some(queue), None) => self
+                .coordinate(queue.as_ref(), deadline)
+                .await
+                .and_then(|r| to_json(&r)),
+            _ => self
+                .run(only, owner, deadline)
+                .await
+                .and_then(|r| to_json(&r)),
+        };
         if only.is_none() {
             self.tick().await;
         }
-        serde_json::to_value(reports?).map_err(|e| Error::Config(format!("report: {e}")))
+        reports
     }
 
     async fn run_rule(
@@ -430,7 +471,7 @@ impl Backfiller {
     /// segment stays done (its checkpoints are refused, it cannot be claimed), so the
     /// job is complete from then on; of several invocations that see it, one moves it
     /// from running to completed (completed once, `completed_at` written once).
-    async fn finish_if_done(&self, rule: &Rule) -> Result<JobState> {
+    pub(super) async fn finish_if_done(&self, rule: &Rule) -> Result<JobState> {
         let Some(job) = self.jobs.job(&rule.id).await? else {
             return Ok(JobState::Pending);
         };
@@ -489,7 +530,7 @@ impl Backfiller {
 
     /// The counting pass, resumable: each cut is written with the plan's position (a
     /// listing job's frontier, an inventory job's file and row).
-    async fn plan(
+    pub(super) async fn plan(
         &self,
         rule: &Rule,
         job: Job,
@@ -668,7 +709,7 @@ impl Backfiller {
     /// extended), its heartbeat beside it; `Ok(true)` when it is done, `Ok(false)` when
     /// stopped early (deadline, pause, or the lease was lost).
     #[allow(clippy::too_many_arguments)]
-    async fn work_segment(
+    pub(super) async fn work_segment(
         &self,
         rule: &Rule,
         mark: &JobMark,
