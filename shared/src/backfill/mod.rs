@@ -473,3 +473,72 @@ impl Default for BackfillSettings {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::discovery::{KeyRange, OpenRange};
+    use super::*;
+
+    fn job() -> Job {
+        let now = Utc::now();
+        Job {
+            rule_id: "r".into(),
+            state: JobState::Running,
+            planned: false,
+            plan_prefix: 0,
+            plan_after: None,
+            frontier: Vec::new(),
+            total_objects: 0,
+            total_bytes: 0,
+            segments: 0,
+            started_at: now,
+            updated_at: now,
+            completed_at: None,
+            last_error: None,
+            inventory: None,
+            progress: JobProgress::default(),
+            claims: ClaimBoard::default(),
+        }
+    }
+
+    #[test]
+    fn the_listing_pass_goes_on_from_its_frontier_or_from_an_older_single_position() {
+        let prefixes = ["a/".to_string(), "b/".to_string(), "c/".to_string()];
+        // Not started: the whole of every prefix.
+        assert_eq!(
+            job().open_frontier(&prefixes),
+            vec![
+                OpenRange::whole("a/"),
+                OpenRange::whole("b/"),
+                OpenRange::whole("c/")
+            ]
+        );
+        // Started by a version that kept one position (prefix 1, after its last cut).
+        let mut older = job();
+        (older.plan_prefix, older.plan_after, older.segments) = (1, Some("b/k9".into()), 4);
+        let open = older.open_frontier(&prefixes);
+        assert_eq!(open.len(), 2);
+        assert_eq!(
+            open[0].range,
+            KeyRange {
+                prefix: "b/".into(),
+                after: Some("b/k9".into()),
+                upto: None
+            }
+        );
+        assert_eq!(open[1], OpenRange::whole("c/"));
+        // The stored frontier, as is; nothing once planned.
+        let mut stored = job();
+        stored.frontier = vec![OpenRange {
+            listed: Some("a/x".into()),
+            objects: 7,
+            bytes: 70,
+            ..OpenRange::whole("a/")
+        }];
+        (stored.total_objects, stored.total_bytes) = (100, 1000);
+        assert_eq!(stored.open_frontier(&prefixes), stored.frontier);
+        assert_eq!(stored.counted(), (107, 1070));
+        stored.planned = true;
+        assert!(stored.open_frontier(&prefixes).is_empty());
+    }
+}
