@@ -1411,11 +1411,20 @@ impl super::discovery::SegmentSink for PlanCuts<'_> {
         next.total_bytes += found.bytes;
         next.frontier = frontier.to_vec();
         next.planned = frontier.is_empty();
-        if let Some(theirs) = self
+        let mut attempt = 0;
+        while let Some(theirs) = self
             .backfiller
             .cut(self.rule_id, &segment, &next, &job)
             .await?
         {
+            // Refused with the job still at this pass's segment count: not another pass's
+            // cut but a write that collided with another on the job item (a checkpoint's
+            // transaction): the condition still holds, so the cut is tried again.
+            attempt += 1;
+            if theirs.segments == job.segments && !theirs.planned && attempt < 5 {
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(10..50) * attempt)).await;
+                continue;
+            }
             tracing::info!(rule_id = %self.rule_id, segments = theirs.segments, "another invocation cut first; its counting pass goes on");
             if let Ok(mut slot) = self.theirs.lock() {
                 *slot = Some(theirs);
