@@ -444,6 +444,8 @@ async fn racing_invocations_share_segments_and_a_dead_lease_is_taken_over() -> R
         copy_concurrency: 8,
         lease: Duration::from_secs(30),
         margin: Duration::ZERO,
+        // One lister: six segments of 100 (more listers cut more, smaller ones).
+        listers: 1,
         ..BackfillSettings::default()
     };
     let bf = f.backfiller(settings.clone());
@@ -530,6 +532,8 @@ async fn pages_slower_than_the_lease_are_counted_once_by_racing_invocations() ->
         copy_concurrency: 4,
         lease: Duration::from_secs(2),
         margin: Duration::ZERO,
+        // One lister: six segments of two pages (more listers cut more, smaller ones).
+        listers: 1,
         ..BackfillSettings::default()
     };
     proxy.set_faults(true);

@@ -249,18 +249,21 @@ fn historical_line(h: &HistoricalStatus) -> Line {
     let label = "  historical ".to_string();
     match h.phase.as_deref() {
         None => Line::Text(format!("{label} not requested")),
+        // The totals are lower bounds while counting, so the percent is at most this.
         Some("counting") => Line::Bar {
             label,
-            percent: None,
+            percent: h.percent_objects,
             message: format!(
-                "{}: counting{}, {} objects ({}) so far",
+                "{}: counting{}, {} objects ({}) so far; {} done (at most {:.1}%)",
                 h.state,
                 match h.total_source {
                     Some(crr_shared::status::TotalSource::Inventory) => " the inventory's rows",
                     _ => "",
                 },
                 h.objects_total,
-                bytes(h.bytes_total)
+                bytes(h.bytes_total),
+                h.objects_done,
+                h.percent_objects.unwrap_or(0.0),
             ),
         },
         Some(_) => {

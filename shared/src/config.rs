@@ -30,7 +30,8 @@ pub struct FunctionConfig {
 
 impl FunctionConfig {
     /// Settings of the backfill function (`CRR_BACKFILL_PAGE_SIZE`,
-    /// `CRR_BACKFILL_SEGMENT_OBJECTS`, `CRR_BACKFILL_WORKERS`, `CRR_BACKFILL_COPY_CONCURRENCY`,
+    /// `CRR_BACKFILL_SEGMENT_OBJECTS`, `CRR_BACKFILL_LISTERS`, `CRR_BACKFILL_WORKERS`,
+    /// `CRR_BACKFILL_COPY_CONCURRENCY`,
     /// `CRR_BACKFILL_LEASE_SECS`, `CRR_BACKFILL_MARGIN_SECS`).
     pub fn backfill() -> Result<BackfillSettings> {
         let d = BackfillSettings::default();
@@ -41,6 +42,9 @@ impl FunctionConfig {
             segment_objects: optional_number("CRR_BACKFILL_SEGMENT_OBJECTS")?
                 .map(|n| n.max(1))
                 .unwrap_or(d.segment_objects),
+            listers: optional_number("CRR_BACKFILL_LISTERS")?
+                .map(|n| n.clamp(1, 256) as usize)
+                .unwrap_or(d.listers),
             workers: optional_number("CRR_BACKFILL_WORKERS")?
                 .map(|n| n.clamp(1, 64) as usize)
                 .unwrap_or(d.workers),

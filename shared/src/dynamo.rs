@@ -35,6 +35,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use md5::Digest;
 
+use crate::backfill::discovery::{KeyRange, OpenRange};
 use crate::backfill::{
     BackfillStore, Checkpoint, ClaimBoard, FailedObject, Job, JobProgress, JobState, PageTally,
     Segment,
@@ -928,6 +929,11 @@ fn job_from_item(rule_id: &str, item: &Item) -> Job {
         planned: bool_attr(item, "planned"),
         plan_prefix: number_attr(item, "plan_prefix") as usize,
         plan_after: opt_string(item, "plan_after"),
+        frontier: item
+            .get("frontier")
+            .and_then(|l| l.as_l().ok())
+            .map(|l| l.iter().filter_map(open_range_from).collect())
+            .unwrap_or_default(),
         total_objects: number_attr(item, "total_objects"),
         total_bytes: number_attr(item, "total_bytes"),
         segments: number_attr(item, "segment_count") as u32,
@@ -961,6 +967,44 @@ fn job_from_item(rule_id: &str, item: &Item) -> Job {
                 .unwrap_or_default(),
         },
     }
+}
+
+/// A range of the discovery frontier as the job item keeps it: short names (the frontier
+/// is written with every cut, and the item is at most 400 KB), and a split string below a
+/// sub-prefix (`discovery::predecessor`, about 1 KB of U+10FFFF) by its stem (`ub`).
+fn open_range_item(open: &OpenRange) -> AttributeValue {
+    let mut item = Item::new();
+    put_opt(&mut item, "p", &Some(open.range.prefix.clone()));
+    put_opt(&mut item, "a", &open.range.after);
+    match open.range.upto.as_deref() {
+        Some(upto) => match crate::backfill::discovery::stem_of_greatest(upto) {
+            Some(stem) => item.insert("ub".into(), s(stem)),
+            None => item.insert("u".into(), s(upto)),
+        },
+        None => None,
+    };
+    put_opt(&mut item, "l", &open.listed);
+    item.insert("o".into(), n(open.objects));
+    item.insert("b".into(), n(open.bytes));
+    AttributeValue::M(item)
+}
+
+fn open_range_from(value: &AttributeValue) -> Option<OpenRange> {
+    let item = value.as_m().ok()?;
+    let upto = match opt_string(item, "ub") {
+        Some(stem) => Some(crate::backfill::discovery::greatest_under(stem)),
+        None => opt_string(item, "u"),
+    };
+    Some(OpenRange {
+        range: KeyRange {
+            prefix: opt_string(item, "p").unwrap_or_default(),
+            after: opt_string(item, "a"),
+            upto,
+        },
+        listed: opt_string(item, "l"),
+        objects: number_attr(item, "o"),
+        bytes: number_attr(item, "b"),
+    })
 }
 
 /// The job item's key.
@@ -1382,12 +1426,26 @@ impl BackfillStore for DynamoStore {
             .expression_attribute_values(":segs", n(u64::from(job.segments)))
             .expression_attribute_values(":now", rfc3339(Utc::now()))
             .expression_attribute_values(":expected", n(u64::from(expected_segments)));
+        let mut remove = Vec::new();
         match job.plan_after.as_ref().filter(|a| !a.is_empty()) {
             Some(after) => {
                 set.push_str(", plan_after = :pa");
                 update = update.expression_attribute_values(":pa", s(after.clone()));
             }
-            None => set.push_str(" REMOVE plan_after"),
+            None => remove.push("plan_after"),
+        }
+        // The discovery frontier after this cut, in the same conditional write.
+        match job.frontier.is_empty() {
+            false => {
+                set.push_str(", frontier = :fr");
+                let ranges = job.frontier.iter().map(open_range_item).collect();
+                update = update.expression_attribute_values(":fr", AttributeValue::L(ranges));
+            }
+            true => remove.push("frontier"),
+        }
+        if !remove.is_empty() {
+            set.push_str(" REMOVE ");
+            set.push_str(&remove.join(", "));
         }
         let update = update
             .update_expression(set)

@@ -878,6 +878,7 @@ impl BackfillStore for MemoryState {
         stored.planned = job.planned;
         stored.plan_prefix = job.plan_prefix;
         stored.plan_after = job.plan_after.clone();
+        stored.frontier = job.frontier.clone();
         stored.total_objects = job.total_objects;
         stored.total_bytes = job.total_bytes;
         stored.segments = job.segments;

@@ -113,6 +113,27 @@ pub struct ListPage {
     pub truncated: bool,
 }
 
+/// One page of a listing grouped by a delimiter, in key order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DelimitedPage {
+    /// The keys with no delimiter after the prefix.
+    pub objects: Vec<ListedObject>,
+    /// The sub-prefixes (each ending with the delimiter) standing for the keys below them.
+    pub common_prefixes: Vec<String>,
+    /// True when the listing has more after this page.
+    pub truncated: bool,
+}
+
+impl From<ListPage> for DelimitedPage {
+    fn from(page: ListPage) -> Self {
+        Self {
+            objects: page.objects,
+            common_prefixes: Vec::new(),
+            truncated: page.truncated,
+        }
+    }
+}
+
 impl WriteAttrs {
     /// True when the written object's ETag is the MD5 of its content (not so for SSE-KMS).
     pub fn etag_is_md5(&self) -> bool {
@@ -227,6 +248,56 @@ pub trait ObjectStore: Send + Sync {
         start_after: Option<&str>,
         max_keys: i32,
     ) -> Result<ListPage>;
+
+    /// Up to `max_keys` entries (keys and sub-prefixes) under `prefix` after
+    /// `start_after`, grouped by `delimiter` (ListObjectsV2 with `Delimiter`). This default
+    /// groups `list_page`'s keys itself, skipping each sub-prefix with one more listing
+    /// (start-after the greatest key under it): for stores without a delimiter of their own.
+    async fn list_delimited(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        delimiter: &str,
+        max_keys: i32,
+    ) -> Result<DelimitedPage> {
+        let mut page = DelimitedPage::default();
+        let mut after = start_after.map(str::to_string);
+        let wanted = usize::try_from(max_keys.max(1)).unwrap_or(1);
+        'pages: loop {
+            let taken = page.objects.len() + page.common_prefixes.len();
+            let listed = self
+                .list_page(
+                    prefix,
+                    after.as_deref(),
+                    i32::try_from(wanted - taken).unwrap_or(1),
+                )
+                .await?;
+            let more = listed.truncated;
+            for object in listed.objects {
+                if page.objects.len() + page.common_prefixes.len() >= wanted {
+                    page.truncated = true;
+                    break 'pages;
+                }
+                let below = object.key.get(prefix.len()..).unwrap_or_default();
+                if let Some(at) = below.find(delimiter).filter(|_| !delimiter.is_empty()) {
+                    let common = object.key[..prefix.len() + at + delimiter.len()].to_string();
+                    after = Some(crate::backfill::discovery::greatest_under(common.clone()));
+                    page.common_prefixes.push(common);
+                    continue 'pages;
+                }
+                after = Some(object.key.clone());
+                page.objects.push(object);
+            }
+            if !more {
+                break;
+            }
+            if page.objects.len() + page.common_prefixes.len() >= wanted {
+                page.truncated = true;
+                break;
+            }
+        }
+        Ok(page)
+    }
 
     /// Proves the bucket exists and can be listed and read.
     async fn check_readable(&self) -> Result<()>;

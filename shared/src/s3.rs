@@ -768,6 +768,64 @@ impl ObjectStore for S3Store {
         })
     }
 
+    async fn list_delimited(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        delimiter: &str,
+        max_keys: i32,
+    ) -> Result<crate::object_store::DelimitedPage> {
+        let request = |encoding: Option<EncodingType>| {
+            self.client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .delimiter(delimiter)
+                .set_start_after(start_after.map(str::to_string))
+                .max_keys(max_keys)
+                .set_encoding_type(encoding)
+                .send()
+        };
+        // As `list_page`: percent-encoded only when a key cannot be carried in XML.
+        let out = match request(None).await {
+            Ok(out) => out,
+            Err(e) if compat::success_body_with_root(&e, "ListBucketResult").is_some() => {
+                request(Some(EncodingType::Url))
+                    .await
+                    .map_err(|e| self.err("ListObjectsV2", prefix, e))?
+            }
+            Err(e) => return Err(self.err("ListObjectsV2", prefix, e)),
+        };
+        let url_encoded = out.encoding_type() == Some(&EncodingType::Url);
+        let decoded = |s: &str| -> Result<String> {
+            match url_encoded {
+                true => self.url_decoded(s),
+                false => Ok(s.to_string()),
+            }
+        };
+        let mut objects = Vec::with_capacity(out.contents().len());
+        for o in out.contents() {
+            let Some(key) = o.key() else { continue };
+            objects.push(ListedObject {
+                key: decoded(key)?,
+                size: u64::try_from(o.size().unwrap_or(0)).unwrap_or(0),
+                etag: o.e_tag().map(unquote).unwrap_or_default(),
+                last_modified: o.last_modified().and_then(to_chrono),
+            });
+        }
+        let mut common_prefixes = Vec::with_capacity(out.common_prefixes().len());
+        for p in out.common_prefixes() {
+            if let Some(p) = p.prefix() {
+                common_prefixes.push(decoded(p)?);
+            }
+        }
+        Ok(crate::object_store::DelimitedPage {
+            objects,
+            common_prefixes,
+            truncated: out.is_truncated().unwrap_or(false),
+        })
+    }
+
     async fn check_readable(&self) -> Result<()> {
         self.list_page("", None, 1).await.map(|_| ())
     }

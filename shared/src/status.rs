@@ -30,8 +30,10 @@
 //! # Historical percent and ETA
 //!
 //! Totals come from the backfill's counting pass (`total_final` once it is over,
-//! `total_source` says whether it listed the source or read an S3 Inventory report; percent
-//! is `null` before). Objects found after the count (written meanwhile under the last
+//! `total_source` says whether it listed the source or read an S3 Inventory report). While
+//! it goes on, the totals are what it counted so far (segments cut, and what the discovery
+//! frontier counted beyond them as of the last cut): lower bounds, and percent, computed
+//! against them, is an upper bound that stays below 100 (`null` before anything is counted). Objects found after the count (written meanwhile under the last
 //! segment) raise the total to what was examined, so percent never exceeds 100; once the
 //! job is complete the totals are what it examined (objects deleted meanwhile are gone).
 //! `eta_seconds = remaining / rate`, where `rate` is bytes (or objects, for a bucket of
@@ -181,10 +183,12 @@ pub struct HistoricalStatus {
     /// `crr backfill retry-failed` takes those it copies off the list).
     #[serde(default)]
     pub failed_objects: u64,
-    /// Objects and bytes to examine (the counting pass's measure).
+    /// Objects and bytes to examine (the counting pass's measure). While `total_final` is
+    /// false, a lower bound: what the counting pass has counted so far.
     pub objects_total: u64,
     pub bytes_total: u64,
-    /// The counting pass is over, so the totals are final.
+    /// The counting pass is over, so the totals are final (`false`: they are lower bounds,
+    /// and the percentages, computed against them, upper bounds).
     pub total_final: bool,
     /// How the totals were obtained: `listing` (the counting pass listed the source) or
     /// `inventory` (it read an S3 Inventory report's rows); `null` with no job.
@@ -542,23 +546,32 @@ pub fn historical_status(job: Option<&Job>, now: DateTime<Utc>) -> HistoricalSta
     let completed = job.state.is_finished();
     // Objects written under the last segment after the count are examined too, and once
     // the job is complete the totals are what it examined (objects deleted meanwhile gone).
+    // While counting, the total is what was counted so far (the segments cut and what the
+    // discovery frontier counted beyond them): a lower bound.
+    let (counted_objects, counted_bytes) = job.counted();
     let (objects_total, bytes_total) = if completed {
         (objects_done, bytes_done)
     } else {
         (
-            job.total_objects.max(objects_done),
-            job.total_bytes.max(bytes_done),
+            counted_objects.max(objects_done),
+            counted_bytes.max(bytes_done),
         )
     };
     let percent = |done: u64, total: u64| -> Option<f64> {
-        if !job.planned {
-            None
-        } else if total == 0 || completed {
+        if completed || (job.planned && total == 0) {
             Some(100.0)
+        } else if total == 0 {
+            // Nothing counted yet: no percent of anything.
+            None
         } else {
-            // One decimal, and never 100.0 before the last object is done.
+            // One decimal, and never 100.0 before the last object is done (nor before the
+            // total is final: against a lower bound it is an upper bound of the progress).
             let p = (done as f64 * 1000.0 / total as f64).floor() / 10.0;
-            Some(if done < total { p.min(99.9) } else { 100.0 })
+            Some(if done < total || !job.planned {
+                p.min(99.9)
+            } else {
+                100.0
+            })
         }
     };
     let now_ms = u64::try_from(now.timestamp_millis()).unwrap_or(0);
@@ -883,6 +896,7 @@ mod tests {
             planned,
             plan_prefix: 0,
             plan_after: None,
+            frontier: Vec::new(),
             total_objects: objects,
             total_bytes: bytes,
             segments: 2,
@@ -1047,11 +1061,30 @@ mod tests {
     }
 
     #[test]
-    fn percent_is_null_while_counting_and_capped_below_100_until_done() {
-        let counting = job(JobState::Running, false, 500, 500);
-        let h = historical_status(Some(&counting), &[], at("2026-11-22T10:00:00Z"));
-        assert_eq!((h.percent_objects, h.eta_seconds), (None, None));
+    fn percent_is_against_a_lower_bound_while_counting_and_capped_below_100_until_done() {
+        let now = at("2026-11-22T10:00:00Z");
+        // Counting: 500 objects in the segments cut, 300 more counted by the frontier
+        // beyond them: the total is at least 800, and says it is not final.
+        let mut counting = job(JobState::Running, false, 500, 500);
+        counting.frontier = vec![crate::backfill::discovery::OpenRange {
+            objects: 300,
+            bytes: 300,
+            ..crate::backfill::discovery::OpenRange::whole("p/")
+        }];
+        let h = historical_status(Some(&counting), &[segment(0, 400, 400, false)], now);
+        assert_eq!(
+            (h.objects_total, h.bytes_total, h.total_final),
+            (800, 800, false)
+        );
+        assert_eq!((h.percent_objects, h.eta_seconds), (Some(50.0), None));
         assert_eq!(h.phase.as_deref(), Some("counting"));
+        // All that was counted so far is done: not 100 while the total may grow.
+        let h = historical_status(Some(&counting), &[segment(0, 800, 800, false)], now);
+        assert_eq!(h.percent_objects, Some(99.9));
+        // Nothing counted yet: no percent.
+        let fresh = job(JobState::Running, false, 0, 0);
+        let h = historical_status(Some(&fresh), &[], now);
+        assert_eq!((h.percent_objects, h.total_final), (None, false));
 
         let nearly = job(JobState::Running, true, 10_000, 10_000);
         let h = historical_status(

@@ -567,6 +567,9 @@ mod tests {
             lease: Duration::from_millis(400),
             margin: Duration::ZERO,
             requeue_after: Duration::from_millis(200),
+            // One lister: three segments of four pages (more listers cut more, smaller
+            // ones, which no invocation would outlast).
+            listers: 1,
             ..BackfillSettings::default()
         };
         let backfiller = Backfiller::new(

@@ -449,6 +449,9 @@ mod tests {
         });
         let mut settings = settings(Duration::from_millis(300), 1);
         (settings.page_size, settings.segment_objects) = (2, 2);
+        // One lister: the key space is cut in one chain, two objects a segment (more
+        // listers split it into more, smaller segments).
+        settings.listers = 1;
         let a = backfiller(late, &state, &world, settings);
         let report = a
             .run(Some("r"), "inv-a", Instant::now() + Duration::from_secs(30))
@@ -514,6 +517,7 @@ mod tests {
             planned: true,
             plan_prefix: 1,
             plan_after: None,
+            frontier: Vec::new(),
             total_objects: 20,
             total_bytes: 200,
             segments: 1,

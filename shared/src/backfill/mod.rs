@@ -3,7 +3,8 @@
 //!
 //! A job is planned by a counting pass over the rule's prefixes, which measures the total
 //! (objects, bytes) and cuts the key space into segments of about `segment_objects`
-//! objects. Workers (several per invocation, any number of invocations) claim a segment
+//! objects: `listers` listers at once split the key space and list its parts
+//! (`discovery`), or the rows of an S3 Inventory report are read (`inventory`). Workers (several per invocation, any number of invocations) claim a segment
 //! with a conditional write on its lease, list it page by page, copy what the target
 //! lacks or holds differently, and write the page's checkpoint (last key, counters) only
 //! after every copy of the page finished, extending the lease in the same conditional
@@ -16,7 +17,9 @@
 //! counting pass cuts it, and within a segment the next page is listed and the previous
 //! one checkpointed while the current one is copied.
 //!
-//! The feature in five files: this one (the job's model and the `BackfillStore` port),
+//! The feature in these files: this one (the job's model and the `BackfillStore` port),
+//! `discovery` (the listing counting pass: parallel listers, the frontier), `inventory`
+//! (the counting pass from an S3 Inventory report, and its segments' rows),
 //! `plan` (what to do with each listed object, the dry run, range listings), `lease`
 //! (lease owners and the heartbeat), `worker` (the `Backfiller`: claiming segments,
 //! copying pages, checkpoints) and `failures` (the objects that failed: recorded, listed,
@@ -98,10 +101,18 @@ pub struct Job {
     pub state: JobState,
     /// The counting pass is over: totals are final and every segment exists.
     pub planned: bool,
-    /// Counting pass position: index into the rule's prefixes, and last key counted.
+    /// Counting pass position of an inventory job: data files read, and the last row cut
+    /// in the current one. (A listing job written by an older version kept its position
+    /// here too: the index into the rule's prefixes, and the last key counted; `frontier`
+    /// takes over from it.)
     pub plan_prefix: usize,
     pub plan_after: Option<String>,
-    /// Objects and bytes counted so far (final once `planned`).
+    /// Counting pass position of a listing job: the ranges of the key space still open
+    /// (each with how far it was listed and what it counted since its last cut), written
+    /// with each cut (`discovery`). Empty before the pass starts and once it is over.
+    pub frontier: Vec<discovery::OpenRange>,
+    /// Objects and bytes in the segments cut so far (final once `planned`; the frontier's
+    /// counts are not in them yet).
     pub total_objects: u64,
     pub total_bytes: u64,
     /// Segments cut so far.
@@ -120,6 +131,36 @@ pub struct Job {
     pub progress: JobProgress,
     /// Who may claim which segment, without reading the segments (`ClaimBoard`).
     pub claims: ClaimBoard,
+}
+
+impl Job {
+    /// Objects and bytes counted so far: those of the segments cut, and those the frontier
+    /// counted since its ranges' last cuts (as of the last cut). The total while the
+    /// counting pass goes on is at least this.
+    pub fn counted(&self) -> (u64, u64) {
+        self.frontier
+            .iter()
+            .fold((self.total_objects, self.total_bytes), |(o, b), r| {
+                (o + r.objects, b + r.bytes)
+            })
+    }
+
+    /// Where the listing pass over `prefixes` goes on: the stored frontier, or, if there is
+    /// none (the pass not started, or started by a version that kept one position), the
+    /// rest of the prefixes from `plan_prefix`, the first one after `plan_after`.
+    pub fn open_frontier(&self, prefixes: &[String]) -> Vec<discovery::OpenRange> {
+        if self.planned {
+            return Vec::new();
+        }
+        if !self.frontier.is_empty() {
+            return self.frontier.clone();
+        }
+        let mut open = discovery::start(prefixes.get(self.plan_prefix..).unwrap_or_default());
+        if let Some(first) = open.first_mut() {
+            first.range.after = self.plan_after.clone();
+        }
+        open
+    }
 }
 
 /// A job's totals over its segments, kept in the job item: each checkpoint adds its page's
@@ -399,6 +440,8 @@ pub struct BackfillSettings {
     pub page_size: i32,
     /// Objects per segment cut by the counting pass.
     pub segment_objects: u64,
+    /// Listers at work at once in a listing job's counting pass (`discovery`).
+    pub listers: usize,
     /// Segments worked on at once within one invocation.
     pub workers: usize,
     /// Objects copied at once within one page.
@@ -420,6 +463,7 @@ impl Default for BackfillSettings {
         Self {
             page_size: 1000,
             segment_objects: 10_000,
+            listers: 16,
             workers: 4,
             copy_concurrency: 16,
             lease: Duration::from_secs(120),
@@ -427,5 +471,74 @@ impl Default for BackfillSettings {
             requeue_after: Duration::from_secs(240),
             allowed: AllowedBuckets::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::discovery::{KeyRange, OpenRange};
+    use super::*;
+
+    fn job() -> Job {
+        let now = Utc::now();
+        Job {
+            rule_id: "r".into(),
+            state: JobState::Running,
+            planned: false,
+            plan_prefix: 0,
+            plan_after: None,
+            frontier: Vec::new(),
+            total_objects: 0,
+            total_bytes: 0,
+            segments: 0,
+            started_at: now,
+            updated_at: now,
+            completed_at: None,
+            last_error: None,
+            inventory: None,
+            progress: JobProgress::default(),
+            claims: ClaimBoard::default(),
+        }
+    }
+
+    #[test]
+    fn the_listing_pass_goes_on_from_its_frontier_or_from_an_older_single_position() {
+        let prefixes = ["a/".to_string(), "b/".to_string(), "c/".to_string()];
+        // Not started: the whole of every prefix.
+        assert_eq!(
+            job().open_frontier(&prefixes),
+            vec![
+                OpenRange::whole("a/"),
+                OpenRange::whole("b/"),
+                OpenRange::whole("c/")
+            ]
+        );
+        // Started by a version that kept one position (prefix 1, after its last cut).
+        let mut older = job();
+        (older.plan_prefix, older.plan_after, older.segments) = (1, Some("b/k9".into()), 4);
+        let open = older.open_frontier(&prefixes);
+        assert_eq!(open.len(), 2);
+        assert_eq!(
+            open[0].range,
+            KeyRange {
+                prefix: "b/".into(),
+                after: Some("b/k9".into()),
+                upto: None
+            }
+        );
+        assert_eq!(open[1], OpenRange::whole("c/"));
+        // The stored frontier, as is; nothing once planned.
+        let mut stored = job();
+        stored.frontier = vec![OpenRange {
+            listed: Some("a/x".into()),
+            objects: 7,
+            bytes: 70,
+            ..OpenRange::whole("a/")
+        }];
+        (stored.total_objects, stored.total_bytes) = (100, 1000);
+        assert_eq!(stored.open_frontier(&prefixes), stored.frontier);
+        assert_eq!(stored.counted(), (107, 1070));
+        stored.planned = true;
+        assert!(stored.open_frontier(&prefixes).is_empty());
     }
 }

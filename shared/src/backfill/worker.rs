@@ -248,6 +248,7 @@ impl Backfiller {
             planned: false,
             plan_prefix: 0,
             plan_after: None,
+            frontier: Vec::new(),
             total_objects: 0,
             total_bytes: 0,
             segments: 0,
@@ -527,95 +528,66 @@ impl Backfiller {
         Ok(Some(theirs))
     }
 
-    /// The counting pass, resumable: each cut is written with the plan's position.
+    /// The counting pass, resumable: each cut is written with the plan's position (a
+    /// listing job's frontier, an inventory job's file and row).
     pub(super) async fn plan(
         &self,
         rule: &Rule,
-        mut job: Job,
+        job: Job,
         deadline: Instant,
         cuts: Option<&tokio::sync::watch::Sender<bool>>,
     ) -> Result<Job> {
         if let Some(url) = job.inventory.clone() {
             return self.plan_inventory(rule, job, &url, deadline, cuts).await;
         }
-        let source = self.stores.store(&rule.source);
-        let prefixes = rule.listing_prefixes();
-        // Counted since the last cut (not yet in `job`'s totals).
-        let (mut objects, mut bytes) = (0u64, 0u64);
-        let mut segment_start = job.plan_after.clone();
-        let mut after = job.plan_after.clone();
-        while job.plan_prefix < prefixes.len() {
-            if !self.time_left(deadline) {
-                return Ok(job);
-            }
-            let prefix = &prefixes[job.plan_prefix];
-            let page = source
-                .list_page(prefix, after.as_deref(), self.settings.page_size)
-                .await?;
-            let mut cut_at: Option<String> = None;
-            let mut rest_of_page = false;
-            for (i, o) in page.objects.iter().enumerate() {
-                objects += 1;
-                bytes += o.size;
-                after = Some(o.key.clone());
-                if objects >= self.settings.segment_objects {
-                    cut_at = Some(o.key.clone());
-                    rest_of_page = i + 1 < page.objects.len();
-                    break;
-                }
-            }
-            // A cut on the prefix's very last key ends the prefix: no empty segment after it.
-            if cut_at.is_some() && !rest_of_page && !page.truncated {
-                cut_at = None;
-            }
-            let prefix_done = cut_at.is_none() && !page.truncated;
-            if cut_at.is_none() && !prefix_done {
-                continue;
-            }
-            let segment = Segment {
-                index: job.segments,
-                prefix: prefix.clone(),
-                start_after: segment_start.clone(),
-                end: cut_at.clone(),
-                planned_objects: objects,
-                checkpoint: None,
-                done: false,
-                lease_owner: None,
-                lease_until: 0,
-                objects_done: 0,
-                bytes_done: 0,
-                copied: 0,
-                fixed: 0,
-                in_place: 0,
-                skipped: 0,
-                failed: 0,
-                updated_at: None,
-                inventory_file: None,
-            };
-            let mut next = job.clone();
-            next.segments += 1;
-            next.total_objects += objects;
-            next.total_bytes += bytes;
-            if prefix_done {
-                next.plan_prefix += 1;
-                next.plan_after = None;
-            } else {
-                next.plan_after = cut_at.clone();
-            }
-            next.planned = next.plan_prefix >= prefixes.len();
-            if let Some(theirs) = self.cut(&rule.id, &segment, &next, &job).await? {
-                return Ok(theirs);
-            }
-            job = next;
-            if let Some(cuts) = cuts {
-                cuts.send_modify(|_| ());
-            }
-            objects = 0;
-            bytes = 0;
-            segment_start = job.plan_after.clone();
-            after = job.plan_after.clone();
+        if job.planned {
+            return Ok(job);
         }
-        Ok(job)
+        let source = self.stores.store(&rule.source);
+        let frontier = job.open_frontier(&rule.listing_prefixes());
+        let options = super::discovery::DiscoveryOptions {
+            listers: self.settings.listers.max(1),
+            segment_objects: self.settings.segment_objects.max(1),
+            page_size: self.settings.page_size,
+            // No page is started inside the margin, as `time_left` says for the workers.
+            stop_at: Some(tokio::time::Instant::from_std(
+                deadline
+                    .checked_sub(self.settings.margin)
+                    .unwrap_or_else(Instant::now),
+            )),
+        };
+        let sink = PlanCuts {
+            backfiller: self,
+            rule_id: &rule.id,
+            job: tokio::sync::Mutex::new(job),
+            theirs: std::sync::Mutex::new(None),
+            cuts,
+        };
+        let started = Instant::now();
+        let report = super::discovery::discover(
+            &super::discovery::StoreLister(source.as_ref()),
+            &sink,
+            frontier,
+            &options,
+        )
+        .await?;
+        tracing::info!(
+            rule_id = %rule.id,
+            listers = options.listers,
+            segments = report.segments,
+            objects = report.objects,
+            lists = report.lists,
+            splits = report.splits,
+            open = report.frontier.len(),
+            overtaken = report.overtaken,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "counting pass"
+        );
+        let theirs = sink.theirs.lock().map(|mut t| t.take()).unwrap_or(None);
+        match theirs {
+            Some(theirs) => Ok(theirs),
+            None => Ok(sink.job.into_inner()),
+        }
     }
 
     /// One worker (number `worker` of invocation `invocation`): claims segments and works
@@ -1401,6 +1373,69 @@ impl Backfiller {
             Err(Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// Where the listing pass's segments go: each is cut (`Backfiller::cut`) with the job's
+/// totals and the discovery frontier after it, one at a time (discovery calls the sink
+/// under its lock), so segment indices stay dense.
+struct PlanCuts<'a> {
+    backfiller: &'a Backfiller,
+    rule_id: &'a str,
+    /// The job as recorded by the last cut.
+    job: tokio::sync::Mutex<Job>,
+    /// The job as another invocation counting too left it, when it cut first.
+    theirs: std::sync::Mutex<Option<Job>>,
+    cuts: Option<&'a tokio::sync::watch::Sender<bool>>,
+}
+
+#[async_trait::async_trait]
+impl super::discovery::SegmentSink for PlanCuts<'_> {
+    async fn segment(
+        &self,
+        found: super::discovery::Found,
+        frontier: &[super::discovery::OpenRange],
+    ) -> Result<bool> {
+        let mut job = self.job.lock().await;
+        let segment = Segment {
+            index: job.segments,
+            prefix: found.range.prefix,
+            start_after: found.range.after,
+            end: found.range.upto,
+            planned_objects: found.objects,
+            ..Segment::default()
+        };
+        let mut next = job.clone();
+        next.segments += 1;
+        next.total_objects += found.objects;
+        next.total_bytes += found.bytes;
+        next.frontier = frontier.to_vec();
+        next.planned = frontier.is_empty();
+        let mut attempt = 0;
+        while let Some(theirs) = self
+            .backfiller
+            .cut(self.rule_id, &segment, &next, &job)
+            .await?
+        {
+            // Refused with the job still at this pass's segment count: not another pass's
+            // cut but a write that collided with another on the job item (a checkpoint's
+            // transaction): the condition still holds, so the cut is tried again.
+            attempt += 1;
+            if theirs.segments == job.segments && !theirs.planned && attempt < 5 {
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(10..50) * attempt)).await;
+                continue;
+            }
+            tracing::info!(rule_id = %self.rule_id, segments = theirs.segments, "another invocation cut first; its counting pass goes on");
+            if let Ok(mut slot) = self.theirs.lock() {
+                *slot = Some(theirs);
+            }
+            return Ok(false);
+        }
+        *job = next;
+        if let Some(cuts) = self.cuts {
+            cuts.send_modify(|_| ());
+        }
+        Ok(true)
     }
 }
 

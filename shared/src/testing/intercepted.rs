@@ -157,6 +157,17 @@ impl<S: ObjectStore + ?Sized, H: Hooks> ObjectStore for Intercepted<S, H> {
     ) -> Result<ListPage> {
         self.inner.list_page(prefix, start_after, max_keys).await
     }
+    async fn list_delimited(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        delimiter: &str,
+        max_keys: i32,
+    ) -> Result<crate::object_store::DelimitedPage> {
+        self.inner
+            .list_delimited(prefix, start_after, delimiter, max_keys)
+            .await
+    }
     async fn check_readable(&self) -> Result<()> {
         self.inner.check_readable().await
     }
