@@ -22,8 +22,9 @@
 //!   board with its lease's expiry (or its release time): once that is older than
 //!   `requeue_after`, the coordinator sends the segment again (and dates the entry, so
 //!   it is sent once per `requeue_after`);
-//! - a message taken while the job is paused is not worked on: it moves the cursor back
-//!   to its segment, and the coordinator sends from there once the job runs again.
+//! - a message taken while the job is paused (or failed) is not worked on: it moves the
+//!   cursor back to its segment, and the coordinator sends from there once the job runs
+//!   again.
 
 use std::time::Instant;
 
@@ -372,8 +373,9 @@ impl Backfiller {
         let Some(job) = self.jobs.job(&rule.id).await? else {
             return Ok(Worked::Dropped("no job"));
         };
-        if rule.paused || job.state == JobState::Paused {
-            // Not worked on, not lost: the coordinator sends it again after the resume.
+        if rule.paused || matches!(job.state, JobState::Paused | JobState::Failed) {
+            // Not worked on, not lost: the coordinator sends it again after the resume
+            // (`crr backfill start` resumes a failed job as well as a paused one).
             self.jobs
                 .rewind_claim_cursor(&rule.id, work.segment)
                 .await?;
