@@ -51,6 +51,14 @@ pub struct MemoryWorld {
     inner: Arc<Mutex<World>>,
 }
 
+/// Every bucket of a rule is the world's bucket of the same name (endpoints and regions
+/// aside), as the in-memory stand-in for `S3Clients`.
+impl crate::replicate::StoreProvider for MemoryWorld {
+    fn store(&self, bucket: &crate::rule::BucketRef) -> Arc<dyn ObjectStore> {
+        Arc::new(MemoryWorld::store(self, &bucket.bucket))
+    }
+}
+
 impl MemoryWorld {
     /// A store for `bucket` (created empty on first use).
     pub fn store(&self, bucket: &str) -> MemoryObjectStore {

@@ -586,13 +586,6 @@ mod tests {
     use crate::state::{RuleStore, StatsStore};
     use bytes::Bytes;
 
-    struct World(MemoryWorld);
-    impl StoreProvider for World {
-        fn store(&self, bucket: &BucketRef) -> Arc<dyn ObjectStore> {
-            Arc::new(self.0.store(&bucket.bucket))
-        }
-    }
-
     #[derive(Default)]
     struct Dlq(Mutex<Vec<(String, String)>>);
     #[async_trait::async_trait]
@@ -653,7 +646,7 @@ mod tests {
         let dlq = Arc::new(Dlq::default());
         let rep = Replicator::new(
             Arc::new(state.clone()),
-            Arc::new(World(world)),
+            Arc::new(world),
             Some(dlq.clone()),
             ReplicatorSettings::default(),
         );
@@ -1082,7 +1075,7 @@ mod tests {
         };
         let rep = Replicator::new(
             Arc::new(racy),
-            Arc::new(World(s.src.world())),
+            Arc::new(s.src.world()),
             None,
             ReplicatorSettings::default(),
         );

@@ -160,39 +160,10 @@ impl Backfiller {
         queue: &dyn SegmentQueue,
         deadline: Instant,
     ) -> Result<Vec<CoordinatorReport>> {
-        let mut reports = Vec::new();
-        let mut first_error = None;
-        for rule in self.rules.list_rules().await? {
-            if rule.paused {
-                continue;
-            }
-            let job = match self.jobs.job(&rule.id).await? {
-                Some(job) => job,
-                None if rule.historical => self.start(&rule.id).await?,
-                None => continue,
-            };
-            if !matches!(job.state, JobState::Pending | JobState::Running) {
-                continue;
-            }
-            let run = match self.settings.allowed.check(&rule) {
-                Ok(()) => self.coordinate_rule(queue, &rule, job, deadline).await,
-                Err(e) => Err(e),
-            };
-            match run {
-                Ok(report) => reports.push(report),
-                Err(e) => {
-                    tracing::error!(rule_id = %rule.id, error = %e, retryable = e.is_retryable(), "coordinating the backfill failed");
-                    if !e.is_retryable() {
-                        self.jobs.fail_job(&rule.id, &e.to_string()).await?;
-                    }
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(reports),
-        }
+        self.each_active_rule(None, |rule, job| async move {
+            self.coordinate_rule(queue, &rule, job, deadline).await
+        })
+        .await
     }
 
     async fn coordinate_rule(
@@ -478,8 +449,6 @@ mod tests {
     use crate::copy::CopyEngine;
     use crate::memory::{MemoryState, MemoryWorld};
     use crate::object_store::{ObjectStore, WriteAttrs};
-    use crate::replicate::StoreProvider;
-    use crate::rule::BucketRef;
     use crate::rule::tests::rule;
     use crate::state::RuleStore;
 
@@ -532,13 +501,6 @@ mod tests {
         }
     }
 
-    struct World(MemoryWorld);
-    impl StoreProvider for World {
-        fn store(&self, bucket: &BucketRef) -> Arc<dyn ObjectStore> {
-            Arc::new(self.0.store(&bucket.bucket))
-        }
-    }
-
     const OBJECTS: usize = 60;
 
     /// A rule `r` (historical) over `src` -> `dst` with `OBJECTS` objects, every write
@@ -577,7 +539,7 @@ mod tests {
         let backfiller = Backfiller::new(
             Arc::new(state.clone()),
             Arc::new(state.clone()),
-            Arc::new(World(world.clone())),
+            Arc::new(world.clone()),
             CopyEngine::default(),
             settings,
         );

@@ -104,17 +104,8 @@ mod tests {
     use crate::error::Result;
     use crate::memory::{MemoryState, MemoryWorld};
     use crate::object_store::{ObjectStore, WriteAttrs};
-    use crate::replicate::StoreProvider;
-    use crate::rule::BucketRef;
     use crate::rule::tests::rule;
     use crate::state::RuleStore;
-
-    struct World(MemoryWorld);
-    impl StoreProvider for World {
-        fn store(&self, bucket: &BucketRef) -> Arc<dyn ObjectStore> {
-            Arc::new(self.0.store(&bucket.bucket))
-        }
-    }
 
     const OBJECTS: usize = 12;
 
@@ -160,7 +151,7 @@ mod tests {
         Backfiller::new(
             Arc::new(state.clone()),
             jobs,
-            Arc::new(World(world.clone())),
+            Arc::new(world.clone()),
             CopyEngine::default(),
             settings,
         )

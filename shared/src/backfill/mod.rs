@@ -163,6 +163,31 @@ impl Job {
     }
 }
 
+impl Job {
+    /// A job just requested at `now`: pending, nothing counted or cut yet; reading the S3
+    /// Inventory report whose manifest is `inventory`, or listing the source.
+    pub fn requested(rule_id: &str, inventory: Option<&str>, now: DateTime<Utc>) -> Self {
+        Job {
+            rule_id: rule_id.to_string(),
+            state: JobState::Pending,
+            planned: false,
+            plan_prefix: 0,
+            plan_after: None,
+            frontier: Vec::new(),
+            total_objects: 0,
+            total_bytes: 0,
+            segments: 0,
+            started_at: now,
+            updated_at: now,
+            completed_at: None,
+            last_error: None,
+            inventory: inventory.map(str::to_string),
+            progress: JobProgress::default(),
+            claims: ClaimBoard::default(),
+        }
+    }
+}
+
 /// A job's totals over its segments, kept in the job item: each checkpoint adds its page's
 /// tally (and one finished segment with the segment's last page) in the same transaction
 /// that writes the segment's checkpoint, so the totals are exactly the segments' sums.
@@ -480,24 +505,9 @@ mod tests {
     use super::*;
 
     fn job() -> Job {
-        let now = Utc::now();
         Job {
-            rule_id: "r".into(),
             state: JobState::Running,
-            planned: false,
-            plan_prefix: 0,
-            plan_after: None,
-            frontier: Vec::new(),
-            total_objects: 0,
-            total_bytes: 0,
-            segments: 0,
-            started_at: now,
-            updated_at: now,
-            completed_at: None,
-            last_error: None,
-            inventory: None,
-            progress: JobProgress::default(),
-            claims: ClaimBoard::default(),
+            ..Job::requested("r", None, Utc::now())
         }
     }
 

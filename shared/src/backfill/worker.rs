@@ -242,24 +242,7 @@ impl Backfiller {
             }
         }
         let now = Utc::now();
-        let fresh = Job {
-            rule_id: rule_id.to_string(),
-            state: JobState::Pending,
-            planned: false,
-            plan_prefix: 0,
-            plan_after: None,
-            frontier: Vec::new(),
-            total_objects: 0,
-            total_bytes: 0,
-            segments: 0,
-            started_at: now,
-            updated_at: now,
-            completed_at: None,
-            last_error: None,
-            inventory: inventory.map(str::to_string),
-            progress: Default::default(),
-            claims: Default::default(),
-        };
+        let fresh = Job::requested(rule_id, inventory, now);
         if !self.jobs.create_job(&fresh).await? {
             let job = self.jobs.job(rule_id).await?.unwrap_or(fresh.clone());
             if matches!(job.state, JobState::Paused | JobState::Failed) {
@@ -306,6 +289,28 @@ impl Backfiller {
         owner: &str,
         deadline: Instant,
     ) -> Result<Vec<RunReport>> {
+        self.each_active_rule(only, |rule, job| async move {
+            self.run_rule(&rule, job, owner, deadline).await
+        })
+        .await
+    }
+
+    /// Gives `work` each rule with a migration to do (the rule `only`, if given) and its
+    /// job: a rule with historical sync gets its job started here, one without may have
+    /// had one started by hand (`crr backfill start`, the console); paused rules, finished
+    /// jobs and rules naming buckets this deployment may not touch are left out (the last
+    /// fail their job). One rule's failure does not hold the others back: a permanent
+    /// error fails the job (the status shows why), a transient one is retried by the next
+    /// invocation from the last checkpoint; the first error is returned after all ran.
+    pub(super) async fn each_active_rule<T, F, Fut>(
+        &self,
+        only: Option<&str>,
+        mut work: F,
+    ) -> Result<Vec<T>>
+    where
+        F: FnMut(Rule, Job) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let rules: Vec<Rule> = match only {
             Some(id) => vec![
                 self.rules
@@ -313,11 +318,9 @@ impl Backfiller {
                     .await?
                     .ok_or_else(|| Error::RuleNotFound(id.to_string()))?,
             ],
-            // Every rule: one with historical sync is started here, one without may have
-            // a migration started by hand (`crr backfill start`, the console).
             None => self.rules.list_rules().await?,
         };
-        let mut reports = Vec::new();
+        let mut done = Vec::new();
         let mut first_error = None;
         for rule in rules {
             if rule.paused {
@@ -331,19 +334,17 @@ impl Backfiller {
             if !matches!(job.state, JobState::Pending | JobState::Running) {
                 continue;
             }
-            let run = match self.settings.allowed.check(&rule) {
-                Ok(()) => self.run_rule(&rule, job, owner, deadline).await,
+            let rule_id = rule.id.clone();
+            let worked = match self.settings.allowed.check(&rule) {
+                Ok(()) => work(rule, job).await,
                 Err(e) => Err(e),
             };
-            match run {
-                Ok(report) => reports.push(report),
+            match worked {
+                Ok(report) => done.push(report),
                 Err(e) => {
-                    // One rule's failure does not hold the others back. A permanent error
-                    // fails the job (the status shows why); a transient one is retried by
-                    // the next invocation from the last checkpoint.
-                    tracing::error!(rule_id = %rule.id, error = %e, retryable = e.is_retryable(), "backfill of the rule failed");
+                    tracing::error!(rule_id = %rule_id, error = %e, retryable = e.is_retryable(), "backfill of the rule failed");
                     if !e.is_retryable() {
-                        self.jobs.fail_job(&rule.id, &e.to_string()).await?;
+                        self.jobs.fail_job(&rule_id, &e.to_string()).await?;
                     }
                     first_error.get_or_insert(e);
                 }
@@ -351,7 +352,7 @@ impl Backfiller {
         }
         match first_error {
             Some(e) => Err(e),
-            None => Ok(reports),
+            None => Ok(done),
         }
     }
 
