@@ -177,21 +177,10 @@ impl Backfiller {
             rule_id: rule.id.clone(),
             ..CoordinatorReport::default()
         };
-        if job.state == JobState::Pending {
-            self.jobs
-                .advance_job(&rule.id, JobState::Pending, JobState::Running)
-                .await?;
-        }
+        self.mark_running(&job).await?;
         // Segments are sent as they are cut: the workers start while the pass goes on.
         let (cuts, mut counting) = tokio::sync::watch::channel(job.planned);
-        let plan = async {
-            if job.planned {
-                return Ok(());
-            }
-            let planned = self.plan(rule, job, deadline, Some(&cuts)).await;
-            cuts.send_replace(true);
-            planned.map(|_| ())
-        };
+        let plan = self.count_telling(rule, job, deadline, &cuts);
         let send = async {
             let mut sent = 0;
             loop {
@@ -359,11 +348,7 @@ impl Backfiller {
             self.jobs.fail_job(&rule.id, &e.to_string()).await?;
             return Err(e);
         }
-        if job.state == JobState::Pending {
-            self.jobs
-                .advance_job(&rule.id, JobState::Pending, JobState::Running)
-                .await?;
-        }
+        self.mark_running(&job).await?;
         let now = now_ms();
         let held_until = Instant::now() + self.settings.lease;
         let until = now + self.settings.lease.as_millis() as u64;

@@ -423,6 +423,34 @@ impl Backfiller {
         reports
     }
 
+    /// Moves a pending job to running. Only from pending: another invocation may have
+    /// finished the job since it was read, and a completed job stays completed.
+    pub(super) async fn mark_running(&self, job: &Job) -> Result<()> {
+        if job.state == JobState::Pending {
+            self.jobs
+                .advance_job(&job.rule_id, JobState::Pending, JobState::Running)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The counting pass, if the job still needs it, telling `cuts` of every cut and of
+    /// its end (`true`), so work can start on the first segment while it goes on.
+    pub(super) async fn count_telling(
+        &self,
+        rule: &Rule,
+        job: Job,
+        deadline: Instant,
+        cuts: &tokio::sync::watch::Sender<bool>,
+    ) -> Result<()> {
+        if job.planned {
+            return Ok(());
+        }
+        let planned = self.plan(rule, job, deadline, Some(cuts)).await;
+        cuts.send_replace(true);
+        planned.map(|_| ())
+    }
+
     async fn run_rule(
         &self,
         rule: &Rule,
@@ -434,25 +462,12 @@ impl Backfiller {
             rule_id: rule.id.clone(),
             ..RunReport::default()
         };
-        if job.state == JobState::Pending {
-            // Only from pending: another invocation may have finished the job since it
-            // was read, and a completed job stays completed.
-            self.jobs
-                .advance_job(&rule.id, JobState::Pending, JobState::Running)
-                .await?;
-        }
+        self.mark_running(&job).await?;
         let mark = JobMark::of(&job);
         // Copying starts with the first segment cut: the workers wait for cuts while the
         // counting pass is still going, and stop once it is over and nothing is left.
         let (cuts, counting) = tokio::sync::watch::channel(job.planned);
-        let plan = async {
-            if job.planned {
-                return Ok(());
-            }
-            let planned = self.plan(rule, job, deadline, Some(&cuts)).await;
-            cuts.send_replace(true);
-            planned.map(|_| ())
-        };
+        let plan = self.count_telling(rule, job, deadline, &cuts);
         let workers = (0..self.settings.workers.max(1))
             .map(|n| self.work(rule, &mark, owner, n, deadline, counting.clone()));
         let (planned, worked) = tokio::join!(plan, futures::future::join_all(workers));
