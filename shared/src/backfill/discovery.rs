@@ -685,20 +685,35 @@ pub fn predecessor(s: &str) -> Option<String> {
     }
     // Below U+E000 lies the surrogate gap: the next lower character is U+D7FF.
     let lowered = char::from_u32(last - 1).or((last == 0xE000).then_some('\u{D7FF}'))?;
+    let lowered = xml_char_at_most(lowered)?;
     let mut out: String = chars.into_iter().collect();
     out.push(lowered);
     Some(greatest_under(out))
 }
 
+/// The greatest character at most `c` that XML 1.0 allows (a split bound is sent as
+/// StartAfter and echoed in the XML answer): `None` below U+0009.
+fn xml_char_at_most(c: char) -> Option<char> {
+    match c {
+        '\u{FFFE}' | '\u{FFFF}' => Some('\u{FFFD}'),
+        '\u{0E}'..='\u{1F}' => Some('\r'),
+        '\u{0B}' | '\u{0C}' => Some('\n'),
+        '\u{0}'..='\u{8}' => None,
+        c => Some(c),
+    }
+}
+
 /// The greatest string of at most [`MAX_KEY_BYTES`] bytes that starts with `stem`: `stem`
-/// filled with the highest character (4 bytes in UTF-8), then with the highest character
-/// that fits in the 1 to 3 bytes left.
+/// filled with the highest character (4 bytes in UTF-8), then with the highest XML
+/// character that fits in the 1 to 3 bytes left.
 pub fn greatest_under(mut stem: String) -> String {
     while stem.len() + 4 <= MAX_KEY_BYTES {
         stem.push(char::MAX);
     }
     match MAX_KEY_BYTES.saturating_sub(stem.len()) {
-        3 => stem.push('\u{FFFF}'),
+        // U+FFFE and U+FFFF are not XML characters: a ListObjectsV2 answer echoing the
+        // bound as StartAfter without encoding it (moto's) could not be read.
+        3 => stem.push('\u{FFFD}'),
         2 => stem.push('\u{7FF}'),
         1 => stem.push('\u{7F}'),
         _ => {}
@@ -714,7 +729,7 @@ pub fn stem_of_greatest(s: &str) -> Option<&str> {
     }
     let mut stem = s;
     if let Some(last) = stem.chars().last()
-        && matches!(last, '\u{FFFF}' | '\u{7FF}' | '\u{7F}')
+        && matches!(last, '\u{FFFD}' | '\u{7FF}' | '\u{7F}')
     {
         stem = &stem[..stem.len() - last.len_utf8()];
     }
@@ -1144,6 +1159,31 @@ mod tests {
         assert!(took16 * 4 <= took1, "{measured:?}");
         assert!(lists16 * 2 <= lists1 * 3, "{measured:?}");
         assert!(segments16 <= 60, "{measured:?}");
+    }
+
+    #[test]
+    fn split_bounds_hold_only_characters_xml_allows() {
+        // Sent as StartAfter, a bound comes back in the XML answer: U+FFFF or a control
+        // character there made moto's answer unreadable.
+        let xml_ok = |c: char| {
+            matches!(c, '\t' | '\n' | '\r')
+                || ('\u{20}'..='\u{D7FF}').contains(&c)
+                || ('\u{E000}'..='\u{FFFD}').contains(&c)
+                || c >= '\u{10000}'
+        };
+        // (A key's own characters stay as they are: only those made here are checked.)
+        for s in ["long.\u{10000}", "a\u{20}", "b\u{0C}", "x/", "\u{E000}"] {
+            if let Some(p) = predecessor(s) {
+                assert!(p.as_str() < s, "{s:?}");
+                assert!(p.chars().all(xml_ok), "{s:?} -> {p:?}");
+            }
+        }
+        let filled = greatest_under("k".repeat(MAX_KEY_BYTES - 3 - 4 * 10));
+        assert!(filled.chars().all(xml_ok));
+        assert_eq!(
+            stem_of_greatest(&filled).map(str::len),
+            Some(MAX_KEY_BYTES - 43)
+        );
     }
 
     #[test]
