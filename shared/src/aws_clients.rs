@@ -46,6 +46,14 @@ impl OperationLog {
         }
     }
 
+    /// Appends one whole line in one write: several processes may share the file (a
+    /// fanned-out backfill's instances), and O_APPEND keeps a single write whole, where
+    /// `writeln!`'s several writes interleaved with another process's.
+    fn append(&self, line: &str) -> std::io::Result<()> {
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        file.write_all(line.as_bytes())
+    }
+
     /// A log appending to `path` (tests that build their own clients).
     pub fn to_file(path: &std::path::Path) -> std::io::Result<Self> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
@@ -68,14 +76,14 @@ impl Intercept for OperationLog {
         _components: &RuntimeComponents,
         cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        match cfg.load::<Metadata>() {
+        let line = match cfg.load::<Metadata>() {
             Some(op) => match item_family(context) {
-                Some(family) => writeln!(file, "{}:{} {family}", op.service(), op.name())?,
-                None => writeln!(file, "{}:{}", op.service(), op.name())?,
+                Some(family) => format!("{}:{} {family}\n", op.service(), op.name()),
+                None => format!("{}:{}\n", op.service(), op.name()),
             },
-            None => writeln!(file, "unknown:unknown")?,
-        }
+            None => "unknown:unknown\n".to_string(),
+        };
+        self.append(&line)?;
         if let Some(family) = read_family(context) {
             cfg.interceptor_state().store_put(ReadFamily(family));
         }
@@ -94,15 +102,13 @@ impl Intercept for OperationLog {
         let Some(items) = items_read(output) else {
             return Ok(());
         };
-        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         let family = cfg.load::<ReadFamily>().map_or("", |f| f.0.as_str());
         if let Some(op) = cfg.load::<Metadata>() {
-            writeln!(
-                file,
-                "{}:{} {family} items={items}",
+            self.append(&format!(
+                "{}:{} {family} items={items}\n",
                 op.service(),
                 op.name()
-            )?;
+            ))?;
         }
         Ok(())
     }
