@@ -661,8 +661,7 @@ impl RunningFunction {
         env: &[String],
         args: &[&str],
     ) -> Result<Self> {
-        let child = Self::command(stack, function, table, timeout_secs, env)?
-            .args(["--queue-url", queue_url])
+        let child = Self::fed(stack, function, queue_url, table, timeout_secs, env)?
             .args(args)
             .spawn()
             .context("starting crr local run-function")?;
@@ -683,13 +682,27 @@ impl RunningFunction {
     ) -> Result<Self> {
         let file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Self::command(stack, function, table, timeout_secs, env)?
-            .args(["--queue-url", queue_url, "--batch-size", "1"])
+        let child = Self::fed(stack, function, queue_url, table, timeout_secs, env)?
+            .args(["--batch-size", "1"])
             .stdout(file.try_clone()?)
             .stderr(file)
             .spawn()
             .context("starting crr local run-function")?;
         Ok(Self { child, port: 0 })
+    }
+
+    /// `crr local run-function` for `function` fed by the queue at `queue_url`.
+    fn fed(
+        stack: &Stack,
+        function: &str,
+        queue_url: &str,
+        table: &str,
+        timeout_secs: u64,
+        env: &[String],
+    ) -> Result<Command> {
+        let mut cmd = Self::command(stack, function, table, timeout_secs, env)?;
+        cmd.args(["--queue-url", queue_url]);
+        Ok(cmd)
     }
 
     /// Starts `function` behind the emulator on a free port, invoked through its Invoke

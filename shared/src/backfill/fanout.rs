@@ -254,30 +254,28 @@ impl Backfiller {
             .filter(|(_, until)| **until < cutoff)
             .map(|(index, until)| (*index, *until))
             .collect();
-        let mut resent = 0;
+        // Dated first: of coordinators racing, one sends each (in one batch).
+        let mut resend = Vec::new();
         for (segment, until) in stopped {
-            // Dated first: of coordinators racing, one sends it.
             if self
                 .jobs
                 .touch_board_entry(rule_id, segment, until, now)
                 .await?
             {
-                queue
-                    .send(&[SegmentWork {
-                        rule_id: rule_id.to_string(),
-                        segment,
-                    }])
-                    .await?;
                 tracing::warn!(
                     rule_id,
                     segment,
                     stopped_ms_ago = now.saturating_sub(until),
                     "segment work had stopped; sent again"
                 );
-                resent += 1;
+                resend.push(SegmentWork {
+                    rule_id: rule_id.to_string(),
+                    segment,
+                });
             }
         }
-        Ok(resent)
+        queue.send(&resend).await?;
+        Ok(resend.len() as u32)
     }
 
     /// Works an SQS batch of segment messages (up to `workers` at once); the ones that
