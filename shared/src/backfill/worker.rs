@@ -949,9 +949,11 @@ impl Backfiller {
                     self.adaptive
                         .of(&lane.rule.id, group, self.settings.copy_concurrency.max(1));
                 async move {
+                    // Retries end before the page is cut off at the hard stop, so an
+                    // error that outlasted them is reported, not raced by the cut-off.
                     let copied = self
                         .retry
-                        .run(Some(deadline), "backfill object", move || {
+                        .run(Some(hard_stop(deadline)), "backfill object", move || {
                             self.backfill_adaptive(lane, o, seen, in_flight.clone())
                         })
                         .await;
