@@ -19,7 +19,9 @@ pub struct VerifyArgs {
     /// JSON Lines: one object per difference, then `{"summary": {...}}`.
     #[arg(long)]
     json: bool,
-    /// Also read and compare content MD5s where ETags cannot tell (multipart, SSE-KMS).
+    /// Prove the bytes equal where ETags cannot (multipart, SSE-KMS, replicas vouched for
+    /// by their marker): by both objects' stored checksums (CRC64NVME, CRC32C, CRC32,
+    /// SHA-1, SHA-256) where comparable, else by reading both and comparing MD5s.
     #[arg(long)]
     checksum: bool,
     /// Compare keys, sizes and ETags only (no HEAD or tag reads per object).
@@ -67,8 +69,12 @@ pub async fn run(aws: &AwsArgs, args: VerifyArgs) -> Result<bool> {
             let line = if json {
                 serde_json::to_string(drift).unwrap_or_default()
             } else {
+                let by = drift
+                    .checked_by
+                    .map(|m| format!(" [checked by {}]", m.as_str()))
+                    .unwrap_or_default();
                 format!(
-                    "{:<9} {}  ({})",
+                    "{:<9} {}  ({}){by}",
                     drift.kind.as_str(),
                     drift.key,
                     drift.reason
@@ -122,6 +128,19 @@ fn print_summary(s: &VerifySummary) {
             format!(", {} changing while compared", s.in_flux)
         } else {
             String::new()
+        }
+    );
+    let c = &s.checked_by;
+    println!(
+        "bytes checked by: etag {}, stored checksum {}, content read {}, size {}{}",
+        c.etag,
+        c.checksum,
+        c.content,
+        c.size,
+        if s.compared_checksums {
+            ""
+        } else {
+            " (--checksum proves what ETags cannot)"
         }
     );
     println!(

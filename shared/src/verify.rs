@@ -8,9 +8,18 @@
 //!   are meant to be kept, so such keys are only counted (`extra_kept`);
 //! - in both: `different` when the sizes differ; when the ETags differ, unless the
 //!   replica's `crr-source-etag` marker names the source's ETag (a multipart replica with
-//!   another part layout, or an SSE-KMS object, whose contents the copy verified), and,
-//!   with `checksum`, unless the contents' MD5s agree; with `metadata` (the default),
-//!   also when content headers, user metadata (crr's own markers aside) or tags differ.
+//!   another part layout, or an SSE-KMS object, whose contents the copy verified); with
+//!   `metadata` (the default), also when content headers, user metadata (crr's own
+//!   markers aside) or tags differ.
+//! - with `checksum`, wherever equal single-part ETags (MD5s of both contents) do not
+//!   already prove the bytes equal, they are proved another way: first by the checksums
+//!   S3 stores with both objects (CRC64NVME, CRC32C, CRC32, SHA-1, SHA-256; from the HEADs
+//!   verify takes anyway), where both have one of the same algorithm and kind; only where
+//!   they cannot be compared by reading both contents and comparing their MD5s.
+//!
+//! Each object on both sides is counted by the way its bytes were checked
+//! ([`CheckedBy`]): `size` (the sizes differ), `etag` (ETags, or crr's marker),
+//! `checksum` (stored checksums), `content` (both read); each drift says it too.
 //!
 //! That comparison is `replica_difference`, the one answer to "is this replica a precise
 //! copy of this source": the backfill asks it too before it counts an object in place.
@@ -43,8 +52,9 @@ pub struct VerifyOptions {
     /// Compare content headers, user metadata and tags (two HEADs per object present on
     /// both sides, and two tag reads where both have the same number of tags, not zero).
     pub metadata: bool,
-    /// Read both objects and compare their MD5s where the ETags cannot tell (multipart
-    /// objects, SSE-KMS, differing part layouts).
+    /// Prove the bytes equal where the ETags cannot (multipart objects, SSE-KMS,
+    /// differing part layouts, replicas vouched for by their marker only): by the objects'
+    /// stored checksums where comparable, else by reading both and comparing their MD5s.
     pub checksum: bool,
     /// Objects compared at once.
     pub concurrency: usize,
@@ -82,6 +92,52 @@ impl DriftKind {
     }
 }
 
+/// How an object's bytes were compared with its replica's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckMethod {
+    /// The sizes differ: nothing more was needed.
+    Size,
+    /// The ETags (MD5s of single-part contents), or the replica's `crr-source-etag` marker
+    /// naming the source's ETag.
+    Etag,
+    /// The additional checksums S3 stores with both objects (same algorithm and kind).
+    Checksum,
+    /// Both contents read and their MD5s compared.
+    Content,
+}
+
+impl CheckMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckMethod::Size => "size",
+            CheckMethod::Etag => "etag",
+            CheckMethod::Checksum => "checksum",
+            CheckMethod::Content => "content",
+        }
+    }
+}
+
+/// Objects present on both sides, by the way their bytes were compared.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckedBy {
+    pub size: u64,
+    pub etag: u64,
+    pub checksum: u64,
+    pub content: u64,
+}
+
+impl CheckedBy {
+    fn count(&mut self, method: CheckMethod) {
+        match method {
+            CheckMethod::Size => self.size += 1,
+            CheckMethod::Etag => self.etag += 1,
+            CheckMethod::Checksum => self.checksum += 1,
+            CheckMethod::Content => self.content += 1,
+        }
+    }
+}
+
 /// One difference between source and target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Drift {
@@ -91,6 +147,14 @@ pub struct Drift {
     pub target_size: Option<u64>,
     /// What differs, in words (`size 10 != 12`, `metadata 'color'`...).
     pub reason: String,
+    /// For a key on both sides: how its bytes were compared. When `differs_in` is
+    /// `bytes`, the method that found the difference; otherwise the one that found the
+    /// bytes equal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_by: Option<CheckMethod>,
+    /// For a key on both sides: what differs (`bytes`, `headers`, `metadata`, `tags`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub differs_in: Option<DifferenceKind>,
 }
 
 /// What part of a replica differs from its source.
@@ -168,6 +232,9 @@ pub struct VerifySummary {
     pub in_flux: u64,
     pub compared_metadata: bool,
     pub compared_checksums: bool,
+    /// Keys on both sides (not in flux), by the way their bytes were compared.
+    #[serde(default)]
+    pub checked_by: CheckedBy,
 }
 
 impl VerifySummary {
@@ -187,7 +254,7 @@ pub struct Progress {
 
 /// The verdict on one key.
 enum Verdict {
-    Matching,
+    Matching(CheckMethod),
     Drift(Drift),
     ExtraKept,
     InFlux,
@@ -248,7 +315,10 @@ pub async fn verify(
                 summary.target_bytes += t.size;
             }
             match verdict {
-                Verdict::Matching => summary.matching += 1,
+                Verdict::Matching(method) => {
+                    summary.matching += 1;
+                    summary.checked_by.count(method);
+                }
                 Verdict::ExtraKept => summary.extra_kept += 1,
                 Verdict::InFlux => summary.in_flux += 1,
                 Verdict::Drift(drift) => {
@@ -261,6 +331,9 @@ pub async fn verify(
                     };
                     *count += 1;
                     *bytes += drift.source_size.or(drift.target_size).unwrap_or(0);
+                    if let Some(method) = drift.checked_by {
+                        summary.checked_by.count(method);
+                    }
                     on_drift(&drift);
                 }
             }
@@ -395,7 +468,21 @@ fn drift(kind: DriftKind, pair: &Pair, reason: impl Into<String>) -> Verdict {
         source_size: pair.source.as_ref().map(|o| o.size),
         target_size: pair.target.as_ref().map(|o| o.size),
         reason: reason.into(),
+        checked_by: None,
+        differs_in: None,
     })
+}
+
+/// A `Different` drift of a key on both sides: what differs, found how.
+fn different(pair: &Pair, difference: Difference, method: CheckMethod) -> Verdict {
+    match drift(DriftKind::Different, pair, difference.detail) {
+        Verdict::Drift(d) => Verdict::Drift(Drift {
+            checked_by: Some(method),
+            differs_in: Some(difference.kind),
+            ..d
+        }),
+        other => other,
+    }
 }
 
 async fn judge(
@@ -412,15 +499,21 @@ async fn judge(
         (None, _) => return Ok(drift(DriftKind::Extra, pair, "not in the source")),
     };
     if s.size != t.size {
-        return Ok(drift(
-            DriftKind::Different,
+        let detail = format!("size {} != {}", s.size, t.size);
+        return Ok(different(
             pair,
-            format!("size {} != {}", s.size, t.size),
+            Difference::new(DifferenceKind::Bytes, detail),
+            CheckMethod::Size,
         ));
     }
     // Some S3-compatible servers (s3s-fs) list no ETags: HEAD tells them.
     let listed_etags = !s.etag.is_empty() && !t.etag.is_empty();
-    let need_heads = options.metadata || !listed_etags || s.etag != t.etag;
+    // With `checksum`, equal multipart ETags are proved by the stored checksums the HEADs
+    // tell (or the contents) too.
+    let need_heads = options.metadata
+        || !listed_etags
+        || s.etag != t.etag
+        || (options.checksum && s.etag.contains('-'));
     let heads = if need_heads {
         let (a, b) = futures::join!(source.head(&pair.key), target.head(&pair.key));
         let unchanged = |info: &ObjectInfo, listed: &ListedObject| {
@@ -438,33 +531,54 @@ async fn judge(
         Some((a, b)) => (a.etag.clone(), b.etag.clone()),
         None => (s.etag.clone(), t.etag.clone()),
     };
-    // With `checksum`, the contents themselves are compared wherever equal ETags do not
-    // prove them equal (multipart objects, other part layouts, SSE-KMS).
+    // With `checksum`, the bytes are proved equal wherever equal ETags do not prove it
+    // (multipart objects, other part layouts, SSE-KMS, a replica vouched for only by its
+    // marker): by the stored checksums where comparable (free: the HEADs told them), else
+    // by reading both contents.
     let plain_md5s = source_etag == target_etag && !source_etag.contains('-');
-    let content_confirmed = if options.checksum && !plain_md5s {
-        let size = s.size;
-        let (a, b) = futures::join!(
-            content_md5(source, &pair.key, size, &source_etag),
-            content_md5(target, &pair.key, size, &target_etag)
-        );
-        match changed_is_none(a, b)? {
-            None => return Ok(Verdict::InFlux),
-            Some((a, b)) if a != b => {
-                return Ok(drift(
-                    DriftKind::Different,
+    let confirmed_by = if options.checksum && !plain_md5s {
+        let stored = heads
+            .as_ref()
+            .and_then(|(a, b)| Some((a.checksum.as_ref()?, b.checksum.as_ref()?)));
+        match stored.and_then(|(a, b)| Some((a.agrees_with(b)?, a, b))) {
+            Some((true, _, _)) => Some(CheckMethod::Checksum),
+            Some((false, a, b)) => {
+                let detail = format!("checksum {a} != {b}");
+                return Ok(different(
                     pair,
-                    format!("content md5 {a} != {b}"),
+                    Difference::new(DifferenceKind::Bytes, detail),
+                    CheckMethod::Checksum,
                 ));
             }
-            Some(_) => true,
+            None => {
+                let size = s.size;
+                let (a, b) = futures::join!(
+                    content_md5(source, &pair.key, size, &source_etag),
+                    content_md5(target, &pair.key, size, &target_etag)
+                );
+                match changed_is_none(a, b)? {
+                    None => return Ok(Verdict::InFlux),
+                    Some((a, b)) if a != b => {
+                        let detail = format!("content md5 {a} != {b}");
+                        return Ok(different(
+                            pair,
+                            Difference::new(DifferenceKind::Bytes, detail),
+                            CheckMethod::Content,
+                        ));
+                    }
+                    Some(_) => Some(CheckMethod::Content),
+                }
+            }
         }
     } else {
-        false
+        None
     };
+    let method = confirmed_by.unwrap_or(CheckMethod::Etag);
     // Listed with equal ETags, and nothing more to compare.
     let Some((a, b)) = &heads else {
-        return Ok(Verdict::Matching);
+        return Ok(Verdict::Matching(method));
     };
+    let content_confirmed = confirmed_by.is_some();
     let difference = if options.metadata {
         let tags = read_tags(source, target, a, b).await?;
         replica_difference(a, b, &tags, content_confirmed)
@@ -474,8 +588,8 @@ async fn judge(
         content_difference(a.size, &a.etag, b)
     };
     Ok(match difference {
-        Some(d) => drift(DriftKind::Different, pair, d.detail),
-        None => Verdict::Matching,
+        Some(d) => different(pair, d, method),
+        None => Verdict::Matching(method),
     })
 }
 
@@ -649,6 +763,7 @@ async fn content_md5(store: &dyn ObjectStore, key: &str, size: u64, etag: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checksum::{ChecksumAlgorithm, SentChecksum};
     use crate::memory::MemoryWorld;
     use crate::object_store::WriteAttrs;
     use crate::rule::tests::rule;
@@ -798,6 +913,13 @@ mod tests {
         );
     }
 
+    fn checking() -> VerifyOptions {
+        VerifyOptions {
+            checksum: true,
+            ..VerifyOptions::default()
+        }
+    }
+
     #[tokio::test]
     async fn a_replica_vouched_by_its_marker_matches_unless_the_checksum_says_otherwise() {
         let world = MemoryWorld::default();
@@ -816,20 +938,168 @@ mod tests {
         let r = rule("r", "src", "dst");
         let (summary, _) = run(&r, &world, VerifyOptions::default()).await;
         assert_eq!(summary.matching, 1);
-        let (summary, drifts) = run(
-            &r,
-            &world,
-            VerifyOptions {
-                checksum: true,
-                ..VerifyOptions::default()
-            },
-        )
-        .await;
+        assert_eq!(summary.checked_by.etag, 1);
+        // Both carry S3's default CRC64NVME: the stored checksums tell, no byte is read.
+        let (summary, drifts) = run(&r, &world, checking()).await;
         assert_eq!(summary.different, 1);
         assert!(
-            drifts[0].reason.starts_with("content md5"),
+            drifts[0].reason.starts_with("checksum CRC64NVME "),
             "{:?}",
             drifts[0]
         );
+        assert_eq!(drifts[0].checked_by, Some(CheckMethod::Checksum));
+        assert_eq!(drifts[0].differs_in, Some(DifferenceKind::Bytes));
+        assert_eq!(
+            summary.checked_by,
+            CheckedBy {
+                checksum: 1,
+                ..CheckedBy::default()
+            }
+        );
+    }
+
+    async fn put_with(store: &dyn ObjectStore, key: &str, body: &[u8], attrs: WriteAttrs) {
+        store
+            .put(key, Bytes::copy_from_slice(body), &attrs)
+            .await
+            .unwrap();
+    }
+
+    /// A two-part upload of `part` twice; returns its ETag.
+    async fn put_parts(store: &dyn ObjectStore, key: &str, part: &[u8], attrs: WriteAttrs) -> String {
+        let upload = store.create_multipart(key, &attrs).await.unwrap();
+        let mut parts = vec![];
+        for n in 1..=2 {
+            let etag = store
+                .upload_part(key, &upload, n, Bytes::copy_from_slice(part), None)
+                .await
+                .unwrap();
+            parts.push(crate::object_store::UploadedPart {
+                part_number: n,
+                etag,
+            });
+        }
+        store
+            .complete_multipart(key, &upload, &parts, None, None)
+            .await
+            .unwrap()
+    }
+
+    fn sending(algorithm: ChecksumAlgorithm, meta: &[(&str, &str)]) -> WriteAttrs {
+        WriteAttrs {
+            checksum: SentChecksum::Compute(algorithm),
+            metadata: meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..WriteAttrs::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn checksums_prove_what_etags_cannot_and_content_is_read_only_where_they_cannot_compare()
+     {
+        let world = MemoryWorld::default();
+        let (src, dst) = (world.store("src"), world.store("dst"));
+        // A multipart source (two parts) and a single-part replica: other ETags, the same
+        // full-object CRC64NVME.
+        let part = vec![7u8; 5 * 1024 * 1024];
+        let whole = [part.clone(), part.clone()].concat();
+        let multi_etag = put_parts(&src, "multi", &part, WriteAttrs::default()).await;
+        put_with(
+            &dst,
+            "multi",
+            &whole,
+            sending(
+                ChecksumAlgorithm::Crc64Nvme,
+                &[(marker::SOURCE_ETAG, &multi_etag)],
+            ),
+        )
+        .await;
+        // The same bytes, but a composite SHA-256 (of the parts) beside a full-object
+        // CRC64NVME: only the contents can tell.
+        let sha_etag = put_parts(
+            &src,
+            "other-algo",
+            &part,
+            sending(ChecksumAlgorithm::Sha256, &[]),
+        )
+        .await;
+        assert_eq!(
+            src.head("other-algo").await.unwrap().unwrap().checksum.map(|c| c.parts),
+            Some(Some(2))
+        );
+        put_with(
+            &dst,
+            "other-algo",
+            &whole,
+            sending(
+                ChecksumAlgorithm::Crc64Nvme,
+                &[(marker::SOURCE_ETAG, &sha_etag)],
+            ),
+        )
+        .await;
+        // Tampered, same size, marker kept, other algorithms: the contents tell.
+        put_with(&src, "tampered", b"abc", sending(ChecksumAlgorithm::Sha1, &[])).await;
+        let etag = src.head("tampered").await.unwrap().unwrap().etag;
+        put_with(
+            &dst,
+            "tampered",
+            b"abd",
+            sending(ChecksumAlgorithm::Crc32, &[(marker::SOURCE_ETAG, &etag)]),
+        )
+        .await;
+        // Equal single-part ETags: the MD5s prove it.
+        put(&src, "plain", "same", &[]).await;
+        put(&dst, "plain", "same", &[]).await;
+        // Another size: nothing more to compare.
+        put(&src, "short", "abc", &[]).await;
+        put(&dst, "short", "abcd", &[]).await;
+
+        let r = rule("r", "src", "dst");
+        let (summary, drifts) = run(&r, &world, checking()).await;
+        let found: Vec<_> = drifts
+            .iter()
+            .map(|d| (d.key.as_str(), d.checked_by))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                ("short", Some(CheckMethod::Size)),
+                ("tampered", Some(CheckMethod::Content)),
+            ]
+        );
+        assert!(drifts[1].reason.starts_with("content md5 "), "{drifts:?}");
+        assert_eq!(
+            summary.checked_by,
+            CheckedBy {
+                size: 1,
+                etag: 1,
+                checksum: 1,
+                content: 2,
+            }
+        );
+        assert_eq!((summary.matching, summary.different), (3, 2));
+
+        // Without --checksum the ETags and markers decide: the tampered replica passes.
+        let (summary, drifts) = run(&r, &world, VerifyOptions::default()).await;
+        assert_eq!(drifts.len(), 1, "{drifts:?}");
+        assert_eq!(summary.checked_by.etag, 4);
+    }
+
+    #[test]
+    fn drifts_and_summaries_of_older_versions_still_read() {
+        let drift: Drift = serde_json::from_str(
+            r#"{"kind":"different","key":"k","source_size":1,"target_size":1,"reason":"etag a != b"}"#,
+        )
+        .unwrap();
+        assert_eq!(drift.checked_by, None);
+        let json = serde_json::to_value(Drift {
+            checked_by: Some(CheckMethod::Checksum),
+            ..drift
+        })
+        .unwrap();
+        assert_eq!(json["checked_by"], "checksum");
+        assert!(json.get("differs_in").is_none());
     }
 }
