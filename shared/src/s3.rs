@@ -317,7 +317,12 @@ macro_rules! with_checksum {
         match $sent {
             SentChecksum::None => b,
             SentChecksum::Compute(a) => b.checksum_algorithm(sdk_algorithm(*a)),
-            SentChecksum::Known(c) => with_checksum_value!(b, c),
+            // The algorithm named too (`x-amz-sdk-checksum-algorithm`): the SDK sends the
+            // value as given, and servers that store a checksum only when the algorithm is
+            // named (moto) keep it.
+            SentChecksum::Known(c) => {
+                with_checksum_value!(b.checksum_algorithm(sdk_algorithm(c.algorithm)), c)
+            }
         }
     }};
 }
