@@ -9,29 +9,32 @@
 //! | moto_server_side | moto A (us-e1) | moto A (eu-w1) | server-side |
 //! | moto_to_s3s      | moto A         | s3s-fs         | stream      |
 //!
-//! What the servers do with checksums (measured with the Rust SDK, checked again by the
-//! tests below where they rely on it):
-//! - moto 5.x stores and returns (HEAD with checksum mode) each of the five algorithms
-//!   sent with a PUT, and CopyObject keeps algorithm and value. It does NOT refuse a PUT
-//!   whose checksum value is wrong, and its multipart checksums are wrong: a FULL_OBJECT
-//!   upload reports a value that is not the CRC of the whole (4 bytes even for
-//!   CRC64NVME), a COMPOSITE one its value without the `-<parts>` suffix. A PUT without a
-//!   checksum gets none (S3 gives it a CRC64NVME).
-//! - s3s-fs 0.14.1 checks a checksum header sent with a PUT (BadDigest on a wrong value)
-//!   but stores none, so a replica on it carries no checksum, and `crr verify --checksum`
-//!   reads its bytes; it has no GetObjectAttributes.
+//! What the servers do with checksums (measured here with the Rust SDK, as crr's clients
+//! are set up: checksums only when asked for):
+//! - moto 5.x keeps a checksum only when the request names its algorithm
+//!   (`x-amz-sdk-checksum-algorithm`; a bare `x-amz-checksum-*` value header is dropped),
+//!   and then keeps the value sent as it is, right or wrong: it refuses nothing. Where the
+//!   SDK computes the value (sent in a trailer), moto computes its own: right for CRC32,
+//!   SHA-1 and SHA-256, but a CRC32 under the CRC64NVME and CRC32C names. CopyObject keeps
+//!   algorithm and value; HEAD and GET return them with checksum mode on. Multipart: a
+//!   COMPOSITE checksum is reported without its `-<parts>` suffix, a FULL_OBJECT one with
+//!   a 4-byte value even for CRC64NVME; an upload created without an algorithm gets no
+//!   checksum (S3 gives every object a CRC64NVME).
+//! - s3s-fs 0.14.1 checks a checksum sent as a header (BadDigest on a wrong value) and
+//!   keeps it; one the SDK computes into a trailer it keeps not. It writes the bytes
+//!   before it checks them: a refused PUT leaves them in place (S3 keeps nothing).
+//!   No GetObjectAttributes.
 //!
-//! So these tests assert the carried algorithm and value where the server keeps them
-//! right (single-request objects on moto), and only content and kind where moto gets the
-//! values wrong (multipart), saying so; none relies on moto's missing checks.
+//! So these tests assert algorithm and value where the server keeps them right, only
+//! content and kind where moto's values are wrong (multipart), and say where a server's
+//! gap shows; none relies on a check a server does not make.
 
 use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
-    ChecksumAlgorithm as SdkAlgorithm, ChecksumType, CompletedMultipartUpload,
-    CompletedPart,
+    ChecksumAlgorithm as SdkAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart,
 };
 use crr_shared::checksum::{Checksum, ChecksumAlgorithm};
 use crr_shared::copy::{CopyEngine, marker};
@@ -173,7 +176,11 @@ impl Env {
             .send()
             .await
             .with_context(|| format!("PUT {key} with {algorithm}"))?;
-        Ok(out.e_tag().unwrap_or_default().trim_matches('"').to_string())
+        Ok(out
+            .e_tag()
+            .unwrap_or_default()
+            .trim_matches('"')
+            .to_string())
     }
 
     /// Uploads `parts` to the source as one multipart upload of `algorithm` and `kind`,
@@ -413,9 +420,21 @@ async fn multipart_sources_are_carried_and_verified(setup: Setup) -> Result<()> 
     let (p1, p2) = (pattern(6 * MIB, 1), pattern(3 * MIB, 2));
     let whole = [p1.clone(), p2.clone()].concat();
     let sources = [
-        ("composite-crc32c", ChecksumAlgorithm::Crc32c, ChecksumType::Composite),
-        ("composite-sha256", ChecksumAlgorithm::Sha256, ChecksumType::Composite),
-        ("full-crc64nvme", ChecksumAlgorithm::Crc64Nvme, ChecksumType::FullObject),
+        (
+            "composite-crc32c",
+            ChecksumAlgorithm::Crc32c,
+            ChecksumType::Composite,
+        ),
+        (
+            "composite-sha256",
+            ChecksumAlgorithm::Sha256,
+            ChecksumType::Composite,
+        ),
+        (
+            "full-crc64nvme",
+            ChecksumAlgorithm::Crc64Nvme,
+            ChecksumType::FullObject,
+        ),
     ];
     for (key, algorithm, kind) in &sources {
         let etag = e

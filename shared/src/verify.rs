@@ -966,7 +966,12 @@ mod tests {
     }
 
     /// A two-part upload of `part` twice; returns its ETag.
-    async fn put_parts(store: &dyn ObjectStore, key: &str, part: &[u8], attrs: WriteAttrs) -> String {
+    async fn put_parts(
+        store: &dyn ObjectStore,
+        key: &str,
+        part: &[u8],
+        attrs: WriteAttrs,
+    ) -> String {
         let upload = store.create_multipart(key, &attrs).await.unwrap();
         let mut parts = vec![];
         for n in 1..=2 {
@@ -998,7 +1003,7 @@ mod tests {
 
     #[tokio::test]
     async fn checksums_prove_what_etags_cannot_and_content_is_read_only_where_they_cannot_compare()
-     {
+    {
         let world = MemoryWorld::default();
         let (src, dst) = (world.store("src"), world.store("dst"));
         // A multipart source (two parts) and a single-part replica: other ETags, the same
@@ -1026,7 +1031,12 @@ mod tests {
         )
         .await;
         assert_eq!(
-            src.head("other-algo").await.unwrap().unwrap().checksum.map(|c| c.parts),
+            src.head("other-algo")
+                .await
+                .unwrap()
+                .unwrap()
+                .checksum
+                .map(|c| c.parts),
             Some(Some(2))
         );
         put_with(
@@ -1040,7 +1050,13 @@ mod tests {
         )
         .await;
         // Tampered, same size, marker kept, other algorithms: the contents tell.
-        put_with(&src, "tampered", b"abc", sending(ChecksumAlgorithm::Sha1, &[])).await;
+        put_with(
+            &src,
+            "tampered",
+            b"abc",
+            sending(ChecksumAlgorithm::Sha1, &[]),
+        )
+        .await;
         let etag = src.head("tampered").await.unwrap().unwrap().etag;
         put_with(
             &dst,
