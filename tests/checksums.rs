@@ -42,6 +42,7 @@ use crr_shared::replicate::{Replicator, ReplicatorSettings};
 use crr_shared::rule::{Notify, ResolvedCopyMode, Rule};
 use crr_shared::rule_admin::create_rule;
 use crr_shared::verify::{CheckMethod, Drift, DriftKind, VerifySummary};
+use crr_tests::fault_proxy::{FaultPlan, FaultProxy};
 use crr_tests::{S3Server, Sequencers, Stack, read_object, rule, s3_notification, unique};
 
 const MIB: usize = 1024 * 1024;
@@ -97,6 +98,11 @@ struct Env {
 async fn env(setup: Setup) -> Result<Env> {
     let stack = Stack::from_env()?;
     let (src, dst) = setup.servers(&stack);
+    env_between(stack, setup, src, dst).await
+}
+
+/// As `env`, between these two servers (a proxy in front of one of the setup's).
+async fn env_between(stack: Stack, setup: Setup, src: S3Server, dst: S3Server) -> Result<Env> {
     let table = unique("checksums");
     let state = stack.state(&table).await?;
     let (sb, tb) = (unique("src"), unique("dst"));
@@ -555,6 +561,31 @@ async fn a_tampered_replica_of_the_same_size_is_found(setup: Setup) -> Result<()
         "{text}"
     );
     assert!(text.contains("bytes checked by: etag 1,"), "{text}");
+    Ok(())
+}
+
+/// (d) A stream copy whose bytes are altered on the way to s3s-fs (one byte flipped by
+/// the fault proxy, length and headers kept) is refused by the server and reported as a
+/// failure, not counted as a copy.
+#[tokio::test]
+async fn a_stream_copy_altered_on_the_way_is_refused() -> Result<()> {
+    let stack = Stack::from_env()?;
+    let proxy = FaultProxy::start(&stack.s3s.endpoint, FaultPlan::none(19)).await?;
+    let dst = S3Server {
+        endpoint: proxy.endpoint.clone(),
+        region: stack.s3s.region.clone(),
+    };
+    let e = env_between(stack.clone(), Setup::MotoToS3s, stack.a.clone(), dst).await?;
+    let body = pattern(4096, 77);
+    let etag = e.put("altered.bin", &body, ChecksumAlgorithm::Sha256).await?;
+    proxy.corrupt("PUT", &format!("/{}/altered.bin", e.target()));
+    let err = e
+        .created("altered.bin", &etag)
+        .await
+        .expect_err("bytes altered on the way were taken");
+    eprintln!("refused: {err:#}");
+    let direct = read_object(&stack.s3(&stack.s3s), e.target(), "altered.bin").await?;
+    eprintln!("left on s3s-fs: {:?}", direct.map(|(b, _)| b == body));
     Ok(())
 }
 

@@ -475,14 +475,15 @@ fn drift(kind: DriftKind, pair: &Pair, reason: impl Into<String>) -> Verdict {
 
 /// A `Different` drift of a key on both sides: what differs, found how.
 fn different(pair: &Pair, difference: Difference, method: CheckMethod) -> Verdict {
-    match drift(DriftKind::Different, pair, difference.detail) {
-        Verdict::Drift(d) => Verdict::Drift(Drift {
-            checked_by: Some(method),
-            differs_in: Some(difference.kind),
-            ..d
-        }),
-        other => other,
-    }
+    Verdict::Drift(Drift {
+        kind: DriftKind::Different,
+        key: pair.key.clone(),
+        source_size: pair.source.as_ref().map(|o| o.size),
+        target_size: pair.target.as_ref().map(|o| o.size),
+        reason: difference.detail,
+        checked_by: Some(method),
+        differs_in: Some(difference.kind),
+    })
 }
 
 async fn judge(

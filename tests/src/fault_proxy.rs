@@ -26,6 +26,10 @@
 //! ([`FaultStats::answered`]); and it can add a fixed latency to them
 //! ([`FaultProxy::delay`]), as a real S3 has, so that concurrency shows.
 //!
+//! For integrity tests the proxy can *alter* one chosen request's body
+//! ([`FaultProxy::corrupt`]): one byte of it is flipped on the way, its length and headers
+//! kept, as a faulty network or middlebox would.
+//!
 //! For race tests the proxy can also *hold* one chosen request ([`FaultProxy::hold`]):
 //! the request is read whole, then kept from the server until the test releases it, so a
 //! test decides exactly which of two concurrent writes lands last.
@@ -206,6 +210,8 @@ struct Shared {
     /// Requests to hold, in the order they were asked for.
     holds: Mutex<Vec<PendingHold>>,
     refusals: Mutex<Vec<Refusal>>,
+    /// Requests (method, path) whose body is to be altered on the way, once each.
+    corruptions: Mutex<Vec<(String, String)>>,
     /// Faults only while on: setup and checks go through untouched.
     active: std::sync::atomic::AtomicBool,
     upstream: String,
@@ -243,6 +249,7 @@ impl FaultProxy {
         let shared = Arc::new(Shared {
             holds: Mutex::new(Vec::new()),
             refusals: Mutex::new(Vec::new()),
+            corruptions: Mutex::new(Vec::new()),
             active: std::sync::atomic::AtomicBool::new(false),
             upstream: upstream.trim_end_matches('/').to_string(),
             plan,
@@ -298,6 +305,16 @@ impl FaultProxy {
             arrived: arrived_rx,
             release: release_tx,
         }
+    }
+
+    /// Flips one byte in the middle of the body of the next `method` request for `path`
+    /// (as sent, without the query), whether faults are on or not.
+    pub fn corrupt(&self, method: &str, path: &str) {
+        self.shared
+            .corruptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((method.to_string(), path.to_string()));
     }
 
     /// Answers every `method` request whose path (as sent, without the query) starts with
@@ -435,6 +452,15 @@ impl Shared {
         if let Some((status, code)) = refused {
             return Ok(xml_error(status, &code, "refused by the fault proxy"));
         }
+        let corrupt = {
+            let mut corruptions = self.corruptions.lock().unwrap_or_else(|p| p.into_inner());
+            let bare = path.split('?').next().unwrap_or_default();
+            corruptions
+                .iter()
+                .position(|(m, p)| m == req.method().as_str() && p == bare)
+                .map(|i| corruptions.remove(i))
+                .is_some()
+        };
         let fate = self.fate(&format!("{} {}", req.method(), path));
         match fate {
             Fate::SlowDown => {
@@ -467,7 +493,7 @@ impl Shared {
             .filter(|(method, _)| method == req.method().as_str());
         let upstream = match watched {
             Some((_, latency)) => self.forward_watched(req, &path, latency).await,
-            None => self.forward(req, &path).await,
+            None => self.forward(req, &path, corrupt).await,
         };
         let upstream = match upstream {
             Ok(resp) => resp,
@@ -537,7 +563,7 @@ impl Shared {
         let now = self.stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.stats.peak_in_flight.fetch_max(now, Ordering::SeqCst);
         tokio::time::sleep(latency).await;
-        let answer = self.forward(req, path).await;
+        let answer = self.forward(req, path, false).await;
         self.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
         if let Ok((parts, _)) = &answer
             && parts.status.is_success()
@@ -551,14 +577,22 @@ impl Shared {
         answer
     }
 
-    /// Sends the request on unchanged (headers, Host included) and reads the whole reply.
+    /// Sends the request on unchanged (headers, Host included; with `corrupt`, one byte
+    /// of its body flipped) and reads the whole reply.
     async fn forward(
         &self,
         req: Request<Incoming>,
         path: &str,
+        corrupt: bool,
     ) -> Result<(hyper::http::response::Parts, Bytes)> {
         let (parts, body) = req.into_parts();
-        let body = body.collect().await?.to_bytes();
+        let mut body = body.collect().await?.to_bytes();
+        if corrupt && !body.is_empty() {
+            let mut altered = body.to_vec();
+            let middle = altered.len() / 2;
+            altered[middle] ^= 0x01;
+            body = Bytes::from(altered);
+        }
         let mut out = Request::builder()
             .method(parts.method)
             .uri(format!("{}{}", self.upstream, path))
