@@ -577,7 +577,9 @@ async fn a_stream_copy_altered_on_the_way_is_refused() -> Result<()> {
     };
     let e = env_between(stack.clone(), Setup::MotoToS3s, stack.a.clone(), dst).await?;
     let body = pattern(4096, 77);
-    let etag = e.put("altered.bin", &body, ChecksumAlgorithm::Sha256).await?;
+    let etag = e
+        .put("altered.bin", &body, ChecksumAlgorithm::Sha256)
+        .await?;
     proxy.corrupt("PUT", &format!("/{}/altered.bin", e.target()));
     let err = e
         .created("altered.bin", &etag)
