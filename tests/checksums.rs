@@ -315,27 +315,7 @@ impl Env {
 
     /// Runs the real `crr verify RULE --json [extra]`: exit code, drifts, summary.
     fn verify(&self, extra: &[&str]) -> Result<(i32, Vec<Drift>, VerifySummary)> {
-        let mut args = vec!["verify", self.rule.id.as_str(), "--json"];
-        args.extend_from_slice(extra);
-        let out = self.stack.crr_command(&self.table, &args)?.output()?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let mut drifts = vec![];
-        let mut summary = None;
-        for line in stdout.lines() {
-            let value: serde_json::Value =
-                serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
-            match value.get("summary") {
-                Some(s) => summary = Some(serde_json::from_value(s.clone())?),
-                None => drifts.push(serde_json::from_value(value)?),
-            }
-        }
-        let summary = summary.with_context(|| {
-            format!(
-                "no summary; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-        Ok((out.status.code().unwrap_or(-1), drifts, summary))
+        self.stack.verify_json(&self.table, &self.rule.id, extra)
     }
 
     /// Overwrites the replica of `key` with `body` (the same length, other bytes),

@@ -1,8 +1,6 @@
 //! `crr verify` against the local stack: seeded drift of each kind is reported (exit 1),
 //! a true copy is not (exit 0); on moto -> moto and on moto -> s3s-fs.
 
-use std::process::Output;
-
 use anyhow::{Context, Result};
 use aws_sdk_s3::primitives::ByteStream;
 use crr_shared::copy::marker;
@@ -82,27 +80,7 @@ fn verify(
     rule_id: &str,
     extra: &[&str],
 ) -> Result<(i32, Vec<Drift>, VerifySummary)> {
-    let mut args = vec!["verify", rule_id, "--json"];
-    args.extend_from_slice(extra);
-    let out: Output = stack.crr_command(table, &args)?.output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let mut drifts = vec![];
-    let mut summary = None;
-    for line in stdout.lines() {
-        let value: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
-        match value.get("summary") {
-            Some(s) => summary = Some(serde_json::from_value(s.clone())?),
-            None => drifts.push(serde_json::from_value(value)?),
-        }
-    }
-    let summary = summary.with_context(|| {
-        format!(
-            "no summary; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    Ok((out.status.code().unwrap_or(-1), drifts, summary))
+    stack.verify_json(table, rule_id, extra)
 }
 
 async fn seeded_drift_is_reported(stack: &Stack, target_server: &S3Server) -> Result<()> {

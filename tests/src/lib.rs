@@ -249,6 +249,41 @@ impl Stack {
         Ok(cmd)
     }
 
+    /// Runs the real `crr verify RULE --json [extra]` against `table`: its exit code, the
+    /// drifts it printed and its summary.
+    pub fn verify_json(
+        &self,
+        table: &str,
+        rule_id: &str,
+        extra: &[&str],
+    ) -> Result<(
+        i32,
+        Vec<crr_shared::verify::Drift>,
+        crr_shared::verify::VerifySummary,
+    )> {
+        let mut args = vec!["verify", rule_id, "--json"];
+        args.extend_from_slice(extra);
+        let out = self.crr_command(table, &args)?.output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let mut drifts = vec![];
+        let mut summary = None;
+        for line in stdout.lines() {
+            let value: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+            match value.get("summary") {
+                Some(s) => summary = Some(serde_json::from_value(s.clone())?),
+                None => drifts.push(serde_json::from_value(value)?),
+            }
+        }
+        let summary = summary.with_context(|| {
+            format!(
+                "no summary; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        Ok((out.status.code().unwrap_or(-1), drifts, summary))
+    }
+
     /// Runs the `crr` binary with the stack's environment; returns its stdout.
     pub fn crr(&self, table: &str, args: &[&str]) -> Result<String> {
         let out = self
