@@ -380,7 +380,13 @@ async fn upload_parts(
     for (i, body) in parts.iter().enumerate() {
         let part_number = i32::try_from(i + 1)?;
         let etag = store
-            .upload_part(key, &upload_id, part_number, Bytes::copy_from_slice(body))
+            .upload_part(
+                key,
+                &upload_id,
+                part_number,
+                Bytes::copy_from_slice(body),
+                None,
+            )
             .await?;
         ensure!(
             etag == md5_hex(body),
@@ -544,7 +550,7 @@ async fn writes_if_etag_on_a_key_that_is_gone_are_refused(b: &Backend) -> Result
 
     let (id, parts) = upload_parts(&*store, "k", &plain(), &[b"three"]).await?;
     let completed = store
-        .complete_multipart("k", &id, &parts, Some(&etag_is(&seen)))
+        .complete_multipart("k", &id, &parts, Some(&etag_is(&seen)), None)
         .await;
     if b.caps.complete_if_match {
         expect_err(
@@ -569,7 +575,7 @@ async fn multipart_completion_honours_if_absent_and_if_etag(b: &Backend) -> Resu
     let (id, parts) = upload_parts(&*store, "k", &plain(), &[b"by multipart"]).await?;
     expect_err(
         store
-            .complete_multipart("k", &id, &parts, Some(&TargetPrecondition::Absent))
+            .complete_multipart("k", &id, &parts, Some(&TargetPrecondition::Absent), None)
             .await,
         "Precondition",
         "completion with If-None-Match: * over an existing key",
@@ -580,7 +586,7 @@ async fn multipart_completion_honours_if_absent_and_if_etag(b: &Backend) -> Resu
     // If-Match with a stale ETag.
     let (id, parts) = upload_parts(&*store, "k", &plain(), &[b"by multipart"]).await?;
     let stale = store
-        .complete_multipart("k", &id, &parts, Some(&etag_is(EMPTY_MD5)))
+        .complete_multipart("k", &id, &parts, Some(&etag_is(EMPTY_MD5)), None)
         .await;
     if b.caps.complete_if_match {
         expect_err(stale, "Precondition", "completion with a stale If-Match")?;
@@ -597,7 +603,7 @@ async fn multipart_completion_honours_if_absent_and_if_etag(b: &Backend) -> Resu
     // If-Match with the current ETag, then If-None-Match: * on a new key.
     let (id, parts) = upload_parts(&*store, "k", &plain(), &[b"replaced"]).await?;
     let etag = store
-        .complete_multipart("k", &id, &parts, Some(&etag_is(&existing)))
+        .complete_multipart("k", &id, &parts, Some(&etag_is(&existing)), None)
         .await
         .context("completion with the current If-Match")?;
     ensure!(etag == multipart_etag(&[b"replaced"]));
@@ -605,7 +611,7 @@ async fn multipart_completion_honours_if_absent_and_if_etag(b: &Backend) -> Resu
 
     let (id, parts) = upload_parts(&*store, "new", &plain(), &[b"created"]).await?;
     store
-        .complete_multipart("new", &id, &parts, Some(&TargetPrecondition::Absent))
+        .complete_multipart("new", &id, &parts, Some(&TargetPrecondition::Absent), None)
         .await
         .context("completion with If-None-Match: * on a new key")?;
     ensure!(content(&*store, "new").await? == "created");
@@ -637,7 +643,9 @@ async fn copy_from_a_multipart_source_makes_a_single_part_object_with_an_md5_eta
     let target = b.bucket().await?;
     let (p1, p2) = (pattern(MIN_PART, 21), pattern(10, 22));
     let (id, parts) = upload_parts(&*source, "k", &plain(), &[&p1, &p2]).await?;
-    let etag = source.complete_multipart("k", &id, &parts, None).await?;
+    let etag = source
+        .complete_multipart("k", &id, &parts, None, None)
+        .await?;
     let copied = target
         .copy_from(source.bucket(), "k", &etag, &plain())
         .await?;
@@ -914,7 +922,9 @@ async fn content_headers_and_user_metadata_round_trip_through_put_multipart_and_
     );
 
     let (id, parts) = upload_parts(&*store, "mpu", &attrs, &[b"y"]).await?;
-    store.complete_multipart("mpu", &id, &parts, None).await?;
+    store
+        .complete_multipart("mpu", &id, &parts, None, None)
+        .await?;
     check_attrs(&*store, "mpu", "multipart upload").await?;
 
     // copy_from replaces the metadata with what it is given: first nothing, then all.
@@ -968,7 +978,9 @@ async fn tags_written_with_an_object_are_read_back_and_counted(b: &Backend) -> R
     )?;
 
     let (id, parts) = upload_parts(&*store, "mpu", &attrs, &[b"y"]).await?;
-    store.complete_multipart("mpu", &id, &parts, None).await?;
+    store
+        .complete_multipart("mpu", &id, &parts, None, None)
+        .await?;
     ensure!(sorted(store.tags("mpu").await?) == sorted(tags.clone()));
 
     target.copy_from(store.bucket(), "k", &etag, &attrs).await?;
@@ -992,7 +1004,9 @@ async fn multipart_upload_joins_its_parts_under_an_md5_of_md5s_etag(b: &Backend)
         store.head("big").await?.is_none(),
         "nothing before completion"
     );
-    let etag = store.complete_multipart("big", &id, &parts, None).await?;
+    let etag = store
+        .complete_multipart("big", &id, &parts, None, None)
+        .await?;
     let want = multipart_etag(&[&p1, &p2]);
     ensure!(etag == want, "completion ETag {etag}, want {want}");
     let info = store.head("big").await?.context("big exists")?;
@@ -1023,7 +1037,7 @@ async fn a_part_under_5_mib_before_the_last_one_is_refused_at_completion(
     let store = b.bucket().await?;
     let (id, parts) = upload_parts(&*store, "k", &plain(), &[b"small", b"last"]).await?;
     let err = expect_err(
-        store.complete_multipart("k", &id, &parts, None).await,
+        store.complete_multipart("k", &id, &parts, None, None).await,
         "Service",
         "completion with a 5-byte first part",
     )?;
@@ -1046,12 +1060,12 @@ async fn an_aborted_upload_takes_no_more_parts_and_leaves_no_object(b: &Backend)
     ensure!(store.head("k").await?.is_none());
     expect_err(
         store
-            .upload_part("k", &id, 2, Bytes::from_static(b"more"))
+            .upload_part("k", &id, 2, Bytes::from_static(b"more"), None)
             .await,
         b.caps.unknown_upload,
         "a part for an aborted upload",
     )?;
-    let complete = store.complete_multipart("k", &id, &parts, None).await;
+    let complete = store.complete_multipart("k", &id, &parts, None, None).await;
     ensure!(
         complete.is_err(),
         "completing an aborted upload: {complete:?}"
@@ -1084,7 +1098,9 @@ async fn upload_part_copy_copies_ranges_of_the_source_while_its_etag_matches(
             etag: part,
         });
     }
-    let done = target.complete_multipart("k", &id, &parts, None).await?;
+    let done = target
+        .complete_multipart("k", &id, &parts, None, None)
+        .await?;
     let (a, z) = body.split_at(MIN_PART);
     ensure!(done == multipart_etag(&[a, z]));
     ensure!(target.get("k", None, &done).await? == body);

@@ -61,11 +61,19 @@ async fn put_multipart(
     for (i, chunk) in body.chunks(part).enumerate() {
         let part_number = i as i32 + 1;
         let etag = store
-            .upload_part(key, &id, part_number, bytes::Bytes::from(chunk.to_vec()))
+            .upload_part(
+                key,
+                &id,
+                part_number,
+                bytes::Bytes::from(chunk.to_vec()),
+                None,
+            )
             .await?;
         parts.push(UploadedPart { part_number, etag });
     }
-    Ok(store.complete_multipart(key, &id, &parts, None).await?)
+    Ok(store
+        .complete_multipart(key, &id, &parts, None, None)
+        .await?)
 }
 
 fn verify(

@@ -10,6 +10,7 @@ use futures::StreamExt;
 use md5::{Digest, Md5};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 
+use crate::checksum::{Checksum, ChecksumAlgorithm, SentChecksum};
 use crate::error::{Error, Result};
 use crate::filter::SourceState;
 use crate::memory_budget::{HeldBytes, MemoryBudget};
@@ -156,6 +157,7 @@ pub fn replica_attrs(
         encryption,
         acl: None,
         precondition: None,
+        checksum: SentChecksum::for_copy_of(info.checksum.as_ref()),
     }
 }
 
@@ -181,11 +183,6 @@ pub fn source_state<'a>(info: &'a ObjectInfo, own_bucket: &str) -> SourceState<'
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The ETag S3 gives a single-request upload of unencrypted or SSE-S3 data: its MD5.
-fn md5_hex(data: &[u8]) -> String {
-    hex(&Md5::digest(data))
 }
 
 /// The ETag S3 gives a multipart upload: MD5 of the parts' MD5s, then `-<parts>`.
@@ -457,11 +454,7 @@ impl CopyEngine {
             .await?;
         // A server-side copy of a single-part object keeps its MD5 ETag; a multipart
         // source gets a fresh single-part ETag, which says nothing about the content.
-        if !info.etag.contains('-')
-            && source_etag_is_md5(info)
-            && attrs.etag_is_md5()
-            && etag != info.etag
-        {
+        if etag_proves_content(info, attrs) && etag != info.etag {
             return Err(integrity(target, &info.key, &info.etag, &etag));
         }
         Ok(CopyOutcome {
@@ -493,13 +486,12 @@ impl CopyEngine {
                 detail: format!("read {} bytes, expected {}", body.len(), info.size),
             });
         }
-        let md5 = md5_hex(&body);
-        if !info.etag.contains('-') && source_etag_is_md5(info) && md5 != info.etag {
-            return Err(integrity(source, &info.key, &info.etag, &md5));
-        }
+        // No hash over the bytes here: the PUT carries the source's own checksum (or a
+        // CRC64NVME the SDK computes), which the target checks on arrival, and a
+        // single-part source's MD5 ETag must come out again as the replica's.
         let etag = target.put(&info.key, body, attrs).await?;
-        if attrs.etag_is_md5() && etag != md5 {
-            return Err(integrity(target, &info.key, &md5, &etag));
+        if etag_proves_content(info, attrs) && etag != info.etag {
+            return Err(integrity(target, &info.key, &info.etag, &etag));
         }
         Ok(CopyOutcome {
             bytes: info.size,
@@ -519,6 +511,18 @@ impl CopyEngine {
         layout: PartLayout,
         run: CopyRun<'_>,
     ) -> Result<CopyOutcome> {
+        // Streamed parts carry a CRC the target checks on arrival: the source's own
+        // algorithm when it has a full-object CRC (then the whole replica is checked
+        // against the source's value at completion), else CRC64NVME. Server-side parts
+        // are S3's own copies.
+        let (part_checksum, whole) = match mode {
+            ResolvedCopyMode::Stream => stream_checksums(info.checksum.as_ref()),
+            ResolvedCopyMode::ServerSide => (None, None),
+        };
+        let attrs = &WriteAttrs {
+            checksum: part_checksum.map_or(SentChecksum::None, SentChecksum::Compute),
+            ..attrs.clone()
+        };
         // A new upload, or the one an earlier invocation checkpointed for this same source.
         let mut upload = run
             .open(
@@ -532,7 +536,15 @@ impl CopyEngine {
             .await?;
         let clock = run.clock(&upload, self.parts_at_once(layout.part_size, mode));
         let result = self
-            .upload_parts(source, target, info, &mut upload, mode, &run, &clock)
+            .upload_parts(
+                source,
+                target,
+                info,
+                &mut upload,
+                (mode, part_checksum, attrs.etag_is_md5()),
+                &run,
+                &clock,
+            )
             .await;
         let (parts, digests) = match result {
             Ok(done) => done,
@@ -550,7 +562,13 @@ impl CopyEngine {
         }
         let upload_id = upload.state.upload_id.clone();
         let completed = target
-            .complete_multipart(&info.key, &upload_id, &parts, attrs.precondition.as_ref())
+            .complete_multipart(
+                &info.key,
+                &upload_id,
+                &parts,
+                attrs.precondition.as_ref(),
+                whole.as_ref(),
+            )
             .await;
         let etag = match completed {
             Ok(etag) => etag,
@@ -630,7 +648,7 @@ impl CopyEngine {
         target: &dyn ObjectStore,
         info: &ObjectInfo,
         upload: &mut Upload,
-        mode: ResolvedCopyMode,
+        (mode, checksum, md5_etags): (ResolvedCopyMode, Option<ChecksumAlgorithm>, bool),
         run: &CopyRun<'_>,
         clock: &PartClock,
     ) -> Result<(Vec<UploadedPart>, Vec<[u8; 16]>)> {
@@ -649,9 +667,9 @@ impl CopyEngine {
                         resource: resource.clone(),
                         detail: "too many parts".into(),
                     })?;
-                    let (etag, digest) = match mode {
+                    let etag = match mode {
                         ResolvedCopyMode::ServerSide => {
-                            let etag = target
+                            target
                                 .upload_part_copy(
                                     &info.key,
                                     upload_id,
@@ -660,12 +678,7 @@ impl CopyEngine {
                                     (start, end),
                                     &info.etag,
                                 )
-                                .await?;
-                            let digest = parse_md5(&etag).ok_or_else(|| Error::Integrity {
-                                resource: resource.clone(),
-                                detail: format!("part {part_number} has ETag '{etag}', not an MD5"),
-                            })?;
-                            (etag, digest)
+                                .await?
                         }
                         ResolvedCopyMode::Stream => {
                             // The part's room in the budget, held until UploadPart returned.
@@ -682,14 +695,23 @@ impl CopyEngine {
                                     ),
                                 });
                             }
-                            let digest: [u8; 16] = Md5::digest(&body).into();
-                            let etag = target
-                                .upload_part(&info.key, upload_id, part_number, body)
-                                .await?;
-                            if etag != hex(&digest) {
-                                return Err(integrity(target, &info.key, &hex(&digest), &etag));
-                            }
-                            (etag, digest)
+                            // The part's CRC, checked by the target on arrival, stands for
+                            // the MD5 this used to compute: S3's part ETag is its MD5.
+                            target
+                                .upload_part(&info.key, upload_id, part_number, body, checksum)
+                                .await?
+                        }
+                    };
+                    // The parts' MD5s make the multipart ETag checked at completion; an
+                    // SSE-KMS target's part ETags are not MD5s and nothing is made of them.
+                    let digest = match parse_md5(&etag) {
+                        Some(d) => d,
+                        None if !md5_etags => [0; 16],
+                        None => {
+                            return Err(Error::Integrity {
+                                resource: resource.clone(),
+                                detail: format!("part {part_number} has ETag '{etag}', not an MD5"),
+                            });
                         }
                     };
                     Ok((UploadedPart { part_number, etag }, digest))
@@ -709,6 +731,23 @@ impl CopyEngine {
             return Err(run.stopped(upload, clock, &resource).await);
         }
         Ok(upload.state.uploaded())
+    }
+}
+
+/// Whether a single-request replica of `info` written with `attrs` must have `info`'s
+/// ETag: both are MD5s of the content (a single-part source, neither SSE-KMS).
+fn etag_proves_content(info: &ObjectInfo, attrs: &WriteAttrs) -> bool {
+    !info.etag.contains('-') && source_etag_is_md5(info) && attrs.etag_is_md5()
+}
+
+/// For a streamed multipart copy of an object whose stored checksum is `source`: the
+/// algorithm its parts carry, and the full-object value the completed replica must have.
+fn stream_checksums(source: Option<&Checksum>) -> (Option<ChecksumAlgorithm>, Option<Checksum>) {
+    match source {
+        Some(c) if c.is_full_object() && c.algorithm.combines() => {
+            (Some(c.algorithm), Some(c.clone()))
+        }
+        _ => (Some(ChecksumAlgorithm::Crc64Nvme), None),
     }
 }
 
@@ -896,7 +935,7 @@ mod tests {
         for (i, chunk) in data.chunks(6 * 1024 * 1024).enumerate() {
             let n = i as i32 + 1;
             let etag = src
-                .upload_part("big", &upload, n, Bytes::copy_from_slice(chunk))
+                .upload_part("big", &upload, n, Bytes::copy_from_slice(chunk), None)
                 .await
                 .unwrap();
             parts.push(UploadedPart {
@@ -904,7 +943,7 @@ mod tests {
                 etag,
             });
         }
-        src.complete_multipart("big", &upload, &parts, None)
+        src.complete_multipart("big", &upload, &parts, None, None)
             .await
             .unwrap();
         let info = src.head("big").await.unwrap().unwrap();

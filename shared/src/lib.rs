@@ -11,6 +11,7 @@ pub mod adapters;
 pub mod allowed;
 pub mod aws_clients;
 pub mod backfill;
+pub mod checksum;
 pub mod compat;
 pub mod config;
 pub mod copy;

@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use md5::{Digest, Md5};
 
 use crate::backfill::{BackfillStore, Checkpoint, FailedObject, Job, JobState, Segment};
+use crate::checksum::{Checksum, ChecksumAlgorithm, SentChecksum};
 use crate::error::{Error, Result};
 use crate::ledger::LedgerEntry;
 use crate::memory_budget::{HeldBytes, MemoryBudget};
@@ -198,6 +199,7 @@ impl MemoryObjectStore {
         etag: String,
         attrs: &WriteAttrs,
         first_part: Option<u64>,
+        checksum: Checksum,
     ) {
         let info = ObjectInfo {
             key: key.to_string(),
@@ -210,6 +212,7 @@ impl MemoryObjectStore {
             storage_class: attrs.storage_class.clone(),
             encryption: attrs.encryption.clone(),
             tag_count: u32::try_from(attrs.tags.len()).unwrap_or(u32::MAX),
+            checksum: Some(checksum),
         };
         let object = StoredObject {
             data,
@@ -223,6 +226,33 @@ impl MemoryObjectStore {
             .entry(self.bucket.clone())
             .or_default()
             .insert(key.to_string(), object);
+    }
+
+    /// The checksum a write stores, after checking the one it sent as S3 does: a known
+    /// value must match the bytes (else `BadDigest`); without one, S3's default CRC64NVME.
+    fn arriving(
+        &self,
+        operation: &'static str,
+        key: &str,
+        body: &[u8],
+        sent: &SentChecksum,
+    ) -> Result<Checksum> {
+        match sent {
+            SentChecksum::Known(want) => {
+                let got = Checksum::compute(want.algorithm, body);
+                if got.value != want.value {
+                    return Err(self.refused(
+                        operation,
+                        key,
+                        "BadDigest",
+                        "The checksum you specified did not match what we received.",
+                    ));
+                }
+                Ok(got)
+            }
+            SentChecksum::Compute(a) => Ok(Checksum::compute(*a, body)),
+            SentChecksum::None => Ok(Checksum::compute(ChecksumAlgorithm::Crc64Nvme, body)),
+        }
     }
 
     fn object(&self, key: &str) -> Option<StoredObject> {
@@ -304,8 +334,9 @@ impl ObjectStore for MemoryObjectStore {
         self.world.write_delay().await;
         self.check_key("PutObject", key)?;
         self.check_target("PutObject", key, attrs.precondition.as_ref())?;
+        let checksum = self.arriving("PutObject", key, &body, &attrs.checksum)?;
         let etag = hex(&Md5::digest(&body));
-        self.store_object(key, body, etag.clone(), attrs, None);
+        self.store_object(key, body, etag.clone(), attrs, None, checksum);
         Ok(etag)
     }
 
@@ -326,6 +357,7 @@ impl ObjectStore for MemoryObjectStore {
         upload_id: &str,
         part_number: i32,
         body: Bytes,
+        _checksum: Option<ChecksumAlgorithm>,
     ) -> Result<String> {
         let etag = hex(&Md5::digest(&body));
         let delay = self.world.lock().part_delay;
@@ -351,6 +383,7 @@ impl ObjectStore for MemoryObjectStore {
         upload_id: &str,
         parts: &[UploadedPart],
         precondition: Option<&TargetPrecondition>,
+        checksum: Option<&Checksum>,
     ) -> Result<String> {
         self.check_target("CompleteMultipartUpload", key, precondition)?;
         let (attrs, stored) = self
@@ -364,6 +397,7 @@ impl ObjectStore for MemoryObjectStore {
                 resource: self.resource(key),
             })?;
         let mut data = Vec::new();
+        let mut part_sums = Vec::new();
         let mut digests = Md5::new();
         let first_part = parts
             .first()
@@ -387,11 +421,45 @@ impl ObjectStore for MemoryObjectStore {
                 ));
             }
             digests.update(Md5::digest(body));
+            part_sums.push(body.clone());
             data.extend_from_slice(body);
+        }
+        // As S3: a CRC upload (CRC64NVME by default) gets the whole object's checksum, a
+        // SHA one the composite checksum of its parts' checksums.
+        let stored = match attrs.checksum.algorithm() {
+            Some(a) if !a.combines() => {
+                let mut raw = Vec::new();
+                for body in &part_sums {
+                    let part = Checksum::compute(a, body);
+                    raw.extend(aws_smithy_types::base64::decode(&part.value).unwrap_or_default());
+                }
+                Checksum {
+                    parts: Some(u32::try_from(parts.len()).unwrap_or(u32::MAX)),
+                    ..Checksum::compute(a, &raw)
+                }
+            }
+            a => Checksum::compute(a.unwrap_or(ChecksumAlgorithm::Crc64Nvme), &data),
+        };
+        if let Some(want) = checksum
+            && want.agrees_with(&stored) != Some(true)
+        {
+            return Err(self.refused(
+                "CompleteMultipartUpload",
+                key,
+                "BadDigest",
+                "The full-object checksum you specified did not match what we received.",
+            ));
         }
         self.world.lock().uploads.remove(upload_id);
         let etag = format!("{}-{}", hex(&digests.finalize()), parts.len());
-        self.store_object(key, Bytes::from(data), etag.clone(), &attrs, first_part);
+        self.store_object(
+            key,
+            Bytes::from(data),
+            etag.clone(),
+            &attrs,
+            first_part,
+            stored,
+        );
         Ok(etag)
     }
 
@@ -410,13 +478,27 @@ impl ObjectStore for MemoryObjectStore {
         self.world.write_delay().await;
         self.check_key("CopyObject", key)?;
         let source = self.world.store(source_bucket);
+        let algorithm = source
+            .object(key)
+            .and_then(|o| o.info.checksum)
+            .map_or(ChecksumAlgorithm::Crc64Nvme, |c| c.algorithm);
         let data = source.get(key, None, if_match).await?;
         self.check_target("CopyObject", key, attrs.precondition.as_ref())?;
+        // As S3: the copy's checksum is computed afresh with the source's algorithm.
+        let checksum = Checksum::compute(algorithm, &data);
+        if let SentChecksum::Known(want) = &attrs.checksum
+            && want.agrees_with(&checksum) == Some(false)
+        {
+            return Err(Error::Integrity {
+                resource: self.resource(key),
+                detail: format!("CopyObject stored checksum {checksum}, the source's is {want}"),
+            });
+        }
         // A copy is a new single-part object: its ETag is the MD5 of its content, whatever
         // the source's (a multipart source's `<md5-of-md5s>-N` included), as S3 makes it.
         let etag = hex(&Md5::digest(&data));
         // Tagging directive REPLACE, as `S3Store` asks: the given tags, none if none.
-        self.store_object(key, data, etag.clone(), attrs, None);
+        self.store_object(key, data, etag.clone(), attrs, None, checksum);
         Ok(etag)
     }
 
@@ -434,7 +516,8 @@ impl ObjectStore for MemoryObjectStore {
             .store(source_bucket)
             .get(key, Some(range), if_match)
             .await?;
-        self.upload_part(key, upload_id, part_number, data).await
+        self.upload_part(key, upload_id, part_number, data, None)
+            .await
     }
 
     async fn access(&self, _key: &str) -> Result<crate::object_store::AccessInfo> {

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
+use crate::checksum::{Checksum, ChecksumAlgorithm, SentChecksum};
 use crate::error::Result;
 use crate::memory_budget::{HeldBytes, MemoryBudget};
 
@@ -48,6 +49,9 @@ pub struct ObjectInfo {
     pub encryption: Option<Encryption>,
     /// Number of tags (`x-amz-tagging-count`; S3 omits the header when there are none).
     pub tag_count: u32,
+    /// The additional checksum S3 stores with the object, when it has one and the store
+    /// tells it (HEAD and GET ask with checksum mode on).
+    pub checksum: Option<Checksum>,
 }
 
 /// The current object as one GET saw it: its metadata, and its bytes when small enough.
@@ -82,6 +86,9 @@ pub struct WriteAttrs {
     pub acl: Option<String>,
     /// Write only if the target is still as it was seen (single-request writes).
     pub precondition: Option<TargetPrecondition>,
+    /// The checksum a single-request write sends for the target to verify on arrival
+    /// (and the algorithm a multipart upload is created with).
+    pub checksum: SentChecksum,
 }
 
 /// What the target must still be for a write to go ahead: the backfill's guard against
@@ -180,23 +187,27 @@ pub trait ObjectStore: Send + Sync {
     /// Starts a multipart upload; returns its upload id.
     async fn create_multipart(&self, key: &str, attrs: &WriteAttrs) -> Result<String>;
 
-    /// Uploads one part; returns its ETag.
+    /// Uploads one part, with its checksum of `checksum` (the upload's algorithm) for the
+    /// server to verify on arrival; returns its ETag.
     async fn upload_part(
         &self,
         key: &str,
         upload_id: &str,
         part_number: i32,
         body: Bytes,
+        checksum: Option<ChecksumAlgorithm>,
     ) -> Result<String>;
 
     /// Completes a multipart upload, only if the target is as `precondition` says (if
-    /// given); returns the object's ETag.
+    /// given), and, with `checksum` (a full-object one of the upload's algorithm), only if
+    /// the assembled object has that checksum; returns the object's ETag.
     async fn complete_multipart(
         &self,
         key: &str,
         upload_id: &str,
         parts: &[UploadedPart],
         precondition: Option<&TargetPrecondition>,
+        checksum: Option<&Checksum>,
     ) -> Result<String>;
 
     /// Abandons a multipart upload so no parts are left behind.

@@ -13,13 +13,15 @@ use aws_sdk_s3::operation::get_object::GetObjectError;
 use aws_sdk_s3::operation::head_object::HeadObjectError;
 use aws_sdk_s3::primitives::{ByteStream, DateTime as SmithyDateTime, DateTimeFormat};
 use aws_sdk_s3::types::{
-    CompletedMultipartUpload, CompletedPart, EncodingType, Grant, MetadataDirective,
-    ObjectCannedAcl, ObjectOwnership, ServerSideEncryption, StorageClass, Tag, TaggingDirective,
+    ChecksumMode, ChecksumType, CompletedMultipartUpload, CompletedPart, EncodingType, Grant,
+    MetadataDirective, ObjectCannedAcl, ObjectOwnership, ServerSideEncryption, StorageClass, Tag,
+    TaggingDirective,
 };
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
+use crate::checksum::{Checksum, ChecksumAlgorithm, SentChecksum};
 use crate::compat;
 use crate::error::{Error, Result, from_sdk, s3_permission};
 use crate::memory_budget::{HeldBytes, MemoryBudget};
@@ -133,7 +135,11 @@ impl S3Clients {
 
     /// An `ObjectStore` for `bucket`.
     pub fn store(&self, bucket: &BucketRef) -> S3Store {
-        S3Store::new(self.client(bucket), bucket.bucket.clone())
+        S3Store::at(
+            self.client(bucket),
+            bucket.bucket.clone(),
+            bucket.endpoint_url.as_deref(),
+        )
     }
 }
 
@@ -142,11 +148,32 @@ impl S3Clients {
 pub struct S3Store {
     client: Client,
     bucket: String,
+    /// Whether PUT and UploadPart bodies are signed (SHA-256 over every byte). Over HTTPS
+    /// they are not: TLS protects them in transit and the checksum every write carries
+    /// proves them on arrival (UNSIGNED-PAYLOAD, as S3 allows). Over plain HTTP the
+    /// signature is all that protects them from being altered on the way, so it stays.
+    sign_payload: bool,
 }
 
 impl S3Store {
+    /// A store over `bucket`, at the endpoint the standard `AWS_ENDPOINT_URL_S3` /
+    /// `AWS_ENDPOINT_URL` settings name (AWS itself without them).
     pub fn new(client: Client, bucket: String) -> Self {
-        Self { client, bucket }
+        Self::at(client, bucket, None)
+    }
+
+    /// As `new`, for a bucket reached at `endpoint` (a rule's `endpoint_url`).
+    pub fn at(client: Client, bucket: String, endpoint: Option<&str>) -> Self {
+        let endpoint = endpoint.map(str::to_string).or_else(|| {
+            std::env::var("AWS_ENDPOINT_URL_S3")
+                .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+                .ok()
+        });
+        Self {
+            client,
+            bucket,
+            sign_payload: signs_payload(endpoint.as_deref()),
+        }
     }
 
     /// Reads a GET's body into one buffer of `expected` bytes (its Content-Length),
@@ -169,6 +196,27 @@ impl S3Store {
                 }
             }
         }
+    }
+
+    /// The checksum the target reports for what it stored must be the one sent, where it
+    /// reports one of the same algorithm and kind (S3 does; some S3-compatible servers
+    /// check the value on arrival but report none).
+    fn check_stored(
+        &self,
+        operation: &'static str,
+        key: &str,
+        sent: &SentChecksum,
+        stored: Option<Checksum>,
+    ) -> Result<()> {
+        if let (SentChecksum::Known(want), Some(got)) = (sent, stored)
+            && want.agrees_with(&got) == Some(false)
+        {
+            return Err(Error::Integrity {
+                resource: self.resource(key),
+                detail: format!("{operation} stored checksum {got}, the source's is {want}"),
+            });
+        }
+        Ok(())
     }
 
     fn resource(&self, key: &str) -> String {
@@ -198,6 +246,80 @@ impl S3Store {
     {
         from_sdk(operation, self.resource(key), s3_permission(operation), err)
     }
+}
+
+/// Whether writes to `endpoint` sign their payload: only over plain HTTP (AWS itself, with
+/// no endpoint, is HTTPS).
+fn signs_payload(endpoint: Option<&str>) -> bool {
+    endpoint.is_some_and(|e| e.trim().to_ascii_lowercase().starts_with("http://"))
+}
+
+fn sdk_algorithm(a: ChecksumAlgorithm) -> aws_sdk_s3::types::ChecksumAlgorithm {
+    use aws_sdk_s3::types::ChecksumAlgorithm as Sdk;
+    match a {
+        ChecksumAlgorithm::Crc64Nvme => Sdk::Crc64Nvme,
+        ChecksumAlgorithm::Crc32c => Sdk::Crc32C,
+        ChecksumAlgorithm::Crc32 => Sdk::Crc32,
+        ChecksumAlgorithm::Sha1 => Sdk::Sha1,
+        ChecksumAlgorithm::Sha256 => Sdk::Sha256,
+    }
+}
+
+/// The stored checksum among a response's checksum fields (S3 returns at most one).
+fn checksum_of(
+    values: [(ChecksumAlgorithm, Option<&str>); 5],
+    kind: Option<&ChecksumType>,
+) -> Option<Checksum> {
+    let composite = matches!(kind, Some(ChecksumType::Composite));
+    values.into_iter().find_map(|(algorithm, value)| {
+        value
+            .filter(|v| !v.is_empty())
+            .map(|v| Checksum::from_header(algorithm, v, composite))
+    })
+}
+
+/// The checksum fields of any S3 output that has them, in `checksum_of`'s order.
+macro_rules! checksums {
+    ($out:expr) => {{
+        let out = &$out;
+        [
+            (ChecksumAlgorithm::Crc64Nvme, out.checksum_crc64_nvme()),
+            (ChecksumAlgorithm::Crc32c, out.checksum_crc32_c()),
+            (ChecksumAlgorithm::Crc32, out.checksum_crc32()),
+            (ChecksumAlgorithm::Sha1, out.checksum_sha1()),
+            (ChecksumAlgorithm::Sha256, out.checksum_sha256()),
+        ]
+    }};
+}
+
+/// Sets a known checksum value as its header on any builder with S3's checksum setters
+/// (the SDK sends it as it is).
+macro_rules! with_checksum_value {
+    ($builder:expr, $checksum:expr) => {{
+        let b = $builder;
+        let c: &Checksum = $checksum;
+        let v = Some(c.value.clone());
+        match c.algorithm {
+            ChecksumAlgorithm::Crc64Nvme => b.set_checksum_crc64_nvme(v),
+            ChecksumAlgorithm::Crc32c => b.set_checksum_crc32_c(v),
+            ChecksumAlgorithm::Crc32 => b.set_checksum_crc32(v),
+            ChecksumAlgorithm::Sha1 => b.set_checksum_sha1(v),
+            ChecksumAlgorithm::Sha256 => b.set_checksum_sha256(v),
+        }
+    }};
+}
+
+/// Sets the checksum a write sends: a known value, or the algorithm for the SDK to
+/// compute over the body.
+macro_rules! with_checksum {
+    ($builder:expr, $sent:expr) => {{
+        let b = $builder;
+        match $sent {
+            SentChecksum::None => b,
+            SentChecksum::Compute(a) => b.checksum_algorithm(sdk_algorithm(*a)),
+            SentChecksum::Known(c) => with_checksum_value!(b, c),
+        }
+    }};
 }
 
 fn unquote(etag: &str) -> String {
@@ -302,6 +424,7 @@ macro_rules! object_info {
                 .tag_count()
                 .and_then(|n| u32::try_from(n).ok())
                 .unwrap_or(0),
+            checksum: checksum_of(checksums!(out), out.checksum_type()),
         }
     }};
 }
@@ -340,6 +463,7 @@ impl ObjectStore for S3Store {
             .head_object()
             .bucket(&self.bucket)
             .key(key)
+            .checksum_mode(ChecksumMode::Enabled)
             .send()
             .await
         {
@@ -363,6 +487,13 @@ impl ObjectStore for S3Store {
             .get_object()
             .bucket(&self.bucket)
             .key(key)
+            // The stored checksum, to carry to the replica. Asked for with the header
+            // alone, not the SDK's checksum mode, which would also hash the body to check
+            // it: the target checks the bytes against this value on arrival anyway.
+            .customize()
+            .mutate_request(|req| {
+                req.headers_mut().insert("x-amz-checksum-mode", "ENABLED");
+            })
             .send()
             .await
         {
@@ -432,11 +563,19 @@ impl ObjectStore for S3Store {
             .key(key)
             .set_if_match(if_match)
             .set_if_none_match(if_none_match);
-        let out = with_attrs!(req, attrs)
-            .body(ByteStream::from(body))
-            .send()
-            .await
-            .map_err(|e| self.err("PutObject", key, e))?;
+        let req =
+            with_checksum!(with_attrs!(req, attrs), &attrs.checksum).body(ByteStream::from(body));
+        let out = match self.sign_payload {
+            true => req.send().await,
+            false => req.customize().disable_payload_signing().send().await,
+        }
+        .map_err(|e| self.err("PutObject", key, e))?;
+        self.check_stored(
+            "PutObject",
+            key,
+            &attrs.checksum,
+            checksum_of(checksums!(out), None),
+        )?;
         Ok(out.e_tag().map(unquote).unwrap_or_default())
     }
 
@@ -446,6 +585,17 @@ impl ObjectStore for S3Store {
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key);
+        // Parts carry checksums of the upload's algorithm; a CRC one makes a full-object
+        // checksum of the whole (S3 checks a given one at completion).
+        let req = match attrs.checksum.algorithm() {
+            Some(a) => req
+                .checksum_algorithm(sdk_algorithm(a))
+                .checksum_type(match a.combines() {
+                    true => ChecksumType::FullObject,
+                    false => ChecksumType::Composite,
+                }),
+            None => req,
+        };
         let out = with_attrs!(req, attrs)
             .send()
             .await
@@ -464,18 +614,22 @@ impl ObjectStore for S3Store {
         upload_id: &str,
         part_number: i32,
         body: Bytes,
+        checksum: Option<ChecksumAlgorithm>,
     ) -> Result<String> {
-        let out = self
+        let req = self
             .client
             .upload_part()
             .bucket(&self.bucket)
             .key(key)
             .upload_id(upload_id)
             .part_number(part_number)
-            .body(ByteStream::from(body))
-            .send()
-            .await
-            .map_err(|e| self.err("UploadPart", key, e))?;
+            .set_checksum_algorithm(checksum.map(sdk_algorithm))
+            .body(ByteStream::from(body));
+        let out = match self.sign_payload {
+            true => req.send().await,
+            false => req.customize().disable_payload_signing().send().await,
+        }
+        .map_err(|e| self.err("UploadPart", key, e))?;
         Ok(out.e_tag().map(unquote).unwrap_or_default())
     }
 
@@ -485,6 +639,7 @@ impl ObjectStore for S3Store {
         upload_id: &str,
         parts: &[UploadedPart],
         precondition: Option<&TargetPrecondition>,
+        checksum: Option<&Checksum>,
     ) -> Result<String> {
         let (if_match, if_none_match) = precondition_headers(&precondition.cloned());
         let completed = CompletedMultipartUpload::builder()
@@ -508,11 +663,23 @@ impl ObjectStore for S3Store {
             .upload_id(upload_id)
             .set_if_match(if_match)
             .set_if_none_match(if_none_match)
-            .multipart_upload(completed)
-            .send()
-            .await;
+            .multipart_upload(completed);
+        // The whole object's checksum, for S3 to check the assembled parts against.
+        let sent = match checksum {
+            Some(c) => with_checksum_value!(sent.checksum_type(ChecksumType::FullObject), c),
+            None => sent,
+        }
+        .send()
+        .await;
         match sent {
-            Ok(out) => Ok(out.e_tag().map(unquote).unwrap_or_default()),
+            Ok(out) => {
+                if let Some(c) = checksum {
+                    let sent = SentChecksum::Known(c.clone());
+                    let stored = checksum_of(checksums!(out), out.checksum_type());
+                    self.check_stored("CompleteMultipartUpload", key, &sent, stored)?;
+                }
+                Ok(out.e_tag().map(unquote).unwrap_or_default())
+            }
             Err(e) => match compat::success_body_with_root(&e, "CompleteMultipartUploadResponse")
                 .and_then(|body| compat::xml_text(&body, "ETag"))
             {
@@ -560,8 +727,12 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| self.err("CopyObject", key, e))?;
-        Ok(out
-            .copy_object_result()
+        // S3 computes the copy's checksum afresh, with the source's algorithm: the
+        // source's own full-object value must come out again.
+        let result = out.copy_object_result();
+        let stored = result.and_then(|r| checksum_of(checksums!(r), r.checksum_type()));
+        self.check_stored("CopyObject", key, &attrs.checksum, stored)?;
+        Ok(result
             .and_then(|r| r.e_tag())
             .map(unquote)
             .unwrap_or_default())

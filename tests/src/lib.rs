@@ -887,7 +887,9 @@ pub async fn upload_in_parts(
         .await?;
     let store = crr_shared::s3::S3Store::new(s3.clone(), bucket.to_string());
     use crr_shared::object_store::ObjectStore;
-    Ok(store.complete_multipart(key, &id, &done, None).await?)
+    Ok(store
+        .complete_multipart(key, &id, &done, None, None)
+        .await?)
 }
 
 pub mod browser;

@@ -511,6 +511,7 @@ mod tests {
             storage_class: None,
             encryption: None,
             tag_count: 0,
+            checksum: None,
         }
     }
 

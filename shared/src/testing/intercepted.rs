@@ -7,6 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::checksum::{Checksum, ChecksumAlgorithm};
 use crate::error::Result;
 use crate::memory_budget::MemoryBudget;
 use crate::object_store::{
@@ -80,12 +81,13 @@ impl<S: ObjectStore + ?Sized, H: Hooks> ObjectStore for Intercepted<S, H> {
         upload_id: &str,
         part_number: i32,
         body: Bytes,
+        checksum: Option<ChecksumAlgorithm>,
     ) -> Result<String> {
         let n = body.len() as u64;
         self.hooks.before_write(Write::Part, n).await;
         let etag = self
             .inner
-            .upload_part(key, upload_id, part_number, body)
+            .upload_part(key, upload_id, part_number, body, checksum)
             .await;
         self.hooks.after_write(Write::Part, n, etag.is_ok()).await;
         etag
@@ -96,9 +98,10 @@ impl<S: ObjectStore + ?Sized, H: Hooks> ObjectStore for Intercepted<S, H> {
         upload_id: &str,
         parts: &[UploadedPart],
         precondition: Option<&TargetPrecondition>,
+        checksum: Option<&Checksum>,
     ) -> Result<String> {
         self.inner
-            .complete_multipart(key, upload_id, parts, precondition)
+            .complete_multipart(key, upload_id, parts, precondition, checksum)
             .await
     }
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()> {
