@@ -140,7 +140,7 @@ pub enum SentChecksum {
     /// This value, known beforehand (the source's own full-object checksum): the target
     /// refuses bytes that do not match it, and stores it.
     Known(Checksum),
-    /// Computed over the bytes as they are sent (by the SDK, before the request leaves).
+    /// Computed over the bytes before they are sent.
     Compute(ChecksumAlgorithm),
 }
 
@@ -152,6 +152,17 @@ impl SentChecksum {
         match source {
             Some(c) if c.is_full_object() => Self::Known(c.clone()),
             _ => Self::Compute(ChecksumAlgorithm::Crc64Nvme),
+        }
+    }
+
+    /// The value sent with `body`: the known one, or one computed here. Computed here, not
+    /// by the SDK: with checksums `WhenRequired` (the clients' setting, for S3-compatible
+    /// servers) it names the algorithm but sends no value.
+    pub fn value_for(&self, body: &[u8]) -> Option<Checksum> {
+        match self {
+            Self::None => None,
+            Self::Known(c) => Some(c.clone()),
+            Self::Compute(a) => Some(Checksum::compute(*a, body)),
         }
     }
 

@@ -836,6 +836,85 @@ mod tests {
         assert_eq!(dst.bytes("dir/a b.txt"), src.bytes("dir/a b.txt"));
     }
 
+    /// The source `seeded` makes, written anew with `checksum` sent (stored as S3 would).
+    async fn seeded_with(
+        size: usize,
+        checksum: ChecksumAlgorithm,
+    ) -> (MemoryObjectStore, ObjectInfo) {
+        let (src, info) = seeded(size).await;
+        let data = src.bytes(&info.key).unwrap();
+        let attrs = WriteAttrs {
+            checksum: SentChecksum::Compute(checksum),
+            ..WriteAttrs::default()
+        };
+        src.put(&info.key, data, &attrs).await.unwrap();
+        let info = src.head(&info.key).await.unwrap().unwrap();
+        (src, info)
+    }
+
+    #[tokio::test]
+    async fn every_copy_carries_the_source_checksum() {
+        use ChecksumAlgorithm::*;
+        for algorithm in [Crc64Nvme, Crc32c, Crc32, Sha1, Sha256] {
+            for (size, mode) in [
+                (1000, ResolvedCopyMode::Stream),
+                (1000, ResolvedCopyMode::ServerSide),
+                (12 * 1024 * 1024 + 3, ResolvedCopyMode::Stream),
+            ] {
+                let (src, info) = seeded_with(size, algorithm).await;
+                let dst = src.world().store("dst");
+                copy(&small_parts(), &src, &dst, &info, mode).await.unwrap();
+                let replica = dst.head(&info.key).await.unwrap().unwrap();
+                let (want, got) = (info.checksum.clone().unwrap(), replica.checksum.unwrap());
+                assert_eq!(want.algorithm, algorithm);
+                match (size > 1000, algorithm.combines()) {
+                    // Streamed in parts, a CRC replica gets the whole object's checksum,
+                    // checked against the source's at completion.
+                    (true, true) | (false, _) => assert_eq!(got, want, "{algorithm} {mode:?}"),
+                    // S3 keeps no full-object SHA of a multipart upload: its parts carry a
+                    // CRC64NVME, and the replica the whole object's.
+                    (true, false) => {
+                        assert_eq!(got.algorithm, Crc64Nvme);
+                        assert!(got.is_full_object());
+                    }
+                }
+                assert_eq!(dst.bytes(&info.key), src.bytes(&info.key));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_copy_of_bytes_other_than_the_source_checksum_says_is_refused() {
+        // The source's stored checksum names other bytes than those read (corrupted on
+        // the way, or a server that stored a wrong one): the target refuses the write.
+        let (src, mut info) = seeded_with(1000, ChecksumAlgorithm::Crc32c).await;
+        info.checksum = Some(Checksum::compute(ChecksumAlgorithm::Crc32c, b"other bytes"));
+        let dst = src.world().store("dst");
+        let err = copy(
+            &CopyEngine::default(),
+            &src,
+            &dst,
+            &info,
+            ResolvedCopyMode::Stream,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("BadDigest"), "{err}");
+        assert!(dst.bytes(&info.key).is_none());
+        // In parts, the completion is refused the same way and no object appears.
+        let (src, mut info) = seeded_with(12 * 1024 * 1024 + 3, ChecksumAlgorithm::Crc64Nvme).await;
+        info.checksum = Some(Checksum::compute(
+            ChecksumAlgorithm::Crc64Nvme,
+            b"other bytes",
+        ));
+        let dst = src.world().store("dst");
+        let err = copy(&small_parts(), &src, &dst, &info, ResolvedCopyMode::Stream)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("BadDigest"), "{err}");
+        assert!(dst.bytes(&info.key).is_none());
+    }
+
     #[tokio::test]
     async fn a_source_changed_mid_copy_is_a_precondition_failure() {
         let (src, mut info) = seeded(10).await;

@@ -205,10 +205,10 @@ impl S3Store {
         &self,
         operation: &'static str,
         key: &str,
-        sent: &SentChecksum,
+        sent: Option<&Checksum>,
         stored: Option<Checksum>,
     ) -> Result<()> {
-        if let (SentChecksum::Known(want), Some(got)) = (sent, stored)
+        if let (Some(want), Some(got)) = (sent, stored)
             && want.agrees_with(&got) == Some(false)
         {
             return Err(Error::Integrity {
@@ -305,19 +305,6 @@ macro_rules! with_checksum_value {
             ChecksumAlgorithm::Crc32 => b.set_checksum_crc32(v),
             ChecksumAlgorithm::Sha1 => b.set_checksum_sha1(v),
             ChecksumAlgorithm::Sha256 => b.set_checksum_sha256(v),
-        }
-    }};
-}
-
-/// Sets the checksum a write sends: a known value, or the algorithm for the SDK to
-/// compute over the body.
-macro_rules! with_checksum {
-    ($builder:expr, $sent:expr) => {{
-        let b = $builder;
-        match $sent {
-            SentChecksum::None => b,
-            SentChecksum::Compute(a) => b.checksum_algorithm(sdk_algorithm(*a)),
-            SentChecksum::Known(c) => with_checksum_value!(b, c),
         }
     }};
 }
@@ -563,19 +550,20 @@ impl ObjectStore for S3Store {
             .key(key)
             .set_if_match(if_match)
             .set_if_none_match(if_none_match);
-        let req =
-            with_checksum!(with_attrs!(req, attrs), &attrs.checksum).body(ByteStream::from(body));
+        let sent = attrs.checksum.value_for(&body);
+        let req = with_attrs!(req, attrs);
+        let req = match &sent {
+            Some(c) => with_checksum_value!(req, c),
+            None => req,
+        }
+        .body(ByteStream::from(body));
         let out = match self.sign_payload {
             true => req.send().await,
             false => req.customize().disable_payload_signing().send().await,
         }
         .map_err(|e| self.err("PutObject", key, e))?;
-        self.check_stored(
-            "PutObject",
-            key,
-            &attrs.checksum,
-            checksum_of(checksums!(out), None),
-        )?;
+        let stored = checksum_of(checksums!(out), None);
+        self.check_stored("PutObject", key, sent.as_ref(), stored)?;
         Ok(out.e_tag().map(unquote).unwrap_or_default())
     }
 
@@ -622,9 +610,12 @@ impl ObjectStore for S3Store {
             .bucket(&self.bucket)
             .key(key)
             .upload_id(upload_id)
-            .part_number(part_number)
-            .set_checksum_algorithm(checksum.map(sdk_algorithm))
-            .body(ByteStream::from(body));
+            .part_number(part_number);
+        let req = match checksum {
+            Some(a) => with_checksum_value!(req, &Checksum::compute(a, &body)),
+            None => req,
+        }
+        .body(ByteStream::from(body));
         let out = match self.sign_payload {
             true => req.send().await,
             false => req.customize().disable_payload_signing().send().await,
@@ -673,11 +664,8 @@ impl ObjectStore for S3Store {
         .await;
         match sent {
             Ok(out) => {
-                if let Some(c) = checksum {
-                    let sent = SentChecksum::Known(c.clone());
-                    let stored = checksum_of(checksums!(out), out.checksum_type());
-                    self.check_stored("CompleteMultipartUpload", key, &sent, stored)?;
-                }
+                let stored = checksum_of(checksums!(out), out.checksum_type());
+                self.check_stored("CompleteMultipartUpload", key, checksum, stored)?;
                 Ok(out.e_tag().map(unquote).unwrap_or_default())
             }
             Err(e) => match compat::success_body_with_root(&e, "CompleteMultipartUploadResponse")
@@ -731,7 +719,11 @@ impl ObjectStore for S3Store {
         // source's own full-object value must come out again.
         let result = out.copy_object_result();
         let stored = result.and_then(|r| checksum_of(checksums!(r), r.checksum_type()));
-        self.check_stored("CopyObject", key, &attrs.checksum, stored)?;
+        let sent = match &attrs.checksum {
+            SentChecksum::Known(c) => Some(c),
+            _ => None,
+        };
+        self.check_stored("CopyObject", key, sent, stored)?;
         Ok(result
             .and_then(|r| r.e_tag())
             .map(unquote)
@@ -1009,5 +1001,120 @@ impl ObjectStore for S3Store {
         )
         .await?;
         self.delete(probe_key).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use aws_smithy_mocks::{RuleMode, mock, mock_client};
+    use aws_smithy_runtime_api::box_error::BoxError;
+    use aws_smithy_runtime_api::client::interceptors::Intercept;
+    use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
+    use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+    use aws_smithy_types::config_bag::ConfigBag;
+
+    use super::*;
+
+    /// The headers of every request as it left for the wire (signed).
+    #[derive(Debug, Clone, Default)]
+    struct Sent(Arc<Mutex<Vec<HashMap<String, String>>>>);
+
+    impl Intercept for Sent {
+        fn name(&self) -> &'static str {
+            "sent-headers"
+        }
+        fn read_before_transmit(
+            &self,
+            context: &BeforeTransmitInterceptorContextRef<'_>,
+            _components: &RuntimeComponents,
+            _cfg: &mut ConfigBag,
+        ) -> std::result::Result<(), BoxError> {
+            let headers = context
+                .request()
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+                .collect();
+            self.0.lock().unwrap().push(headers);
+            Ok(())
+        }
+    }
+
+    fn store(endpoint: &str, sent: &Sent) -> S3Store {
+        let put = mock!(aws_sdk_s3::Client::put_object).then_output(|| {
+            aws_sdk_s3::operation::put_object::PutObjectOutput::builder()
+                .e_tag("\"e\"")
+                .build()
+        });
+        let part = mock!(aws_sdk_s3::Client::upload_part).then_output(|| {
+            aws_sdk_s3::operation::upload_part::UploadPartOutput::builder()
+                .e_tag("\"e\"")
+                .build()
+        });
+        let sent = sent.clone();
+        let client = mock_client!(aws_sdk_s3, RuleMode::MatchAny, [&put, &part], |c| c
+            .interceptor(sent.clone())
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired));
+        S3Store::at(client, "b".into(), Some(endpoint))
+    }
+
+    #[tokio::test]
+    async fn payloads_are_signed_over_http_and_checked_by_checksum_over_https() {
+        for (endpoint, signed) in [
+            ("http://127.0.0.1:9000", true),
+            ("https://s3.example", false),
+        ] {
+            let sent = Sent::default();
+            let s3 = store(endpoint, &sent);
+            let attrs = WriteAttrs {
+                checksum: SentChecksum::Compute(ChecksumAlgorithm::Crc64Nvme),
+                ..WriteAttrs::default()
+            };
+            s3.put("k", Bytes::from_static(b"hello world"), &attrs)
+                .await
+                .unwrap();
+            s3.upload_part(
+                "k",
+                "u",
+                1,
+                Bytes::from_static(b"hello world"),
+                Some(ChecksumAlgorithm::Crc32c),
+            )
+            .await
+            .unwrap();
+            let requests = sent.0.lock().unwrap().clone();
+            assert_eq!(requests.len(), 2, "{endpoint}");
+            for headers in requests {
+                let payload = headers
+                    .get("x-amz-content-sha256")
+                    .cloned()
+                    .unwrap_or_default();
+                match signed {
+                    // The SHA-256 of the body, signed.
+                    true => assert_eq!(payload.len(), 64, "{endpoint}: {headers:?}"),
+                    false => assert!(
+                        payload.contains("UNSIGNED-PAYLOAD"),
+                        "{endpoint}: {headers:?}"
+                    ),
+                }
+                // Either way the body carries a CRC (a header, or an aws-chunked trailer)
+                // for S3 to check on arrival.
+                let checksum = headers.keys().any(|k| k.starts_with("x-amz-checksum-"))
+                    || headers
+                        .get("x-amz-trailer")
+                        .is_some_and(|t| t.starts_with("x-amz-checksum-"));
+                assert!(checksum, "{endpoint}: {headers:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_plain_http_endpoints_sign_payloads() {
+        assert!(signs_payload(Some("http://localhost:9000")));
+        assert!(signs_payload(Some("HTTP://10.0.0.1")));
+        assert!(!signs_payload(Some("https://s3.eu-west-1.amazonaws.com")));
+        assert!(!signs_payload(None));
     }
 }
