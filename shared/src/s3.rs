@@ -309,6 +309,17 @@ macro_rules! with_checksum_value {
     }};
 }
 
+/// Sends a write with a body: signed over plain HTTP, UNSIGNED-PAYLOAD over HTTPS
+/// (`S3Store::sign_payload`).
+macro_rules! send_body {
+    ($req:expr, $sign:expr) => {
+        match $sign {
+            true => $req.send().await,
+            false => $req.customize().disable_payload_signing().send().await,
+        }
+    };
+}
+
 fn unquote(etag: &str) -> String {
     etag.trim_matches('"').to_string()
 }
@@ -560,11 +571,7 @@ impl ObjectStore for S3Store {
             None => req,
         }
         .body(ByteStream::from(body));
-        let out = match self.sign_payload {
-            true => req.send().await,
-            false => req.customize().disable_payload_signing().send().await,
-        }
-        .map_err(|e| self.err("PutObject", key, e))?;
+        let out = send_body!(req, self.sign_payload).map_err(|e| self.err("PutObject", key, e))?;
         let stored = checksum_of(checksums!(out), None);
         self.check_stored("PutObject", key, sent.as_ref(), stored)?;
         Ok(out.e_tag().map(unquote).unwrap_or_default())
@@ -619,11 +626,7 @@ impl ObjectStore for S3Store {
             None => req,
         }
         .body(ByteStream::from(body));
-        let out = match self.sign_payload {
-            true => req.send().await,
-            false => req.customize().disable_payload_signing().send().await,
-        }
-        .map_err(|e| self.err("UploadPart", key, e))?;
+        let out = send_body!(req, self.sign_payload).map_err(|e| self.err("UploadPart", key, e))?;
         Ok(out.e_tag().map(unquote).unwrap_or_default())
     }
 
