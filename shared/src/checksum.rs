@@ -155,6 +155,18 @@ impl SentChecksum {
         }
     }
 
+    /// For a multipart copy streamed of an object whose stored checksum is `source`: the
+    /// algorithm its parts carry (the source's when it has a full-object CRC, else
+    /// CRC64NVME), and the full-object value the completed replica must have, if known.
+    pub fn for_parts_of(source: Option<&Checksum>) -> (ChecksumAlgorithm, Option<Checksum>) {
+        match source {
+            Some(c) if c.is_full_object() && c.algorithm.combines() => {
+                (c.algorithm, Some(c.clone()))
+            }
+            _ => (ChecksumAlgorithm::Crc64Nvme, None),
+        }
+    }
+
     /// The value sent with `body`: the known one, or one computed here. Computed here, not
     /// by the SDK: with checksums `WhenRequired` (the clients' setting, for S3-compatible
     /// servers) it names the algorithm but sends no value.

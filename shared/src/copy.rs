@@ -10,7 +10,7 @@ use futures::StreamExt;
 use md5::{Digest, Md5};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 
-use crate::checksum::{Checksum, ChecksumAlgorithm, SentChecksum};
+use crate::checksum::{ChecksumAlgorithm, SentChecksum};
 use crate::error::{Error, Result};
 use crate::filter::SourceState;
 use crate::memory_budget::{HeldBytes, MemoryBudget};
@@ -516,7 +516,10 @@ impl CopyEngine {
         // against the source's value at completion), else CRC64NVME. Server-side parts
         // are S3's own copies.
         let (part_checksum, whole) = match mode {
-            ResolvedCopyMode::Stream => stream_checksums(info.checksum.as_ref()),
+            ResolvedCopyMode::Stream => {
+                let (parts, whole) = SentChecksum::for_parts_of(info.checksum.as_ref());
+                (Some(parts), whole)
+            }
             ResolvedCopyMode::ServerSide => (None, None),
         };
         let attrs = &WriteAttrs {
@@ -740,17 +743,6 @@ fn etag_proves_content(info: &ObjectInfo, attrs: &WriteAttrs) -> bool {
     !info.etag.contains('-') && source_etag_is_md5(info) && attrs.etag_is_md5()
 }
 
-/// For a streamed multipart copy of an object whose stored checksum is `source`: the
-/// algorithm its parts carry, and the full-object value the completed replica must have.
-fn stream_checksums(source: Option<&Checksum>) -> (Option<ChecksumAlgorithm>, Option<Checksum>) {
-    match source {
-        Some(c) if c.is_full_object() && c.algorithm.combines() => {
-            (Some(c.algorithm), Some(c.clone()))
-        }
-        _ => (Some(ChecksumAlgorithm::Crc64Nvme), None),
-    }
-}
-
 /// SSE-KMS objects have ETags that are not MD5s of their content.
 fn source_etag_is_md5(info: &ObjectInfo) -> bool {
     !matches!(info.encryption, Some(Encryption::Kms { .. }))
@@ -766,6 +758,7 @@ fn integrity(store: &dyn ObjectStore, key: &str, expected: &str, got: &str) -> E
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checksum::Checksum;
     use crate::memory::{MemoryObjectStore, MemoryWorld};
 
     async fn copy(

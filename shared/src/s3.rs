@@ -103,6 +103,8 @@ pub async fn create_bucket(s3: &Client, bucket: &str, region: &str) -> Result<bo
 pub struct S3Clients {
     base: SdkConfig,
     cache: Arc<Mutex<HashMap<ClientKey, Client>>>,
+    /// The endpoint the environment names for buckets whose rule names none, read once.
+    env_endpoint: Option<String>,
 }
 
 /// Region, endpoint and path-style flag: what distinguishes two S3 clients.
@@ -113,6 +115,7 @@ impl S3Clients {
         Self {
             base,
             cache: Arc::default(),
+            env_endpoint: env_endpoint(),
         }
     }
 
@@ -135,10 +138,11 @@ impl S3Clients {
 
     /// An `ObjectStore` for `bucket`.
     pub fn store(&self, bucket: &BucketRef) -> S3Store {
+        let endpoint = bucket.endpoint_url.as_deref();
         S3Store::at(
             self.client(bucket),
             bucket.bucket.clone(),
-            bucket.endpoint_url.as_deref(),
+            endpoint.or(self.env_endpoint.as_deref()),
         )
     }
 }
@@ -159,20 +163,15 @@ impl S3Store {
     /// A store over `bucket`, at the endpoint the standard `AWS_ENDPOINT_URL_S3` /
     /// `AWS_ENDPOINT_URL` settings name (AWS itself without them).
     pub fn new(client: Client, bucket: String) -> Self {
-        Self::at(client, bucket, None)
+        Self::at(client, bucket, env_endpoint().as_deref())
     }
 
-    /// As `new`, for a bucket reached at `endpoint` (a rule's `endpoint_url`).
+    /// A store over `bucket` reached at `endpoint` (`None`: AWS itself).
     pub fn at(client: Client, bucket: String, endpoint: Option<&str>) -> Self {
-        let endpoint = endpoint.map(str::to_string).or_else(|| {
-            std::env::var("AWS_ENDPOINT_URL_S3")
-                .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
-                .ok()
-        });
         Self {
             client,
             bucket,
-            sign_payload: signs_payload(endpoint.as_deref()),
+            sign_payload: signs_payload(endpoint),
         }
     }
 
@@ -246,6 +245,13 @@ impl S3Store {
     {
         from_sdk(operation, self.resource(key), s3_permission(operation), err)
     }
+}
+
+/// The S3 endpoint the standard `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` settings name.
+fn env_endpoint() -> Option<String> {
+    std::env::var("AWS_ENDPOINT_URL_S3")
+        .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+        .ok()
 }
 
 /// Whether writes to `endpoint` sign their payload: only over plain HTTP (AWS itself, with
