@@ -15,7 +15,7 @@ use crr_shared::backfill::{
 use crr_shared::copy::CopyEngine;
 use crr_shared::dynamo::DynamoStore;
 use crr_shared::replicate::{Replicator, ReplicatorSettings};
-use crr_shared::rule::{Notify, OnConflict, Rule};
+use crr_shared::rule::{CopyMode, Notify, OnConflict, Rule};
 use crr_shared::rule_admin::create_rule;
 use crr_shared::verify::{DifferenceKind, VerifyOptions, verify};
 use crr_tests::fault_proxy::{FaultPlan, FaultProxy};
@@ -1201,5 +1201,64 @@ async fn a_metadata_only_fix_works_on_s3s_fs_too() -> Result<()> {
             .await?,
     );
     assert_eq!(after, before, "the fix moved the bytes");
+    Ok(())
+}
+
+#[tokio::test]
+async fn server_side_heads_are_read_ahead_of_the_copies() -> Result<()> {
+    // One server, one endpoint (a fault proxy in front of moto A) for both buckets, in
+    // two regions: server-side copies, each a HEAD (the source's headers and metadata)
+    // and a CopyObject. One copy in flight: while the first object's CopyObject is held
+    // at the proxy, the next object's HEAD must already come, read ahead of its copy;
+    // HEAD then copy, one object after the other, would never send it.
+    let endpoint = Stack::from_env()?.a.endpoint;
+    let proxy = FaultProxy::start(&endpoint, FaultPlan::none(19)).await?;
+    let through = proxy.endpoint.clone();
+    let f = fixture_on(
+        |stack| S3Server {
+            endpoint: stack.a.endpoint.clone(),
+            region: stack.b.region.clone(),
+        },
+        &[],
+        |r| {
+            r.copy_mode = CopyMode::ServerSide;
+            r.source.endpoint_url = Some(through.clone());
+            r.target.endpoint_url = Some(through);
+        },
+    )
+    .await?;
+    let keys = ["k0", "k1", "k2"];
+    f.seed(
+        keys.iter()
+            .map(|k| (k.to_string(), format!("bytes of {k}").into_bytes()))
+            .collect(),
+    )
+    .await?;
+    let mut copy = proxy.hold("PUT", &format!("/{}/k0", f.target()));
+    let mut head = proxy.hold("HEAD", &format!("/{}/k1", f.source()));
+    let settings = BackfillSettings {
+        copy_concurrency: 1,
+        workers: 1,
+        ..BackfillSettings::default()
+    };
+    let watch = async {
+        copy.arrived(Duration::from_secs(60)).await?;
+        // Held: k0's copy cannot end, so only a HEAD read ahead reaches the proxy now.
+        let ahead = head.arrived(Duration::from_secs(20)).await;
+        head.release();
+        copy.release();
+        ahead.context("k1's HEAD did not come while k0's copy was held")
+    };
+    let (ran, watched) = tokio::join!(f.backfill_to_end(settings), watch);
+    watched?;
+    ran?;
+    let s3 = f.stack.s3(&f.stack.a);
+    let source = list_all(&s3, f.source()).await?;
+    let target = list_all(&s3, f.target()).await?;
+    ensure!(
+        source == target,
+        "not an exact copy: {source:?} vs {target:?}"
+    );
+    assert_eq!(f.counters().await?.1, 3, "three objects copied");
     Ok(())
 }

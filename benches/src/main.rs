@@ -54,6 +54,12 @@ enum Cmd {
         min_ms: u64,
         #[arg(long, default_value_t = 40)]
         max_ms: u64,
+        /// Accept HTTPS with this PEM certificate chain (and `--tls-key`).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// The PEM private key of `--tls-cert`.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
     },
     /// PUT `count` objects of `min..=max` bytes (sizes from `seed`) into a new bucket, at
     /// `concurrency`, with a plain SDK loop: the server's raw PUT rate, and the seeding.
@@ -224,12 +230,19 @@ async fn main() -> Result<()> {
             upstream,
             min_ms,
             max_ms,
+            tls_cert,
+            tls_key,
         } => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(latency_proxy::tls_acceptor(&cert, &key)?),
+                _ => None,
+            };
             latency_proxy::serve(
                 listen,
                 &upstream,
                 Duration::from_millis(min_ms),
                 Duration::from_millis(max_ms),
+                tls,
             )
             .await?
         }

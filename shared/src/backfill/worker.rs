@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 
 use crate::copy::{CopyEngine, MAX_SINGLE_REQUEST, marker};
@@ -18,7 +18,7 @@ use crate::rate_limit::{AdaptiveLimits, MemoryRateStore, Meter, RateLimiter, Rat
 use crate::replicate::StoreProvider;
 use crate::resumable::{CopyRun, UploadStore, Writer};
 use crate::retry::RetryPolicy;
-use crate::rule::{Policy, Rule};
+use crate::rule::{Policy, ResolvedCopyMode, Rule};
 use crate::series::{Activity, ProgressMeter};
 use crate::state::{RuleStore, StatsStore};
 use crate::verify::Tags;
@@ -941,28 +941,57 @@ impl Backfiller {
         page: &'p Page,
         deadline: Instant,
     ) -> Result<Vec<(&'p str, Outcome)>> {
-        let copies = futures::stream::iter(page.objects.iter())
-            .map(|o| {
-                let seen = page.target.get(&o.key);
+        let concurrency = self.settings.copy_concurrency.max(1);
+        // A server-side copy needs the source's headers and metadata (its CopyObject
+        // replaces them with the marker's): the HEADs of keys the target does not hold
+        // (copied for sure) run ahead of the copies, as a checker does, up to
+        // `concurrency` in flight and `concurrency` waiting, so a copy waits for one
+        // request, not two. They are driven beside the copies (a channel between), not
+        // only when a copy's place is free. Only a first attempt uses what was read
+        // ahead; a HEAD that failed is left to the copy's own.
+        let server_side = lane.rule.resolved_copy_mode() == ResolvedCopyMode::ServerSide;
+        let (mut ready, read) = futures::channel::mpsc::channel(concurrency);
+        let read_ahead = async move {
+            let mut heads = futures::stream::iter(page.objects.iter())
+                .map(|o| {
+                    let seen = page.target.get(&o.key);
+                    async move {
+                        let ahead = match (server_side, seen) {
+                            (true, None) => lane.source.head(&o.key).await.ok(),
+                            _ => None,
+                        };
+                        (o, seen, ahead)
+                    }
+                })
+                .buffered(concurrency);
+            while let Some(head) = heads.next().await {
+                if ready.send(head).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let copies = read
+            .map(|(o, seen, ahead)| {
                 let group = crate::rate_limit::throttle_group(&lane.segment.prefix, &o.key);
-                let in_flight =
-                    self.adaptive
-                        .of(&lane.rule.id, group, self.settings.copy_concurrency.max(1));
+                let in_flight = self.adaptive.of(&lane.rule.id, group, concurrency);
+                let ahead = std::sync::Mutex::new(ahead);
                 async move {
                     // Retries end before the page is cut off at the hard stop, so an
                     // error that outlasted them is reported, not raced by the cut-off.
+                    let ahead = &ahead;
                     let copied = self
                         .retry
                         .run(Some(hard_stop(deadline)), "backfill object", move || {
-                            self.backfill_adaptive(lane, o, seen, in_flight.clone())
+                            let read = ahead.lock().map(|mut a| a.take()).unwrap_or(None);
+                            self.backfill_adaptive(lane, o, seen, in_flight.clone(), read)
                         })
                         .await;
                     (o, copied)
                 }
             })
-            .buffer_unordered(self.settings.copy_concurrency.max(1))
-            .collect::<Vec<_>>()
-            .await;
+            .buffer_unordered(concurrency)
+            .collect::<Vec<_>>();
+        let ((), copies) = futures::join!(read_ahead, copies);
         let succeeded = copies.iter().filter(|(_, c)| c.is_ok()).count();
         let mut outcomes = Vec::with_capacity(copies.len());
         let mut failed = Vec::new();
@@ -1213,7 +1242,7 @@ impl Backfiller {
         let (lane, object, seen) = (&lane, &object, seen.as_ref());
         self.retry
             .run(Some(deadline), "retry failed object", move || {
-                self.backfill_object(lane, object, seen)
+                self.backfill_object(lane, object, seen, None)
             })
             .await
             .map(|_| ())
@@ -1228,10 +1257,14 @@ impl Backfiller {
         object: &ListedObject,
         listed: Option<&ListedObject>,
         in_flight: Arc<crate::rate_limit::Aimd>,
+        mut read_ahead: Option<Option<ObjectInfo>>,
     ) -> Result<Outcome> {
         loop {
             let place = in_flight.acquire().await;
-            match self.backfill_object(lane, object, listed).await {
+            match self
+                .backfill_object(lane, object, listed, read_ahead.take())
+                .await
+            {
                 Err(e) if e.is_throttled() && !self.retry.out_of_time(lane.deadline) => {
                     place.throttled();
                     tokio::time::sleep(Duration::from_millis(fastrand::u64(50..250))).await;
@@ -1251,11 +1284,15 @@ impl Backfiller {
     /// conditional on the target being as the backfill saw it: if real-time replication
     /// wrote the key after that, the write is refused (412) and the backfill yields, so it
     /// can never revert a newer replica.
+    ///
+    /// `read_ahead`: the source's HEAD, read ahead of a server-side copy (`Some(None)`:
+    /// the object was gone), used in place of the copy's own.
     async fn backfill_object(
         &self,
         lane: &Lane<'_>,
         object: &ListedObject,
         listed: Option<&ListedObject>,
+        read_ahead: Option<Option<ObjectInfo>>,
     ) -> Result<Outcome> {
         let (rule, source, target) = (lane.rule, lane.source, lane.target);
         crate::key::check_in(source.bucket(), &object.key)?;
@@ -1265,31 +1302,40 @@ impl Backfiller {
             ObjectPlan::Written(how) => Ok(Outcome::Written(how)),
             ObjectPlan::Skip(why) => Ok(Outcome::Skipped(why)),
             ObjectPlan::Copy { .. } => {
-                self.copy(lane, &object.key, object.size, examined.target)
+                self.copy(lane, &object.key, object.size, examined.target, read_ahead)
                     .await
             }
             ObjectPlan::Fix { .. } => match (examined.source, examined.target) {
                 (Some(current), Some(replica)) => {
                     self.fix(lane, current, replica, examined.tags).await
                 }
-                (_, replica) => self.copy(lane, &object.key, object.size, replica).await,
+                (_, replica) => {
+                    self.copy(lane, &object.key, object.size, replica, None)
+                        .await
+                }
             },
         }
     }
 
     /// Writes the source object `key` (of about `size` bytes, as listed) whole over
-    /// `existing` (`None`: where there is none), once the rule's rate limits allow.
+    /// `existing` (`None`: where there is none), once the rule's rate limits allow
+    /// (`read_ahead`: the source's HEAD, already read).
     async fn copy(
         &self,
         lane: &Lane<'_>,
         key: &str,
         size: u64,
         existing: Option<ObjectInfo>,
+        read_ahead: Option<Option<ObjectInfo>>,
     ) -> Result<Outcome> {
         let (rule, source, target) = (lane.rule, lane.source, lane.target);
         // Before the source is read: a stream copy's GET is not left open while waiting.
         self.take_rate(rule, size).await?;
-        let Some((current, body)) = self.engine.read_source(rule, source, key).await? else {
+        let read = match read_ahead {
+            Some(head) => head.map(|info| (info, None)),
+            None => self.engine.read_source(rule, source, key).await?,
+        };
+        let Some((current, body)) = read else {
             return Ok(Outcome::Skipped(Skip::SourceGone));
         };
         if crate::copy::source_state(&current, &rule.source.bucket)
@@ -1347,7 +1393,7 @@ impl Backfiller {
         }
         if replica.size > MAX_SINGLE_REQUEST {
             return self
-                .copy(lane, &current.key, current.size, Some(replica))
+                .copy(lane, &current.key, current.size, Some(replica), None)
                 .await;
         }
         // A metadata-only copy moves no byte, but is a request like any other.
@@ -1371,7 +1417,7 @@ impl Backfiller {
             }
             Err(e @ Error::Service { .. }) => {
                 tracing::warn!(rule_id = %lane.rule.id, key = %replica.key, error = %e, "metadata-only copy refused; copying the object again");
-                self.copy(lane, &current.key, current.size, Some(replica))
+                self.copy(lane, &current.key, current.size, Some(replica), None)
                     .await
             }
             Err(e) => Err(e),
