@@ -895,3 +895,537 @@ async fn the_deployed_stack_is_wired_as_the_template_says() -> Result<()> {
     check_wiring(&d).await?;
     Ok(())
 }
+
+/// Splits a command line as a POSIX shell would for the plain words and double-quoted
+/// strings `RecordDeploymentCommand` holds.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = vec![];
+    let mut word: Option<String> = None;
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                word.get_or_insert_with(String::new);
+            }
+            c if c.is_whitespace() && !quoted => words.extend(word.take()),
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    words
+}
+
+/// The resources each action a function needs must be granted on, in this deployment:
+/// (resources, whether one of them is enough).
+struct Wiring {
+    source: String,
+    target: String,
+    table_arn: String,
+    event_queue_arn: String,
+    dlq_arn: String,
+    segment_queue_arn: String,
+}
+
+impl Wiring {
+    fn resources(&self, binary: &str, action: &str) -> (Vec<String>, bool) {
+        let source_object = format!("arn:aws:s3:::{}/any/key", self.source);
+        let target_object = format!("arn:aws:s3:::{}/any/key", self.target);
+        let (source_bucket, target_bucket) = (
+            format!("arn:aws:s3:::{}", self.source),
+            format!("arn:aws:s3:::{}", self.target),
+        );
+        let all = |v: Vec<&String>| (v.into_iter().cloned().collect(), false);
+        match (binary, action) {
+            // A replica is read (HEAD) before it is written.
+            (_, "s3:GetObject") => all(vec![&source_object, &target_object]),
+            (_, "s3:GetObjectTagging" | "s3:GetObjectAcl") => all(vec![&source_object]),
+            (_, "s3:GetBucketOwnershipControls") => all(vec![&source_bucket]),
+            (_, "s3:ListBucket") => all(vec![&source_bucket, &target_bucket]),
+            (_, a) if a.starts_with("s3:") => all(vec![&target_object]),
+            (_, a) if a.starts_with("dynamodb:") => all(vec![&self.table_arn]),
+            ("crr-replicate", "sqs:SendMessage") => (
+                vec![self.dlq_arn.clone(), self.event_queue_arn.clone()],
+                true,
+            ),
+            ("crr-replicate", _) => all(vec![&self.event_queue_arn]),
+            ("crr-backfill", a) if a.starts_with("sqs:") => all(vec![&self.segment_queue_arn]),
+            ("crr-status", "sqs:GetQueueAttributes") => {
+                all(vec![&self.event_queue_arn, &self.dlq_arn])
+            }
+            _ => (vec!["*".to_string()], false),
+        }
+    }
+}
+
+/// The operations a function made (its operation log), as IAM actions.
+fn needed_actions(log: &Path, event_source: bool) -> Result<BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let mut needed = BTreeMap::new();
+    if event_source {
+        for action in EVENT_SOURCE_ACTIONS {
+            needed.insert(action.to_string(), "the SQS event source".to_string());
+        }
+    }
+    for line in text.lines() {
+        let op = line.split(' ').next().unwrap_or_default();
+        for action in actions_for(op)? {
+            needed
+                .entry(action.to_string())
+                .or_insert_with(|| op.to_string());
+        }
+    }
+    Ok(needed)
+}
+
+/// A Function URL request (payload format 2.0) for the status function.
+fn status_request() -> String {
+    serde_json::json!({
+        "version": "2.0", "rawPath": "/", "headers": {}, "queryStringParameters": {},
+        "requestContext": { "http": { "method": "GET", "path": "/" }, "timeEpoch": 0 },
+        "isBase64Encoded": false
+    })
+    .to_string()
+}
+
+#[tokio::test]
+async fn replicates_through_what_the_stack_created_and_its_table_outlives_it() -> Result<()> {
+    let stack = Stack::from_env()?;
+    let moto = OwnMoto::start(REGION).await?;
+    let here: S3Server = moto.server.clone();
+    let cf = here.endpoint.clone();
+    let (source, target, other) = (unique("src"), unique("dst"), unique("other"));
+    stack.create_bucket(&here, &source).await?;
+    stack.create_bucket(&here, &other).await?;
+    stack.create_bucket(&stack.b, &target).await?;
+    // Objects there before the rule: the historical migration's.
+    let historical: Vec<(String, Vec<u8>)> = (0..30)
+        .map(|i| {
+            (
+                format!("old/{i:03} a key+plus.txt"),
+                format!("historical object {i}").into_bytes(),
+            )
+        })
+        .collect();
+    seed(&stack, &here, &source, historical.clone(), 6).await?;
+
+    let d = Deployment::create(
+        &stack,
+        moto,
+        &[&source],
+        &[&target],
+        &[("BackfillConcurrency", "2")],
+    )
+    .await?;
+    let table = d.output("StateTableName")?.to_string();
+    let queue_url = d.output("EventQueueUrl")?.to_string();
+    let segment_url = d.output("SegmentQueueUrl")?.to_string();
+    let mut deployed = BTreeMap::new();
+    for (output, binary) in d.function_outputs()? {
+        deployed.insert(binary.clone(), d.function(&output, &binary).await?);
+    }
+    let (replicate, backfill, status) = (
+        &deployed["crr-replicate"],
+        &deployed["crr-backfill"],
+        &deployed["crr-status"],
+    );
+
+    // The mappings' configuration, read; then they are disabled: an enabled mapping makes
+    // moto run the function in Docker on every message. Their batch sizes feed the binaries.
+    let event_mapping = d.mapping(&replicate.name).await?;
+    let segment_mapping = d.mapping(&backfill.name).await?;
+    for m in [&event_mapping, &segment_mapping] {
+        let uuid = m.uuid().context("mapping without uuid")?;
+        d.lambda
+            .update_event_source_mapping()
+            .uuid(uuid)
+            .enabled(false)
+            .send()
+            .await?;
+        let state = d.lambda.get_event_source_mapping().uuid(uuid).send().await?;
+        ensure!(state.state() == Some("Disabled"), "{state:?}");
+    }
+    let concurrency = |m: &EventSourceMappingConfiguration| -> u16 {
+        let max = m
+            .scaling_config()
+            .and_then(|s| s.maximum_concurrency())
+            .unwrap_or(2);
+        // Two processes stand for the mapping's concurrency on this 2-core machine.
+        u16::try_from(max.clamp(1, 2)).unwrap_or(1)
+    };
+
+    // The deployment recorded as its output says, then a rule as an operator makes it.
+    let record = shell_words(d.output("RecordDeploymentCommand")?);
+    ensure!(record.first().map(String::as_str) == Some("crr"), "{record:?}");
+    let record: Vec<&str> = record[1..].iter().map(String::as_str).collect();
+    d.crr_ok(&record)?;
+    let rule_id = unique("deployed");
+    d.crr_ok(&[
+        "--table",
+        &table,
+        "rule",
+        "create",
+        "--id",
+        &rule_id,
+        "--source-bucket",
+        &source,
+        "--source-region",
+        REGION,
+        "--source-endpoint-url",
+        &cf,
+        "--source-path-style",
+        "--target-bucket",
+        &target,
+        "--target-region",
+        &stack.b.region,
+        "--target-endpoint-url",
+        &stack.b.endpoint,
+        "--target-path-style",
+        "--historical",
+    ])?;
+    // moto leaves EventBridgeConfiguration out of GetBucketNotificationConfiguration: that
+    // `crr rule create` turned it on shows below, as the source's events reach the queue.
+    let s3_here = stack.s3(&here);
+
+    // The stack's EventBridge rule takes the source's events, not another bucket's.
+    s3_here
+        .put_bucket_notification_configuration()
+        .bucket(&other)
+        .notification_configuration(
+            aws_sdk_s3::types::NotificationConfiguration::builder()
+                .event_bridge_configuration(
+                    aws_sdk_s3::types::EventBridgeConfiguration::builder().build(),
+                )
+                .build(),
+        )
+        .send()
+        .await?;
+    let put = |bucket: &str, key: &str, body: &[u8]| {
+        s3_here
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(ByteStream::from(body.to_vec()))
+            .send()
+    };
+    put(&other, "not-a-source.txt", b"x").await?;
+    put(&source, "live/first.txt", b"first live object").await?;
+    let seen = stack_messages(&d, &queue_url).await?;
+    ensure!(
+        seen.iter().any(|b| b.contains(&source)),
+        "the source's event reached the stack's queue: {seen:?}"
+    );
+    ensure!(
+        !seen.iter().any(|b| b.contains(&other)),
+        "another bucket's event reached the stack's queue: {seen:?}"
+    );
+
+    // The real binaries, configured as deployed, endpoints aside.
+    let dir = std::env::temp_dir().join(unique("crr-deployed"));
+    std::fs::create_dir_all(&dir)?;
+    let endpoints = [
+        ("AWS_ENDPOINT_URL_DYNAMODB", cf.as_str()),
+        ("AWS_ENDPOINT_URL_SQS", cf.as_str()),
+        // moto answers nothing the SDK's CloudWatch (CBOR) reads: the status does without.
+        ("AWS_ENDPOINT_URL_CLOUDWATCH", cf.as_str()),
+    ];
+    let observe = |binary: &str| {
+        vec![(
+            "CRR_OPERATION_LOG",
+            dir.join(format!("{binary}.ops")).display().to_string(),
+        )]
+    };
+    let log = |name: &str| dir.join(format!("{name}.log"));
+    let _replicate = RunningFunction::deployed(
+        replicate,
+        REGION,
+        &endpoints,
+        &observe("crr-replicate"),
+        Feed::Queue {
+            url: &queue_url,
+            sqs_endpoint: &cf,
+            batch_size: event_mapping.batch_size().unwrap_or(10),
+            instances: concurrency(&event_mapping),
+        },
+        &log("replicate"),
+    )?;
+    let _workers = RunningFunction::deployed(
+        backfill,
+        REGION,
+        &endpoints,
+        &observe("crr-backfill"),
+        Feed::Queue {
+            url: &segment_url,
+            sqs_endpoint: &cf,
+            batch_size: segment_mapping.batch_size().unwrap_or(1),
+            instances: concurrency(&segment_mapping),
+        },
+        &log("backfill-workers"),
+    )?;
+    let coordinator = RunningFunction::deployed(
+        backfill,
+        REGION,
+        &endpoints,
+        &observe("crr-backfill"),
+        Feed::Direct,
+        &log("backfill-schedule"),
+    )?;
+    let status_fn = RunningFunction::deployed(
+        status,
+        REGION,
+        &endpoints,
+        &observe("crr-status"),
+        Feed::Direct,
+        &log("status"),
+    )?;
+    let schedule_input = schedule_input(&d, &backfill.name).await?;
+
+    // Historical objects migrate: the schedule's invocations, as often as the test likes.
+    let state = DynamoStore::new(d.dynamodb.clone(), table.clone());
+    let started = Instant::now();
+    loop {
+        let job = state.job(&rule_id).await?;
+        if job.as_ref().map(|j| j.state) == Some(JobState::Completed) {
+            break;
+        }
+        ensure!(
+            started.elapsed() < WAIT,
+            "the backfill did not complete: {job:?}; logs in {}",
+            dir.display()
+        );
+        let (failed, body) = invoke(coordinator.port, &backfill.name, &schedule_input).await?;
+        ensure!(!failed, "the scheduled invocation failed: {body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Live puts, an overwrite and a delete replicate through EventBridge and the queue.
+    let s3_target = stack.s3(&stack.b);
+    put(&source, "live/second key+plus.txt", b"second").await?;
+    put(&source, &historical[0].0, b"overwritten after the rule").await?;
+    s3_here
+        .delete_object()
+        .bucket(&source)
+        .key(&historical[1].0)
+        .send()
+        .await?;
+    for (key, body) in [
+        ("live/first.txt", &b"first live object"[..]),
+        ("live/second key+plus.txt", b"second"),
+        (historical[0].0.as_str(), b"overwritten after the rule"),
+    ] {
+        eventually(WAIT, &format!("replica of {key}"), || async {
+            Ok(read_object(&s3_target, &target, key)
+                .await?
+                .filter(|(b, _)| b == body)
+                .map(|_| ()))
+        })
+        .await?;
+    }
+    eventually(WAIT, "the delete replicated", || async {
+        Ok(read_object(&s3_target, &target, &historical[1].0)
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    stack
+        .wait_queue_drained(&here, &queue_url, WAIT)
+        .await
+        .context("the event queue drained")?;
+    let (source_objects, target_objects) = (
+        list_all(&s3_here, &source).await?,
+        list_all(&s3_target, &target).await?,
+    );
+    assert_eq!(source_objects, target_objects, "the target is the source's copy");
+    assert_eq!(source_objects.len(), historical.len() + 1);
+
+    // The status function reports the migration complete and the live replication.
+    let (failed, body) = invoke(status_fn.port, &status.name, &status_request()).await?;
+    ensure!(!failed, "{body}");
+    let response = json(&body)?;
+    assert_eq!(response["statusCode"], 200, "{body}");
+    let report: crr_shared::status::StatusReport =
+        serde_json::from_str(response["body"].as_str().context("no body")?)?;
+    let rule = report
+        .rules
+        .iter()
+        .find(|r| r.rule_id == rule_id)
+        .context("the rule is in the status")?;
+    assert_eq!(rule.historical.state, "completed", "{rule:?}");
+    assert_eq!(rule.historical.percent_objects, Some(100.0), "{rule:?}");
+    // The migration listed the historical objects and the first live one, put before it ran.
+    assert_eq!(rule.historical.objects_total, historical.len() as u64 + 1);
+    assert!(rule.realtime.replicated_objects >= 3, "{:?}", rule.realtime);
+    assert!(rule.realtime.deletes >= 1, "{:?}", rule.realtime);
+    assert_eq!(rule.realtime.failed, 0, "{:?}", rule.realtime);
+
+    // `crr verify` finds no drift.
+    let out = d.crr(&["--table", &table, "verify", &rule_id, "--json"])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.lines().count(), 1, "only the summary: {stdout}");
+
+    // Each role grants what its function did, on what the stack wired it to.
+    let wiring = Wiring {
+        source: source.clone(),
+        target: target.clone(),
+        table_arn: d.table_arn().await?,
+        event_queue_arn: d.output("EventQueueArn")?.to_string(),
+        dlq_arn: d.queue_arn(d.output("DeadLetterQueueUrl")?).await?,
+        segment_queue_arn: d.queue_arn(&segment_url).await?,
+    };
+    let mut missing = vec![];
+    for (f, event_source) in [(replicate, true), (backfill, true), (status, false)] {
+        let policy = d.role_policy(&f.name).await?;
+        let needed = needed_actions(&dir.join(format!("{}.ops", f.binary)), event_source)?;
+        ensure!(
+            needed.keys().any(|a| a.starts_with("dynamodb:")),
+            "{}: no operation recorded: {needed:?}",
+            f.binary
+        );
+        println!("{}: needs {:?}", f.binary, needed.keys());
+        for (action, why) in &needed {
+            let (resources, any) = wiring.resources(&f.binary, action);
+            let granted: Vec<bool> = resources.iter().map(|r| policy.allows(action, r)).collect();
+            let ok = if any {
+                granted.iter().any(|g| *g)
+            } else {
+                granted.iter().all(|g| *g)
+            };
+            if !ok {
+                missing.push(format!(
+                    "{} needs {action} on {resources:?} (for {why})",
+                    f.binary
+                ));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the deployed roles lack:\n  {}",
+        missing.join("\n  ")
+    );
+
+    // The stack deleted: what it made is gone, but the table (DeletionPolicy: Retain)
+    // keeps the rule, the bucket claims, the migration's record and the counters.
+    drop((_replicate, _workers, coordinator, status_fn));
+    d.delete().await?;
+    ensure!(
+        d.sqs.get_queue_url().queue_name(queue_url.rsplit('/').next().unwrap_or_default()).send().await.is_err(),
+        "the event queue is gone"
+    );
+    for f in [replicate, backfill, status] {
+        ensure!(
+            d.lambda
+                .get_function_configuration()
+                .function_name(&f.name)
+                .send()
+                .await
+                .is_err(),
+            "{} is gone",
+            f.name
+        );
+    }
+    let rules_left = d
+        .events
+        .list_rule_names_by_target()
+        .target_arn(&wiring.event_queue_arn)
+        .send()
+        .await?;
+    assert!(rules_left.rule_names().is_empty(), "the EventBridge rule is gone");
+    d.dynamodb
+        .describe_table()
+        .table_name(&table)
+        .send()
+        .await
+        .context("the table is retained")?;
+    let rules = state.list_rules().await?;
+    assert!(rules.iter().any(|r| r.id == rule_id), "{rules:?}");
+    assert_eq!(
+        state.job(&rule_id).await?.map(|j| j.state),
+        Some(JobState::Completed)
+    );
+    let families = item_families(&d, &table).await?;
+    println!("the retained table holds, by item family: {families:?}");
+    for family in ["DEPLOYMENT", "RULES", "CLAIM", "BACKFILL", "KEY", "STATS"] {
+        assert!(families.contains_key(family), "{family} in {families:?}");
+    }
+    let listed = d.crr_ok(&["--table", &table, "rule", "list", "--json"])?;
+    assert!(listed.contains(&rule_id), "{listed}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The bodies of the messages now in the stack's queue (received and made visible again).
+async fn stack_messages(d: &Deployment, url: &str) -> Result<Vec<String>> {
+    eventually(WAIT, "an event in the stack's queue", || async {
+        let out = d
+            .sqs
+            .receive_message()
+            .queue_url(url)
+            .max_number_of_messages(10)
+            .visibility_timeout(0)
+            .send()
+            .await?;
+        let bodies: Vec<String> = out
+            .messages()
+            .iter()
+            .filter_map(|m| m.body().map(String::from))
+            .collect();
+        Ok((!bodies.is_empty()).then_some(bodies))
+    })
+    .await
+}
+
+/// The input the backfill's schedule invokes it with.
+async fn schedule_input(d: &Deployment, function: &str) -> Result<String> {
+    let arn = d.function_arn(function).await?;
+    let rules = d
+        .events
+        .list_rule_names_by_target()
+        .target_arn(&arn)
+        .send()
+        .await?;
+    let rule = rules.rule_names().first().context("no schedule")?;
+    let targets = d.events.list_targets_by_rule().rule(rule).send().await?;
+    targets
+        .targets()
+        .iter()
+        .find(|t| t.arn() == arn)
+        .and_then(|t| t.input())
+        .map(String::from)
+        .context("the schedule's target has no input")
+}
+
+/// Items of the table counted by family (the partition key's part before '#').
+async fn item_families(d: &Deployment, table: &str) -> Result<BTreeMap<String, usize>> {
+    let mut families = BTreeMap::new();
+    let mut start = None;
+    loop {
+        let out = d
+            .dynamodb
+            .scan()
+            .table_name(table)
+            .set_exclusive_start_key(start)
+            .send()
+            .await?;
+        for item in out.items() {
+            let pk = item
+                .get("pk")
+                .and_then(|v| v.as_s().ok())
+                .cloned()
+                .unwrap_or_default();
+            let family = pk.split('#').next().unwrap_or_default().to_string();
+            *families.entry(family).or_insert(0) += 1;
+        }
+        match out.last_evaluated_key() {
+            Some(k) if !k.is_empty() => start = Some(k.clone()),
+            _ => return Ok(families),
+        }
+    }
+}
