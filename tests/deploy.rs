@@ -530,6 +530,23 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
     let replicate = &deployed["crr-replicate"];
     let backfill = &deployed["crr-backfill"];
     let status = &deployed["crr-status"];
+    // The log groups: one per function, named where Lambda writes its logs (moto keeps no
+    // LoggingConfig: the functions' link to them is checked on the template below).
+    let log_groups: BTreeSet<&str> = resources
+        .stack_resource_summaries()
+        .iter()
+        .filter(|r| r.resource_type() == Some("AWS::Logs::LogGroup"))
+        .filter_map(|r| r.physical_resource_id())
+        .collect();
+    let expected: BTreeSet<String> = deployed
+        .values()
+        .map(|f| format!("/aws/lambda/{}", f.name))
+        .collect();
+    assert_eq!(
+        log_groups,
+        expected.iter().map(String::as_str).collect(),
+        "a log group per function"
+    );
     let redrive = json(queue.get("RedrivePolicy").context("event queue: no redrive")?)?;
     assert_eq!(redrive["deadLetterTargetArn"], Value::from(dlq_arn.clone()));
     assert_eq!(redrive["maxReceiveCount"].to_string().trim_matches('"'), "5");
@@ -860,6 +877,12 @@ fn check_what_moto_skips(d: &Deployment) -> Result<()> {
             f.pointer("/Properties/LoggingConfig/LogFormat"),
             Some(&Value::from("JSON")),
             "{name}"
+        );
+        let group = name.replace("Function", "LogGroup");
+        assert!(
+            f.pointer("/Properties/LoggingConfig/LogGroup")
+                .is_some_and(|g| reference(g, &group)),
+            "{name} logs to {group}"
         );
     }
     // TTL and point-in-time recovery, which moto reads back as disabled.
