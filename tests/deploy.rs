@@ -454,12 +454,7 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
     // Every output resolves to an existing resource.
     let table = d.output("StateTableName")?;
     let table_arn = d.table_arn().await?;
-    let described_table = d
-        .dynamodb
-        .describe_table()
-        .table_name(table)
-        .send()
-        .await?;
+    let described_table = d.dynamodb.describe_table().table_name(table).send().await?;
     let t = described_table.table().context("no table")?;
     let keys: Vec<(String, String)> = t
         .key_schema()
@@ -547,18 +542,34 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
         expected.iter().map(String::as_str).collect(),
         "a log group per function"
     );
-    let redrive = json(queue.get("RedrivePolicy").context("event queue: no redrive")?)?;
+    let redrive = json(
+        queue
+            .get("RedrivePolicy")
+            .context("event queue: no redrive")?,
+    )?;
     assert_eq!(redrive["deadLetterTargetArn"], Value::from(dlq_arn.clone()));
-    assert_eq!(redrive["maxReceiveCount"].to_string().trim_matches('"'), "5");
+    assert_eq!(
+        redrive["maxReceiveCount"].to_string().trim_matches('"'),
+        "5"
+    );
     let visibility = |q: &BTreeMap<String, String>| -> u64 {
         q.get("VisibilityTimeout")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    assert!(visibility(&queue) >= 6 * replicate.timeout_secs, "{queue:?}");
-    assert!(visibility(&segment) >= 6 * backfill.timeout_secs, "{segment:?}");
-    let segment_redrive =
-        json(segment.get("RedrivePolicy").context("segment queue: no redrive")?)?;
+    assert!(
+        visibility(&queue) >= 6 * replicate.timeout_secs,
+        "{queue:?}"
+    );
+    assert!(
+        visibility(&segment) >= 6 * backfill.timeout_secs,
+        "{segment:?}"
+    );
+    let segment_redrive = json(
+        segment
+            .get("RedrivePolicy")
+            .context("segment queue: no redrive")?,
+    )?;
     let segment_dlq_arn = segment_redrive["deadLetterTargetArn"]
         .as_str()
         .context("segment queue's DLQ")?;
@@ -675,8 +686,14 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
         assert!(status_policy.allows("sqs:GetQueueAttributes", arn), "{arn}");
     }
     for (policy, actions) in [
-        (&replicate_policy, &["dynamodb:GetItem", "dynamodb:UpdateItem"][..]),
-        (&backfill_policy, &["dynamodb:Query", "dynamodb:PutItem"][..]),
+        (
+            &replicate_policy,
+            &["dynamodb:GetItem", "dynamodb:UpdateItem"][..],
+        ),
+        (
+            &backfill_policy,
+            &["dynamodb:Query", "dynamodb:PutItem"][..],
+        ),
         (&status_policy, &["dynamodb:Query", "dynamodb:GetItem"][..]),
     ] {
         for action in actions {
@@ -709,8 +726,14 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
         let object = format!("arn:aws:s3:::{source}/some/key");
         for policy in [&replicate_policy, &backfill_policy] {
             assert!(policy.allows("s3:GetObject", &object));
-            assert!(!policy.allows("s3:PutObject", &object), "no writes to a source");
-            assert!(!policy.allows("s3:DeleteObject", &object), "no deletes in a source");
+            assert!(
+                !policy.allows("s3:PutObject", &object),
+                "no writes to a source"
+            );
+            assert!(
+                !policy.allows("s3:DeleteObject", &object),
+                "no deletes in a source"
+            );
         }
         assert!(backfill_policy.allows("s3:ListBucket", &format!("arn:aws:s3:::{source}")));
     }
@@ -720,7 +743,10 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
         assert!(replicate_policy.allows("s3:DeleteObject", &object));
         assert!(backfill_policy.allows("s3:PutObject", &object));
     }
-    assert!(status_policy.resources_of("s3").is_empty(), "status reads no S3");
+    assert!(
+        status_policy.resources_of("s3").is_empty(),
+        "status reads no S3"
+    );
 
     // The EventBridge rule: S3 events of the source buckets only, to the event queue.
     let rules = d
@@ -753,14 +779,22 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
         .send()
         .await?;
     let [schedule] = schedules.rule_names() else {
-        bail!("one rule invokes the backfill: {:?}", schedules.rule_names());
+        bail!(
+            "one rule invokes the backfill: {:?}",
+            schedules.rule_names()
+        );
     };
     let described = d.events.describe_rule().name(schedule).send().await?;
     assert_eq!(
         described.schedule_expression(),
         Some(d.param("BackfillSchedule")?)
     );
-    let targets = d.events.list_targets_by_rule().rule(schedule).send().await?;
+    let targets = d
+        .events
+        .list_targets_by_rule()
+        .rule(schedule)
+        .send()
+        .await?;
     let input = targets
         .targets()
         .iter()
@@ -770,15 +804,27 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
     assert_eq!(json(input)?, serde_json::json!({}));
 
     // Functions: the runtime, handler, timeout and memory the template sets.
-    for (f, timeout, memory) in [(replicate, 60, 512), (backfill, 900, 1024), (status, 15, 256)] {
-        assert_eq!((f.timeout_secs, f.memory_mb), (timeout, memory), "{}", f.binary);
+    for (f, timeout, memory) in [
+        (replicate, 60, 512),
+        (backfill, 900, 1024),
+        (status, 15, 256),
+    ] {
+        assert_eq!(
+            (f.timeout_secs, f.memory_mb),
+            (timeout, memory),
+            "{}",
+            f.binary
+        );
         let config = d
             .lambda
             .get_function_configuration()
             .function_name(&f.name)
             .send()
             .await?;
-        assert_eq!(config.runtime().map(|r| r.as_str()), Some("provided.al2023"));
+        assert_eq!(
+            config.runtime().map(|r| r.as_str()),
+            Some("provided.al2023")
+        );
         assert_eq!(config.handler(), Some("bootstrap"));
     }
 
@@ -852,11 +898,18 @@ fn check_what_moto_skips(d: &Deployment) -> Result<()> {
         }
     }
     assert_eq!(alarms.len(), 5, "five alarms");
-    assert_eq!(watched.len(), 5, "each alarm watches a resource of the stack: {watched:?}");
+    assert_eq!(
+        watched.len(),
+        5,
+        "each alarm watches a resource of the stack: {watched:?}"
+    );
     // The Function URL: IAM-authenticated, on the status function.
     let url = d.resource("StatusFunctionUrl")?;
     assert_eq!(url["Type"], "AWS::Lambda::Url");
-    assert_eq!(url.pointer("/Properties/AuthType"), Some(&Value::from("AWS_IAM")));
+    assert_eq!(
+        url.pointer("/Properties/AuthType"),
+        Some(&Value::from("AWS_IAM"))
+    );
     assert!(reference(
         url.pointer("/Properties/TargetFunctionArn")
             .context("TargetFunctionArn")?,
@@ -983,7 +1036,8 @@ impl Wiring {
 
 /// The operations a function made (its operation log), as IAM actions.
 fn needed_actions(log: &Path, event_source: bool) -> Result<BTreeMap<String, String>> {
-    let text = std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
     let mut needed = BTreeMap::new();
     if event_source {
         for action in EVENT_SOURCE_ACTIONS {
@@ -1065,7 +1119,12 @@ async fn replicates_through_what_the_stack_created_and_its_table_outlives_it() -
             .enabled(false)
             .send()
             .await?;
-        let state = d.lambda.get_event_source_mapping().uuid(uuid).send().await?;
+        let state = d
+            .lambda
+            .get_event_source_mapping()
+            .uuid(uuid)
+            .send()
+            .await?;
         ensure!(state.state() == Some("Disabled"), "{state:?}");
     }
     let concurrency = |m: &EventSourceMappingConfiguration| -> u16 {
@@ -1079,7 +1138,10 @@ async fn replicates_through_what_the_stack_created_and_its_table_outlives_it() -
 
     // The deployment recorded as its output says, then a rule as an operator makes it.
     let record = shell_words(d.output("RecordDeploymentCommand")?);
-    ensure!(record.first().map(String::as_str) == Some("crr"), "{record:?}");
+    ensure!(
+        record.first().map(String::as_str) == Some("crr"),
+        "{record:?}"
+    );
     let record: Vec<&str> = record[1..].iter().map(String::as_str).collect();
     d.crr_ok(&record)?;
     let rule_id = unique("deployed");
@@ -1159,7 +1221,7 @@ async fn replicates_through_what_the_stack_created_and_its_table_outlives_it() -
         )]
     };
     let log = |name: &str| dir.join(format!("{name}.log"));
-    let _replicate = RunningFunction::deployed(
+    let replicate_fn = RunningFunction::deployed(
         replicate,
         REGION,
         &endpoints,
@@ -1172,7 +1234,7 @@ async fn replicates_through_what_the_stack_created_and_its_table_outlives_it() -
         },
         &log("replicate"),
     )?;
-    let _workers = RunningFunction::deployed(
+    let workers = RunningFunction::deployed(
         backfill,
         REGION,
         &endpoints,
@@ -1259,7 +1321,10 @@ async fn replicates_through_what_the_stack_created_and_its_table_outlives_it() -
         list_all(&s3_here, &source).await?,
         list_all(&s3_target, &target).await?,
     );
-    assert_eq!(source_objects, target_objects, "the target is the source's copy");
+    assert_eq!(
+        source_objects, target_objects,
+        "the target is the source's copy"
+    );
     assert_eq!(source_objects.len(), historical.len() + 1);
 
     // The status function reports the migration complete and the live replication.
@@ -1336,10 +1401,15 @@ async fn replicates_through_what_the_stack_created_and_its_table_outlives_it() -
 
     // The stack deleted: what it made is gone, but the table (DeletionPolicy: Retain)
     // keeps the rule, the bucket claims, the migration's record and the counters.
-    drop((_replicate, _workers, coordinator, status_fn));
+    drop((replicate_fn, workers, coordinator, status_fn));
     d.delete().await?;
     ensure!(
-        d.sqs.get_queue_url().queue_name(queue_url.rsplit('/').next().unwrap_or_default()).send().await.is_err(),
+        d.sqs
+            .get_queue_url()
+            .queue_name(queue_url.rsplit('/').next().unwrap_or_default())
+            .send()
+            .await
+            .is_err(),
         "the event queue is gone"
     );
     for f in [replicate, backfill, status] {
@@ -1360,7 +1430,10 @@ async fn replicates_through_what_the_stack_created_and_its_table_outlives_it() -
         .target_arn(&wiring.event_queue_arn)
         .send()
         .await?;
-    assert!(rules_left.rule_names().is_empty(), "the EventBridge rule is gone");
+    assert!(
+        rules_left.rule_names().is_empty(),
+        "the EventBridge rule is gone"
+    );
     d.dynamodb
         .describe_table()
         .table_name(&table)

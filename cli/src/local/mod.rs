@@ -104,7 +104,13 @@ pub async fn run(aws: &AwsArgs, cmd: LocalCommand) -> Result<()> {
             // The script's own help, not clap's, describes its options.
             let mut args: Vec<String> = args
                 .into_iter()
-                .map(|a| if a == "--help-script" { "--help".into() } else { a })
+                .map(|a| {
+                    if a == "--help-script" {
+                        "--help".into()
+                    } else {
+                        a
+                    }
+                })
                 .collect();
             // `--region` is crr's own (global) option: the deployment's region, which is
             // the stack's.
