@@ -430,8 +430,66 @@ fn json(text: &str) -> Result<Value> {
     serde_json::from_str(text).with_context(|| format!("not JSON: {text}"))
 }
 
+/// What the stack created, read back through the services' APIs.
+struct Created {
+    table: String,
+    table_arn: String,
+    /// The queues' attributes (GetQueueAttributes, All).
+    queue: BTreeMap<String, String>,
+    segment: BTreeMap<String, String>,
+    dlq_arn: String,
+    replicate: DeployedFunction,
+    backfill: DeployedFunction,
+    status: DeployedFunction,
+}
+
+impl Created {
+    async fn read(d: &Deployment) -> Result<Self> {
+        let mut functions = BTreeMap::new();
+        for (output, binary) in d.function_outputs()? {
+            functions.insert(binary.clone(), d.function(&output, &binary).await?);
+        }
+        let mut take = |binary: &str| {
+            functions
+                .remove(binary)
+                .with_context(|| format!("no function runs {binary}"))
+        };
+        Ok(Self {
+            table: d.output("StateTableName")?.to_string(),
+            table_arn: d.table_arn().await?,
+            queue: d.queue_attributes(d.output("EventQueueUrl")?).await?,
+            segment: d.queue_attributes(d.output("SegmentQueueUrl")?).await?,
+            dlq_arn: d.queue_arn(d.output("DeadLetterQueueUrl")?).await?,
+            replicate: take("crr-replicate")?,
+            backfill: take("crr-backfill")?,
+            status: take("crr-status")?,
+        })
+    }
+
+    fn segment_arn(&self) -> Result<&str> {
+        self.segment
+            .get("QueueArn")
+            .map(String::as_str)
+            .context("segment queue without QueueArn")
+    }
+}
+
 /// The wiring of a deployed stack, read through the services' APIs.
 async fn check_wiring(d: &Deployment) -> Result<()> {
+    let c = Created::read(d).await?;
+    check_outputs(d, &c).await?;
+    check_queues(d, &c).await?;
+    check_mappings(d, &c).await?;
+    check_environments(d, &c)?;
+    check_roles(d, &c).await?;
+    check_events(d, &c).await?;
+    check_functions(d, &c).await?;
+    check_what_moto_skips(d)?;
+    Ok(())
+}
+
+/// The stack is complete, every output resolves to an existing resource, one log group per function.
+async fn check_outputs(d: &Deployment, c: &Created) -> Result<()> {
     // The stack is up, and its outputs are the ones the script printed.
     let described = d
         .cfn
@@ -452,8 +510,7 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
     assert_eq!(described_outputs, d.outputs);
 
     // Every output resolves to an existing resource.
-    let table = d.output("StateTableName")?;
-    let table_arn = d.table_arn().await?;
+    let table = c.table.as_str();
     let described_table = d.dynamodb.describe_table().table_name(table).send().await?;
     let t = described_table.table().context("no table")?;
     let keys: Vec<(String, String)> = t
@@ -471,17 +528,11 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
         [("pk".into(), "HASH".into()), ("sk".into(), "RANGE".into())]
     );
     assert_eq!(t.deletion_protection_enabled(), Some(true));
-    let queue_url = d.output("EventQueueUrl")?;
-    let dlq_url = d.output("DeadLetterQueueUrl")?;
-    let segment_url = d.output("SegmentQueueUrl")?;
-    let queue = d.queue_attributes(queue_url).await?;
     assert_eq!(
-        queue.get("QueueArn").map(String::as_str),
+        c.queue.get("QueueArn").map(String::as_str),
         Some(d.output("EventQueueArn")?),
         "EventQueueArn is the event queue's"
     );
-    let dlq_arn = d.queue_arn(dlq_url).await?;
-    let segment = d.queue_attributes(segment_url).await?;
     // The dashboard: the Rust SDK's CloudWatch speaks CBOR (rpcv2), which moto does not
     // answer, so it is found through CloudFormation's record of what it created.
     let resources = d
@@ -516,15 +567,6 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
         assert!(record.contains(&expected), "{expected} in {record}");
     }
 
-    // The queues: redrive to their DLQs, visibility at least 6x the consumer's timeout.
-    let functions = d.function_outputs()?;
-    let mut deployed = BTreeMap::new();
-    for (output, binary) in &functions {
-        deployed.insert(binary.clone(), d.function(output, binary).await?);
-    }
-    let replicate = &deployed["crr-replicate"];
-    let backfill = &deployed["crr-backfill"];
-    let status = &deployed["crr-status"];
     // The log groups: one per function, named where Lambda writes its logs (moto keeps no
     // LoggingConfig: the functions' link to them is checked on the template below).
     let log_groups: BTreeSet<&str> = resources
@@ -533,8 +575,8 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
         .filter(|r| r.resource_type() == Some("AWS::Logs::LogGroup"))
         .filter_map(|r| r.physical_resource_id())
         .collect();
-    let expected: BTreeSet<String> = deployed
-        .values()
+    let expected: BTreeSet<String> = [&c.replicate, &c.backfill, &c.status]
+        .iter()
         .map(|f| format!("/aws/lambda/{}", f.name))
         .collect();
     assert_eq!(
@@ -542,6 +584,15 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
         expected.iter().map(String::as_str).collect(),
         "a log group per function"
     );
+    Ok(())
+}
+
+/// The queues: redrive to their DLQs, visibility at least 6x the consumer's timeout.
+async fn check_queues(d: &Deployment, c: &Created) -> Result<()> {
+    let (queue, segment, dlq_arn) = (&c.queue, &c.segment, &c.dlq_arn);
+    let (replicate, backfill) = (&c.replicate, &c.backfill);
+    let dlq_url = d.output("DeadLetterQueueUrl")?;
+    // The queues: redrive to their DLQs, visibility at least 6x the consumer's timeout.
     let redrive = json(
         queue
             .get("RedrivePolicy")
@@ -557,12 +608,9 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
+    assert!(visibility(queue) >= 6 * replicate.timeout_secs, "{queue:?}");
     assert!(
-        visibility(&queue) >= 6 * replicate.timeout_secs,
-        "{queue:?}"
-    );
-    assert!(
-        visibility(&segment) >= 6 * backfill.timeout_secs,
+        visibility(segment) >= 6 * backfill.timeout_secs,
         "{segment:?}"
     );
     let segment_redrive = json(
@@ -581,7 +629,7 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
         .await
         .context("the segment queue's DLQ exists")?;
     assert_ne!(segment_dlq.queue_url(), Some(dlq_url));
-    for (arn, q) in [(&dlq_arn, dlq_url)] {
+    for (arn, q) in [(dlq_arn, dlq_url)] {
         let attrs = d.queue_attributes(q).await?;
         assert_eq!(attrs.get("QueueArn"), Some(arn));
         assert_eq!(
@@ -589,7 +637,12 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
             Some("1209600")
         );
     }
+    Ok(())
+}
 
+/// The event source mappings: each function fed by its queue, as configured.
+async fn check_mappings(d: &Deployment, c: &Created) -> Result<()> {
+    let (replicate, backfill, status, segment) = (&c.replicate, &c.backfill, &c.status, &c.segment);
     // The mappings: each function fed by its queue, partial batch failures reported.
     let event_mapping = d.mapping(&replicate.name).await?;
     assert_eq!(
@@ -632,7 +685,16 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
         .send()
         .await?;
     assert!(status_mappings.event_source_mappings().is_empty());
+    Ok(())
+}
 
+/// Each function's environment names the stack's table, queues and bucket lists.
+fn check_environments(d: &Deployment, c: &Created) -> Result<()> {
+    let (replicate, backfill, status) = (&c.replicate, &c.backfill, &c.status);
+    let table = c.table.as_str();
+    let queue_url = d.output("EventQueueUrl")?;
+    let dlq_url = d.output("DeadLetterQueueUrl")?;
+    let segment_url = d.output("SegmentQueueUrl")?;
     // Each function's environment names the stack's table, queues and bucket lists.
     let sources = d.param("SourceBuckets")?;
     let targets = d.param("TargetBuckets")?;
@@ -664,7 +726,13 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
     expect(backfill, "CRR_SEGMENT_QUEUE_URL", segment_url);
     expect(status, "CRR_QUEUE_URL", queue_url);
     expect(status, "CRR_DLQ_URL", dlq_url);
+    Ok(())
+}
 
+/// The roles: each grants its function the resources the stack wired it to.
+async fn check_roles(d: &Deployment, c: &Created) -> Result<()> {
+    let (replicate, backfill, status) = (&c.replicate, &c.backfill, &c.status);
+    let (table_arn, dlq_arn) = (&c.table_arn, &c.dlq_arn);
     // The roles: each grants its function the resources the stack wired it to.
     let replicate_policy = d.role_policy(&replicate.name).await?;
     let backfill_policy = d.role_policy(&backfill.name).await?;
@@ -675,13 +743,13 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
             "replicate: {action} on its mapping's queue"
         );
         assert!(
-            backfill_policy.allows(action, segment.get("QueueArn").context("arn")?),
+            backfill_policy.allows(action, c.segment_arn()?),
             "backfill: {action} on its mapping's queue"
         );
     }
-    assert!(replicate_policy.allows("sqs:SendMessage", &dlq_arn));
+    assert!(replicate_policy.allows("sqs:SendMessage", dlq_arn));
     assert!(replicate_policy.allows("sqs:SendMessage", d.output("EventQueueArn")?));
-    assert!(backfill_policy.allows("sqs:SendMessage", segment.get("QueueArn").context("arn")?));
+    assert!(backfill_policy.allows("sqs:SendMessage", c.segment_arn()?));
     for arn in [d.output("EventQueueArn")?, dlq_arn.as_str()] {
         assert!(status_policy.allows("sqs:GetQueueAttributes", arn), "{arn}");
     }
@@ -697,7 +765,7 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
         (&status_policy, &["dynamodb:Query", "dynamodb:GetItem"][..]),
     ] {
         for action in actions {
-            assert!(policy.allows(action, &table_arn), "{action} on {table_arn}");
+            assert!(policy.allows(action, table_arn), "{action} on {table_arn}");
         }
     }
     // S3 grants name only the stack's buckets, and the directions the template means.
@@ -747,7 +815,12 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
         status_policy.resources_of("s3").is_empty(),
         "status reads no S3"
     );
+    Ok(())
+}
 
+/// The EventBridge rule and the schedule.
+async fn check_events(d: &Deployment, c: &Created) -> Result<()> {
+    let backfill = &c.backfill;
     // The EventBridge rule: S3 events of the source buckets only, to the event queue.
     let rules = d
         .events
@@ -802,7 +875,12 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
         .and_then(|t| t.input())
         .context("the schedule's target has an input")?;
     assert_eq!(json(input)?, serde_json::json!({}));
+    Ok(())
+}
 
+/// Functions: the runtime, handler, timeout and memory the template sets.
+async fn check_functions(d: &Deployment, c: &Created) -> Result<()> {
+    let (replicate, backfill, status) = (&c.replicate, &c.backfill, &c.status);
     // Functions: the runtime, handler, timeout and memory the template sets.
     for (f, timeout, memory) in [
         (replicate, 60, 512),
@@ -827,8 +905,6 @@ async fn check_wiring(d: &Deployment) -> Result<()> {
         );
         assert_eq!(config.handler(), Some("bootstrap"));
     }
-
-    check_what_moto_skips(d)?;
     Ok(())
 }
 
@@ -1097,15 +1173,8 @@ async fn replicates_through_what_the_stack_created_and_its_table_outlives_it() -
     let table = d.output("StateTableName")?.to_string();
     let queue_url = d.output("EventQueueUrl")?.to_string();
     let segment_url = d.output("SegmentQueueUrl")?.to_string();
-    let mut deployed = BTreeMap::new();
-    for (output, binary) in d.function_outputs()? {
-        deployed.insert(binary.clone(), d.function(&output, &binary).await?);
-    }
-    let (replicate, backfill, status) = (
-        &deployed["crr-replicate"],
-        &deployed["crr-backfill"],
-        &deployed["crr-status"],
-    );
+    let c = Created::read(&d).await?;
+    let (replicate, backfill, status) = (&c.replicate, &c.backfill, &c.status);
 
     // The mappings' configuration, read; then they are disabled: an enabled mapping makes
     // moto run the function in Docker on every message. Their batch sizes feed the binaries.
@@ -1362,10 +1431,10 @@ async fn replicates_through_what_the_stack_created_and_its_table_outlives_it() -
     let wiring = Wiring {
         source: source.clone(),
         target: target.clone(),
-        table_arn: d.table_arn().await?,
+        table_arn: c.table_arn.clone(),
         event_queue_arn: d.output("EventQueueArn")?.to_string(),
-        dlq_arn: d.queue_arn(d.output("DeadLetterQueueUrl")?).await?,
-        segment_queue_arn: d.queue_arn(&segment_url).await?,
+        dlq_arn: c.dlq_arn.clone(),
+        segment_queue_arn: c.segment_arn()?.to_string(),
     };
     let mut missing = vec![];
     for (f, event_source) in [(replicate, true), (backfill, true), (status, false)] {
