@@ -95,7 +95,8 @@ def parse_params(pairs):
 def upload_code(args, template, log):
     """Zips and uploads each function's binary; returns logical id -> s3:// URI."""
     s3 = client("s3", args)
-    bucket = f"{args.stack_name}-code".lower()
+    # One artifacts bucket per server, as SAM's managed bucket; a prefix per stack.
+    bucket = "crr-deploy-local-artifacts"
     kwargs = {"Bucket": bucket}
     if args.region != "us-east-1":
         kwargs["CreateBucketConfiguration"] = {"LocationConstraint": args.region}
@@ -108,7 +109,7 @@ def upload_code(args, template, log):
         path = os.path.join(args.bin_dir, binary)
         if not os.path.isfile(path):
             sys.exit(f"deploy-local: {path} is missing (cargo build --bins)")
-        key = f"{name}/{binary}.zip"
+        key = f"{args.stack_name}/{name}/{binary}.zip"
         s3.put_object(Bucket=bucket, Key=key, Body=zip_bootstrap(path))
         uris[name] = f"s3://{bucket}/{key}"
         log(f"uploaded {binary} as s3://{bucket}/{key}")
