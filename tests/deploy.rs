@@ -1188,13 +1188,16 @@ async fn replicates_through_what_the_stack_created_and_its_table_outlives_it() -
             .enabled(false)
             .send()
             .await?;
-        let state = d
-            .lambda
-            .get_event_source_mapping()
-            .uuid(uuid)
-            .send()
-            .await?;
-        ensure!(state.state() == Some("Disabled"), "{state:?}");
+        eventually(WAIT, "the mapping disabled", || async {
+            let m = d
+                .lambda
+                .get_event_source_mapping()
+                .uuid(uuid)
+                .send()
+                .await?;
+            Ok((m.state() == Some("Disabled")).then_some(()))
+        })
+        .await?;
     }
     let concurrency = |m: &EventSourceMappingConfiguration| -> u16 {
         let max = m
