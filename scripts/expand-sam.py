@@ -24,17 +24,29 @@ class OfflinePolicies:
         return MANAGED
 
 
-def main():
-    source, out = sys.argv[1], sys.argv[2]
+def expand(source, code_uris=None):
+    """The template at `source` as plain CloudFormation. `code_uris` maps a function's
+    logical id to its built artifact (s3://bucket/key); without one, any S3 URI stands
+    for it (`sam build` replaces the local CodeUri by the built artifact)."""
     # The translator wants a region for pseudo parameters; any will do for linting.
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    code_uris = code_uris or {}
     template = cfn_yaml.load(source)
-    # `sam build` replaces the local CodeUri by the built artifact; any S3 URI stands for it.
     template.get("Globals", {}).get("Function", {})["CodeUri"] = "s3://crr-lint/code.zip"
-    for resource in template["Resources"].values():
-        if resource.get("Type") == "AWS::Serverless::Function" and "CodeUri" in resource.get("Properties", {}):
-            resource["Properties"]["CodeUri"] = "s3://crr-lint/code.zip"
-    expanded = transform(template, {}, OfflinePolicies(), passthrough_metadata=True)
+    for name, resource in template["Resources"].items():
+        if resource.get("Type") != "AWS::Serverless::Function":
+            continue
+        props = resource.setdefault("Properties", {})
+        if name in code_uris:
+            props["CodeUri"] = code_uris[name]
+        elif "CodeUri" in props:
+            props["CodeUri"] = "s3://crr-lint/code.zip"
+    return transform(template, {}, OfflinePolicies(), passthrough_metadata=True)
+
+
+def main():
+    source, out = sys.argv[1], sys.argv[2]
+    expanded = expand(source)
     with open(out, "w") as f:
         json.dump(expanded, f, indent=1, default=str)
 

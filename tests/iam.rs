@@ -14,13 +14,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::ObjectCannedAcl;
 use crr_shared::backfill::{BackfillStore, JobState};
 use crr_shared::config::DEPLOYMENT_ENV;
 use crr_shared::rule::{Notify, Policy};
 use crr_shared::rule_admin::create_rule;
+use crr_tests::deployed::{EVENT_SOURCE_ACTIONS, actions_for};
 use crr_tests::{
     FannedOutBackfill, RunningFunction, S3Server, Stack, eventually, invoke, rule, seed, unique,
 };
@@ -109,51 +110,6 @@ fn function_resources(template: &Value) -> Result<BTreeMap<String, FunctionResou
         out.insert(binary.to_string(), FunctionResource { actions, env });
     }
     Ok(out)
-}
-
-/// The IAM actions AWS requires for one operation, as crr makes it (its writes carry
-/// tags and canned ACLs, so they need the tagging and ACL permissions too).
-fn actions_for(operation: &str) -> Result<Vec<&'static str>> {
-    let (service, name) = operation
-        .split_once(':')
-        .with_context(|| format!("operation log line {operation:?}"))?;
-    let actions: &[&str] = match (service.to_ascii_lowercase().as_str(), name) {
-        ("s3", "HeadObject" | "GetObject") => &["s3:GetObject"],
-        ("s3", "PutObject" | "CreateMultipartUpload" | "CopyObject") => &[
-            "s3:PutObject",
-            "s3:PutObjectTagging",
-            "s3:PutObjectAcl",
-            "s3:GetObject",
-        ],
-        ("s3", "UploadPart" | "CompleteMultipartUpload") => &["s3:PutObject"],
-        ("s3", "UploadPartCopy") => &["s3:GetObject", "s3:PutObject"],
-        ("s3", "AbortMultipartUpload") => &["s3:AbortMultipartUpload"],
-        ("s3", "DeleteObject") => &["s3:DeleteObject"],
-        ("s3", "ListObjectsV2") => &["s3:ListBucket"],
-        ("s3", "GetObjectTagging") => &["s3:GetObjectTagging"],
-        ("s3", "PutObjectTagging") => &["s3:PutObjectTagging"],
-        ("s3", "GetObjectAcl") => &["s3:GetObjectAcl"],
-        ("s3", "GetBucketOwnershipControls") => &["s3:GetBucketOwnershipControls"],
-        ("s3", "PutObjectAcl") => &["s3:PutObjectAcl"],
-        ("dynamodb", "GetItem") => &["dynamodb:GetItem"],
-        ("dynamodb", "PutItem") => &["dynamodb:PutItem"],
-        ("dynamodb", "UpdateItem") => &["dynamodb:UpdateItem"],
-        ("dynamodb", "DeleteItem") => &["dynamodb:DeleteItem"],
-        ("dynamodb", "Query") => &["dynamodb:Query"],
-        ("dynamodb", "Scan") => &["dynamodb:Scan"],
-        // The functions' transactions put, update and check items.
-        ("dynamodb", "TransactWriteItems") => &[
-            "dynamodb:PutItem",
-            "dynamodb:UpdateItem",
-            "dynamodb:ConditionCheckItem",
-        ],
-        ("sqs", "SendMessage") => &["sqs:SendMessage"],
-        ("sqs", "SendMessageBatch") => &["sqs:SendMessage"],
-        ("sqs", "GetQueueAttributes") => &["sqs:GetQueueAttributes"],
-        ("cloudwatch", "GetMetricStatistics") => &["cloudwatch:GetMetricStatistics"],
-        _ => bail!("operation {operation} has no IAM mapping in tests/iam.rs: add it"),
-    };
-    Ok(actions.to_vec())
 }
 
 fn recorded(path: &Path) -> Result<BTreeSet<String>> {
@@ -398,11 +354,7 @@ async fn the_template_grants_every_action_and_variable_the_functions_use() -> Re
         status_operations(&stack, &dir),
     )?;
     // Lambda's SQS event source polls with the function's role.
-    let event_source = [
-        "sqs:ReceiveMessage",
-        "sqs:DeleteMessage",
-        "sqs:GetQueueAttributes",
-    ];
+    let event_source = EVENT_SOURCE_ACTIONS;
     let mut missing = vec![];
     for (binary, operations, extra) in [
         ("crr-replicate", &replicate, &event_source[..]),

@@ -668,7 +668,107 @@ pub async fn invoke(port: u16, function: &str, payload: &str) -> Result<(bool, S
     ))
 }
 
+/// A function as a deployment configured it (read from Lambda's GetFunctionConfiguration).
+#[derive(Clone, Debug)]
+pub struct DeployedFunction {
+    /// The deployed function's name (`AWS_LAMBDA_FUNCTION_NAME`).
+    pub name: String,
+    /// The workspace binary its code is built from (`crr-replicate`, ...).
+    pub binary: String,
+    /// Its environment variables, as deployed.
+    pub env: std::collections::BTreeMap<String, String>,
+    pub timeout_secs: u64,
+    pub memory_mb: i32,
+}
+
+/// What feeds a deployed function here.
+pub enum Feed<'a> {
+    /// Polled from an SQS queue as its event source mapping would (`batch_size` messages
+    /// per invocation, `instances` invocations in flight).
+    Queue {
+        url: &'a str,
+        sqs_endpoint: &'a str,
+        batch_size: i32,
+        instances: u16,
+    },
+    /// Invoked through the emulator's Invoke API (a schedule, a Function URL).
+    Direct,
+}
+
 impl RunningFunction {
+    /// Runs `function`'s real binary behind the Runtime API emulator with exactly the
+    /// environment the deployment gave it, plus only `AWS_REGION`, the dummy credentials
+    /// and `endpoints` (`AWS_ENDPOINT_URL_*`, as Lambda's environment would resolve the
+    /// services) and `observe` (e.g. `CRR_OPERATION_LOG`, which changes no behaviour).
+    /// The test process's own environment is not passed on. Output goes to `log`.
+    pub fn deployed(
+        function: &DeployedFunction,
+        region: &str,
+        endpoints: &[(&str, &str)],
+        observe: &[(&str, String)],
+        feed: Feed<'_>,
+        log: &std::path::Path,
+    ) -> Result<Self> {
+        let file =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = Command::new(bin("crr")?);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("AWS_REGION", region)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .envs(endpoints.iter().copied())
+            .args(["local", "run-function", "--name", &function.name])
+            .args(["--timeout-secs", &function.timeout_secs.to_string()])
+            .arg("--binary")
+            .arg(bin(&function.binary)?)
+            // What Lambda sets from the function's MemorySize (crr's memory budget).
+            .args([
+                "--env",
+                &format!("AWS_LAMBDA_FUNCTION_MEMORY_SIZE={}", function.memory_mb),
+            ])
+            .args(
+                function
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .chain(observe.iter().map(|(k, v)| (*k, v.as_str())))
+                    .flat_map(|(k, v)| ["--env".to_string(), format!("{k}={v}")]),
+            )
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        let port = match feed {
+            Feed::Queue {
+                url,
+                sqs_endpoint,
+                batch_size,
+                instances,
+            } => {
+                cmd.args(["--queue-url", url, "--sqs-endpoint-url", sqs_endpoint])
+                    .args(["--batch-size", &batch_size.to_string()])
+                    .args(["--instances", &instances.to_string()]);
+                0
+            }
+            Feed::Direct => {
+                let port = free_port()?;
+                cmd.args(["--port", &port.to_string()]);
+                port
+            }
+        };
+        let child = cmd.spawn().context("starting crr local run-function")?;
+        let running = Self { child, port };
+        if port != 0 {
+            for _ in 0..100 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Ok(running);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            bail!("the emulator did not start on port {port}");
+        }
+        Ok(running)
+    }
     /// Starts `function` (e.g. `crr-replicate`) fed by the SQS queue at `queue_url`.
     pub fn start(stack: &Stack, function: &str, queue_url: &str, table: &str) -> Result<Self> {
         Self::start_with(stack, function, queue_url, table, &[])
@@ -928,5 +1028,6 @@ pub async fn upload_in_parts(
 }
 
 pub mod browser;
+pub mod deployed;
 pub mod fault_proxy;
 pub mod perturb;

@@ -25,6 +25,20 @@ pub enum LocalCommand {
     /// Whether each local service is running.
     #[command(after_help = "Example:\n  crr local status")]
     Status,
+    /// Deploy infra/template.yaml into the local stack's moto (region A) as a
+    /// CloudFormation stack, as `sam deploy` would into AWS (runs the project's
+    /// scripts/deploy-local: builds, zips and uploads the functions, expands the SAM
+    /// template, waits for CREATE_COMPLETE, prints the outputs as JSON). Every argument
+    /// goes to the script (`crr local deploy --help-script` shows them).
+    #[command(
+        after_help = "Examples:\n  crr local deploy --source-buckets photos-us --target-buckets photos-eu\n  crr local deploy --delete"
+    )]
+    Deploy {
+        /// Arguments of scripts/deploy-local (--source-buckets, --target-buckets,
+        /// --stack-name, --param KEY=VALUE, --no-build, --delete, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run a function binary behind a Lambda Runtime API emulator on 127.0.0.1; with
     /// --queue-url, also poll that SQS queue and invoke the function with its batches
     /// (deleting the messages the function did not report as failed), as Lambda's SQS
@@ -83,36 +97,55 @@ pub async fn run(aws: &AwsArgs, cmd: LocalCommand) -> Result<()> {
     match cmd {
         LocalCommand::RunFunction(args) => run_function(aws, args).await,
         LocalCommand::Demo => demo::run(aws).await,
-        LocalCommand::Up => local_stack("up"),
-        LocalCommand::Down => local_stack("down"),
-        LocalCommand::Status => local_stack("status"),
+        LocalCommand::Up => run_script("local-stack", &["up".into()]),
+        LocalCommand::Down => run_script("local-stack", &["down".into()]),
+        LocalCommand::Status => run_script("local-stack", &["status".into()]),
+        LocalCommand::Deploy { args } => {
+            // The script's own help, not clap's, describes its options.
+            let mut args: Vec<String> = args
+                .into_iter()
+                .map(|a| {
+                    if a == "--help-script" {
+                        "--help".into()
+                    } else {
+                        a
+                    }
+                })
+                .collect();
+            // `--region` is crr's own (global) option: the deployment's region, which is
+            // the stack's.
+            if let Some(region) = &aws.region {
+                args.extend(["--region".to_string(), region.clone()]);
+            }
+            run_script("deploy-local", &args)
+        }
     }
 }
 
-/// Runs `scripts/local-stack ACTION` of the crr checkout this command runs in
-/// (`CRR_HOME`, or the nearest parent of the current directory that has the script).
-fn local_stack(action: &str) -> Result<()> {
-    let script = find_script().context(
-        "scripts/local-stack not found: run crr inside a crr checkout, or set CRR_HOME to one",
-    )?;
+/// Runs `scripts/NAME ARGS` of the crr checkout this command runs in (`CRR_HOME`, or the
+/// nearest parent of the current directory that has the script).
+fn run_script(name: &str, args: &[String]) -> Result<()> {
+    let script = find_script(name).with_context(|| {
+        format!("scripts/{name} not found: run crr inside a crr checkout, or set CRR_HOME to one")
+    })?;
     let status = std::process::Command::new(&script)
-        .arg(action)
+        .args(args)
         .status()
         .with_context(|| format!("running {}", script.display()))?;
     if !status.success() {
-        bail!("{} {action} failed ({status})", script.display());
+        bail!("{} {} failed ({status})", script.display(), args.join(" "));
     }
     Ok(())
 }
 
-fn find_script() -> Option<PathBuf> {
+fn find_script(name: &str) -> Option<PathBuf> {
     let start = match std::env::var_os("CRR_HOME") {
         Some(home) => PathBuf::from(home),
         None => std::env::current_dir().ok()?,
     };
     start
         .ancestors()
-        .map(|dir| dir.join("scripts").join("local-stack"))
+        .map(|dir| dir.join("scripts").join(name))
         .find(|p| p.is_file())
 }
 
