@@ -985,7 +985,7 @@ async fn same_bytes_with_other_metadata_is_overwritten_listed_by_the_plan_and_ke
     let run = f
         .stack
         .crr_command(&f.table, &["backfill", "plan", &f.rule.id])?
-        .env(crr_shared::aws_clients::OPERATION_LOG_ENV, &log)
+        .env(crr_shared::adapters::aws_clients::OPERATION_LOG_ENV, &log)
         .output()?;
     ensure!(
         run.status.success(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
-use crr_shared::aws_clients::OperationLog;
+use crr_shared::adapters::aws_clients::OperationLog;
 use crr_shared::backfill::{BackfillSettings, BackfillStore, Backfiller};
 use crr_shared::copy::CopyEngine;
 use crr_shared::dynamo::DynamoStore;

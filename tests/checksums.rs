@@ -253,8 +253,11 @@ impl Env {
         if let Err(e) = completed {
             // moto answers with a misnamed root element the SDK cannot read: the upload is
             // complete all the same (crr's own store reads the ETag from it likewise).
-            crr_shared::compat::success_body_with_root(&e, "CompleteMultipartUploadResponse")
-                .with_context(|| format!("CompleteMultipartUpload {key}: {e:?}"))?;
+            crr_shared::adapters::compat::success_body_with_root(
+                &e,
+                "CompleteMultipartUploadResponse",
+            )
+            .with_context(|| format!("CompleteMultipartUpload {key}: {e:?}"))?;
         }
         // moto keeps no ACL on an object made by CompleteMultipartUpload and answers its
         // GetObjectAcl with a 500; give it one as S3 would have.

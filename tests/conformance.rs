@@ -39,12 +39,12 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use crr_shared::Error;
+use crr_shared::adapters::s3::S3Store;
 use crr_shared::memory::MemoryWorld;
 use crr_shared::memory_budget::MemoryBudget;
 use crr_shared::object_store::{
     ContentHeaders, ObjectStore, TargetPrecondition, UploadedPart, WriteAttrs,
 };
-use crr_shared::s3::S3Store;
 use crr_tests::{S3Server, Stack, unique};
 use md5::{Digest, Md5};
 
@@ -239,7 +239,7 @@ impl Backend {
                 ),
             ))
             .build();
-        let client = crr_shared::s3::client_for(&sdk, &server.bucket(bucket));
+        let client = crr_shared::adapters::s3::client_for(&sdk, &server.bucket(bucket));
         Some(Arc::new(S3Store::new(client, bucket.to_string())))
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! The three function binaries run scenarios against the local stack with
 //! `CRR_OPERATION_LOG` set, so every AWS operation they make is recorded (an SDK
-//! interceptor, `shared/src/aws_clients.rs`). Each operation is mapped to the IAM actions
+//! interceptor, `shared/src/adapters/aws_clients.rs`). Each operation is mapped to the IAM actions
 //! AWS requires for it, and the template must grant each function every one of them: a
 //! function needing an action its policy lacks fails this test. Resource scoping is not
 //! checked here (cfn-lint and checkov see the template; the buckets are parameters).
@@ -410,7 +410,7 @@ async fn the_template_grants_every_action_and_variable_the_functions_use() -> Re
     );
 
     // Environment: what a deployment needs is set; nothing set is unknown to the code.
-    let code = ["shared/src/config.rs", "shared/src/aws_clients.rs"]
+    let code = ["shared/src/config.rs", "shared/src/adapters/aws_clients.rs"]
         .iter()
         .map(|f| std::fs::read_to_string(root().join(f)))
         .collect::<std::io::Result<Vec<_>>>()?

@@ -35,10 +35,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use aws_sdk_s3::primitives::ByteStream;
+use crr_shared::adapters::s3::{S3Store, client_for};
 use crr_shared::object_store::ObjectStore;
 use crr_shared::rule::{BucketRef, CopyMode, Notify, Policy, Rule};
 use crr_shared::rule_admin::create_rule;
-use crr_shared::s3::{S3Store, client_for};
 use crr_shared::state::StatsStore;
 use crr_shared::verify::{VerifyOptions, verify};
 use crr_tests::fault_proxy::{FaultPlan, FaultProxy};

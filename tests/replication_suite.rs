@@ -497,7 +497,7 @@ async fn multipart_objects(setup: Setup) -> Result<()> {
         });
     }
     // Completed through crr's own store, which tolerates moto's misnamed answer.
-    let etag = crr_shared::s3::S3Store::new(s3.clone(), e.source().to_string())
+    let etag = crr_shared::adapters::s3::S3Store::new(s3.clone(), e.source().to_string())
         .complete_multipart("parts.bin", id, &parts, None, None)
         .await?;
     if !matches!(setup, Setup::S3sToMoto | Setup::S3sServerSide) {

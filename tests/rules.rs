@@ -14,7 +14,7 @@ use crr_tests::{Stack, rule, unique};
 struct Fixture {
     stack: Stack,
     state: crr_shared::dynamo::DynamoStore,
-    s3: crr_shared::s3::S3Clients,
+    s3: crr_shared::adapters::s3::S3Clients,
     queue_arn: String,
 }
 

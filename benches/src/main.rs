@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use aws_sdk_s3::primitives::ByteStream;
 use clap::{Parser, Subcommand};
+use crr_shared::adapters::s3::S3Clients;
 use crr_shared::dynamo::DynamoStore;
 use crr_shared::replicate::{Replicator, ReplicatorSettings};
 use crr_shared::rule::{BucketRef, Notify, Rule};
-use crr_shared::s3::S3Clients;
 use futures::StreamExt;
 use serde_json::json;
 
@@ -182,7 +182,7 @@ fn plain_client(sdk: &aws_config::SdkConfig, bucket: &BucketRef) -> aws_sdk_s3::
 
 /// Lines in crr's operation log so far (0 without one).
 fn logged_operations() -> Vec<String> {
-    std::env::var_os(crr_shared::aws_clients::OPERATION_LOG_ENV)
+    std::env::var_os(crr_shared::adapters::aws_clients::OPERATION_LOG_ENV)
         .and_then(|p| std::fs::read_to_string(p).ok())
         .map(|s| s.lines().map(String::from).collect())
         .unwrap_or_default()
@@ -198,7 +198,7 @@ fn bucket_ref(endpoint: &str, region: &str, bucket: &str) -> BucketRef {
 }
 
 async fn create_bucket(s3: &aws_sdk_s3::Client, bucket: &str, region: &str) -> Result<()> {
-    crr_shared::s3::create_bucket(s3, bucket, region).await?;
+    crr_shared::adapters::s3::create_bucket(s3, bucket, region).await?;
     Ok(())
 }
 
@@ -666,7 +666,7 @@ async fn latency(
     let (s3a, s3b) = (plain_client(sdk, &source), plain_client(sdk, &target));
     create_bucket(&s3a, &src, "us-east-1").await?;
     create_bucket(&s3b, &dst, "eu-west-1").await?;
-    let state = DynamoStore::new(crr_shared::aws_clients::dynamodb(sdk), table);
+    let state = DynamoStore::new(crr_shared::adapters::aws_clients::dynamodb(sdk), table);
     state.ensure_table().await?;
     let clients = S3Clients::new(sdk.clone());
     let mut rule = Rule::new(format!("lat-{suffix}"), source.clone(), target.clone());

@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use clap::Subcommand;
+use crr_shared::adapters::s3::S3Clients;
 use crr_shared::backfill::{BackfillSettings, BackfillStore, Backfiller, JobState, dry_run};
 use crr_shared::copy::CopyEngine;
 use crr_shared::object_store::ObjectStore;
-use crr_shared::s3::S3Clients;
 use crr_shared::state::RuleStore;
 
 use crate::AwsArgs;

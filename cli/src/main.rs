@@ -64,7 +64,7 @@ impl AwsArgs {
         if let Some(url) = &self.endpoint_url {
             builder = builder.endpoint_url(url);
         }
-        if let Some(log) = crr_shared::aws_clients::OperationLog::from_env() {
+        if let Some(log) = crr_shared::adapters::aws_clients::OperationLog::from_env() {
             builder = builder.interceptor(log);
         }
         crr_shared::dynamo::DynamoStore::new(

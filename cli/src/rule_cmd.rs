@@ -2,9 +2,9 @@
 
 use anyhow::Result;
 use clap::{Subcommand, ValueEnum};
+use crr_shared::adapters::s3::S3Clients;
 use crr_shared::rate_limit::format_rate;
 use crr_shared::rule::{BucketRef, CopyMode, Notify, OnConflict, Policy, Rule};
-use crr_shared::s3::S3Clients;
 use crr_shared::state::RuleStore;
 use crr_shared::{Error, rule_admin};
 

@@ -104,7 +104,7 @@ pub fn service(
             queue_args
                 .sqs_endpoint(url)
                 .is_none()
-                .then(|| crr_shared::aws_clients::cloudwatch(sdk)),
+                .then(|| crr_shared::adapters::aws_clients::cloudwatch(sdk)),
         )) as Arc<dyn EventQueue>
     });
     StatusService::new(state.clone(), state.clone(), state, queue, settle)

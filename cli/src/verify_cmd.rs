@@ -5,8 +5,8 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 
 use anyhow::Result;
+use crr_shared::adapters::s3::S3Clients;
 use crr_shared::object_store::ObjectStore;
-use crr_shared::s3::S3Clients;
 use crr_shared::state::RuleStore;
 use crr_shared::verify::{VerifyOptions, VerifySummary, verify};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};

@@ -614,8 +614,8 @@ mod tests {
     /// error document of `code` (no body at all for HEAD, as S3 does), through the real
     /// SDK's response parsing: what S3 answers, not a hand-built error.
     mod answered {
+        use crate::adapters::s3::S3Store;
         use crate::object_store::{ObjectStore, WriteAttrs};
-        use crate::s3::S3Store;
         use aws_smithy_mocks::{RuleMode, mock, mock_client};
         use bytes::Bytes;
 

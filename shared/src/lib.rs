@@ -9,10 +9,8 @@
 
 pub mod adapters;
 pub mod allowed;
-pub mod aws_clients;
 pub mod backfill;
 pub mod checksum;
-pub mod compat;
 pub mod config;
 pub mod copy;
 pub mod dead_letter;
@@ -36,7 +34,6 @@ pub mod resumable;
 pub mod retry;
 pub mod rule;
 pub mod rule_admin;
-pub mod s3;
 pub mod series;
 pub mod state;
 pub mod status;

@@ -90,8 +90,11 @@ pub async fn read(client: &Client, bucket: &str) -> Result<NotificationConfigura
         Ok(out) => out,
         // moto answers an empty configuration with a `GetBucketNotificationResponse` root.
         Err(e)
-            if crate::compat::success_body_with_root(&e, "GetBucketNotificationResponse")
-                .is_some() =>
+            if crate::adapters::compat::success_body_with_root(
+                &e,
+                "GetBucketNotificationResponse",
+            )
+            .is_some() =>
         {
             return Ok(NotificationConfiguration::builder().build());
         }

@@ -1,5 +1,6 @@
 //! `ObjectStore`: the narrow view of a bucket that replication needs. The AWS
-//! implementation lives in `s3.rs`; the in-memory one in `memory.rs` serves unit tests.
+//! implementation lives in `adapters/s3.rs`; the in-memory one in `memory.rs` serves unit
+//! tests.
 
 use std::collections::BTreeMap;
 

@@ -31,9 +31,9 @@ pub trait StoreProvider: Send + Sync {
     fn store(&self, bucket: &BucketRef) -> Arc<dyn ObjectStore>;
 }
 
-impl StoreProvider for crate::s3::S3Clients {
+impl StoreProvider for crate::adapters::s3::S3Clients {
     fn store(&self, bucket: &BucketRef) -> Arc<dyn ObjectStore> {
-        Arc::new(crate::s3::S3Clients::store(self, bucket))
+        Arc::new(crate::adapters::s3::S3Clients::store(self, bucket))
     }
 }
 
@@ -933,7 +933,7 @@ mod tests {
         struct Mocked(aws_sdk_s3::Client);
         impl StoreProvider for Mocked {
             fn store(&self, bucket: &BucketRef) -> Arc<dyn ObjectStore> {
-                Arc::new(crate::s3::S3Store::new(
+                Arc::new(crate::adapters::s3::S3Store::new(
                     self.0.clone(),
                     bucket.bucket.clone(),
                 ))

@@ -1,6 +1,7 @@
 //! Creating and removing rules: validation, access checks, the atomic bucket claims and
 //! the source bucket's notifications, all or nothing.
 
+use crate::adapters::s3::S3Clients;
 use crate::allowed::Side;
 use crate::deployment::Deployment;
 use crate::error::{Error, Result};
@@ -8,7 +9,6 @@ use crate::notification;
 use crate::object_store::ObjectStore;
 use crate::resumable::{UploadStore, abort_recorded};
 use crate::rule::{Notify, Rule};
-use crate::s3::S3Clients;
 use crate::state::RuleStore;
 
 /// Key of the object written (and removed at once) to prove the target is writable.

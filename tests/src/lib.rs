@@ -89,12 +89,12 @@ impl Stack {
 
     /// The S3 client crr itself would build for `server`.
     pub fn s3(&self, server: &S3Server) -> aws_sdk_s3::Client {
-        crr_shared::s3::client_for(&self.sdk(&server.region), &server.bucket("unused"))
+        crr_shared::adapters::s3::client_for(&self.sdk(&server.region), &server.bucket("unused"))
     }
 
     /// Clients for crr's own code, as the CLI and functions build them.
-    pub fn s3_clients(&self) -> crr_shared::s3::S3Clients {
-        crr_shared::s3::S3Clients::new(self.sdk(&self.a.region))
+    pub fn s3_clients(&self) -> crr_shared::adapters::s3::S3Clients {
+        crr_shared::adapters::s3::S3Clients::new(self.sdk(&self.a.region))
     }
 
     /// SQS client of `server` (moto only).
@@ -129,9 +129,10 @@ impl Stack {
 
     /// Creates a bucket on `server`.
     pub async fn create_bucket(&self, server: &S3Server, bucket: &str) -> Result<()> {
-        let created = crr_shared::s3::create_bucket(&self.s3(server), bucket, &server.region)
-            .await
-            .with_context(|| format!("creating bucket {bucket} on {}", server.endpoint))?;
+        let created =
+            crr_shared::adapters::s3::create_bucket(&self.s3(server), bucket, &server.region)
+                .await
+                .with_context(|| format!("creating bucket {bucket} on {}", server.endpoint))?;
         anyhow::ensure!(
             created,
             "bucket {bucket} already exists on {}",
@@ -1020,7 +1021,7 @@ pub async fn upload_in_parts(
         .buffered(2)
         .try_collect()
         .await?;
-    let store = crr_shared::s3::S3Store::new(s3.clone(), bucket.to_string());
+    let store = crr_shared::adapters::s3::S3Store::new(s3.clone(), bucket.to_string());
     use crr_shared::object_store::ObjectStore;
     Ok(store
         .complete_multipart(key, &id, &done, None, None)

@@ -24,8 +24,8 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use crr_shared::adapters::s3::S3Clients;
 use crr_shared::dynamo::DynamoStore;
-use crr_shared::s3::S3Clients;
 use crr_shared::status::StatusService;
 
 use crate::{AwsArgs, QueueArgs};

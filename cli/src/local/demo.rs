@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_sqs::types::QueueAttributeName;
+use crr_shared::adapters::s3::S3Clients;
 use crr_shared::rule::{BucketRef, Notify, Rule};
 use crr_shared::rule_admin;
-use crr_shared::s3::S3Clients;
 use crr_shared::state::RuleStore;
 use crr_shared::status::{EventQueue, SqsEventQueue, StatusService};
 use futures::StreamExt;
@@ -341,7 +341,7 @@ async fn put_all(s3: &aws_sdk_s3::Client, objects: &[(String, Vec<u8>)]) -> Resu
 
 /// Creates the bucket, or empties it if a previous demo run left it behind.
 async fn create_bucket(s3: &aws_sdk_s3::Client, bucket: &str, region: &str) -> Result<()> {
-    if !crr_shared::s3::create_bucket(s3, bucket, region).await? {
+    if !crr_shared::adapters::s3::create_bucket(s3, bucket, region).await? {
         for key in list(s3, bucket).await?.keys() {
             s3.delete_object().bucket(bucket).key(key).send().await?;
         }

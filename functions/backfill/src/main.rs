@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
+use crr_shared::adapters::s3::S3Clients;
 use crr_shared::adapters::sqs::SqsSegmentQueue;
 use crr_shared::backfill::Backfiller;
 use crr_shared::config::FunctionConfig;
 use crr_shared::dynamo::DynamoStore;
 use crr_shared::replicate::diagnostic;
 use crr_shared::retry::instant_of;
-use crr_shared::s3::S3Clients;
 use lambda_runtime::{Diagnostic, LambdaEvent, service_fn, tracing};
 use serde_json::Value;
 
@@ -25,12 +25,12 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let settings = FunctionConfig::backfill()?;
     let aws = aws_config::load_from_env().await;
     let state = Arc::new(DynamoStore::new(
-        crr_shared::aws_clients::dynamodb(&aws),
+        crr_shared::adapters::aws_clients::dynamodb(&aws),
         config.table.clone(),
     ));
     let segment_queue = FunctionConfig::segment_queue_url().map(|url| {
         Arc::new(SqsSegmentQueue::new(
-            crr_shared::aws_clients::sqs(&aws),
+            crr_shared::adapters::aws_clients::sqs(&aws),
             url,
         ))
     });

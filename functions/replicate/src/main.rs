@@ -2,14 +2,14 @@
 
 use std::sync::Arc;
 
+use crr_shared::adapters::aws_clients;
+use crr_shared::adapters::s3::S3Clients;
 use crr_shared::adapters::sqs::{SqsContinuations, SqsDeadLetters};
-use crr_shared::aws_clients;
 use crr_shared::config::FunctionConfig;
 use crr_shared::dead_letter::DeadLetters;
 use crr_shared::dynamo::DynamoStore;
 use crr_shared::replicate::{Replicator, diagnostic};
 use crr_shared::retry::instant_of;
-use crr_shared::s3::S3Clients;
 use lambda_runtime::{Diagnostic, LambdaEvent, service_fn, tracing};
 use serde_json::Value;
 

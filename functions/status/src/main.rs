@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use aws_lambda_events::event::lambda_function_urls::LambdaFunctionUrlRequest;
-use crr_shared::aws_clients;
+use crr_shared::adapters::aws_clients;
 use crr_shared::config::FunctionConfig;
 use crr_shared::deployment::Deployment;
 use crr_shared::dynamo::DynamoStore;

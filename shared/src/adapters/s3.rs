@@ -21,8 +21,8 @@ use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
+use crate::adapters::compat;
 use crate::checksum::{Checksum, ChecksumAlgorithm, SentChecksum};
-use crate::compat;
 use crate::error::{Error, Result, from_sdk, s3_permission};
 use crate::memory_budget::{HeldBytes, MemoryBudget};
 use crate::object_store::{
@@ -65,7 +65,7 @@ pub fn client_for(base: &SdkConfig, bucket: &BucketRef) -> Client {
     if bucket.path_style {
         builder = builder.force_path_style(true);
     }
-    Client::from_conf(crate::aws_clients::with_operation_log(builder).build())
+    Client::from_conf(crate::adapters::aws_clients::with_operation_log(builder).build())
 }
 
 /// Creates `bucket` in `region` (with a location constraint outside us-east-1);
