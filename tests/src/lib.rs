@@ -760,15 +760,20 @@ impl RunningFunction {
         let child = cmd.spawn().context("starting crr local run-function")?;
         let running = Self { child, port };
         if port != 0 {
-            for _ in 0..100 {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Ok(running);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            bail!("the emulator did not start on port {port}");
+            running.wait_listening()?;
         }
         Ok(running)
+    }
+
+    /// Waits (up to 5 s) until the emulator answers on its Invoke API port.
+    fn wait_listening(&self) -> Result<()> {
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the emulator did not start on port {}", self.port)
     }
     /// Starts `function` (e.g. `crr-replicate`) fed by the SQS queue at `queue_url`.
     pub fn start(stack: &Stack, function: &str, queue_url: &str, table: &str) -> Result<Self> {
@@ -877,13 +882,9 @@ impl RunningFunction {
             }
         }
         let child = cmd.spawn().context("starting crr local run-function")?;
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(Self { child, port });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("the emulator did not start on port {port}")
+        let running = Self { child, port };
+        running.wait_listening()?;
+        Ok(running)
     }
 
     /// `crr local run-function` for `function`, with the stack's environment.
